@@ -43,7 +43,7 @@ def _decide_taobao4(v: dict[str, str]) -> str:
     attributes = (v["brand"], v["color"], v["specs"])
     if v["category"] == "mismatch":
         return "Irrelevant"
-    if "conflict" in attributes or v["negation"] == "violated":
+    if v["category"] == "match" and ("conflict" in attributes or v["negation"] == "violated"):
         return "Mismatch"
     if v["category"] == "related" or "unstated" in attributes:
         return "Related"
@@ -62,7 +62,7 @@ TAOBAO4 = Rulebook(
     ),
     rules=(
         "category mismatch -> Irrelevant",
-        "any requested attribute in conflict, or negation violated -> Mismatch",
+        "category match and a requested attribute in conflict, or negation violated -> Mismatch",
         "category only related, or a requested attribute unstated -> Related",
         "everything satisfied -> Excellent",
     ),
@@ -117,7 +117,7 @@ def infer_esci_criteria(label: str, query: str, brand: str) -> dict[str, str]:
     elif label == "Irrelevant":
         criteria["product_type"] = "different"
     brand = (brand or "").strip().lower()
-    if len(brand) >= 2 and re.search(r"\b" + re.escape(brand) + r"\b", query.lower()):
+    if len(brand) >= 2 and re.search(r"(?<!\w)" + re.escape(brand) + r"(?!\w)", query.lower()):
         criteria["brand"] = "match"
     return criteria
 
@@ -147,8 +147,23 @@ class Parsed:
         return not self.errors
 
 
-_TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S) for name in ("label", "criteria", "reason")}
-_LINE = re.compile(r"([A-Za-z_/]+)\s*:\s*(\S.*?)\s*$")
+_TAGS = ("label", "criteria", "reason")
+_LINE = re.compile(r"([A-Za-z_/]+)\s*:(.*)")
+
+
+def _find_tags(text: str, name: str) -> list[tuple[int, int, int, int]]:
+    """(open start, content start, content end, close end) of each <name>...</name>, non-overlapping.
+
+    str.find rather than a lazy regex, so adversarial text (thousands of unclosed tags) stays linear.
+    """
+    found, start, opening, closing = [], 0, f"<{name}>", f"</{name}>"
+    while (i := text.find(opening, start)) != -1:
+        j = text.find(closing, i + len(opening))
+        if j == -1:
+            break
+        found.append((i, i + len(opening), j, j + len(closing)))
+        start = j + len(closing)
+    return found
 
 
 def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -> Parsed:
@@ -162,8 +177,8 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
         out.errors.append(f"output is {type(text).__name__}, not str")
         return out
     found = {}
-    for name, pattern in _TAG.items():
-        matches = list(pattern.finditer(text))
+    for name in _TAGS:
+        matches = _find_tags(text, name)
         if not matches:
             out.errors.append(f"missing <{name}>")
         elif len(matches) > 1:
@@ -172,25 +187,25 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
             found[name] = matches[0]
 
     if "label" in found:
-        raw_label = found["label"].group(1).strip()
+        raw_label = text[found["label"][1]:found["label"][2]].strip()
         if raw_label in rulebook.labels:
             out.label = raw_label
         else:
             out.errors.append(f"unknown label {raw_label[:40]!r}")
 
     if "criteria" in found:
-        block_start = found["criteria"].start(1)
+        block_start = found["criteria"][1]
         offset = 0
-        for line in found["criteria"].group(1).split("\n"):
+        for line in text[block_start:found["criteria"][2]].split("\n"):
             start, end = block_start + offset, block_start + offset + len(line)
             offset += len(line) + 1
             if not line.strip():
                 continue
             m = _LINE.match(line.strip())
-            if not m:
+            if not m or not m.group(2).strip():
                 out.errors.append(f"criteria line not 'name: value': {line.strip()[:40]!r}")
                 continue
-            name, value = m.group(1).lower(), m.group(2).lower()
+            name, value = m.group(1).lower(), m.group(2).strip().lower()
             if name not in rulebook.criterion_names:
                 out.errors.append(f"unknown criterion {name!r}")
             elif name in out.spans:
@@ -206,19 +221,19 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
             out.errors.append(f"criteria missing: {', '.join(missing)}")
 
     if "reason" in found:
-        out.reason = found["reason"].group(1).strip()
+        out.reason = text[found["reason"][1]:found["reason"][2]].strip()
         if not out.reason:
             out.errors.append("empty <reason>")
 
     if len(found) == 3:
         expected = ("label", "criteria", "reason") if order == "label_first" else ("criteria", "reason", "label")
-        spans = sorted(found, key=lambda n: found[n].start())
+        spans = sorted(found, key=lambda n: found[n][0])
         if tuple(spans) != expected:
             out.errors.append(f"tags in order {spans}, expected {list(expected)}")
         else:
-            pieces = [text[: found[expected[0]].start()]]
-            pieces += [text[found[a].end(): found[b].start()] for a, b in zip(expected, expected[1:])]
-            pieces.append(text[found[expected[-1]].end():])
+            pieces = [text[: found[expected[0]][0]]]
+            pieces += [text[found[a][3]: found[b][0]] for a, b in zip(expected, expected[1:])]
+            pieces.append(text[found[expected[-1]][3]:])
             if any(p.strip() for p in pieces):
                 out.errors.append("text outside the tags")
     return out

