@@ -317,31 +317,53 @@ def sync_vllm_weights(llm, model) -> None:
 # ==================================================================================================
 # Log-probs of given completions (old, current and reference policies in grpo/agrl/dpo)
 # ==================================================================================================
-def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+              share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Prompts left-padded to one width P, completions right-padded after them: [pad.. prompt | completion ..pad].
 
     Every completion starts at column P, so the policy's logits are needed only for the last C+1
-    positions (`logits_to_keep`): no vocabulary projection over prompt tokens.
+    positions (`logits_to_keep`): no vocabulary projection over prompt tokens. With `share_prefix`, the
+    prompts' longest common prefix (the system prompt; a whole prompt for a GRPO group) is split off
+    into `prefix_ids` and `token_logprobs` runs it once for the batch instead of once per row.
     """
+    shared = 0
+    if share_prefix and len(prompts) > 1:
+        shortest = min(len(p) for p in prompts)
+        while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+            shared += 1  # the last prompt token stays in the rows: its logits predict the first completion token
+    prefix, prompts = prompts[0][:shared], [p[shared:] for p in prompts]
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
     input_ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), P + C), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), shared + P + C), dtype=torch.long)
+    attention_mask[:, :shared] = 1
     completion_mask = torch.zeros((len(prompts), C), dtype=torch.float32)
     for row, (p, c) in enumerate(zip(prompts, completions)):
         input_ids[row, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attention_mask[row, P - len(p):P + len(c)] = 1
+        attention_mask[row, shared + P - len(p):shared + P + len(c)] = 1
         completion_mask[row, :len(c)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                              completion_mask=completion_mask).items()}
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 completion_mask=completion_mask, prefix_ids=torch.tensor([prefix], dtype=torch.long))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies)."""
+    """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies).
+
+    A shared prefix is run once (with gradient) and its KV cache repeated for every row: the same
+    log-probs and gradients as the plain forward, for a fraction of the prompt compute.
+    """
     C = batch["completion_mask"].shape[1]
+    cache = None
+    if batch["prefix_ids"].shape[1] > 0:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        model(input_ids=batch["prefix_ids"], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(batch["input_ids"].shape[0])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   logits_to_keep=C + 1, use_cache=False).logits[:, :-1].float()
+                   past_key_values=cache, use_cache=cache is not None, logits_to_keep=C + 1).logits[:, :-1].float()
     if temperature > 0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

@@ -61,6 +61,8 @@ class Args:
     """seed of data order, sampling and initialisation"""
     total_steps: int = 300
     """generation batches (each followed by num_updates_per_batch optimizer updates)"""
+    generation_budget: int = 0
+    """stop once this many completions were generated, refills and guided samples included (0: no limit)"""
     prompts_per_step: int = 64
     """prompts per generation batch, over all processes"""
     group_size: int = 8
@@ -96,7 +98,9 @@ class Args:
     num_updates_per_batch: int = 1
     """optimizer updates per generation batch, each over the whole batch, all against the stored old log-probs"""
     micro_batch_size: int = 8
-    """sequences per forward/backward pass per process"""
+    """sequences per forward/backward pass per process (= group_size: one group, one shared prompt per pass)"""
+    shared_prefix: bool = True
+    """run a micro-batch's common prompt prefix once for all its rows (exact; single process only)"""
     dynamic_sampling: bool = True
     """drop groups whose accuracy lies outside [ds_low, ds_high] and refill from new prompts"""
     ds_low: float = 0.01
@@ -243,11 +247,11 @@ def main(args: Args) -> dict:
     if run.main:
         E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, data_position = 0, 0  # data_position: prompts taken from the shuffled stream so far
+    step, data_position, generated = 0, 0, 0  # prompts taken from the shuffled stream; completions sampled
     if resume_from is not None:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
-        step, data_position = state["step"], state["data_position"]
+        step, data_position, generated = state["step"], state["data_position"], state["generated"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -305,6 +309,7 @@ def main(args: Args) -> dict:
             need = args.prompts_per_step - len(kept)
             positions = list(range(data_position, data_position + need))
             data_position += need
+            generated += need * args.group_size
             t0 = time.perf_counter()
             groups = gather_groups(rollout(positions))
             timer["generation"] += time.perf_counter() - t0
@@ -326,14 +331,15 @@ def main(args: Args) -> dict:
             rows = training_rows(kept, advantages)
         timer["scoring"] += time.perf_counter() - t0
 
-        # 5. optimizer updates: this rank's rows in length-sorted micro-batches (little padding);
-        #    every rank runs the same number of micro-batches (zero-weight filler rows where short)
+        # 5. optimizer updates over micro-batches: group-aligned when the prompt prefix is shared, else
+        #    length-sorted (little padding); every rank runs as many (zero-weight filler rows where short)
         t0 = time.perf_counter()
         update_stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0,
                             grad_norm=0.0, nan_skipped=0)
         n_tokens = sum(len(r["completion"]) for r in rows)
         if rows:
-            mine = sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+            share_prefix = args.shared_prefix and world == 1
+            mine = rows if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
             n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
             mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
             micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
@@ -344,7 +350,7 @@ def main(args: Args) -> dict:
                 totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
                 for k, micro in enumerate(micro_batches):
                     batch = E.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
-                                        tokenizer.pad_token_id, accelerator.device)
+                                        tokenizer.pad_token_id, accelerator.device, share_prefix)
                     mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
                                                                    device=accelerator.device)[:, None]
                     old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
@@ -407,6 +413,7 @@ def main(args: Args) -> dict:
             format_rate=sum(c for g in scored for c in g["format_ok"]) / n_all,
             adherence_rate=sum(c for g in scored for c in g["adherent"]) / n_all,
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
+            low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * args.group_size for g in scored) / len(scored),
             groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
             groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
             completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
@@ -416,7 +423,7 @@ def main(args: Args) -> dict:
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
             time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
             step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, **update_stats,
+            data_position=data_position, completions_generated=generated, **update_stats,
         )
         run.log(metrics, step=done)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
@@ -425,10 +432,13 @@ def main(args: Args) -> dict:
                                   completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
 
         # 7. checkpoint
-        if run.main and (done % args.save_every == 0 or done == args.total_steps or stop.requested):
+        out_of_budget = 0 < args.generation_budget <= generated
+        if run.main and (done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested):
             E.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position),
-                              keep_last=args.keep_last, final=done == args.total_steps)
+                              dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position, generated=generated),
+                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget)
+        if out_of_budget:
+            break
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
             return {}

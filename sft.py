@@ -70,6 +70,8 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    shared_prefix: bool = True
+    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
     max_nan_skips: int = 10
     """stop after this many consecutive steps with a NaN/inf loss or gradient"""
     log_every: int = 5
@@ -165,7 +167,7 @@ def main(args: Args) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         for k, batch_index in enumerate(micro_batches):
             batch = E.pad_batch([rows[i][0] for i in batch_index], [rows[i][1] for i in batch_index],
-                                tokenizer.pad_token_id, accelerator.device)
+                                tokenizer.pad_token_id, accelerator.device, args.shared_prefix and world == 1)
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
                 logp, _ = E.token_logprobs(model, batch)  # logits only at completion positions

@@ -1,0 +1,211 @@
+"""The AGRL ablation: GRPO, GRPO+RRS, GRPO+AGR and AGRL from one SFT start, equal generation budget, several seeds.
+
+    python benchmarks/ablation.py --config cpu-synthetic            # runs on a 2-core CPU (README: time)
+    python benchmarks/ablation.py --config gpu-esci --data-path /data/esci --sft-model Qwen/Qwen2.5-7B-Instruct
+
+Every variant gets the same budget of generated completions (dynamic-sampling refills and AGR's
+guided samples count against it), the same prompts stream per seed and the same SFT checkpoint.
+Writes results/ablation-<config>/: results.md and results.json (final dev accuracy, macro-F1,
+per-class F1, adherence, completions needed to reach a target training accuracy, share of stagnant
+groups over time) and curves.png (mean over seeds, min-max band). Finished runs are reused, so an
+interrupted ablation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {  # name -> (script, flags): GRPO is grpo.py itself, the others are agrl.py with parts on/off
+    "GRPO": ("grpo.py", []),
+    "GRPO+RRS": ("agrl.py", ["--no-agr"]),
+    "GRPO+AGR": ("agrl.py", ["--no-rrs"]),
+    "AGRL": ("agrl.py", []),
+}
+CONFIGS = {
+    # A 2-layer model trained from scratch by SFT on the synthetic rule world: small enough that 12 RL
+    # runs finish on a 2-core CPU, and far from perfect after SFT, so RL has something to fix.
+    "cpu-synthetic": dict(
+        sft=["--model", "tiny-random", "--dataset", "synthetic", "--total-steps", "300", "--batch-size", "16",
+             "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
+        rl=["--dataset", "synthetic", "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "96",
+            "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
+            "--no-dynamic-sampling", "--eval-limit", "300", "--device", "cpu", "--save-every", "1000"],
+        budget=8 * 8 * 40, seeds=(1, 2, 3), target=0.6),
+    # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
+    "gpu-esci": dict(
+        sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
+             "--eval-limit", "571"],
+        rl=["--dataset", "esci", "--prompts-per-step", "32", "--group-size", "8", "--max-new-tokens", "192",
+            "--micro-batch-size", "8", "--lr", "1e-6", "--total-steps", "100000", "--eval-limit", "571",
+            "--save-every", "50"],
+        budget=32 * 8 * 200, seeds=(1, 2, 3), target=0.7),
+}
+
+
+@dataclass
+class Args:
+    config: str = "cpu-synthetic"
+    """cpu-synthetic | gpu-esci"""
+    sft_model: str = "tiny-random"
+    """model the shared SFT start is trained from"""
+    data_path: str | None = None
+    """dataset path (ESCI)"""
+    seeds: tuple[int, ...] = ()
+    """seeds (default: the config's)"""
+    budget: int = 0
+    """generated completions per run (default: the config's)"""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """variants to run"""
+    output_dir: str = "runs"
+    """where the runs go"""
+    results_dir: str = "results"
+    """where the table and curves go"""
+
+
+def run(command: list[str], log: Path) -> None:
+    print("$", " ".join(command), flush=True)
+    started = time.time()
+    with open(log, "w") as f:
+        code = subprocess.call(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"failed ({code}) after {time.time() - started:.0f}s; see {log}")
+    print(f"  done in {time.time() - started:.0f}s", flush=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def smoothed(values: list[float], window: int = 5) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def main(args: Args) -> None:
+    config = CONFIGS[args.config]
+    seeds, budget = args.seeds or config["seeds"], args.budget or config["budget"]
+    base = Path(args.output_dir) / f"ablation-{args.config}"
+    base.mkdir(parents=True, exist_ok=True)
+    data = ["--data-path", args.data_path] if args.data_path else []
+
+    # 1. the shared SFT start
+    sft_dir = base / "sft"
+    if not (sft_dir / "eval.json").exists():
+        run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
+             "--run-name", "sft"], base / "sft.log")
+    start = str(sft_dir / "checkpoint")
+
+    # 2. every variant and seed, from the same start, with the same budget of generated completions
+    for seed in seeds:
+        for name in args.variants:
+            script, flags = VARIANTS[name]
+            run_name = f"{name.lower().replace('+', '-')}-s{seed}"
+            if (base / run_name / "eval.json").exists():
+                continue
+            run([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
+                 "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name],
+                base / f"{run_name}.log")
+
+    # 3. the table and the curves
+    sft_eval = json.loads((sft_dir / "eval.json").read_text())
+    labels = list(sft_eval["per_class"])
+    results = {"config": args.config, "budget_completions": budget, "seeds": list(seeds), "target_accuracy": config["target"],
+               "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")}, "variants": {}}
+    curves = {}
+    for name in args.variants:
+        runs = []
+        for seed in seeds:
+            run_dir = base / f"{name.lower().replace('+', '-')}-s{seed}"
+            evaluation = json.loads((run_dir / "eval.json").read_text())
+            metrics = read_metrics(run_dir)
+            accuracy = smoothed([m["accuracy"] for m in metrics])
+            reached = next((m["completions_generated"] for m, a in zip(metrics, accuracy) if a >= config["target"]), None)
+            runs.append(dict(seed=seed, accuracy=evaluation["accuracy"], macro_f1=evaluation["macro_f1"],
+                             adherence=evaluation["adherence_rate"], format_rate=evaluation["format_rate"],
+                             f1={label: evaluation["per_class"][label]["f1"] for label in labels},
+                             completions_to_target=reached,
+                             stagnant_share_first_quarter=_mean([m["low_accuracy_groups"] for m in metrics[:max(1, len(metrics) // 4)]]),
+                             stagnant_share_last_quarter=_mean([m["low_accuracy_groups"] for m in metrics[-max(1, len(metrics) // 4):]])))
+            curves.setdefault(name, []).append(metrics)
+        results["variants"][name] = dict(runs=runs, **{key: _mean_std([r[key] for r in runs]) for key in
+                                                        ("accuracy", "macro_f1", "adherence", "format_rate",
+                                                         "stagnant_share_first_quarter", "stagnant_share_last_quarter")},
+                                         f1={label: _mean_std([r["f1"][label] for r in runs]) for label in labels},
+                                         reached_target=sum(r["completions_to_target"] is not None for r in runs),
+                                         completions_to_target=_mean([r["completions_to_target"] for r in runs
+                                                                      if r["completions_to_target"] is not None]))
+    out = Path(args.results_dir) / f"ablation-{args.config}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results, labels)
+    (out / "results.md").write_text(table)
+    plot(curves, out / "curves.png", config["target"])
+    print(table)
+    print(f"wrote {out}/results.md, results.json, curves.png")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _mean_std(xs):
+    m = _mean(xs)
+    return dict(mean=m, std=(sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5 if xs else None)
+
+
+def markdown(results: dict, labels: list[str]) -> str:
+    fmt = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+    lines = [f"Ablation `{results['config']}`: {len(results['seeds'])} seeds, {results['budget_completions']} generated "
+             f"completions per run. Mean ± std over seeds of the dev evaluation at the end; stagnant = groups with "
+             f"accuracy <= 0.25; target = smoothed training accuracy {results['target_accuracy']}.", "",
+             f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
+             f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}", "",
+             "| variant | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
+             " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
+             "|---" * (9 + len(labels)) + "|"]
+    for name, v in results["variants"].items():
+        to_target = f"{v['completions_to_target']:.0f}" if v["completions_to_target"] is not None else "-"
+        lines.append(f"| {name} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
+                     " | ".join(fmt(v["f1"][label]) for label in labels) +
+                     f" | {fmt(v['adherence'])} | {fmt(v['format_rate'])} | {v['reached_target']}/{len(v['runs'])} | {to_target} | "
+                     f"{fmt(v['stagnant_share_first_quarter'])} | {fmt(v['stagnant_share_last_quarter'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[list[dict]]], path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("accuracy", "training accuracy (own samples, smoothed)"), ("adherence_rate", "rule adherence (own samples)"),
+              ("low_accuracy_groups", "share of stagnant groups (acc <= 0.25)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for name, runs in curves.items():
+            n = min(len(r) for r in runs)
+            xs = [runs[0][i]["completions_generated"] for i in range(n)]
+            ys = [smoothed([m[key] for m in r])[:n] for r in runs]
+            mean = [sum(col) / len(col) for col in zip(*ys)]
+            ax.plot(xs, mean, label=name)
+            ax.fill_between(xs, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)], alpha=0.15)
+        if key == "accuracy":
+            ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("completions generated")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
