@@ -394,6 +394,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
+        run.rewind(step)
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -155,11 +155,10 @@ def pick_device(device: str = "auto") -> str:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
+    ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
     for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
+        if token in vocab:
+            ids.add(vocab[token])
     return sorted(i for i in ids if i is not None)
 
 
@@ -235,7 +234,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
 
         cache = DynamicCache()
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
         if copies > 1:
             cache.batch_repeat_interleave(copies)
             logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
@@ -273,7 +272,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
 
 
 def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seed: int | None = None,
+                  temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
                   **_) -> Rollouts:
     """The same contract as `generate`, served by a colocated vLLM engine (UNTESTED here: no vLLM on CPU).
 
@@ -281,8 +280,9 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
     """
     from vllm import SamplingParams, TokensPrompt  # noqa: lazy, optional dependency
 
-    params = SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
-                            top_p=top_p, logprobs=0, seed=seed, stop_token_ids=stop_token_ids(tokenizer))
+    params = [SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
+                             top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[i],
+                             stop_token_ids=stop_token_ids(tokenizer)) for i in range(len(prompts))]
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     out = Rollouts([], [], [], [], [])
     for prompt, result in zip(prompts, results):
@@ -364,14 +364,15 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
         cache.batch_repeat_interleave(batch["input_ids"].shape[0])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    past_key_values=cache, use_cache=cache is not None, logits_to_keep=C + 1).logits[:, :-1].float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch["input_ids"][:, -C:, None]).squeeze(-1)
+    # gather - logsumexp: no [B, C, vocab] log-softmax tensor is materialised
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, batch["input_ids"][:, -C:, None]).squeeze(-1) - log_normaliser
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = log_normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy
 
 
@@ -404,7 +405,7 @@ def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.R
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
         probs.append(torch.softmax(logits[:, first].float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(probs)
@@ -412,8 +413,8 @@ def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.R
 
 def tier(probs: torch.Tensor, labels: tuple[str, ...], threshold: float = 0.5) -> list[str]:
     """Cumulative-probability tiering: from the best level down, the first level where the sum reaches t."""
-    cumulative = probs.cumsum(-1)
-    index = (cumulative < threshold - 1e-9).sum(-1).clamp(max=len(labels) - 1)
+    cumulative = probs.float().cumsum(-1)
+    index = (cumulative < threshold - 1e-6).sum(-1).clamp(max=len(labels) - 1)  # float32 sums: a tolerance
     return [labels[i] for i in index.tolist()]
 
 
@@ -565,6 +566,18 @@ class Run:
                                     name=args.run_name, id=args.run_name.replace("/", "-"), resume="allow",
                                     config=asdict(args), dir=str(self.dir), job_type=script)
 
+    def rewind(self, step: int) -> None:
+        """On resume: drop the lines logged after the checkpoint's step, so no step appears twice."""
+        if not self.main:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.dir / name
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+
     def log(self, metrics: dict, step: int) -> None:
         if not self.main:
             return
@@ -637,7 +650,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     write_json(tmp / "manifest.json", dict(step=step, files=files))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-keep_last]:
+    for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     if final:
         final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
@@ -714,8 +727,13 @@ def relaunch_distributed(num_gpus: int, device: str) -> None:
     """
     if num_gpus <= 1 or "RANK" in os.environ:
         return
+    import socket
+
+    with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if pick_device(device) == "cpu":
         command += ["--cpu"]
     else:

@@ -252,10 +252,11 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position, generated = state["step"], state["data_position"], state["generated"]
+        run.rewind(step)
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
-    engine = E.make_vllm_engine(args.model, args.vllm_gpu_memory, args.seed) if args.vllm else None
+    engine = E.make_vllm_engine(str(resume_from or args.model), args.vllm_gpu_memory, args.seed) if args.vllm else None
     stop = E.StopFlag()
 
     @functools.lru_cache(maxsize=2)
@@ -267,7 +268,7 @@ def main(args: Args) -> dict:
     def stream(position: int) -> int:
         return epoch_order(position // len(examples))[position % len(examples)]
 
-    def rollout(positions: list[int]) -> list[dict]:
+    def rollout(positions: list[int], timer: dict) -> list[dict]:
         """Generate and score the groups of the prompts at these stream positions (this rank's share)."""
         mine = positions[rank::world]
         if not mine:
@@ -277,12 +278,12 @@ def main(args: Args) -> dict:
         kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, min_new_tokens=args.min_new_tokens)
         if engine is not None:
-            out = E.generate_vllm(engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seed=seeds[0], **kwargs)
+            out = E.generate_vllm(engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds, **kwargs)
         else:
             with E.full_params_for_generation(model) as policy:
                 out = E.generate(policy, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
                                  batch_size=args.gen_batch_size, **kwargs)
-        groups, G = [], args.group_size
+        t0, groups, G = time.perf_counter(), [], args.group_size
         for i, p in enumerate(mine):
             example = examples[stream(p)]
             texts = out.texts[i * G:(i + 1) * G]
@@ -294,6 +295,7 @@ def main(args: Args) -> dict:
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
                 adherent=[s.adherent for s in scores],
             ))
+        timer["scoring"] += time.perf_counter() - t0
         return groups
 
     # --- training loop -------------------------------------------------------------------------
@@ -310,9 +312,9 @@ def main(args: Args) -> dict:
             positions = list(range(data_position, data_position + need))
             data_position += need
             generated += need * args.group_size
-            t0 = time.perf_counter()
-            groups = gather_groups(rollout(positions))
-            timer["generation"] += time.perf_counter() - t0
+            t0, scoring_before = time.perf_counter(), timer["scoring"]
+            groups = gather_groups(rollout(positions, timer))
+            timer["generation"] += time.perf_counter() - t0 - timer["scoring"] + scoring_before
             scored += groups
             for group in groups:
                 accuracy = sum(group["correct"]) / args.group_size

@@ -142,6 +142,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         start_step = state["step"]
+        run.rewind(start_step)
         print(f"[resume] from {resume_from} at step {start_step}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -177,23 +178,21 @@ def main(args: Args) -> dict:
             step_loss += token_loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         step_loss = accelerator.reduce(step_loss, "sum") / total_tokens
-        if not torch.isfinite(step_loss) or not torch.isfinite(grad_norm):
-            nan_skips += 1
-            optimizer.zero_grad(set_to_none=True)
-            run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=step + 1)
-            if nan_skips >= args.max_nan_skips:
-                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {step + 1}")
-            continue
-        nan_skips = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window["steps"] += 1
-        window["loss"] += step_loss.item()
-        window["tokens"] += total_tokens
-        window["seconds"] += time.perf_counter() - started
         done = step + 1
-        if done % args.log_every == 0 or done == args.total_steps:
+        if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+            nan_skips = 0
+            optimizer.step()
+            window["steps"] += 1
+            window["loss"] += step_loss.item()
+            window["tokens"] += total_tokens
+            window["seconds"] += time.perf_counter() - started
+        else:  # skip the update, say so, and give up after too many in a row
+            nan_skips += 1
+            run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
+            if nan_skips >= args.max_nan_skips:
+                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+        optimizer.zero_grad(set_to_none=True)
+        if window["steps"] and (done % args.log_every == 0 or done == args.total_steps):
             metrics = dict(loss=window["loss"] / window["steps"], lr=cosine_lr(step, args), grad_norm=grad_norm.item(),
                            epoch=first / len(rows), tokens_per_second=window["tokens"] / window["seconds"],
                            step_seconds=window["seconds"] / window["steps"])
