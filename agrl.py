@@ -192,6 +192,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", clamp: float =
         centred = centred / (rewards.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.std() + eps)
+    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)  # not mean()'s rounding / eps
     return centred.clamp(-clamp, clamp) if clamp > 0 else centred
 
 
@@ -233,7 +234,7 @@ def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: flo
         q = ref_logp - logp
         per_token = per_token + beta * (torch.exp(q) - q - 1)
     loss = (per_token * weights).sum()
-    on = weights > 0
+    on = (weights > 0) & ~guided if guided is not None and correction != "none" else weights > 0  # rows the clip applies to
     stats = dict(
         clip_low=((ratio < 1 - eps_low) & (advantages < 0) & on).sum(),
         clip_high=((ratio > 1 + eps_high) & (advantages > 0) & on).sum(),
@@ -276,6 +277,7 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
     group-normalised correctness (over the rollouts where its gold value is known) on its line's tokens."""
     G = len(group["completions"])
     per_token = [[sequence_advantages[j].item()] * len(group["completions"][j]) for j in range(G)]
+    line_tokens = [criterion_token_indices(tokenizer, group["completions"][j], group["spans"][j]) for j in range(G)]
     for name in group["credit"][0]:
         known = [j for j in range(G) if group["credit"][j][name] is not None]
         if len(known) < 2:
@@ -284,7 +286,7 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
         criterion_adv = group_advantages(values[None], args.adv_scale if args.adv_scale != "batch" else "group",
                                          args.adv_clamp)[0] * args.w_crit
         for j, adv in zip(known, criterion_adv.tolist()):
-            for k in criterion_token_indices(tokenizer, group["completions"][j], group["spans"][j]).get(name, []):
+            for k in line_tokens[j].get(name, []):
                 per_token[j][k] += adv
     return per_token
 
@@ -538,7 +540,7 @@ def main(args: Args) -> dict:
         n_tokens = sum(len(r["completion"]) for r in rows)
         if rows:
             share_prefix = args.shared_prefix and world == 1
-            mine = rows if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+            mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
             n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
             mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
             micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]

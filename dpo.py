@@ -101,6 +101,8 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    shared_prefix: bool = True
+    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
     max_nan_skips: int = 10
     """stop after this many consecutive steps with a NaN/inf loss or gradient"""
     log_every: int = 5
@@ -228,11 +230,14 @@ def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
 # ==================================================================================================
 # Log-probs and the DPO loss
 # ==================================================================================================
-def pair_batch(pairs: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """One `pad_batch` of 2B sequences: the B chosen completions, then the B rejected ones."""
+def pair_batch(pairs: list[dict], pad_id: int, device, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One `pad_batch` of 2B sequences: the B chosen completions, then the B rejected ones.
+
+    With `share_prefix` the rows' common prompt prefix (the system prompt) is run once for the batch.
+    """
     prompts = [p["prompt_ids"] for p in pairs]
     completions = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    return E.pad_batch(prompts + prompts, completions, pad_id, device)
+    return E.pad_batch(prompts + prompts, completions, pad_id, device, share_prefix)
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -242,7 +247,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int = 8) -> tuple[list[float], list[float]]:
+def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int = 8,
+                    share_prefix: bool = False) -> tuple[list[float], list[float]]:
     """Summed completion log-probs of every pair's chosen and rejected completion under `model` (eval mode)."""
     was_training = model.training
     model.eval()
@@ -250,7 +256,7 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int = 8) 
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        logps = sequence_logps(model, pair_batch(chunk, pad_id, device)).double().cpu()
+        logps = sequence_logps(model, pair_batch(chunk, pad_id, device, share_prefix)).double().cpu()
         chosen += logps[:len(chunk)].tolist()
         rejected += logps[len(chunk):].tolist()
     model.train(was_training)
@@ -373,7 +379,8 @@ def main(args: Args) -> dict:
         started = time.perf_counter()
         policy = sft_policy()
         mine = list(range(rank, len(pairs), world))
-        chosen, rejected = reference_logps(policy, [pairs[i] for i in mine], pad_id, args.batch_size)
+        # the unwrapped model (not yet prepared), so the shared prefix is exact with any number of processes
+        chosen, rejected = reference_logps(policy, [pairs[i] for i in mine], pad_id, args.batch_size, args.shared_prefix)
         rows = gather_rows(list(zip(mine, chosen, rejected)), key=lambda r: r[0])
         ref_chosen, ref_rejected = [r[1] for r in rows], [r[2] for r in rows]
         if policy is not model:
@@ -436,7 +443,7 @@ def main(args: Args) -> dict:
         # (DDP averages gradients over ranks, hence * world).
         totals = torch.zeros(len(keys), dtype=torch.float64)
         for k, index in enumerate(micro_batches):
-            batch = pair_batch([pairs[i] for i in index], pad_id, accelerator.device)
+            batch = pair_batch([pairs[i] for i in index], pad_id, accelerator.device, args.shared_prefix and world == 1)
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
                 logps = sequence_logps(model, batch)

@@ -720,26 +720,29 @@ def unwrapped(model):
 
 
 def relaunch_distributed(num_gpus: int, device: str) -> None:
-    """`--num-gpus N` re-executes this script under `accelerate launch` with N processes, once.
+    """`--num-gpus N` re-executes this script with N processes, once.
 
-    On GPUs the policy is sharded with FSDP (accelerate's FSDP plugin); on CPU (tests) N gloo
-    processes run DDP. Multi-node: run `accelerate launch` yourself with your config (README).
+    On GPUs: `accelerate launch` with FSDP (full shard, transformer-block wrap). On CPU (tests):
+    `torchrun --standalone`, N gloo processes running DDP. Multi-node: run `accelerate launch`
+    yourself with your cluster's flags (README).
     """
     if num_gpus <= 1 or "RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus),
-               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if pick_device(device) == "cpu":
-        command += ["--cpu"]
+    if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
+        raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
+    os.environ["AGRL_LAUNCHED"] = "1"
+    if pick_device(device) == "cpu":  # accelerate runs one CPU process per machine; torchrun gives N gloo ranks
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_gpus)]
     else:
-        command += ["--multi_gpu", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
-                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                    "--fsdp_use_orig_params", "true", "--fsdp_sync_module_states", "true"]
+        import socket
+
+        with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus), "--num_machines", "1",
+                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+                   "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                   "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_use_orig_params", "true", "--fsdp_sync_module_states", "true"]
     command += [sys.argv[0], *sys.argv[1:]]
     print("[launch]", " ".join(command), flush=True)
     sys.exit(subprocess.call(command))

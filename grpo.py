@@ -155,6 +155,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", clamp: float =
         centred = centred / (rewards.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.std() + eps)
+    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)  # not mean()'s rounding / eps
     return centred.clamp(-clamp, clamp) if clamp > 0 else centred
 
 
@@ -341,7 +342,7 @@ def main(args: Args) -> dict:
         n_tokens = sum(len(r["completion"]) for r in rows)
         if rows:
             share_prefix = args.shared_prefix and world == 1
-            mine = rows if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+            mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
             n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
             mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
             micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]

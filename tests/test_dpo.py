@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import data as D  # noqa: E402
-import dpo  # noqa: E402
-import eval as E  # noqa: E402
-from rewards import TAOBAO4  # noqa: E402
+import data as D
+import dpo
+from rewards import TAOBAO4
 
 
 # --- the loss ---------------------------------------------------------------------------------------
@@ -160,11 +156,6 @@ def test_build_pairs_seeded():
 
 
 # --- reference log-probs ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny():
-    return E.load_model("tiny-random", "cpu")
-
-
 def independent_logp(model, prompt, completion):
     """Sum of log pi(completion token | everything before it), one unpadded sequence, full forward pass."""
     ids = torch.tensor([prompt + completion])
@@ -172,14 +163,16 @@ def independent_logp(model, prompt, completion):
     return sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), len(prompt) + len(completion)))
 
 
-def test_reference_logps_are_completion_only(tiny):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_reference_logps_are_completion_only(tiny, share_prefix):
     model, tokenizer = tiny
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(10, 1000, (n,), generator=g).tolist()  # noqa: E731
-    pairs = [dict(prompt_ids=ids(5), chosen_ids=ids(3), rejected_ids=ids(9)),
-             dict(prompt_ids=ids(17), chosen_ids=ids(1), rejected_ids=ids(4)),
-             dict(prompt_ids=ids(11), chosen_ids=ids(8), rejected_ids=ids(2))]
-    chosen, rejected = dpo.reference_logps(model, pairs, tokenizer.pad_token_id, batch_size=3)
+    system = ids(6)  # a common "system prompt" prefix, then prompts of different lengths
+    pairs = [dict(prompt_ids=system + ids(5), chosen_ids=ids(3), rejected_ids=ids(9)),
+             dict(prompt_ids=system + ids(17), chosen_ids=ids(1), rejected_ids=ids(4)),
+             dict(prompt_ids=system + ids(11), chosen_ids=ids(8), rejected_ids=ids(2))]
+    chosen, rejected = dpo.reference_logps(model, pairs, tokenizer.pad_token_id, batch_size=3, share_prefix=share_prefix)
     with torch.no_grad():
         for p, c, r in zip(pairs, chosen, rejected):
             assert c == pytest.approx(independent_logp(model, p["prompt_ids"], p["chosen_ids"]), abs=1e-3)
@@ -188,7 +181,7 @@ def test_reference_logps_are_completion_only(tiny):
         alone = [dpo.reference_logps(model, [p], tokenizer.pad_token_id)[0][0] for p in pairs]
         assert alone == pytest.approx(chosen, abs=1e-3)
         # at step 0 the policy is the reference: the training forward gives the same sums, loss log 2
-        logps = dpo.sequence_logps(model, dpo.pair_batch(pairs, tokenizer.pad_token_id, "cpu"))
+        logps = dpo.sequence_logps(model, dpo.pair_batch(pairs, tokenizer.pad_token_id, "cpu", share_prefix))
         loss, _, _ = dpo.dpo_loss(logps[:3], logps[3:], torch.tensor(chosen), torch.tensor(rejected), 0.1)
         assert torch.allclose(loss, torch.full((3,), math.log(2.0)), atol=1e-4)
 

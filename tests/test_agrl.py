@@ -1,0 +1,463 @@
+"""Acceptance tests of agrl.py (METHOD.md sections 4 and 6): Rule-aware Reward Shaping with its hard gate
+and segment credit, Adaptive Guided Replay (guidance, selection, replay buffer, escalation and decay,
+training under the unguided prompt, off-policy corrections), and equivalence with grpo.py when both
+ideas are off.
+
+Runs use the 2-layer `tiny-random` model on CPU. Its answers never parse, so the runs that need
+successes patch `agrl.score_group` (and mark guided generations through a wrapper of `eval.generate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import agrl  # noqa: E402
+import data as D  # noqa: E402
+import eval as E  # noqa: E402
+import grpo  # noqa: E402
+import rewards as R  # noqa: E402
+from rewards import TAOBAO4, UNKNOWN  # noqa: E402
+
+TIMING = ("time", "seconds", "per_second")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return E.load_model("tiny-random", "cpu")[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def state_dict(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --- a hand-made example (taobao4) and answers to it --------------------------------------------------
+EXAMPLE = D.Example(query="red nike running shoes", title="Nike Air Zoom running shoe, red", label="Excellent",
+                    criteria={"category": "match", "brand": "match", "color": "match", "specs": "n/a",
+                              "negation": UNKNOWN})
+GOLD_STATED = {"category": "match", "brand": "match", "color": "match", "specs": "n/a", "negation": "n/a"}
+
+
+def answer(label: str, **changes) -> str:
+    return R.format_output(label, dict(GOLD_STATED, **changes), "a short reason", TAOBAO4)
+
+
+OUTPUTS = dict(
+    good=answer("Excellent"),  # correct, adherent, every known criterion right
+    non_adherent=answer("Excellent", category="mismatch"),  # correct label, but its criteria decide Irrelevant
+    wrong_adherent=answer("Related", color="unstated"),  # wrong label, follows its criteria, 3 of 4 known right
+    garbage="I think the item is fine.",  # does not parse
+)
+
+
+# ==================================================================================================
+# 1. RRS values and the hard gate
+# ==================================================================================================
+def test_rrs_values_and_hard_gate():
+    texts = list(OUTPUTS.values())
+    weights = dict(w_out=1.0, w_crit=0.5, w_rule=0.25, format_penalty=-0.7)
+    scores, seq = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=True, rrs_credit="sequence", **weights))
+    assert [s.correct for s in scores] == [True, True, False, False]
+    assert [s.adherent for s in scores] == [True, False, True, False]
+    assert [s.format_ok for s in scores] == [True, True, True, False]
+    # good: 1 + 0.5 * 4/4 + 0.25; non-adherent: outcome only (no criterion credit, no rule credit);
+    # wrong but adherent: 0.5 * 3/4 (negation is unknown: not counted) + 0.25; unparseable: the penalty only
+    assert seq == pytest.approx([1.75, 1.0, 0.625, -0.7])
+    _, segment = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=True, rrs_credit="segment", **weights))
+    assert segment == pytest.approx([1.25, 1.0, 0.25, -0.7])  # w_crit leaves the scalar in segment credit
+    _, off = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=False, **weights))
+    assert off == [1.0, 1.0, 0.0, 0.0]
+    _, grpo_rewards = grpo.score_group(texts, EXAMPLE, TAOBAO4, grpo.Args())
+    assert off == grpo_rewards
+
+    credit = [agrl.criterion_credit(s) for s in scores]
+    assert credit[0] == dict(category=1.0, brand=1.0, color=1.0, specs=1.0, negation=None)
+    assert credit[1] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: non-adherent
+    assert credit[2] == dict(category=1.0, brand=1.0, color=0.0, specs=1.0, negation=None)
+    assert credit[3] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: unparseable
+
+
+def test_identical_rrs_rewards_give_zero_advantage():
+    example = dataclasses.replace(EXAMPLE, criteria=dict(EXAMPLE.criteria, negation="n/a"))
+    text = answer("Excellent", brand="n/a", color="n/a")  # correct, adherent, 3 of 5 criteria right
+    _, group_rewards = agrl.score_group([text] * 8, example, TAOBAO4, agrl.Args())
+    assert group_rewards == pytest.approx([1.8] * 8)
+    advantages = agrl.group_advantages(torch.tensor([group_rewards]), "group", 2.0)
+    assert torch.equal(advantages, torch.zeros(1, 8))
+
+
+# ==================================================================================================
+# 2. Segment credit
+# ==================================================================================================
+def expected_token_sets(tokenizer, text: str, spans: dict) -> tuple[list[int], dict[str, set[int]]]:
+    """Independently of agrl: the tokenizer's own character offsets, tokens overlapping each line."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    sets = {name: {k for k, (s, e) in enumerate(offsets) if s < b and e > a and e > s} for name, (a, b) in spans.items()}
+    return ids, sets
+
+
+@pytest.mark.parametrize("order", ["label_first", "think_first"])
+def test_criterion_token_indices_cover_exactly_their_line(tokenizer, order):
+    for label, changes in (("Excellent", {}), ("Related", dict(color="unstated")), ("Mismatch", dict(brand="conflict"))):
+        text = R.format_output(label, dict(GOLD_STATED, **changes), "because of the brand", TAOBAO4, order)
+        completion = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(completion, skip_special_tokens=True) == text
+        parsed = R.parse_output(text, TAOBAO4, order)
+        assert parsed.format_ok and set(parsed.spans) == set(TAOBAO4.criterion_names)
+        indices = agrl.criterion_token_indices(tokenizer, completion, parsed.spans)
+        ids, expected = expected_token_sets(tokenizer, text, parsed.spans)
+        assert ids == completion
+        claimed = set()
+        for name, (a, b) in parsed.spans.items():
+            got = indices[name]
+            assert set(got) == expected[name], name
+            assert got == list(range(got[0], got[-1] + 1))  # one contiguous run of tokens
+            line = text[a:b]
+            assert line == f"{name}: {dict(GOLD_STATED, **changes)[name]}"
+            assert tokenizer.decode([completion[k] for k in got]).strip("\n") == line
+            assert not claimed & set(got)  # no token belongs to two lines
+            claimed |= set(got)
+        rest = tokenizer.decode([t for k, t in enumerate(completion) if k not in claimed])
+        assert not any(f"{name}:" in rest for name in TAOBAO4.criterion_names)
+
+
+def test_segment_advantages_put_each_criterion_on_its_own_tokens(tokenizer):
+    args = agrl.Args(rrs=True, rrs_credit="segment", w_crit=0.5, adv_scale="group", adv_clamp=2.0)
+    texts = list(OUTPUTS.values())
+    scores, _ = agrl.score_group(texts, EXAMPLE, TAOBAO4, args)
+    completions = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    group = dict(completions=completions, credit=[agrl.criterion_credit(s) for s in scores],
+                 spans=[s.parsed.spans for s in scores])
+    seq_adv = torch.tensor([0.3, -0.2, 0.1, -0.4])
+    got = agrl.segment_advantages(group, seq_adv, tokenizer, args)
+
+    expected = [[seq_adv[j].item()] * len(c) for j, c in enumerate(completions)]
+    for name in TAOBAO4.criterion_names:
+        values = [group["credit"][j][name] for j in range(4)]
+        if any(v is None for v in values):
+            assert name == "negation"  # unknown gold: no criterion advantage at all
+            continue
+        mean = sum(values) / 4
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+        adv = [max(-2.0, min(2.0, (v - mean) / (std + 1e-4))) * args.w_crit for v in values]
+        for j, text in enumerate(texts):
+            _, sets = expected_token_sets(tokenizer, text, group["spans"][j])
+            for k in sets.get(name, ()):
+                expected[j][k] += adv[j]
+    assert [len(row) for row in got] == [len(c) for c in completions]
+    for j in range(4):
+        assert got[j] == pytest.approx(expected[j], abs=1e-5), texts[j]
+    # the unparseable answer has no lines: the sequence advantage alone, on every token
+    assert got[3] == pytest.approx([-0.4] * len(completions[3]))
+    # a token outside every criterion line carries the sequence advantage only
+    assert got[0][0] == pytest.approx(0.3)
+
+
+# ==================================================================================================
+# 3. Guidance text and escalation / decay through a run
+# ==================================================================================================
+def test_guidance_text_and_wrong_criteria():
+    group = dict(correct=[True, False, False, True],
+                 criteria=[dict(category=True, brand=False, color=True, specs=None, negation=True),
+                           dict(category=True, brand=True, color=False, specs=None, negation=True),
+                           dict(category=False, brand=True, color=True, specs=None, negation=True),
+                           dict(category=True, brand=True, color=True, specs=False, negation=False)])
+    # only the failing rollouts count (rollout 0's brand and 3's specs/negation do not); unknown never does
+    assert agrl.wrong_criteria(group) == ["category", "color"]
+    level1 = agrl.guidance_text(EXAMPLE, ["category", "color"], 1)
+    assert "category is match" in level1 and "color is match" in level1
+    assert "brand" not in level1 and "Excellent" not in level1
+    level2 = agrl.guidance_text(EXAMPLE, ["category", "color"], 2)
+    assert level2.startswith(level1) and "The correct label is Excellent." in level2
+    nothing_wrong = agrl.guidance_text(EXAMPLE, [], 1)
+    assert "The correct label is Excellent." in nothing_wrong and "Check" not in nothing_wrong
+    assert agrl.wrong_criteria(dict(correct=[True, True], criteria=[dict(category=False), dict(category=False)])) == []
+
+
+MARK = "[[guided-with-label]]", "[[guided-without-label]]"
+
+
+@pytest.fixture(scope="module")
+def escalation_run(tmp_path_factory):
+    """One prompt (limit=1), one group a step. Steps 1-3: the policy fails. Guided answers succeed only
+    when the guidance gives the label (level 2). Steps 4-5: the policy succeeds.
+    Expected: 1 level 1 (guided fail), 2 level 2 (guided success, buffer filled), 3 replay from the buffer,
+    4 and 5 recovery: the level decays 2 -> 1 -> 0."""
+    out = tmp_path_factory.mktemp("agr")
+    real_generate, real_score, real_rows = E.generate, agrl.score_group, agrl.training_rows
+    seen = dict(guidance=[], rows=[], policy_calls=0)
+
+    def generate(model, tokenizer, prompts, *a, **kw):
+        result = real_generate(model, tokenizer, prompts, *a, **kw)
+        n = kw.get("n", 1)
+        for i, prompt in enumerate(prompts):
+            text = tokenizer.decode(prompt)
+            if "Guidance:" in text:
+                guidance = text.split("Guidance:", 1)[1]
+                seen["guidance"].append(guidance)
+                mark = MARK[0] if "The correct label is" in guidance else MARK[1]
+                for j in range(i * n, (i + 1) * n):
+                    result.texts[j] = mark + result.texts[j]
+        return result
+
+    def score(texts, example, rulebook, args):
+        good = R.format_output(example.label, D.fill_criteria(example, rulebook), "guided", rulebook, args.order)
+        guided = any(t.startswith(MARK) for t in texts)
+        if not guided:
+            seen["policy_calls"] += 1
+        recovered = not guided and seen["policy_calls"] >= 4
+        return real_score([good if t.startswith(MARK[0]) or recovered else t for t in texts], example, rulebook, args)
+
+    def rows(groups, advantages, *a, **kw):
+        result = real_rows(groups, advantages, *a, **kw)
+        seen["rows"].append(result)
+        return result
+
+    args = agrl.Args(model="tiny-random", dataset="synthetic", limit=1, total_steps=5, prompts_per_step=1, group_size=4,
+                     max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(out),
+                     run_name="agr", dynamic_sampling=False, agr_k=3, agr_buffer_size=2, agr_tau=0.25,
+                     agr_max_level=2, agr_recover=0.5, agr_ema=0.5, save_every=1, keep_last=10, lr=1e-3,
+                     warmup_steps=1, seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "generate", generate)
+        mp.setattr(agrl, "score_group", score)
+        mp.setattr(agrl, "training_rows", rows)
+        agrl.main(args)
+    states = [torch.load(out / "agr" / "checkpoints" / f"step-{s:07d}" / "train_state.pt", weights_only=True)["agr_state"]
+              for s in range(1, 6)]
+    return dict(dir=out / "agr", args=args, seen=seen, metrics=read_metrics(out / "agr"), states=states)
+
+
+def test_guidance_escalates_replays_and_decays(escalation_run):
+    m = escalation_run["metrics"]
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
+    assert [x["agr_stagnant_share"] for x in m] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [x["agr_level_1"] for x in m] == [1, 0, 0, 0, 0]
+    assert [x["agr_level_2"] for x in m] == [0, 1, 0, 0, 0]
+    assert [x["agr_buffer_hits"] for x in m] == [0, 0, 1, 0, 0]
+    assert [x["agr_guided_share"] for x in m] == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert m[0]["agr_guided_success_rate"] == 0.0 and m[1]["agr_guided_success_rate"] == 1.0
+    assert [x["agr_prompts_ever_stagnant"] for x in m] == [1] * 5
+    assert m[3]["agr_once_stagnant_accuracy"] == 1.0 and m[4]["agr_once_stagnant_accuracy"] == 1.0
+    # the policy's own samples are what is logged: all wrong in steps 1-3, whatever the guided answers did
+    assert [x["accuracy"] for x in m] == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+    # level 1 names the wrong criteria with their gold values, level 2 adds the label
+    first, second = escalation_run["seen"]["guidance"]
+    assert "Check these criteria:" in first and "The correct label is" not in first
+    example = D.load_dataset("synthetic", "train", seed=1, limit=1).examples[0]
+    assert f"The correct label is {example.label}." in second and "Check these criteria:" in second
+    for name, value in example.criteria.items():
+        if value != UNKNOWN:
+            assert f"{name} is {value}" in first  # a random policy gets every known criterion wrong
+
+    states = escalation_run["states"]
+    assert all(list(s) == list(states[0]) and len(s) == 1 for s in states)
+    per_step = [next(iter(s.values())) for s in states]
+    assert [s["level"] for s in per_step] == [1, 2, 2, 1, 0]
+    assert all(s["stagnant_ever"] for s in per_step)
+    assert per_step[2]["accuracy"] == 0.0 and per_step[3]["accuracy"] == 0.5 and per_step[4]["accuracy"] == 0.75
+
+
+def test_replay_buffer_bounded_and_holds_successful_guided_answers(escalation_run):
+    args = escalation_run["args"]
+    buffers = [next(iter(s.values()))["buffer"] for s in escalation_run["states"]]
+    assert [len(b) for b in buffers] == [0, 2, 2, 2, 2]  # K = 3 successes, buffer of 2
+    assert all(len(b) <= args.agr_buffer_size for b in buffers)
+    for entry in buffers[-1]:
+        assert entry["guided"] is True and entry["correct"] and entry["adherent"] and entry["format_ok"]
+        assert entry["texts"].startswith(MARK[0])
+        assert entry["rewards"] == pytest.approx(args.w_out + args.w_crit + args.w_rule)
+
+
+def test_guided_rows_trained_under_unguided_prompt_in_run(escalation_run, tokenizer):
+    example = D.load_dataset("synthetic", "train", seed=1, limit=1).examples[0]
+    unguided = D.encode_prompt(tokenizer, example, TAOBAO4, "label_first", 256)[0]
+    steps = escalation_run["seen"]["rows"]
+    assert len(steps) == 5
+    guided_per_step = [sum(r["guided"] for r in rows) for rows in steps]
+    assert guided_per_step == [0, 3, 2, 0, 0]  # K = 3 guided answers, then 2 replayed from the buffer
+    for rows in steps:
+        assert len(rows) == 4
+        for r in rows:
+            assert r["prompt"] == unguided
+    # the steps with guided answers have non-zero advantages, so they were trained
+    assert escalation_run["metrics"][1]["grad_norm"] > 0 and escalation_run["metrics"][2]["grad_norm"] > 0
+
+
+# ==================================================================================================
+# 4. replace_lowest
+# ==================================================================================================
+def make_group(rewards_: list[float]) -> dict:
+    G = len(rewards_)
+    group = dict(position=7, example_index=3, prompt=[1, 2, 3])
+    for key in agrl.GROUP_FIELDS:
+        group[key] = [f"{key}-{j}" for j in range(G)]
+    group.update(rewards=list(rewards_), guided=[False] * G, correct=[False] * G)
+    return group
+
+
+def candidate(i: int) -> dict:
+    c = {key: f"{key}-cand{i}" for key in agrl.GROUP_FIELDS}
+    c.update(rewards=2.0 + i, guided=True, correct=True)
+    return c
+
+
+@pytest.mark.parametrize("n, replaced", [(1, [1]), (2, [1, 3]), (3, [1, 3, 0]), (4, [1, 3, 0, 2])])
+def test_replace_lowest(n, replaced):
+    group = make_group([0.5, -0.5, 1.0, -0.5])  # a tie at -0.5: index 1 before index 3
+    before = copy.deepcopy(group)
+    out = agrl.replace_lowest(group, [candidate(i) for i in range(n)])
+    assert group == before  # the input group is not touched
+    assert out["prompt"] == [1, 2, 3] and out["position"] == 7 and out["example_index"] == 3
+    for key in agrl.GROUP_FIELDS:
+        assert len(out[key]) == 4
+    for j in range(4):
+        if j in replaced:
+            i = replaced.index(j)
+            assert out["guided"][j] is True and out["rewards"][j] == 2.0 + i
+            assert all(out[key][j] == candidate(i)[key] for key in agrl.GROUP_FIELDS)
+        else:
+            assert out["guided"][j] is False
+            assert all(out[key][j] == before[key][j] for key in agrl.GROUP_FIELDS)
+
+
+# ==================================================================================================
+# 5. Guided completions are trained under the unguided prompt
+# ==================================================================================================
+def test_training_rows_use_unguided_prompt(tokenizer):
+    unguided = D.encode_prompt(tokenizer, EXAMPLE, TAOBAO4)[0]
+    guided_prompt = D.encode_prompt(tokenizer, EXAMPLE, TAOBAO4, guidance=agrl.guidance_text(EXAMPLE, ["color"], 2))[0]
+    assert guided_prompt != unguided
+    group = make_group([0.0, 1.0, 0.0, 1.0])
+    group.update(prompt=unguided, completions=[[5, 6], [7], [8, 9, 10], [11]],
+                 old_logprobs=[[-1.0, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-0.1]],
+                 guided=[False, True, False, True])
+    advantages = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
+    rows = agrl.training_rows([group], advantages)
+    assert [r["guided"] for r in rows] == [False, True, False, True]
+    for j, r in enumerate(rows):
+        assert r["prompt"] == unguided and r["prompt"] != guided_prompt
+        assert r["completion"] == group["completions"][j] and r["old_logprobs"] == group["old_logprobs"][j]
+        assert r["advantages"] == [advantages[0, j].item()] * len(group["completions"][j])
+    per_token = [[[0.1, 0.2], [0.3], [0.4, 0.5, 0.6], [0.7]]]
+    rows = agrl.training_rows([group], advantages, per_token)
+    assert [r["advantages"] for r in rows] == per_token[0]
+    assert all(r["prompt"] == unguided for r in rows)
+
+
+# ==================================================================================================
+# 6. The off-policy corrections
+# ==================================================================================================
+def correction_batch():
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 5
+    logp0 = -torch.rand(B, T, generator=g) * 3 - 0.05
+    delta = torch.tensor([1.0, 0.9, -0.5, 0.3, 0.05])[(torch.arange(B)[:, None] + torch.arange(T)[None]) % 5]
+    old = logp0 - delta  # ratios exp(delta): 2.7 and 2.5 exceed the cap 2, 0.6 and 1.35 are clipped in PPO
+    adv = torch.tensor([0.8, -1.1, -0.6, 1.4])[:, None].expand(B, T).clone()
+    mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).float()
+    guided = torch.tensor([[False], [True], [False], [True]])
+    return logp0, old, adv, mask, guided
+
+
+@pytest.mark.parametrize("correction", ["shaping", "is", "none"])
+def test_off_policy_corrections(correction):
+    gamma, cap, eps_low, eps_high = 0.1, 2.0, 0.2, 0.28
+    logp0, old, adv, mask, guided = correction_batch()
+    weights = mask * torch.tensor([1.0, 0.5, 2.0, 0.25])[:, None]  # arbitrary aggregation weights
+
+    logp = logp0.clone().requires_grad_(True)
+    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, guided=guided, correction=correction,
+                             gamma=gamma, is_cap=cap)
+    loss.backward()
+    plain_logp = logp0.clone().requires_grad_(True)
+    plain, _ = grpo.grpo_loss(plain_logp, old, adv, weights, eps_low, eps_high)
+    plain.backward()
+
+    g_rows, u_rows = guided[:, 0], ~guided[:, 0]
+    torch.testing.assert_close(logp.grad[u_rows], plain_logp.grad[u_rows])  # unguided rows: the PPO term
+    p, ratio = logp0.exp(), (logp0 - old).exp()
+    if correction == "shaping":
+        per_token = -(p / (p + gamma)) * adv
+        grad = -adv * gamma * p / (p + gamma) ** 2
+    elif correction == "is":
+        assert ((ratio > cap) & guided & (mask > 0)).any()
+        per_token = -torch.clamp(ratio, max=cap) * adv
+        grad = torch.where(ratio > cap, torch.zeros_like(ratio), -adv * ratio)
+    else:
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+        grad = plain_logp.grad / torch.where(weights > 0, weights, torch.ones_like(weights))
+    torch.testing.assert_close(logp.grad[g_rows], (grad * weights)[g_rows], atol=1e-6, rtol=1e-5)
+    plain_terms = plain_per_token(logp0, old, adv, eps_low, eps_high)
+    expected_loss = (per_token * weights)[g_rows].sum() + (plain_terms * weights)[u_rows].sum()
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    if correction == "is":  # truncated where the ratio passes the cap: no gradient there
+        over = (ratio > cap) & guided & (mask > 0)
+        assert torch.all(logp.grad[over] == 0)
+
+
+def plain_per_token(logp, old, adv, eps_low, eps_high):
+    ratio = (logp - old).exp()
+    return -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+
+
+def test_no_guided_rows_is_grpo_loss():
+    logp0, old, adv, mask, _ = correction_batch()
+    for correction in ("shaping", "is", "none"):
+        a, sa = agrl.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1,
+                               guided=torch.zeros(4, 1, dtype=torch.bool), correction=correction)
+        b, sb = grpo.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1)
+        assert a.item() == b.item() and all(sa[k].item() == sb[k].item() for k in sb)
+
+
+# ==================================================================================================
+# 8. RRS and AGR off: the same run as grpo.py
+# ==================================================================================================
+def text_reward(text: str) -> float:
+    return float(sum(map(ord, text)) % 3) / 2
+
+
+def fake_score_group(texts, example, rulebook, args):
+    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
+    rewards_ = [text_reward(t) for t in texts]
+    return [dataclasses.replace(s, correct=r == 1.0) for s, r in zip(scores, rewards_)], rewards_
+
+
+def test_off_off_equals_grpo(tmp_path, monkeypatch):
+    monkeypatch.setattr(agrl, "score_group", fake_score_group)
+    monkeypatch.setattr(grpo, "score_group", fake_score_group)
+    common = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=2, prompts_per_step=2, group_size=4,
+                  max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(tmp_path),
+                  temperature=1.0, lr=1e-3, warmup_steps=1, seed=1, dynamic_sampling=True, ds_max_tries=1)
+    agrl.main(agrl.Args(rrs=False, agr=False, run_name="agrl", **common))
+    grpo.main(grpo.Args(run_name="grpo", **common))
+    a, g = read_metrics(tmp_path / "agrl"), read_metrics(tmp_path / "grpo")
+    assert len(a) == len(g) == 2
+    assert any(m["grad_norm"] > 0 for m in g)  # the weights really move
+    for ma, mg in zip(a, g):
+        ma = {k: v for k, v in ma.items() if not any(t in k for t in TIMING) and not k.startswith("agr_")}
+        mg = {k: v for k, v in mg.items() if not any(t in k for t in TIMING)}
+        assert ma == mg
+    wa, wg = state_dict(tmp_path / "agrl" / "checkpoint"), state_dict(tmp_path / "grpo" / "checkpoint")
+    assert wa.keys() == wg.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wg[k], atol=1e-6, rtol=0)
