@@ -151,6 +151,8 @@ def build_pairs(groups: list[dict], max_pairs_per_prompt: int = 1, seed: int = 0
     - up to `max_pairs_per_prompt` distinct pairs per prompt, chosen with a seeded generator
       (seed, group index), preferring pairs whose completions are not used yet.
     """
+    if max_pairs_per_prompt < 1:
+        raise ValueError(f"max_pairs_per_prompt must be >= 1, got {max_pairs_per_prompt}")
     pairs: list[dict] = []
     stats = dict(prompts=len(groups), prompts_with_pairs=0, pairs=0, duplicates=0, chosen_candidates=0,
                  rejected_candidates=0, **{reason: 0 for reason in SKIP_REASONS})
@@ -420,13 +422,13 @@ def main(args: Args) -> dict:
     def checkpoint(done: int, final: bool) -> None:
         E.save_checkpoint(run.dir, done, model, tokenizer,
                           dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
-                               n_pairs=len(pairs)), keep_last=args.keep_last, final=final)
+                               n_pairs=len(pairs)), keep_last=args.keep_last, final=final, accelerator=accelerator)
 
     # --- 4-5. training loop --------------------------------------------------------------------------
     keys = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "logp_chosen", "logp_rejected")
     nan_skips, window = 0, dict(steps=0, seconds=0.0, **{k: 0.0 for k in keys})
     total_steps = args.total_steps if pairs else step
-    if not pairs and run.main and resume_from is None:
+    if not pairs and resume_from is None:
         checkpoint(0, final=True)
     progress = tqdm(range(step, total_steps), desc="dpo", disable=not run.main, initial=step, total=total_steps)
     for step in progress:
@@ -459,24 +461,21 @@ def main(args: Args) -> dict:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if world > 1:
             totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-        means = {key: (totals[i] / per_step).item() for i, key in enumerate(keys)}
-        if not torch.isfinite(totals).all() or not torch.isfinite(grad_norm):
-            nan_skips += 1
-            optimizer.zero_grad(set_to_none=True)
-            run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=step + 1)
-            if nan_skips >= args.max_nan_skips:
-                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {step + 1}")
-            continue
-        nan_skips = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - started
-        for key in keys:
-            window[key] += means[key]
         done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
+        if torch.isfinite(totals).all() and torch.isfinite(grad_norm):
+            nan_skips = 0
+            optimizer.step()
+            window["steps"] += 1
+            window["seconds"] += time.perf_counter() - started
+            for i, key in enumerate(keys):
+                window[key] += (totals[i] / per_step).item()
+        else:  # skip the update, say so, and give up after too many in a row (checkpoints still happen)
+            nan_skips += 1
+            run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
+            if nan_skips >= args.max_nan_skips:
+                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+        optimizer.zero_grad(set_to_none=True)
+        if window["steps"] and (done % args.log_every == 0 or done == total_steps):
             metrics = {key: window[key] / window["steps"] for key in keys}
             metrics.update(reward_margin=metrics["reward_chosen"] - metrics["reward_rejected"], lr=lr_at(step),
                            grad_norm=grad_norm.item(), epoch=data_position / len(pairs),
@@ -485,7 +484,7 @@ def main(args: Args) -> dict:
             run.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}")
             window = dict(steps=0, seconds=0.0, **{k: 0.0 for k in keys})
-        if run.main and (done % args.save_every == 0 or done == total_steps or stop.requested):
+        if done % args.save_every == 0 or done == total_steps or stop.requested:
             checkpoint(done, final=done == total_steps)
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
@@ -500,7 +499,7 @@ def main(args: Args) -> dict:
                            limit=args.eval_limit, order=args.order, max_item_tokens=args.max_item_tokens,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, output_dir=args.output_dir,
                            run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
-        metrics = E.run_eval(eval_args, E.unwrapped(model), tokenizer, run)
+        metrics = E.run_eval(eval_args, E.model_for_eval(model, run.dir, str(accelerator.device)), tokenizer, run)
         print(E.metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     run.finish(dict(eval=metrics, pairs=pair_stats))
     return metrics

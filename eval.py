@@ -632,18 +632,22 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int = 2,
-                    final: bool = False) -> Path:
+                    final: bool = False, accelerator=None) -> Path | None:
     """Hugging Face format plus `train_state.pt` (optimizer, scheduler, RNG, data position), atomically.
 
     Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
     leaves either the previous checkpoint or the new one, never half of one. `final` also writes the
-    weights to `<run>/checkpoint/`, the folder later stages load.
+    weights to `<run>/checkpoint/`, the folder later stages load. Every process calls it (gathering
+    FSDP-sharded weights is a collective); only the main process writes.
     """
+    weights = accelerator.get_state_dict(model) if accelerator is not None else None
+    if not is_main_process():
+        return None
     folder = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    unwrapped(model).save_pretrained(tmp, safe_serialization=True)
+    unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
@@ -717,6 +721,16 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 
 def unwrapped(model):
     return getattr(model, "module", model)
+
+
+def model_for_eval(model, run_dir: Path, device: str):
+    """The trained policy for the final evaluation on the main process: the module itself, or under
+    FSDP (sharded weights) the final checkpoint reloaded from disk."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        return load_model(str(run_dir / "checkpoint"), device)[0]
+    return unwrapped(model)
 
 
 def relaunch_distributed(num_gpus: int, device: str) -> None:

@@ -436,10 +436,10 @@ def main(args: Args) -> dict:
 
         # 7. checkpoint
         out_of_budget = 0 < args.generation_budget <= generated
-        if run.main and (done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested):
+        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested:
             E.save_checkpoint(run.dir, done, model, tokenizer,
                               dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position, generated=generated),
-                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget)
+                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget, accelerator=accelerator)
         if out_of_budget:
             break
         if stop.requested:
@@ -455,7 +455,7 @@ def main(args: Args) -> dict:
                            limit=args.eval_limit, order=args.order, max_item_tokens=args.max_item_tokens,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, output_dir=args.output_dir,
                            run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
-        metrics = E.run_eval(eval_args, E.unwrapped(model), tokenizer, run)
+        metrics = E.run_eval(eval_args, E.model_for_eval(model, run.dir, str(accelerator.device)), tokenizer, run)
         print(E.metrics_table({args.run_name: metrics}, rulebook.labels))
     run.finish(dict(eval=metrics))
     return metrics

@@ -50,6 +50,8 @@ class Args:
     """train on a seeded sample of this many examples (None: all)"""
     eval_limit: int | None = 200
     """examples evaluated at the end (None: the whole split)"""
+    max_new_tokens: int = 128
+    """generation budget per answer in the final evaluation"""
     order: Literal["label_first", "think_first"] = "label_first"
     """output order: label then reasoning (post-CoT, default) or reasoning then label"""
     max_item_tokens: int = 256
@@ -199,9 +201,9 @@ def main(args: Args) -> dict:
             run.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             window = dict(steps=0, loss=0.0, tokens=0, seconds=0.0)
-        if run.main and (done % args.save_every == 0 or done == args.total_steps or stop.requested):
+        if done % args.save_every == 0 or done == args.total_steps or stop.requested:
             E.save_checkpoint(run.dir, done, model, tokenizer, dict(optimizer=optimizer.state_dict(), rng=E.rng_state()),
-                              keep_last=args.keep_last, final=done == args.total_steps)
+                              keep_last=args.keep_last, final=done == args.total_steps, accelerator=accelerator)
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
             return {}
@@ -210,11 +212,12 @@ def main(args: Args) -> dict:
     # --- evaluation on the dev split ------------------------------------------------------------
     eval_args = E.Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
                        field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
-                       order=args.order, max_item_tokens=args.max_item_tokens, seed=args.seed, output_dir=args.output_dir,
+                       order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, output_dir=args.output_dir,
                        run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
     metrics = {}
     if run.main:
-        metrics = E.run_eval(eval_args, E.unwrapped(model), tokenizer, run)
+        metrics = E.run_eval(eval_args, E.model_for_eval(model, run.dir, str(accelerator.device)), tokenizer, run)
         print(E.metrics_table({args.run_name: metrics}, dataset.rulebook.labels))
     run.finish(dict(eval=metrics))
     return metrics

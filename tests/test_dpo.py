@@ -153,6 +153,8 @@ def test_build_pairs_seeded():
     assert dpo.build_pairs(groups, 2, 7) == dpo.build_pairs(groups, 2, 7)
     differ = {json.dumps(dpo.build_pairs(groups, 1, seed)[0]) for seed in range(10)}
     assert len(differ) > 1
+    with pytest.raises(ValueError):
+        dpo.build_pairs(groups, 0, 7)
 
 
 # --- reference log-probs ----------------------------------------------------------------------------
@@ -250,3 +252,26 @@ def test_end_to_end_training_from_pairs_and_exact_resume(tmp_path, tiny):
 
     a, b = load_file(run / "checkpoint" / "model.safetensors"), load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path, tiny, monkeypatch):
+    pairs_path = make_pairs_file(tmp_path / "hand.jsonl", tiny[1])
+    real, calls = dpo.dpo_loss, []
+
+    def poisoned_first_step(*a, **k):  # step 1 (two micro-batches) gets a NaN loss, later steps are real
+        calls.append(1)
+        loss, rc, rr = real(*a, **k)
+        return (loss * float("nan") if len(calls) <= 2 else loss), rc, rr
+
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned_first_step)
+    dpo.main(dpo.Args(**COMMON, pairs_path=str(pairs_path), output_dir=str(tmp_path), total_steps=2, run_name="n"))
+    lines = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line.get("nan_skipped")] == [1]
+    [trained] = [line for line in lines if "loss" in line]
+    assert trained["step"] == 2 and trained["loss"] == pytest.approx(math.log(2.0), abs=1e-3)  # no update at step 1
+    assert (tmp_path / "n" / "checkpoint" / "model.safetensors").exists()
+
+    monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), *real(*a, **k)[1:]))
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        dpo.main(dpo.Args(**COMMON, pairs_path=str(pairs_path), output_dir=str(tmp_path), total_steps=5,
+                          max_nan_skips=2, run_name="m"))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The embedded SmolLM2-135M-Instruct on ESCI dev: zero-shot, then after a short CPU SFT on ESCI train.
+# Full generation and the label-only serving path at each point; writes results/esci-smollm2.md.
+#   bash benchmarks/esci_smollm2.sh /path/to/esci      (a folder with train.jsonl and dev.jsonl)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/esci}
+PY=${PY:-.venv/bin/python}
+N=${N:-64}                 # dev examples (a seeded sample)
+SFT_STEPS=${SFT_STEPS:-30} # x 8 sequences
+OUT=runs/esci-smollm2
+mkdir -p "$OUT" results
+common=(--dataset esci --data-path "$DATA" --split dev --limit "$N" --max-new-tokens 128 --output-dir "$OUT")
+$PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot
+$PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot-label-only --label-only
+$PY sft.py --model smollm2-135m --dataset esci --data-path "$DATA" --total-steps "$SFT_STEPS" --batch-size 8 \
+  --grad-accum 1 --lr 1e-4 --warmup-steps 3 --log-every 5 --eval-limit "$N" --output-dir "$OUT" --run-name sft
+$PY eval.py --model "$OUT/sft/checkpoint" "${common[@]}" --run-name sft-label-only --label-only
+$PY eval.py --compare "$OUT/zero-shot" "$OUT/zero-shot-label-only" "$OUT/sft" "$OUT/sft-label-only" \
+  --output-dir "$OUT" --run-name comparison
+$PY - "$OUT" <<'PYEOF' > results/esci-smollm2.md
+import json, sys
+out = sys.argv[1]
+table = open(f"{out}/comparison/comparison.md").read()
+m = [json.loads(l) for l in open(f"{out}/sft/metrics.jsonl")]
+rows = {r: json.load(open(f"{out}/{r}/eval.json")) for r in ("zero-shot", "zero-shot-label-only", "sft", "sft-label-only")}
+print("# SmolLM2-135M-Instruct (embedded) on ESCI dev, 2-core CPU\n")
+print(table)
+print(f"SFT budget: {m[-1]['step']} steps x 8 sequences, mean step time {sum(x['step_seconds'] for x in m) / len(m):.1f} s, "
+      f"{sum(x['tokens_per_second'] for x in m) / len(m):.0f} trained tokens/s.\n")
+for r, e in rows.items():
+    print(f"- {r}: {e['examples_per_second']:.2f} examples/s ({e['mode']}), n={e['n']}, prompts truncated {e['prompts_truncated']}")
+PYEOF
+cat results/esci-smollm2.md
