@@ -382,6 +382,8 @@ def main(args: Args) -> dict:
         step, data_position, generated = state["step"], state["data_position"], state["generated"]
         run.rewind(step)
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
+    elif args.resume:  # nothing valid to resume from: start over, without the lost run's metric lines
+        run.rewind(0)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = E.make_vllm_engine(str(resume_from or args.model), args.vllm_gpu_memory, args.seed) if args.vllm else None

@@ -305,6 +305,8 @@ def main(args: Args) -> dict:
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)
     resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
+    if args.resume and resume_from is None:  # nothing valid to resume from: start over, without the lost run's lines
+        run.rewind(-1)
     model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
     pad_id = tokenizer.pad_token_id
 

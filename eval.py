@@ -197,6 +197,40 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: 
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens shared by every prompt at the start, leaving each prompt at least its last token
+    (whose logits predict what follows). 0 for a single prompt: nothing to share."""
+    if len(prompts) < 2:
+        return 0
+    shared, shortest = 0, min(len(p) for p in prompts)
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    return shared
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: bool = True):
+    """Run the prompts into a fresh KV cache: (last-position logits, cache, attention mask, position ids).
+
+    With `share_prefix`, the prompts' longest common prefix (the system prompt, most of a relevance
+    prompt's tokens) is run once and its cache repeated for every row; the rest is left-padded after it.
+    """
+    from transformers import DynamicCache
+
+    cache, shared = DynamicCache(), common_prefix_length(prompts) if share_prefix else 0
+    if shared:
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    rests = [p[shared:] for p in prompts]
+    width = max(len(r) for r in rests)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rests], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, mask, positions
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
@@ -206,9 +240,10 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
     `seeds` (one per prompt) fix the randomness: completion j of prompt i is a function of seeds[i] and
     j alone (default: drawn from torch's global generator).
 
-    With `shared_prefill`, each prompt is prefilled once and its cache copied for its `n` completions
-    (relevance prompts are long and completions short, so this saves most of the prefill work).
-    `batch_size` counts prompts per forward pass. Left padding with explicit position ids.
+    With `shared_prefill`, each prompt is prefilled once and its cache copied for its `n` completions,
+    and the batch's common prefix (the system prompt) is prefilled once for all (relevance prompts are
+    long and completions short, so this saves most of the prefill work). `batch_size` counts prompts
+    per forward pass. Left padding with explicit position ids.
     """
     model_was_training = model.training
     model.eval()
@@ -226,15 +261,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
         if not shared_prefill:  # the plain way: every completion prefills its own copy of the prompt
             chunk = [p for p in chunk for _ in range(n)]
         copies = n if shared_prefill else 1
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits, cache, mask, positions = prefill(model, chunk, pad, device, share_prefix=shared_prefill)
         if copies > 1:
             cache.batch_repeat_interleave(copies)
             logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
@@ -326,11 +353,7 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     prompts' longest common prefix (the system prompt; a whole prompt for a GRPO group) is split off
     into `prefix_ids` and `token_logprobs` runs it once for the batch instead of once per row.
     """
-    shared = 0
-    if share_prefix and len(prompts) > 1:
-        shortest = min(len(p) for p in prompts)
-        while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
-            shared += 1  # the last prompt token stays in the rows: its logits predict the first completion token
+    shared = common_prefix_length(prompts) if share_prefix else 0
     prefix, prompts = prompts[0][:shared], [p[shared:] for p in prompts]
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
@@ -400,12 +423,7 @@ def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.R
     model.eval()
     probs = []
     for start in range(0, len(prompts), batch_size):
-        rows = [p + prefix for p in prompts[start:start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = prefill(model, [p + prefix for p in prompts[start:start + batch_size]], tokenizer.pad_token_id, device)[0]
         probs.append(torch.softmax(logits[:, first].float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(probs)
@@ -637,7 +655,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
 
     Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
     leaves either the previous checkpoint or the new one, never half of one. `final` also writes the
-    weights to `<run>/checkpoint/`, the folder later stages load. Every process calls it (gathering
+    weights to `<run>/checkpoint/`, the folder later stages load, before the step folder appears: a run
+    whose last step checkpoint exists always has its final folder. Every process calls it (gathering
     FSDP-sharded weights is a collective); only the main process writes.
     """
     weights = accelerator.get_state_dict(model) if accelerator is not None else None
@@ -652,17 +671,17 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
     write_json(tmp / "manifest.json", dict(step=step, files=files))
+    if final:  # before the step folder is in place: a crash in between leaves step-1 newest, and resuming redoes both
+        final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        shutil.copytree(tmp, final_tmp)
+        (final_tmp / "train_state.pt").unlink()
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(final_tmp, final_dir)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-    if final:
-        final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
-        shutil.rmtree(final_tmp, ignore_errors=True)
-        shutil.copytree(folder, final_tmp)
-        (final_tmp / "train_state.pt").unlink()
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(final_tmp, final_dir)
     return folder
 
 

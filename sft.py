@@ -146,6 +146,8 @@ def main(args: Args) -> dict:
         start_step = state["step"]
         run.rewind(start_step)
         print(f"[resume] from {resume_from} at step {start_step}")
+    elif args.resume:  # nothing valid to resume from: start over, without the lost run's metric lines
+        run.rewind(0)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     stop = E.StopFlag()

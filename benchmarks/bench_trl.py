@@ -150,12 +150,35 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class RssSampler:
+    """Resident memory every 0.2 s, so the peak of the training steps can be told from loading, eval and saving."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            with open("/proc/self/status") as f:
+                kib = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            self.samples.append((time.time(), kib / 2**20))
+            self.stop.wait(0.2)
+
+    def peak_between(self, start: float, end: float) -> float | None:
+        inside = [gib for t, gib in self.samples if start <= t <= end]
+        return max(inside) if inside else None
+
+
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
 
 
 def report(result: dict) -> None:
-    result["peak_rss_gib"] = peak_rss_gib()
+    result["peak_rss_gib"] = peak_rss_gib()  # the whole child: loading, steps, (ours) final eval and checkpoint
     print(MARK + json.dumps(result), flush=True)
 
 
@@ -182,8 +205,12 @@ def ours_grpo(args: Args, cfg: dict) -> dict:
                     micro_batch_size=cfg["micro_batch_size"], gen_batch_size=16, total_steps=args.steps, eval_limit=1,
                     device=cfg["device"], seed=1, output_dir=str(work), run_name="ours", save_every=10**9,
                     log_samples_every=10**9)
+    sampler = RssSampler()
     grpo.main(run)
+    sampler.stop.set()
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
+    steps_end = (work / "ours" / "metrics.jsonl").stat().st_mtime  # the last step's metrics line
+    steps_start = steps_end - sum(r["step_seconds"] for r in rows)
     _, _, prompt_ids = grpo_prompts(args, cfg, load_tokenizer(args, cfg))
     G, P, T = cfg["group_size"], cfg["prompts_per_step"], cfg["max_new_tokens"]
     steps = []
@@ -196,7 +223,7 @@ def ours_grpo(args: Args, cfg: dict) -> dict:
                           # what grpo.py executes with a group's prompt run once (shared prefix, group = micro-batch)
                           executed_tokens=sum(len(p) - 1 + G * (1 + T) for p in prompts),
                           groups=r["groups_kept"]))
-    return dict(steps=steps)
+    return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, steps_end))
 
 
 def trl_grpo(args: Args, cfg: dict) -> dict:
@@ -243,6 +270,7 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
                 device_sync()
             timing["steps"].append(time.perf_counter() - timing["t0"])
             timing["generation"].append(timing["gen"])
+            timing["last_end"] = time.time()
 
     device_sync = torch.cuda.synchronize if cfg["device"].startswith("cuda") else None
     trainer = GRPOTrainer(model=model, reward_funcs=[outcome], args=config, train_dataset=train,
@@ -264,7 +292,10 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
         return out
 
     trainer._generate_and_score_completions, trainer._tokenize_prompts = timed_generate_and_score, checked_tokenize
+    sampler = RssSampler()
+    steps_start = time.time()
     trainer.train()
+    sampler.stop.set()
     # equal work: TRL saw exactly grpo.py's prompt token ids, G copies each, and generated P*G*T tokens per step
     for k, seen in enumerate(timing["prompts"]):
         expected = [ids for ids in prompt_ids[k * P:(k + 1) * P] for _ in range(G)]
@@ -277,7 +308,8 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
                           generated_tokens=tokens, trained_tokens=tokens,
                           sequence_tokens=G * sum(map(len, prompts)) + tokens,
                           executed_tokens=G * sum(map(len, prompts)) + tokens, groups=P))
-    return dict(steps=steps, params=param_count(model), prompt_ids_checked=len(timing["prompts"]))
+    return dict(steps=steps, prompt_ids_checked=len(timing["prompts"]),
+                rss_steps_gib=sampler.peak_between(steps_start, timing["last_end"]))
 
 
 # ==================================================================================================
@@ -299,8 +331,12 @@ def ours_sft(args: Args, cfg: dict) -> dict:
     run = sft.Args(model=model_name(args, cfg), dataset=cfg["dataset"], data_path=cfg["data_path"],
                    batch_size=cfg["sft_batch_size"], grad_accum=1, total_steps=args.steps, lr=5e-5, log_every=1,
                    eval_limit=1, device=cfg["device"], seed=1, output_dir=str(work), run_name="ours", save_every=10**9)
+    sampler = RssSampler()
     sft.main(run)
+    sampler.stop.set()
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
+    steps_end = (work / "ours" / "metrics.jsonl").stat().st_mtime
+    steps_start = steps_end - sum(r["step_seconds"] for r in rows)
     data = sft_rows(args, cfg, load_tokenizer(args, cfg))
     B = cfg["sft_batch_size"]
     steps = []
@@ -310,7 +346,7 @@ def ours_sft(args: Args, cfg: dict) -> dict:
         steps.append(dict(step_seconds=r["step_seconds"], training_seconds=r["step_seconds"], trained_tokens=trained,
                           logged_tokens_per_second=r["tokens_per_second"],
                           sequence_tokens=sum(len(ids) for ids, _ in batch)))
-    return dict(steps=steps)
+    return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, steps_end))
 
 
 def trl_sft(args: Args, cfg: dict) -> dict:
@@ -333,7 +369,7 @@ def trl_sft(args: Args, cfg: dict) -> dict:
         disable_tqdm=True, dataloader_pin_memory=False)
     # already tokenized: TRL skips its own templating and builds labels (-100 off the completion) from the mask
     train = Dataset.from_dict(dict(input_ids=[ids for ids, _ in data], completion_mask=[m for _, m in data]))
-    times = []
+    times, last_end = [], [0.0]
     device_sync = torch.cuda.synchronize if cfg["device"].startswith("cuda") else None
 
     class Timer(TrainerCallback):
@@ -346,13 +382,17 @@ def trl_sft(args: Args, cfg: dict) -> dict:
             if device_sync:
                 device_sync()
             times[-1] += time.perf_counter()
+            last_end[0] = time.time()
 
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer, callbacks=[Timer()])
     labels = trainer.train_dataset["labels"]
     ids_seen = trainer.train_dataset["input_ids"]
     if [list(x) for x in ids_seen] != [ids for ids, _ in data]:
         raise AssertionError("TRL's SFT input ids differ from sft.py's")
+    sampler = RssSampler()
+    steps_start = time.time()
     trainer.train()
+    sampler.stop.set()
     steps = []
     for k, seconds in enumerate(times):
         batch = range(k * B, (k + 1) * B)
@@ -361,7 +401,7 @@ def trl_sft(args: Args, cfg: dict) -> dict:
             raise AssertionError("TRL's SFT labels cover other tokens than sft.py's completion")
         steps.append(dict(step_seconds=seconds, training_seconds=seconds, trained_tokens=trained,
                           sequence_tokens=sum(len(data[i][0]) for i in batch)))
-    return dict(steps=steps, params=param_count(model))
+    return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, last_end[0]))
 
 
 # ==================================================================================================
@@ -427,6 +467,7 @@ def summarise(results: list[dict], params: int) -> dict:
                trained_tokens=med("trained_tokens"), sequence_tokens=med("sequence_tokens"),
                executed_tokens=med("executed_tokens"), params=params,
                peak_rss_gib=max(r["peak_rss_gib"] for r in ok), peak_rss_each=[r["peak_rss_gib"] for r in ok],
+               rss_steps_gib=max((r["rss_steps_gib"] for r in ok if r.get("rss_steps_gib")), default=None),
                step_seconds_all=[round(s["step_seconds"], 3) for r in ok for s in r["steps"]],
                measured_steps=len(measured), rounds_failed=len(results) - len(ok))
     if out["generation_seconds"] is not None:
@@ -449,7 +490,8 @@ def table(task: str, summary: dict, matmul: dict) -> str:
             ("generated tok/s (generation + scoring phase)", "generated_tokens_per_second", ".1f", ratio),
             ("trained tok/s (completion tokens / training phase)", "trained_tokens_per_second", ".1f", ratio),
             ("end-to-end tok/s (completion tokens / step)", "step_tokens_per_second", ".1f", ratio),
-            ("peak RSS (GiB)", "peak_rss_gib", ".2f", lambda o, t: ratio(o, t))]
+            ("peak RSS of the process (GiB)", "peak_rss_gib", ".2f", lambda o, t: ratio(o, t)),
+            ("peak RSS during the steps (GiB, sampled every 0.2 s)", "rss_steps_gib", ".2f", lambda o, t: ratio(o, t))]
     lines = [f"### {task.upper()}", "", "| metric | ours | TRL | ours / TRL |", "|---|---|---|---|"]
     for name, key, spec, r in rows:
         if ours.get(key) is None and trl.get(key) is None:
@@ -597,6 +639,25 @@ def perflog(args: Args) -> None:
     rows.append(("shared-prefix training pass (fwd+bwd)", plain, base, f"group of {G}, prompt {len(prompt)} tokens"))
     rows.append(("completion-only logits (logits_to_keep)", clock(train_pass(False, full_logits=True)), plain,
                  "no shared prefix on either side"))
+    # (6) not in eval.py (a proposed change): the generation prefill asks for the last position's logits only
+    pair = [D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0]
+            for i in stream_indices(len(dataset.examples), 2)]
+    width = max(map(len, pair))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in pair])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in pair])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def prefill(keep):
+        def run():
+            with torch.no_grad():
+                return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=keep).logits[:, -1]
+        return run
+    model.eval()
+    rows.append(("(proposed) prefill logits of the last position only", clock(prefill(0)), clock(prefill(1)),
+                 f"2 prompts {list(map(len, pair))} tokens, as grpo.py's prefill; last logits equal: "
+                 f"{torch.allclose(prefill(0)(), prefill(1)(), atol=1e-4)}"))
+    model.train()
     # (5) label-only eval vs full generation
     dev = D.load_dataset(cfg["dataset"], "dev", cfg["data_path"], seed=0, limit=4)
     per_s = {}

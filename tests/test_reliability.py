@@ -2,12 +2,16 @@
 bad data files, arbitrary model outputs, and safe loading.
 
 Every training run is `tiny-random` on CPU. Killed runs are real processes, started from the command
-line and killed with SIGKILL at seeded random points (a random number of finished steps plus a random
-delay, in the middle of a checkpoint write, during the final checkpoint); the resumed run must end
-with the same metrics lines (timing keys aside), the same samples, evaluation and final weights as an
-uninterrupted run. A random model answers nothing correctly, so its rewards are all 0 and GRPO would
-never move; the GRPO processes run grpo.py through a small driver that swaps in a deterministic reward
-of the completion text (`REWARD_SRC`), the same one the in-process runs use.
+line and killed with SIGKILL at seeded random points: in the middle of writing the first checkpoint
+(nothing to resume from: the run starts over), a random delay after a random number of steps, in the
+middle of the final checkpoint, in the middle of a later checkpoint (sft). `--resume` then finishes
+the run in-process, and it must end with the same metrics lines (timing keys aside, every step once),
+samples, evaluation and final weights as an uninterrupted run, with no half-written folder left.
+
+A random model answers nothing correctly, so its rewards are all 0 and GRPO would never move: the GRPO
+processes run grpo.main through a small driver (`GRPO_DRIVER`, the same command-line arguments) that
+swaps in a deterministic reward of the completion text (`REWARD_SRC`), the one the in-process runs use.
+sft.py runs as itself.
 
 The parser and rewards are fuzzed on more than 10,000 generated strings in tests/test_rewards.py
 (`test_fuzz_volume`); here the fuzzing is of token sequences, decoded by the real tokenizer.
@@ -82,7 +86,7 @@ GRPO = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=4, pr
             max_new_tokens=12, micro_batch_size=4, device="cpu", eval_limit=2, temperature=1.0, warmup_steps=1,
             lr=1e-3, seed=1, save_every=1, keep_last=2, dynamic_sampling=False)
 SFT = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=4, batch_size=2, grad_accum=1, lr=1e-2,
-           warmup_steps=1, log_every=1, save_every=1, keep_last=2, eval_limit=2, device="cpu", seed=1)
+           warmup_steps=1, log_every=1, save_every=1, keep_last=2, eval_limit=2, max_new_tokens=12, device="cpu", seed=1)
 
 
 # ==================================================================================================
@@ -257,12 +261,12 @@ def kill_at(proc, run_dir: Path, log: Path, point: str, rng: random.Random) -> s
     """Wait for the kill point, SIGKILL the process group; returns what the kill interrupted."""
     checkpoints = run_dir / "checkpoints"
     if point == "after_steps":  # a random number of finished steps, then a random delay (anywhere in a step)
-        k, delay = rng.randint(1, 3), rng.uniform(0.0, 1.5)
+        k, delay = rng.randint(1, 3), rng.uniform(0.0, 1.0)
         reached = wait_until(proc, lambda: lines_logged(run_dir) >= k, f"{k} metric lines", log)
         time.sleep(delay)
         what = f"{delay:.2f} s after step {k} was logged"
-    elif point == "checkpoint_write":  # inside save_checkpoint: step-N.tmp half written
-        k, delay = rng.randint(1, 2), rng.uniform(0.0, 0.03)
+    elif point in ("checkpoint_write", "first_checkpoint"):  # inside save_checkpoint: step-N.tmp half written
+        k, delay = (1 if point == "first_checkpoint" else rng.randint(2, 3)), rng.uniform(0.0, 0.03)
         reached = wait_until(proc, lambda: (checkpoints / f"step-{k:07d}.tmp").exists(), f"step-{k}.tmp", log)
         time.sleep(delay)
         what = f"{delay * 1000:.0f} ms into writing checkpoint {k}"
@@ -283,7 +287,7 @@ def kill_at(proc, run_dir: Path, log: Path, point: str, rng: random.Random) -> s
     return what
 
 
-@pytest.mark.parametrize("seed,point", [(0, "checkpoint_write"), (1, "after_steps"), (2, "final_checkpoint")])
+@pytest.mark.parametrize("seed,point", [(0, "first_checkpoint"), (1, "after_steps"), (2, "final_checkpoint")])
 def test_grpo_kill9_then_resume_equals_uninterrupted(grpo_reference, tmp_path, seed, point):
     rng = random.Random(seed)
     log = tmp_path / "log.txt"
@@ -297,7 +301,7 @@ def test_sft_kill9_then_resume_equals_uninterrupted(sft_reference, tmp_path):
     rng = random.Random(3)
     log = tmp_path / "log.txt"
     with launched(sft_command(tmp_path, "run"), tmp_path, log) as proc:
-        what = kill_at(proc, tmp_path / "run", log, rng.choice(["after_steps", "checkpoint_write"]), rng)
+        what = kill_at(proc, tmp_path / "run", log, "checkpoint_write", rng)
     run_sft(tmp_path, "run", resume=True)
     assert_same_run(sft_reference, tmp_path / "run", what)
 
@@ -540,11 +544,8 @@ def messy_file(tmp_path_factory) -> tuple[Path, dict[int, str]]:
 def test_skip_bad_rows_trains_and_reports_every_skipped_row(tmp_path, messy_file, script):
     path, bad = messy_file
     args = dict(dataset="jsonl", data_path=str(path), label_map=LABEL_MAP, skip_bad_rows=True, limit=None,
-                total_steps=1, output_dir=str(tmp_path), run_name=script, max_item_tokens=64)
-    if script == "sft":
-        run_sft(tmp_path, script, evaluate=False, **{k: v for k, v in args.items() if k not in ("output_dir", "run_name")})
-    else:
-        run_grpo(tmp_path, script, **{k: v for k, v in args.items() if k not in ("output_dir", "run_name")})
+                total_steps=1, max_item_tokens=64)
+    (run_sft if script == "sft" else run_grpo)(tmp_path, script, **args)
     run_dir = tmp_path / script
     stats = json.loads((run_dir / "data_stats.json").read_text())
     rows = 2 * len(BAD) + 2
@@ -554,8 +555,8 @@ def test_skip_bad_rows_trains_and_reports_every_skipped_row(tmp_path, messy_file
     assert all(s["reason"] for s in stats["skipped"])
     assert stats["prompts_truncated"] >= 1  # the 100k-character description: cut and counted, not an error
     assert (run_dir / "checkpoint" / "model.safetensors").exists()
-    if script == "grpo":  # the end-of-run evaluation read the same file the same way
-        assert json.loads((run_dir / "eval.json").read_text())["data"]["rows_skipped"] == len(BAD)
+    # the end-of-run evaluation read the same file the same way
+    assert json.loads((run_dir / "eval.json").read_text())["data"]["rows_skipped"] == len(BAD)
 
 
 @pytest.mark.xfail(strict=True, reason="the query and context are not bounded by any token budget: a huge query "
