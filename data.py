@@ -15,6 +15,8 @@ recorded in `stats["skipped"]`, never dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import functools
 import html
@@ -929,19 +931,31 @@ def build_messages(example: Example, rulebook: Rulebook, order: str = "label_fir
     return [{"role": "system", "content": system_prompt(rulebook, order)}, {"role": "user", "content": user}]
 
 
+MAX_QUERY_TOKENS = 64  # queries are short; a longer one is cut like an item text, never silently kept
+
+
+def _cut(tokenizer, text: str, budget: int) -> tuple[str, bool]:
+    """The text, or its first `budget` tokens marked ' ...' when it is longer."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= budget:
+        return text, False
+    return tokenizer.decode(ids[:budget]) + " ...", True
+
+
 def encode_prompt(tokenizer, example: Example, rulebook: Rulebook, order: str = "label_first",
                   max_item_tokens: int = 256, guidance: str | None = None) -> tuple[list[int], bool]:
-    """Chat-template prompt ids; an item text over `max_item_tokens` tokens is cut there and marked ' ...'."""
-    text = item_text(example)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    truncated = len(ids) > max_item_tokens
-    if truncated:
-        text = tokenizer.decode(ids[:max_item_tokens]) + " ..."
+    """Chat-template prompt ids and whether anything was cut. The explicit truncation rule: the item text
+    and the context are each cut at `max_item_tokens` tokens, the query at MAX_QUERY_TOKENS."""
+    text, cut_item = _cut(tokenizer, item_text(example), max_item_tokens)
+    query, cut_query = _cut(tokenizer, example.query, MAX_QUERY_TOKENS)
+    context, cut_context = _cut(tokenizer, example.context, max_item_tokens) if example.context else ("", False)
+    if cut_query or cut_context:
+        example = dataclasses.replace(example, query=query, context=context)
     messages = build_messages(example, rulebook, order, item_text=text, guidance=guidance)
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(out, list):  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
-    return list(out), truncated
+    return list(out), cut_item or cut_query or cut_context
 
 
 # =====================================================================================================
