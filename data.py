@@ -15,9 +15,8 @@ recorded in `stats["skipped"]`, never dropped silently.
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import functools
 import html
 import itertools

@@ -13,7 +13,9 @@ interrupted ablation continues where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,10 +37,10 @@ CONFIGS = {
     "cpu-synthetic": dict(
         sft=["--model", "tiny-random", "--dataset", "synthetic", "--total-steps", "300", "--batch-size", "16",
              "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
-        rl=["--dataset", "synthetic", "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "96",
+        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--no-dynamic-sampling", "--eval-limit", "300", "--device", "cpu", "--save-every", "1000"],
-        budget=8 * 8 * 40, seeds=(1, 2, 3), target=0.6),
+            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "1000"],
+        budget=4 * 8 * 24, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
         sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
@@ -68,13 +70,16 @@ class Args:
     """where the runs go"""
     results_dir: str = "results"
     """where the table and curves go"""
+    jobs: int = 1
+    """runs at a time (each then uses cores / jobs threads)"""
 
 
-def run(command: list[str], log: Path) -> None:
+def run(command: list[str], log: Path, threads: int | None = None) -> None:
     print("$", " ".join(command), flush=True)
     started = time.time()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(log, "w") as f:
-        code = subprocess.call(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise SystemExit(f"failed ({code}) after {time.time() - started:.0f}s; see {log}")
     print(f"  done in {time.time() - started:.0f}s", flush=True)
@@ -103,15 +108,18 @@ def main(args: Args) -> None:
     start = str(sft_dir / "checkpoint")
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
+    todo = []
     for seed in seeds:
         for name in args.variants:
             script, flags = VARIANTS[name]
             run_name = f"{name.lower().replace('+', '-')}-s{seed}"
-            if (base / run_name / "eval.json").exists():
-                continue
-            run([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
-                 "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name],
-                base / f"{run_name}.log")
+            if not (base / run_name / "eval.json").exists():
+                todo.append(([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
+                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name],
+                             base / f"{run_name}.log"))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: run(*job, threads=threads), todo))
 
     # 3. the table and the curves
     sft_eval = json.loads((sft_dir / "eval.json").read_text())
