@@ -862,6 +862,14 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
     return Dataset(examples, book, stats)
 
 
+def load_for(args, split: str | None = None) -> Dataset:
+    """`load_dataset` with a script's common data flags (dataset, data_path, split, seed, limit, field_map,
+    label_map, rulebook, skip_bad_rows)."""
+    return load_dataset(args.dataset, split or args.split, args.data_path, seed=args.seed, limit=args.limit,
+                        field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
+                        skip_bad_rows=args.skip_bad_rows)
+
+
 def balanced_sample(examples: list[Example], labels: tuple[str, ...], seed: int) -> list[Example]:
     """Downsample every non-empty class to the smallest one (seeded); classes are interleaved in
     `labels` order, so a prefix of the result is balanced too. Labels outside `labels` are dropped."""

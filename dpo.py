@@ -325,9 +325,7 @@ def main(args: Args) -> dict:
         pair_stats = dict(source=str(args.pairs_path), pairs=len(pairs))
         print(f"{len(pairs)} pairs from {args.pairs_path}")
     else:
-        dataset = D.load_dataset(args.dataset, args.split, args.data_path, seed=args.seed, limit=args.limit,
-                                 field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
-                                 skip_bad_rows=args.skip_bad_rows)
+        dataset = D.load_for(args)
         rulebook, examples = dataset.rulebook, dataset.examples
         encoded = [D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens) for e in examples]
         if run.main:
@@ -494,15 +492,7 @@ def main(args: Args) -> dict:
     accelerator.wait_for_everyone()
 
     # --- 6. evaluation on the eval split -------------------------------------------------------------
-    metrics = {}
-    if run.main:
-        eval_args = E.Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
-                           field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
-                           limit=args.eval_limit, order=args.order, max_item_tokens=args.max_item_tokens,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed, output_dir=args.output_dir,
-                           run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
-        metrics = E.run_eval(eval_args, E.model_for_eval(model, run.dir, str(accelerator.device)), tokenizer, run)
-        print(E.metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
+    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device), args.max_new_tokens)
     run.finish(dict(eval=metrics, pairs=pair_stats))
     return metrics
 

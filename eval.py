@@ -865,9 +865,7 @@ class Args:
 
 def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> dict:
     """Evaluate and write eval.json, eval_samples.jsonl and confusion.png into the run folder."""
-    dataset = D.load_dataset(args.dataset, args.split, args.data_path, seed=args.seed, limit=args.limit,
-                             field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
-                             skip_bad_rows=args.skip_bad_rows)
+    dataset = D.load_for(args)
     if model is None:
         model, tokenizer = load_model(args.model, args.device)
     metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
@@ -886,6 +884,20 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
 
             run.wandb.log({"eval/confusion": wandb.Image(str(out_dir / "confusion.png"))})
             run.wandb.summary.update(flatten(metrics, "eval/"))
+    return metrics
+
+
+def final_eval(args, model, tokenizer, run: Run, device: str, max_new_tokens: int = 128) -> dict:
+    """A training script's closing evaluation on `args.eval_split`, written into its own run folder
+    (main process only; under FSDP the final checkpoint is reloaded, see model_for_eval)."""
+    if not run.main:
+        return {}
+    eval_args = Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
+                     field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
+                     order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=max_new_tokens,
+                     seed=args.seed, output_dir=args.output_dir, run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
+    metrics = run_eval(eval_args, model_for_eval(model, run.dir, device), tokenizer, run)
+    print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     return metrics
 
 

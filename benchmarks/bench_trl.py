@@ -512,6 +512,22 @@ def table(task: str, summary: dict, matmul: dict) -> str:
     return "\n".join(lines)
 
 
+def acceptance(summary: dict) -> str:
+    """The issue's bar: GRPO >= 2x TRL's throughput with peak memory <= TRL's; SFT >= TRL's throughput."""
+    lines = ["### Against the acceptance bar", ""]
+    grpo, sft = summary.get("grpo", {}), summary.get("sft", {})
+    if grpo.get("ours", {}).get("step_seconds") and grpo.get("trl", {}).get("step_seconds"):
+        o, t = grpo["ours"], grpo["trl"]
+        speed = t["step_seconds"] / o["step_seconds"]
+        lines.append(f"- GRPO throughput ours / TRL = {speed:.2f}x (bar: >= 2x): {'met' if speed >= 2 else 'NOT met'}")
+        lines.append(f"- GRPO peak RSS ours {o['peak_rss_gib']:.2f} GiB vs TRL {t['peak_rss_gib']:.2f} GiB (bar: <=): "
+                     f"{'met' if o['peak_rss_gib'] <= t['peak_rss_gib'] else 'NOT met'}")
+    if sft.get("ours", {}).get("step_seconds") and sft.get("trl", {}).get("step_seconds"):
+        speed = sft["trl"]["step_seconds"] / sft["ours"]["step_seconds"]
+        lines.append(f"- SFT throughput ours / TRL = {speed:.2f}x (bar: >= 1x): {'met' if speed >= 1 else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
 def parent(args: Args) -> None:
     cfg = config_of(args)
     if cfg["device"].startswith("cuda"):
@@ -523,6 +539,7 @@ def parent(args: Args) -> None:
     out_dir = ROOT / args.results_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-trl-{args.config}-logs-"))
+    load_start = os.getloadavg()
     matmul = matmul_rate(cfg["device"], cfg["matmul_size"])
     print(f"[bench] matmul {matmul['size']}^3 {matmul['dtype']}: {matmul['gflops']:.1f} GFLOP/s "
           f"({matmul['threads']} threads); child logs in {log_dir}", flush=True)
@@ -565,13 +582,17 @@ def parent(args: Args) -> None:
             f"{args.repeats} rounds alternating ours/TRL, {args.steps} steps each, first step of each round excluded; "
             f"medians over the measured steps. TRL gradient checkpointing: {args.trl_gradient_checkpointing}.",
             f"Matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['size']}^3 {matmul['dtype']}, best of 5). "
-            "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time.", ""]
+            "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time. "
+            f"Machine load average (1 min) at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs.", ""]
     body = [table(task, summary[task], matmul) + "\n" for task in tasks]
+    body.append(acceptance(summary))
     text = "\n".join(head + body)
     print("\n" + text)
     (out_dir / f"bench-trl-{args.config}.md").write_text(text + "\n")
     (out_dir / f"bench-trl-{args.config}.json").write_text(json.dumps(
         dict(config=args.config, settings=cfg, args=asdict(args), matmul=matmul, results=summary,
+             load_average=dict(start=load_start, end=os.getloadavg()), cpus=os.cpu_count(),
              versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl_version)), indent=2))
     print(f"\nwrote {out_dir}/bench-trl-{args.config}.md and .json; child logs in {log_dir}")
 
