@@ -39,8 +39,8 @@ CONFIGS = {
              "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
         rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "1000"],
-        budget=4 * 8 * 24, seeds=(1, 2, 3), target=0.5),
+            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "4", "--resume"],
+        budget=4 * 8 * 16, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
         sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
@@ -86,7 +86,9 @@ def run(command: list[str], log: Path, threads: int | None = None) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    """One line per step, the last written (an interrupted and resumed run may have logged a step twice)."""
+    by_step = {m["step"]: m for m in map(json.loads, open(run_dir / "metrics.jsonl"))}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def smoothed(values: list[float], window: int = 5) -> list[float]:
