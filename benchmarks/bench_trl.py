@@ -609,21 +609,31 @@ def perflog(args: Args) -> None:
     cfg = config_of(args)
     model, tokenizer = E.load_model(model_name(args, cfg), "cpu")
     dataset = D.load_dataset(cfg["dataset"], "train", cfg["data_path"], seed=1)
-    prompt = D.encode_prompt(tokenizer, dataset.examples[stream_indices(len(dataset.examples), 1)[0]], dataset.rulebook)[0]
-    G, C = 8, 16
+    # The two shortest of the stream's first 10 prompts (real ESCI prompts, ~330 tokens): keeps each
+    # measurement short on a 2-core CPU; a group of 4 and 8 completion tokens for the same reason.
+    first = [D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0]
+             for i in stream_indices(len(dataset.examples), 10)]
+    pair = sorted(first, key=len)[:2]
+    prompt = pair[0]
+    G, C = 4, 8
     gen = torch.Generator().manual_seed(0)
     completions = [torch.randint(0, len(tokenizer) - 1, (C,), generator=gen).tolist() for _ in range(G)]
 
-    def clock(fn, repeats=3):
-        fn()  # warm-up
+    def clock(fn, repeats=2):
+        """Best of `repeats` (the least disturbed by other processes on a shared machine)."""
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return min(times)
 
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(f"[perflog] {row[0]}: without {row[1]:.3f}s, with {row[2]:.3f}s, {row[1] / row[2]:.2f}x ({row[3]})", flush=True)
+    E.generate(model, tokenizer, [prompt], n=2, max_new_tokens=2)  # warm-up (threads, allocator)
     # (1) shared-prompt prefill in generation
     outs = {}
 
@@ -634,7 +644,7 @@ def perflog(args: Args) -> None:
         return run
     t_on, t_off = clock(gen_fn(True)), clock(gen_fn(False))
     same = outs[True].completion_ids == outs[False].completion_ids
-    rows.append(("shared-prompt prefill in generation", t_off, t_on, f"greedy tokens identical: {same}"))
+    add(("shared-prompt prefill in generation", t_off, t_on, f"greedy tokens identical: {same}"))
 
     # (2)-(4) one GRPO group through the training pass
     def train_pass(share, recompute=False, full_logits=False):
@@ -653,16 +663,15 @@ def perflog(args: Args) -> None:
             model.zero_grad(set_to_none=True)
         return run
     model.train()
+    train_pass(True)()  # warm-up
     base = clock(train_pass(True))
-    rows.append(("behaviour log-probs reused as old log-probs", clock(train_pass(True, recompute=True)), base,
+    add(("behaviour log-probs reused as old log-probs", clock(train_pass(True, recompute=True)), base,
                  "recompute_old_logprobs=True adds one no-grad forward"))
     plain = clock(train_pass(False))
-    rows.append(("shared-prefix training pass (fwd+bwd)", plain, base, f"group of {G}, prompt {len(prompt)} tokens"))
-    rows.append(("completion-only logits (logits_to_keep)", clock(train_pass(False, full_logits=True)), plain,
+    add(("shared-prefix training pass (fwd+bwd)", plain, base, f"group of {G}, prompt {len(prompt)} tokens"))
+    add(("completion-only logits (logits_to_keep)", clock(train_pass(False, full_logits=True)), plain,
                  "no shared prefix on either side"))
     # (6) not in eval.py (a proposed change): the generation prefill asks for the last position's logits only
-    pair = [D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0]
-            for i in stream_indices(len(dataset.examples), 2)]
     width = max(map(len, pair))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in pair])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in pair])
@@ -675,8 +684,8 @@ def perflog(args: Args) -> None:
                              logits_to_keep=keep).logits[:, -1]
         return run
     model.eval()
-    rows.append(("(proposed) prefill logits of the last position only", clock(prefill(0)), clock(prefill(1)),
-                 f"2 prompts {list(map(len, pair))} tokens, as grpo.py's prefill; last logits equal: "
+    add(("(proposed) prefill logits of the last position only", clock(prefill(0)), clock(prefill(1)),
+                 f"2 prompts of {list(map(len, pair))} tokens, as grpo.py's prefill; last logits equal: "
                  f"{torch.allclose(prefill(0)(), prefill(1)(), atol=1e-4)}"))
     model.train()
     # (5) label-only eval vs full generation
@@ -685,7 +694,7 @@ def perflog(args: Args) -> None:
     for label_only in (True, False):
         metrics, _ = E.evaluate(model, tokenizer, dev.examples, dev.rulebook, max_new_tokens=64, label_only=label_only)
         per_s[label_only] = metrics["examples_per_second"]
-    rows.append(("label-only eval vs generation (64 new tokens max)", 1 / per_s[False], 1 / per_s[True],
+    add(("label-only eval vs generation (64 new tokens max)", 1 / per_s[False], 1 / per_s[True],
                  f"{per_s[True]:.2f} vs {per_s[False]:.2f} examples/s"))
     lines = ["| change | without (s) | with (s) | measured gain | note |", "|---|---|---|---|---|"]
     for name, without, with_, note in rows:
@@ -693,7 +702,7 @@ def perflog(args: Args) -> None:
     text = (f"Performance log micro-measurements: {cfg['model']}, {torch.get_num_threads()} threads, prompt "
             f"{len(prompt)} tokens, group {G}, {C} completion tokens\n\n" + "\n".join(lines))
     print(text)
-    out = ROOT / args.results_dir / f"bench-perflog-{args.config}.md"
+    out = ROOT / args.results_dir / f"bench-perflog-{args.config}-{torch.get_num_threads()}t.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
 

@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
-EVAL_N=${EVAL_N:-48}          # dev examples evaluated at each stage
-SFT_STEPS=${SFT_STEPS:-24}    # x 8 sequences
-AGRL_STEPS=${AGRL_STEPS:-6}   # x 4 prompts x 4 completions
+EVAL_N=${EVAL_N:-32}          # dev examples evaluated at each stage
+SFT_STEPS=${SFT_STEPS:-20}    # x 8 sequences
+AGRL_STEPS=${AGRL_STEPS:-4}   # x 4 prompts x 4 completions
 export TOKENIZERS_PARALLELISM=false
 rm -rf "$OUT"
 started=$(date +%s)
