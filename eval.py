@@ -895,15 +895,18 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
 
 def final_eval(args, model, tokenizer, run: Run, device: str, max_new_tokens: int = 128) -> dict:
     """A training script's closing evaluation on `args.eval_split`, written into its own run folder
-    (main process only; under FSDP the final checkpoint is reloaded, see model_for_eval)."""
+    (main process only; under FSDP the final checkpoint is reloaded, see model_for_eval). The sample is
+    drawn with eval.py's default seed whatever the training seed, so every run and stage is scored on
+    the same examples as `python eval.py` scores a base model."""
     if not run.main:
         return {}
     eval_args = Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
                      field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
                      order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=max_new_tokens,
-                     seed=args.seed, output_dir=args.output_dir, run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
+                     seed=Args.seed, output_dir=args.output_dir, run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
     metrics = run_eval(eval_args, model_for_eval(model, run.dir, device), tokenizer, run)
-    print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
+    if "per_class" in metrics:
+        print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     return metrics
 
 
