@@ -552,17 +552,6 @@ def parent(args: Args) -> None:
     counted = E.load_model(model_name(args, cfg) if model_tmp is None else model_tmp.name, "cpu")[0]
     params = param_count(counted)
     del counted
-    summary = {}
-    try:
-        for task in tasks:
-            results = {side: [] for side in args.sides}
-            for round_ in range(args.repeats):
-                for side in args.sides:
-                    results[side].append(run_child(args, task, side, model_tmp and model_tmp.name, log_dir, round_))
-            summary[task] = {side: summarise(rs, params) for side, rs in results.items()}
-    finally:
-        if model_tmp:
-            model_tmp.cleanup()
     import torch
     import transformers
 
@@ -573,27 +562,47 @@ def parent(args: Args) -> None:
     except ImportError:
         trl_version = None
     G, P, T = cfg["group_size"], cfg["prompts_per_step"], cfg["max_new_tokens"]
-    head = [f"## TRL comparison, config `{args.config}`", "",
-            f"Model {cfg['model']} ({params / 1e6:.1f}M parameters, tied embeddings counted once) on {cfg['device']}, "
-            f"{cfg['dataset']} prompts; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
-            f"{matmul['threads']} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
-            f"GRPO: {P} prompts x {G} completions x {T} tokens (min = max), beta 0, one update per generation batch, "
-            f"micro-batch {cfg['micro_batch_size']} on both sides; SFT: one step of {cfg['sft_batch_size']} sequences. "
-            f"{args.repeats} rounds alternating ours/TRL, {args.steps} steps each, first step of each round excluded; "
-            f"medians over the measured steps. TRL gradient checkpointing: {args.trl_gradient_checkpointing}.",
-            f"Matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['size']}^3 {matmul['dtype']}, best of 5). "
-            "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time. "
-            f"Machine load average (1 min) at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} "
-            f"on {os.cpu_count()} CPUs.", ""]
-    body = [table(task, summary[task], matmul) + "\n" for task in tasks]
-    body.append(acceptance(summary))
-    text = "\n".join(head + body)
-    print("\n" + text)
-    (out_dir / f"bench-trl-{args.config}.md").write_text(text + "\n")
-    (out_dir / f"bench-trl-{args.config}.json").write_text(json.dumps(
-        dict(config=args.config, settings=cfg, args=asdict(args), matmul=matmul, results=summary,
-             load_average=dict(start=load_start, end=os.getloadavg()), cpus=os.cpu_count(),
-             versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl_version)), indent=2))
+    raw = {task: {side: [] for side in args.sides} for task in tasks}
+
+    def write(final: bool) -> str:
+        """The table and JSON from the rounds finished so far (rewritten after every child: a killed run keeps them)."""
+        summary = {task: {side: summarise(rs, params) for side, rs in raw[task].items()} for task in tasks
+                   if any(raw[task].values())}
+        done = {task: {side: len(rs) for side, rs in raw[task].items()} for task in tasks}
+        head = [f"## TRL comparison, config `{args.config}`" + ("" if final else " (PARTIAL: run still going or killed)"), "",
+                f"Model {cfg['model']} ({params / 1e6:.1f}M parameters, tied embeddings counted once) on {cfg['device']}, "
+                f"{cfg['dataset']} prompts; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
+                f"{matmul['threads']} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
+                f"GRPO: {P} prompts x {G} completions x {T} tokens (min = max), beta 0, one update per generation batch, "
+                f"micro-batch {cfg['micro_batch_size']} on both sides; SFT: one step of {cfg['sft_batch_size']} sequences. "
+                f"{args.repeats} rounds alternating ours/TRL, {args.steps} steps each, first step of each round excluded; "
+                f"medians over the measured steps. TRL gradient checkpointing: {args.trl_gradient_checkpointing}. "
+                f"Rounds finished: {done}.",
+                f"Matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['size']}^3 {matmul['dtype']}, best of 5). "
+                "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time. "
+                f"Machine load average (1 min) at start {load_start[0]:.1f}, now {os.getloadavg()[0]:.1f} "
+                f"on {os.cpu_count()} CPUs.", ""]
+        body = [table(task, summary[task], matmul) + "\n" for task in summary]
+        body.append(acceptance(summary))
+        text = "\n".join(head + body)
+        (out_dir / f"bench-trl-{args.config}.md").write_text(text + "\n")
+        (out_dir / f"bench-trl-{args.config}.json").write_text(json.dumps(
+            dict(config=args.config, final=final, settings=cfg, args=asdict(args), matmul=matmul, results=summary,
+                 rounds=raw, load_average=dict(start=load_start, now=os.getloadavg()), cpus=os.cpu_count(),
+                 versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl_version)),
+            indent=2))
+        return text
+
+    try:
+        for task in tasks:
+            for round_ in range(args.repeats):
+                for side in args.sides:
+                    raw[task][side].append(run_child(args, task, side, model_tmp and model_tmp.name, log_dir, round_))
+                    write(final=False)
+    finally:
+        if model_tmp:
+            model_tmp.cleanup()
+    print("\n" + write(final=True))
     print(f"\nwrote {out_dir}/bench-trl-{args.config}.md and .json; child logs in {log_dir}")
 
 
