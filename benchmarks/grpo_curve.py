@@ -39,6 +39,8 @@ class Args:
     """generation budget per completion"""
     lr: float = 2e-5
     """learning rate"""
+    eval_limit: int = 100
+    """dev examples evaluated at the end"""
     device: str = "auto"
     """auto | cpu | cuda"""
     extra: tuple[str, ...] = ()
@@ -50,7 +52,7 @@ def main(args: Args) -> None:
     command = [sys.executable, "grpo.py", "--model", args.sft, "--dataset", "synthetic", "--total-steps", str(args.steps),
                "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
                "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
-               "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", "100", "--device", args.device,
+               "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
                "--run-name", run_name, "--save-every", "1000", *args.extra]
     print("$", " ".join(command), flush=True)
     started = time.time()
