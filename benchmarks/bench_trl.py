@@ -529,6 +529,10 @@ def acceptance(summary: dict) -> str:
 
 
 def parent(args: Args) -> None:
+    import signal
+
+    # Stopped from outside: raise, so subprocess.call kills the running child instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = config_of(args)
     if cfg["device"].startswith("cuda"):
         import torch
