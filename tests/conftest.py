@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest tests` without the repository root on sys.path
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The scripts install SIGINT/SIGTERM handlers (eval.StopFlag); give pytest its own back after each test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
 from rewards import TAOBAO4, UNKNOWN  # noqa: E402
+from test_grpo import fake_score_group  # noqa: E402  (the same deterministic text reward)
 
 TIMING = ("time", "seconds", "per_second")
 
@@ -432,14 +433,6 @@ def test_no_guided_rows_is_grpo_loss():
 # ==================================================================================================
 # 8. RRS and AGR off: the same run as grpo.py
 # ==================================================================================================
-def text_reward(text: str) -> float:
-    return float(sum(map(ord, text)) % 3) / 2
-
-
-def fake_score_group(texts, example, rulebook, args):
-    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
-    rewards_ = [text_reward(t) for t in texts]
-    return [dataclasses.replace(s, correct=r == 1.0) for s, r in zip(scores, rewards_)], rewards_
 
 
 def test_off_off_equals_grpo(tmp_path, monkeypatch):

@@ -92,15 +92,6 @@ SFT = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=4, bat
 # ==================================================================================================
 # Helpers: in-process runs, launched runs, comparisons
 # ==================================================================================================
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The scripts install SIGINT/SIGTERM handlers (StopFlag); give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @contextlib.contextmanager
 def own_signal_handlers():
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

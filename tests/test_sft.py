@@ -20,15 +20,6 @@ TIMING = ("tokens_per_second", "step_seconds")
 CONTRACT = ("accuracy", "macro_f1", "per_class", "confusion", "format_rate", "adherence_rate", "n")
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """sft.main installs SIGINT/SIGTERM handlers (StopFlag); give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.fixture
 def fast(monkeypatch, tiny):
     """No end-of-run evaluation, and `tiny-random` copied from the session model instead of rebuilt."""
