@@ -1,11 +1,13 @@
-"""GRPO learning curve from an SFT checkpoint of the embedded model on the synthetic data.
+"""GRPO (or AGRL) learning curve from an SFT checkpoint of the embedded model on the synthetic data.
 
     make demo                                             # leaves an SFT checkpoint in runs/demo/sft/checkpoint
     python benchmarks/grpo_curve.py --sft runs/demo/sft/checkpoint --steps 20
+    python benchmarks/grpo_curve.py --sft runs/demo/sft/checkpoint --steps 20 --script agrl.py
 
-Runs grpo.py (a plain subprocess: the numbers are those of the real script) and writes
-results/grpo-curve-<name>.png (reward and accuracy per step, smoothed) and .json (every step's
-metrics, the budget: steps, completions, tokens, wall time, and the device).
+Scores the start with eval.py, runs the training script (a plain subprocess: the numbers are those of
+the real script), and writes results/<script>-curve-<name>.png (reward, accuracy, format and adherence
+per step) and .json (every step's metrics; the dev eval before and after on the same seeded sample; the
+budget: steps, completions, tokens, wall time, and the device).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Args:
     sft: str = "runs/demo/sft/checkpoint"
     """SFT checkpoint to start from"""
+    script: str = "grpo.py"
+    """training script: grpo.py, or agrl.py for the same curve with RRS and AGR"""
     name: str = "smollm2-synthetic-cpu"
     """name of the result files"""
     steps: int = 20
@@ -48,8 +52,15 @@ class Args:
 
 
 def main(args: Args) -> None:
-    run_name = f"grpo-curve-{args.name}"
-    command = [sys.executable, "grpo.py", "--model", args.sft, "--dataset", "synthetic", "--total-steps", str(args.steps),
+    run_name = f"{Path(args.script).stem}-curve-{args.name}"
+    # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval.
+    start_command = [sys.executable, "eval.py", "--model", args.sft, "--dataset", "synthetic", "--split", "dev",
+                     "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
+                     "--run-name", f"{run_name}-start"]
+    print("$", " ".join(start_command), flush=True)
+    subprocess.run(start_command, cwd=ROOT, check=True)
+    start_eval = json.loads((ROOT / "runs" / f"{run_name}-start" / "eval.json").read_text())
+    command = [sys.executable, args.script, "--model", args.sft, "--dataset", "synthetic", "--total-steps", str(args.steps),
                "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
                "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
@@ -67,28 +78,43 @@ def main(args: Args) -> None:
                   generated_tokens=sum(m["completion_len_mean"] * args.prompts_per_step * args.group_size for m in metrics),
                   wall_seconds=wall, mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
                   device=args.device, machine=platform.processor() or platform.machine())
-    (out / f"grpo-curve-{args.name}.json").write_text(json.dumps(dict(
-        command=command, budget=budget, dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
+    (out / f"{run_name}.json").write_text(json.dumps(dict(
+        command=command, budget=budget,
+        dev_eval_start={k: start_eval[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
+        dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
         steps=[{k: m[k] for k in ("step", "reward_mean", "accuracy", "format_rate", "adherence_rate", "step_seconds",
-                                   "time_generation", "time_training", "completion_len_mean")} for m in metrics]), indent=2))
+                                   "time_generation", "time_training", "completion_len_mean")}
+               | {k: v for k, v in m.items() if k.startswith("agr_")} for m in metrics]), indent=2))
 
+    result = json.loads((out / f"{run_name}.json").read_text())
+    plot(result, f"{Path(args.script).stem} from SFT ({args.prompts_per_step}x{args.group_size} per step)", out / f"{run_name}.png")
+    print(json.dumps(budget, indent=2))
+    print(f"wrote results/{run_name}.png and .json")
+
+
+def plot(result: dict, title: str, path: Path, window: int = 4) -> None:
+    """Per-step points (faint) and their running mean over `window` steps; dev accuracy before -> after in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = [m["step"] for m in result["steps"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [m["step"] for m in metrics]
-    for key in ("reward_mean", "accuracy", "format_rate", "adherence_rate"):
-        ax.plot(steps, [m[key] for m in metrics], label=key, marker=".")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"GRPO from SFT ({args.prompts_per_step}x{args.group_size} per step); dev acc {evaluation['accuracy']:.3f}", fontsize=10)
-    ax.legend(fontsize=8)
+    for key, color in (("reward_mean", "C0"), ("accuracy", "C1"), ("format_rate", "C2"), ("adherence_rate", "C3")):
+        values = [m[key] for m in result["steps"]]
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+        ax.plot(steps, values, color=color, alpha=0.3, marker=".", linewidth=0.8)
+        ax.plot(steps, smooth, color=color, label=f"{key} (mean of {window})")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, max(1.02, max(m["reward_mean"] for m in result["steps"]) + 0.05))  # agrl.py's shaped reward can pass 1
+    start, end = result["dev_eval_start"], result["dev_eval"]
+    ax.set_title(f"{title}\ndev (n={end['n']}) accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f}, "
+                 f"format {start['format_rate']:.2f} -> {end['format_rate']:.2f}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"grpo-curve-{args.name}.png", dpi=100)
-    print(json.dumps(budget, indent=2))
-    print(f"wrote results/grpo-curve-{args.name}.png and .json")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
