@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -47,8 +48,8 @@ class Args:
     """dev examples evaluated at the end"""
     device: str = "auto"
     """auto | cpu | cuda"""
-    extra: tuple[str, ...] = ()
-    """more grpo.py flags, e.g. --extra --beta 0.01"""
+    extra: str = ""
+    """more flags for the training script, e.g. --extra='--beta 0.01 --limit 16'"""
 
 
 def main(args: Args) -> None:
@@ -64,7 +65,7 @@ def main(args: Args) -> None:
                "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
                "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
-               "--run-name", run_name, "--save-every", "1000", *args.extra]
+               "--run-name", run_name, "--save-every", "1000", *shlex.split(args.extra)]
     print("$", " ".join(command), flush=True)
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
