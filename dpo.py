@@ -304,9 +304,7 @@ def main(args: Args) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)
-    resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
-    if args.resume and resume_from is None:  # nothing valid to resume from: start over, without the lost run's lines
-        run.rewind(-1)
+    resume_from, state = E.resume_point(run) if args.resume else (None, None)
     model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
     pad_id = tokenizer.pad_token_id
 
@@ -403,7 +401,6 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
-        run.rewind(step)
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -492,7 +489,7 @@ def main(args: Args) -> dict:
     accelerator.wait_for_everyone()
 
     # --- 6. evaluation on the eval split -------------------------------------------------------------
-    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device), args.max_new_tokens)
+    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device))
     run.finish(dict(eval=metrics, pairs=pair_stats))
     return metrics
 

@@ -725,6 +725,14 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
     return None, None
 
 
+def resume_point(run: Run) -> tuple[Path | None, dict | None]:
+    """`--resume`: the newest valid checkpoint and its train state, with the metric and sample lines logged
+    after its step dropped (all of them when none is valid: the run starts over), so no step appears twice."""
+    folder, state = latest_checkpoint(run.dir)
+    run.rewind(state["step"] if state is not None else -1)
+    return folder, state
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
     state = dict(python=random.getstate(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
@@ -893,7 +901,7 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
     return metrics
 
 
-def final_eval(args, model, tokenizer, run: Run, device: str, max_new_tokens: int = 128) -> dict:
+def final_eval(args, model, tokenizer, run: Run, device: str) -> dict:
     """A training script's closing evaluation on `args.eval_split`, written into its own run folder
     (main process only; under FSDP the final checkpoint is reloaded, see model_for_eval). The sample is
     drawn with eval.py's default seed whatever the training seed, so every run and stage is scored on
@@ -902,7 +910,7 @@ def final_eval(args, model, tokenizer, run: Run, device: str, max_new_tokens: in
         return {}
     eval_args = Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
                      field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
-                     order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=max_new_tokens,
+                     order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=args.max_new_tokens,
                      seed=Args.seed, output_dir=args.output_dir, run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
     metrics = run_eval(eval_args, model_for_eval(model, run.dir, device), tokenizer, run)
     if "per_class" in metrics:

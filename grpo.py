@@ -235,7 +235,7 @@ def main(args: Args) -> dict:
     # --- data, policy, reference (only when beta > 0), optimizer ----------------------------------
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
-    resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
+    resume_from, state = E.resume_point(run) if args.resume else (None, None)
     model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
@@ -251,10 +251,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position, generated = state["step"], state["data_position"], state["generated"]
-        run.rewind(step)
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
-    elif args.resume:  # nothing valid to resume from: start over, without the lost run's metric lines
-        run.rewind(0)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = E.make_vllm_engine(str(resume_from or args.model), args.vllm_gpu_memory, args.seed) if args.vllm else None
@@ -448,7 +445,7 @@ def main(args: Args) -> dict:
     accelerator.wait_for_everyone()
 
     # --- evaluation on the dev split ------------------------------------------------------------
-    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device), args.max_new_tokens)
+    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device))
     run.finish(dict(eval=metrics))
     return metrics
 

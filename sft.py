@@ -119,7 +119,7 @@ def main(args: Args) -> dict:
 
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
-    resume_from, state = E.latest_checkpoint(run.dir) if args.resume else (None, None)
+    resume_from, state = E.resume_point(run) if args.resume else (None, None)
     model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
@@ -142,10 +142,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         start_step = state["step"]
-        run.rewind(start_step)
         print(f"[resume] from {resume_from} at step {start_step}")
-    elif args.resume:  # nothing valid to resume from: start over, without the lost run's metric lines
-        run.rewind(0)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     stop = E.StopFlag()
@@ -210,7 +207,7 @@ def main(args: Args) -> dict:
     accelerator.wait_for_everyone()
 
     # --- evaluation on the dev split ------------------------------------------------------------
-    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device), args.max_new_tokens)
+    metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device))
     run.finish(dict(eval=metrics))
     return metrics
 
