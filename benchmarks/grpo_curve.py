@@ -7,7 +7,7 @@
 Scores the start with eval.py, runs the training script (a plain subprocess: the numbers are those of
 the real script), and writes results/<script>-curve-<name>.png (reward, accuracy, format and adherence
 per step) and .json (every step's metrics; the dev eval before and after on the same seeded sample; the
-budget: steps, completions, tokens, wall time, and the device).
+budget: steps, completions, rollout tokens, wall time, and the device).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main(args: Args) -> None:
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     budget = dict(steps=len(metrics), completions=metrics[-1]["completions_generated"],
-                  generated_tokens=sum(m["completion_len_mean"] * args.prompts_per_step * args.group_size for m in metrics),
+                  # every rollout of every step, dynamic sampling's refills included (agrl.py's guided samples are not)
+                  rollout_tokens=round(sum(m["generated_tokens_per_second"] * m["time_generation"] for m in metrics)),
                   wall_seconds=wall, mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
                   device=args.device, machine=platform.processor() or platform.machine())
     (out / f"{run_name}.json").write_text(json.dumps(dict(
@@ -104,7 +105,8 @@ def plot(result: dict, title: str, path: Path, window: int = 4) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, color in (("reward_mean", "C0"), ("accuracy", "C1"), ("format_rate", "C2"), ("adherence_rate", "C3")):
         values = [m[key] for m in result["steps"]]
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+        recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+        smooth = [sum(r) / len(r) for r in recent]
         ax.plot(steps, values, color=color, alpha=0.3, marker=".", linewidth=0.8)
         ax.plot(steps, smooth, color=color, label=f"{key} (mean of {window})")
     ax.set_xlabel("step")

@@ -19,6 +19,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import agrl  # noqa: E402
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import rewards as R  # noqa: E402
@@ -48,12 +49,11 @@ def main(args: Args) -> None:
     dataset = D.load_dataset("synthetic", "train", seed=args.seed, limit=args.limit)
     model, tokenizer = E.load_model(args.model, args.device)
     book = dataset.rulebook
-    conditions = {
+    known = lambda e: [c for c, v in e.criteria.items() if v != R.UNKNOWN]  # noqa: E731
+    conditions = {  # agrl.py's own guidance text, naming every known criterion rather than the wrong ones
         "none": lambda e: None,
-        "level 1 (gold criteria)": lambda e: "Check these criteria: " + "; ".join(
-            f"{c} is {v}" for c, v in e.criteria.items() if v != R.UNKNOWN) + ".",
-        "level 2 (criteria + label)": lambda e: "Check these criteria: " + "; ".join(
-            f"{c} is {v}" for c, v in e.criteria.items() if v != R.UNKNOWN) + f". The correct label is {e.label}.",
+        "level 1 (gold criteria)": lambda e: agrl.guidance_text(e, known(e), 1),
+        "level 2 (criteria + label)": lambda e: agrl.guidance_text(e, known(e), 2),
     }
     table = {}
     for name, guide in conditions.items():
