@@ -10,7 +10,7 @@ samples, evaluation and final weights as an uninterrupted run, with no half-writ
 
 A random model answers nothing correctly, so its rewards are all 0 and GRPO would never move: the GRPO
 processes run grpo.main through a small driver (`GRPO_DRIVER`, the same command-line arguments) that
-swaps in a deterministic reward of the completion text (`REWARD_SRC`), the one the in-process runs use.
+swaps in test_grpo's deterministic reward of the completion text, the one the in-process runs use.
 sft.py runs as itself.
 
 The parser and rewards are fuzzed on more than 10,000 generated strings in tests/test_rewards.py
@@ -37,7 +37,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -49,34 +48,21 @@ import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
 import sft  # noqa: E402
+from test_grpo import assert_same_weights, fake_score_group, untimed  # noqa: E402
+from test_grpo import state_dict as weights  # noqa: E402
 
-TIMING = ("time", "seconds", "per_second")
 LABEL_MAP = "3=Excellent,2=Related,1=Mismatch,0=Irrelevant"
-
-REWARD_SRC = '''
-import dataclasses
-
-import rewards as R
-
-
-def fake_score_group(texts, example, rulebook, args):
-    """A deterministic reward of the completion text alone (0, 0.5 or 1): the policy gets real updates."""
-    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
-    values = [float(sum(map(ord, t)) % 3) / 2 for t in texts]
-    return [dataclasses.replace(s, correct=v == 1.0) for s, v in zip(scores, values)], values
-'''
-_namespace: dict = {}
-exec(REWARD_SRC, _namespace)
-fake_score_group = _namespace["fake_score_group"]
 
 GRPO_DRIVER = '''
 import sys
 
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
 import tyro
 
 import grpo
-{reward}
+from test_grpo import fake_score_group
+
 grpo.score_group = fake_score_group
 grpo.main(tyro.cli(grpo.Args))
 '''
@@ -135,7 +121,7 @@ def cli_flags(args: dict) -> list[str]:
 
 def grpo_command(tmp_path: Path, out: Path, name: str) -> list[str]:
     driver = tmp_path / "grpo_driver.py"
-    driver.write_text(GRPO_DRIVER.format(repo=str(REPO), reward=REWARD_SRC))
+    driver.write_text(GRPO_DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent)))
     return [sys.executable, str(driver), *cli_flags({**GRPO, "output_dir": str(out), "run_name": name})]
 
 
@@ -194,20 +180,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def untimed(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not any(t in k for t in TIMING)}
-
-
-def weights(folder: Path) -> dict:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
 def assert_same_run(reference: Path, run_dir: Path, context: str = "", check_eval: bool = True) -> None:
     """The resumed run's metrics (every step once), samples, evaluation and final weights equal the reference's."""
     ref, got = read_jsonl(reference / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
@@ -221,7 +193,7 @@ def assert_same_run(reference: Path, run_dir: Path, context: str = "", check_eva
         assert untimed(json.loads((run_dir / "eval.json").read_text())) == \
             untimed(json.loads((reference / "eval.json").read_text())), context
     assert (run_dir / "checkpoint" / "model.safetensors").exists(), f"no final checkpoint/ ({context})"
-    assert_same_weights(weights(reference / "checkpoint"), weights(run_dir / "checkpoint"))
+    assert_same_weights(weights(reference / "checkpoint"), weights(run_dir / "checkpoint"), atol=1e-6)
     leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not re.fullmatch(r"step-\d{7}", p.name))
     assert not leftovers and not (run_dir / "checkpoint.tmp").exists(), f"left behind: {leftovers} ({context})"
 
