@@ -181,25 +181,46 @@ class Rollouts:
     truncated: list[bool]  # stopped by max_new_tokens, not by a stop token
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (Wellons' lowbias32) in int64 tensor ops: exact on any device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF  # int64 products wrap; their low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def sampling_uniforms(seeds: torch.Tensor, samples: torch.Tensor, steps: int) -> torch.Tensor:
+    """[rows, steps] uniforms in [0, 1), a pure function of (seed, sample index, token index) per row.
+
+    Counter-based: no generator state, computed by the device that samples (no host round trip), the
+    same numbers on CPU and CUDA, whichever batch, rank or resumed run a completion is generated in.
+    """
+    t = torch.arange(steps, device=seeds.device)
+    key = _mix32((_mix32(seeds & 0xFFFFFFFF) + 0x9E3779B9 * ((seeds >> 32) + 1)) & 0xFFFFFFFF)
+    key = _mix32((key + samples) & 0xFFFFFFFF)
+    return _mix32((key[:, None] * 0x2545F491 + t) & 0xFFFFFFFF).double() / 2**32
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the sampling distribution (logits / temperature).
 
-    Sampling is Gumbel-max with one generator per row, so a completion's randomness depends only on
-    its own seed: the same tokens whichever batch, rank or resumed run generates it.
+    Inverse-CDF sampling with one uniform per row (`sampling_uniforms`): a completion's randomness
+    depends only on its own seed, and a step needs one random number per row, not one per vocabulary entry.
     """
     if temperature <= 0:
-        logp = torch.log_softmax(logits.float(), dim=-1)
         token = logits.argmax(dim=-1)
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        return token, (logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1))
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    scores = logp.clone()
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
-        scores = scores.scatter(-1, order, sorted_logp.masked_fill(outside, -float("inf")))
-    uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-    token = (scores + gumbel).argmax(dim=-1)
+    probs, order = logp.exp(), None
+    if top_p < 1.0:  # the nucleus: the most probable tokens whose mass before them is under top_p
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.double().cumsum(-1)
+    token = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    if order is not None:
+        token = order.gather(-1, token)
+    token = token.squeeze(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -237,67 +258,195 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
     return logits, cache, mask, positions
 
 
+SYNC_EVERY = 8  # tokens between finished-row checks on an accelerator (each check waits for the device)
+FAST_DECODE_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def fast_decoder_supports(model, length: int) -> bool:
+    """Whether `decode_step` can run this model: a plain Llama-family decoder (the architectures above,
+    unwrapped layers, full attention over `length` tokens). Anything else decodes through model(...)."""
+    if type(model).__name__ not in FAST_DECODE_MODELS:
+        return False
+    config, layers = model.config, model.model.layers
+    window = getattr(config, "sliding_window", None)
+    return (all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
+            and (window is None or window >= length)
+            and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])))
+
+
+class GroupedKV:
+    """The decode step's KV cache: each prompt's keys/values once for its group of samples, and a
+    preallocated block for the tokens each row generates (written in place, never grown or copied).
+
+    prompt_k[l]: [prompts, kv_heads, prompt_len, head_dim], prompt_bias: [prompts, 1, 1, prompt_len]
+    (0 or -inf for left padding), gen_k[l]: [rows, kv_heads, max_new_tokens, head_dim]; row r belongs to
+    prompt r // group.
+    """
+
+    def __init__(self, cache, mask: torch.Tensor, group: int, rows: int, max_new_tokens: int):
+        self.group, self.rows = group, rows
+        self.prompt_k = [layer.keys for layer in cache.layers]
+        self.prompt_v = [layer.values for layer in cache.layers]
+        k = self.prompt_k[0]
+        self.prompt_bias = torch.zeros(mask.shape, dtype=torch.float32, device=k.device).masked_fill_(mask == 0, -float("inf"))[:, None, None, :]
+        shape = (rows, k.shape[1], max_new_tokens, k.shape[3])
+        self.gen_k = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
+        self.gen_v = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
+
+
+def _attend(q: torch.Tensor, kv: GroupedKV, layer: int, t: int, scaling: float) -> torch.Tensor:
+    """Attention of each row's new query [rows, heads, head_dim] over its prompt and its own t+1 new tokens.
+
+    The prompt's keys are read once per group: a group's queries are stacked into one matmul against
+    them (as grouped-query attention stacks a KV head's query heads), so a group of 8 samples costs one
+    pass over the prompt cache instead of eight copies of it.
+    """
+    rows, heads, dim = q.shape
+    prompts, kv_heads = kv.prompt_k[layer].shape[:2]
+    rep, group = heads // kv_heads, kv.group
+    # [prompts, kv_heads, group * rep, dim]: the group's rows side by side for each KV head
+    stacked = q.view(prompts, group, kv_heads, rep, dim).transpose(1, 2).reshape(prompts, kv_heads, group * rep, dim)
+    s_prompt = torch.matmul(stacked, kv.prompt_k[layer].transpose(-1, -2)).float() * scaling + kv.prompt_bias
+    per_row = q.view(rows, kv_heads, rep, dim)
+    s_new = torch.matmul(per_row, kv.gen_k[layer][:, :, :t + 1].transpose(-1, -2)).float() * scaling
+    # one softmax over [prompt | new tokens], the prompt part back in the stacked layout
+    s_prompt = s_prompt.view(prompts, kv_heads, group, rep, -1).transpose(1, 2).reshape(rows, kv_heads, rep, -1)
+    probs = torch.softmax(torch.cat([s_prompt, s_new], -1), dim=-1).to(q.dtype)
+    width = s_prompt.shape[-1]
+    p_prompt = probs[..., :width].view(prompts, group, kv_heads, rep, width).transpose(1, 2).reshape(prompts, kv_heads, group * rep, width)
+    out = torch.matmul(p_prompt, kv.prompt_v[layer]).view(prompts, kv_heads, group, rep, dim).transpose(1, 2)
+    out = out.reshape(rows, kv_heads, rep, dim) + torch.matmul(probs[..., width:], kv.gen_v[layer][:, :, :t + 1])
+    return out.reshape(rows, heads * dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (HF's rotate-half layout) of [rows, heads, head_dim] at one position per row."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: GroupedKV, t: int) -> torch.Tensor:
+    """One token per row through a Llama-family decoder: the last hidden state [rows, hidden] (before the LM head).
+
+    The model's own modules (norms, projections, MLP, rotary table) with a hand-written attention over
+    `GroupedKV`: the same arithmetic as the HF forward, without its per-call overhead or cache copies.
+    """
+    inner = model.model
+    x = inner.embed_tokens(tokens)
+    cos, sin = inner.rotary_emb(x, positions[:, None])  # [rows, 1, head_dim]: broadcasts over heads
+    rows = tokens.shape[0]
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        dim = attn.head_dim
+        q = attn.q_proj(h).view(rows, -1, dim)
+        k = attn.k_proj(h).view(rows, -1, dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        kv.gen_k[i][:, :, t] = _rotate(k, cos, sin)
+        kv.gen_v[i][:, :, t] = attn.v_proj(h).view(rows, -1, dim)
+        x = x + attn.o_proj(_attend(_rotate(q, cos, sin), kv, i, t, attn.scaling))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return inner.norm(x)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
-             batch_size: int = 16, shared_prefill: bool = True, desc: str | None = None) -> Rollouts:
+             batch_size: int = 16, shared_prefill: bool = True, desc: str | None = None,
+             fast_decode: bool = True) -> Rollouts:
     """Sample `n` completions per prompt with a KV cache; returns token ids and behaviour log-probs.
 
     `seeds` (one per prompt) fix the randomness: completion j of prompt i is a function of seeds[i] and
-    j alone (default: drawn from torch's global generator).
+    j alone (default: drawn from torch's global generator), whatever the batch, rank or device.
 
-    With `shared_prefill`, each prompt is prefilled once and its cache copied for its `n` completions,
+    With `shared_prefill`, each prompt is prefilled once and its cache shared by its `n` completions,
     and the batch's common prefix (the system prompt) is prefilled once for all (relevance prompts are
     long and completions short, so this saves most of the prefill work). `batch_size` counts prompts
     per forward pass. Left padding with explicit position ids.
+
+    Decoding: Llama-family models run `decode_step` (preallocated grouped KV cache; `fast_decode=False`
+    or any other model: the HF forward with its own cache, the reference the fast path is tested
+    against). The LM head and sampling run only on rows still going; sampling stays on the model's
+    device, which syncs with the host only to check for finished rows (every token on CPU, every
+    `SYNC_EVERY` tokens elsewhere).
     """
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stops = torch.tensor(stop_token_ids(tokenizer), device=device)
+    stop_list = stop_token_ids(tokenizer)
+    stops = torch.tensor(stop_list, device=device)
     pad = tokenizer.pad_token_id
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     if seeds is None:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
     out = Rollouts([], [], [], [], [])
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed * 100_003 + j) for seed in seeds[start:start + batch_size]
-                      for j in range(n)] if temperature > 0 else None
+        row_seeds = torch.tensor([s for s in seeds[start:start + batch_size] for _ in range(n)], device=device)
+        samples = torch.arange(n, device=device).repeat(len(chunk))
+        uniforms = sampling_uniforms(row_seeds, samples, max_new_tokens) if temperature > 0 else None
         if not shared_prefill:  # the plain way: every completion prefills its own copy of the prompt
             chunk = [p for p in chunk for _ in range(n)]
         copies = n if shared_prefill else 1
+        rows = len(chunk) * copies
+        fast = fast_decode and fast_decoder_supports(model, max(map(len, chunk)) + max_new_tokens)
         logits, cache, mask, positions = prefill(model, chunk, pad, device, share_prefix=shared_prefill)
-        if copies > 1:
+        if fast:
+            kv = GroupedKV(cache, mask, copies, rows, max_new_tokens)
+            del cache
+        elif copies > 1:
             cache.batch_repeat_interleave(copies)
-            logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-            positions = positions.repeat_interleave(copies, 0)
-        rows = logits.shape[0]
+            mask = mask.repeat_interleave(copies, 0)
+        logits, positions = logits.repeat_interleave(copies, 0), positions.repeat_interleave(copies, 0)
         next_position = positions[:, -1] + 1
-        tokens = torch.zeros(rows, 0, dtype=torch.long, device=device)
-        token_logps = torch.zeros(rows, 0, device=device)
+        tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        token_logps = torch.zeros(rows, max_new_tokens, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
+        running = None  # indices of the rows still going (None: all), refreshed when the host checks
+        hidden = None
         for t in range(max_new_tokens):
+            if hidden is not None:  # the LM head of the rows still going
+                logits = model.lm_head(hidden if running is None else hidden[running])
             if t < min_new_tokens:
                 logits[:, stops] = -float("inf")
-            token, logp = _sample(logits, temperature, top_p, generators)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            tokens = torch.cat([tokens, token[:, None]], 1)
-            token_logps = torch.cat([token_logps, logp[:, None]], 1)
-            done = done | torch.isin(token, stops)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            u = None if uniforms is None else (uniforms[:, t] if running is None else uniforms[running, t])
+            token, logp = _sample(logits, temperature, top_p, u)
+            finished = done if running is None else done[running]  # rows that stopped since the last check
+            token = torch.where(finished, pad, token)
+            if running is None:
+                tokens[:, t], token_logps[:, t] = token, logp
+                done |= torch.isin(token, stops)
+            else:
+                tokens[running, t], token_logps[running, t] = token, logp
+                done[running] = finished | torch.isin(token, stops)
+            if t == max_new_tokens - 1:
                 break
-            mask = F.pad(mask, (0, 1), value=1)  # finished rows keep decoding pads; they are cut below
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            if (t + 1) % sync_every == 0:  # the only host synchronisation of the loop
+                still = (~done).nonzero().squeeze(-1)
+                if len(still) == 0:
+                    break
+                running = None if len(still) == rows else still
+            step_tokens = tokens[:, t]
+            if fast:
+                hidden = decode_step(model, step_tokens, next_position, kv, t)
+            else:
+                mask = F.pad(mask, (0, 1), value=1)  # finished rows keep decoding pads; they are cut below
+                hidden, logits = None, model(input_ids=step_tokens[:, None], attention_mask=mask,
+                                             position_ids=next_position[:, None], past_key_values=cache,
+                                             use_cache=True).logits[:, -1]
+                if running is not None:
+                    logits = logits[running]
             next_position = next_position + 1
+        ids_rows, logp_rows = tokens.tolist(), token_logps.tolist()
         for row in range(rows):
-            ids = tokens[row].tolist()
-            stop_at = next((i for i, tok in enumerate(ids) if tok in stops.tolist()), None)
-            length = len(ids) if stop_at is None else stop_at + 1
+            ids = ids_rows[row]
+            stop_at = next((i for i, tok in enumerate(ids) if tok in stop_list), None)
+            length = max_new_tokens if stop_at is None else stop_at + 1
             out.prompt_ids.append(chunk[row // copies])
             out.completion_ids.append(ids[:length])
-            out.logprobs.append(token_logps[row, :length].tolist())
+            out.logprobs.append(logp_rows[row][:length])
             out.texts.append(tokenizer.decode(ids[:length], skip_special_tokens=True))
             out.truncated.append(stop_at is None)
     model.train(model_was_training)

@@ -1,0 +1,259 @@
+"""Rollout speed of eval.generate beside the machine's own limits and plain HF `generate`, in one run.
+
+    python benchmarks/bench_generate.py --config cpu               # SmolLM2-135M fp32, 2 ESCI prompts x 8 x 64
+    python benchmarks/bench_generate.py --config gpu-0.5b          # Qwen2.5-0.5B-shaped random model, bf16, 8 x 8 x 256
+    python benchmarks/bench_generate.py --config gpu-7b            # Qwen2.5-7B-shaped random model, bf16, 8 x 8 x 256
+    python benchmarks/bench_generate.py --config cpu --profile     # and a torch.profiler table of one generate call
+
+Not a test: a benchmark. Each round measures, in this order and in the same process: the machine's
+matmul rate and copy bandwidth, `eval.generate` with its fast decoder, `eval.generate` decoding through
+the HF forward (`fast_decode=False`), and HF `model.generate` (sampling, the same prompts, rows and
+forced length). The table gives medians over the rounds, so a shared machine's load moves the bounds
+and the decoders together. The load average is printed with the result.
+
+Bounds of the decode step (tokens per second once the prompts are in the cache), for `rows` rows:
+- bandwidth: every step reads the weights once and each prompt's KV cache once (the least any decoder
+  must read); read bandwidth = copy bandwidth (bytes read + written) / 2;
+- compute: 2 x parameters + attention FLOPs per token at the matmul rate.
+"Decode tok/s" times the decode alone: (generate with N tokens - generate with 1 token) / (N - 1) steps.
+"End-to-end tok/s" counts the whole call, prefill included, as a training step sees it.
+Sampling share: one `_sample` call on [rows, vocab] logits against one decode step, and the same for
+the former sampler (Gumbel noise from one CPU torch.Generator per row, copied to the device each token).
+Writes results/bench-generate-<config>.md and .json (repo root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data as D  # noqa: E402
+import eval as E  # noqa: E402
+
+CONFIGS = {
+    # The issue's workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
+    "cpu": dict(model="smollm2-135m", device="cpu", dtype=torch.float32, prompts=2, n=8, tokens=64, matmul=2048),
+    # Random models of two real shapes (SmolLM2 tokenizer: vocabulary 49152), bf16 on one GPU. Not run here.
+    "gpu-0.5b": dict(model="qwen2.5-0.5b-shaped", device="cuda", dtype=torch.bfloat16, prompts=8, n=8, tokens=256, matmul=8192,
+                     shape=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                intermediate_size=4864, tie_word_embeddings=True)),
+    "gpu-7b": dict(model="qwen2.5-7b-shaped", device="cuda", dtype=torch.bfloat16, prompts=8, n=8, tokens=256, matmul=8192,
+                   shape=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                              intermediate_size=18944, tie_word_embeddings=False)),
+    # Smoke configuration: the plumbing in seconds.
+    "tiny": dict(model="tiny-random", device="cpu", dtype=torch.float32, prompts=2, n=4, tokens=16, matmul=512),
+}
+
+
+@dataclass
+class Args:
+    config: Literal["cpu", "gpu-0.5b", "gpu-7b", "tiny"] = "cpu"
+    """cpu: the issue's workload; gpu-0.5b / gpu-7b: random models of those shapes on CUDA; tiny: smoke run"""
+    repeats: int = 3
+    """rounds (bounds, ours, ours through the HF forward, HF generate); medians are reported"""
+    data_path: str = "/work/shared/data/esci"
+    """ESCI folder with train.jsonl; synthetic prompts padded to ESCI length when it is missing"""
+    hf_generate: bool = True
+    """also time plain HF `model.generate` (slow on CPU: about 20 s a round here)"""
+    profile: bool = False
+    """print a torch.profiler table (top ops by self time) of one eval.generate call"""
+    results_dir: str = "results"
+    """where bench-generate-<config>.md/.json go (relative to the repo root)"""
+
+
+def load(cfg: dict):
+    if "shape" not in cfg:
+        return E.load_model(cfg["model"], cfg["device"])
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = E.embedded_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg["shape"])
+    torch.manual_seed(0)
+    with torch.device(cfg["device"]):
+        model = Qwen2ForCausalLM(config).to(cfg["dtype"])
+    return model.eval(), tokenizer
+
+
+def workload_prompts(cfg: dict, tokenizer, data_path: str) -> tuple[list[list[int]], str]:
+    """The first prompts of grpo.py's seeded ESCI stream (seed 1), or synthetic prompts of ESCI length."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_trl import stream_indices
+
+    if (Path(data_path) / "train.jsonl").exists():
+        dataset = D.load_dataset("esci", "train", data_path, seed=1)
+        picks = stream_indices(len(dataset.examples), cfg["prompts"])
+        return [D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0] for i in picks], "esci"
+    dataset = D.load_dataset("synthetic", "train", seed=1, limit=cfg["prompts"])
+    prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook)[0] for e in dataset.examples]
+    filler = tokenizer.encode(" the product page lists size, colour and material.", add_special_tokens=False)
+    # pad the item text to an ESCI prompt's ~523 tokens, keeping the chat template's tail (the last 8 tokens)
+    return [p[:-8] + (filler * 60)[:max(0, 523 - len(p))] + p[-8:] for p in prompts], "synthetic, padded to 523 tokens"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def clock(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def machine_bounds(cfg: dict) -> dict:
+    """Matmul rate (size^3 in the model's dtype) and copy bandwidth (a 512 MiB copy), best of 5 each."""
+    device, dtype, size = cfg["device"], cfg["dtype"], cfg["matmul"]
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    mm = min(clock(lambda: a @ b, device) for _ in range(5))
+    src = torch.ones(2**27, device=device)  # 512 MiB of fp32
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    cp = min(clock(lambda: dst.copy_(src), device) for _ in range(5))
+    return dict(matmul_gflops=2 * size**3 / mm / 1e9, copy_gbps=2 * src.numel() * 4 / cp / 1e9)
+
+
+def decode_costs(model, prompts: list[list[int]], n: int, tokens: int) -> dict:
+    """Bytes read and FLOPs per decode step (at the mean context length of the decode)."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    width = next(model.parameters()).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers, rows = config.num_hidden_layers, len(prompts) * n
+    kv_per_token = 2 * layers * config.num_key_value_heads * head_dim * width
+    context = sum(map(len, prompts)) / len(prompts) + tokens / 2
+    bytes_per_step = params * width + kv_per_token * (sum(map(len, prompts)) + rows * tokens / 2)
+    flops_per_token = 2 * params + 4 * layers * config.num_attention_heads * head_dim * context
+    return dict(params=params, rows=rows, bytes_per_step=bytes_per_step, flops_per_token=flops_per_token)
+
+
+def old_sample(logits: torch.Tensor, generators: list) -> torch.Tensor:
+    """The former sampler (before issue 13): Gumbel noise from one CPU generator per row, copied to the device."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
+    return (logp - torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))).argmax(dim=-1)
+
+
+def sampling_share(model, cfg: dict, rows: int, step_seconds: float) -> dict:
+    """Seconds of one sampling call on [rows, vocab] logits, new and former sampler, and their share of a step."""
+    device = cfg["device"]
+    logits = torch.randn(rows, model.config.vocab_size, device=device, dtype=cfg["dtype"])
+    uniforms = E.sampling_uniforms(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    new = statistics.median(clock(lambda: E._sample(logits, 1.0, 1.0, uniforms), device) for _ in range(20))
+    old = statistics.median(clock(lambda: old_sample(logits, generators), device) for _ in range(20))
+    return dict(sample_s=new, old_sample_s=old, sample_share=new / step_seconds,
+                old_sample_share=old / (step_seconds - new + old))
+
+
+def hf_generate(model, tokenizer, prompts: list[list[int]], n: int, tokens: int, device: str):
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
+                          min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id)
+
+
+def main(args: Args) -> None:
+    cfg = CONFIGS[args.config]
+    device, n, tokens = cfg["device"], cfg["n"], cfg["tokens"]
+    model, tokenizer = load(cfg)
+    model.generation_config.top_k = None  # HF's default top-k 50 would change the distribution
+    prompts, source = workload_prompts(cfg, tokenizer, args.data_path)
+    costs = decode_costs(model, prompts, n, tokens)
+    rows, seeds = costs["rows"], list(range(len(prompts)))
+
+    def ours(k: int, fast: bool = True):
+        return E.generate(model, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0,
+                          seeds=seeds, batch_size=len(prompts), fast_decode=fast)
+
+    ours(2), ours(2, fast=False)  # warm-up: threads, allocator, kernels
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            ours(tokens)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    rounds = []
+    for r in range(args.repeats):
+        row = dict(machine_bounds(cfg), load_average=os.getloadavg()[0])
+        for name, fast in (("ours", True), ("ours_hf_forward", False)):
+            full = clock(lambda: ours(tokens, fast), device)
+            first = clock(lambda: ours(1, fast), device)
+            row[f"{name}_s"], row[f"{name}_decode_step_s"] = full, (full - first) / (tokens - 1)
+        if args.hf_generate:
+            row["hf_generate_s"] = clock(lambda: hf_generate(model, tokenizer, prompts, n, tokens, device), device)
+        row.update(sampling_share(model, cfg, rows, row["ours_decode_step_s"]))
+        rounds.append(row)
+        print(f"[round {r}] " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    bandwidth_bound = rows / (costs["bytes_per_step"] / (median["copy_gbps"] / 2 * 1e9))
+    compute_bound = median["matmul_gflops"] * 1e9 / costs["flops_per_token"]
+    bound = min(bandwidth_bound, compute_bound)
+    generated = rows * tokens
+    rate = {name: generated / median[f"{name}_s"] for name in ("ours", "ours_hf_forward", "hf_generate") if f"{name}_s" in median}
+    decode = {name: rows / median[f"{name}_decode_step_s"] for name in ("ours", "ours_hf_forward")}
+    threads = torch.get_num_threads() if device == "cpu" else None
+    loads = ", ".join(f"{r['load_average']:.1f}" for r in rounds)
+    lines = [
+        f"## Generation, config `{args.config}`",
+        "",
+        f"{cfg['model']} ({costs['params'] / 1e6:.1f}M parameters, {str(cfg['dtype']).replace('torch.', '')}) on {device}"
+        + (f", {threads} threads" if threads else f", {torch.cuda.get_device_name()}") + f"; torch {torch.__version__}. "
+        f"{len(prompts)} prompts ({source}; {', '.join(str(len(p)) for p in prompts)} tokens, common prefix "
+        f"{E.common_prefix_length(prompts)}) x {n} samples x {tokens} forced tokens = {rows} rows, {generated} tokens; "
+        f"temperature 1, top-p 1. {args.repeats} rounds, medians; load average (1 min) "
+        f"{loads}.",
+        "",
+        "| | tok/s | share of the decode bound |",
+        "|---|---|---|",
+        f"| machine: matmul {median['matmul_gflops']:.1f} GFLOP/s ({cfg['matmul']}^3), copy {median['copy_gbps']:.1f} GB/s "
+        f"(read+write) | | |",
+        f"| decode bound, bandwidth ({costs['bytes_per_step'] / 1e6:.0f} MB read per step) | {bandwidth_bound:.0f} | |",
+        f"| decode bound, compute ({costs['flops_per_token'] / 1e6:.0f} MFLOP per token) | {compute_bound:.0f} | |",
+        f"| eval.generate, decode only | {decode['ours']:.0f} | {decode['ours'] / bound:.0%} |",
+        f"| eval.generate, end to end (prefill included) | {rate['ours']:.0f} | {rate['ours'] / bound:.0%} |",
+        f"| eval.generate through the HF forward (`fast_decode=False`), decode only | {decode['ours_hf_forward']:.0f} | "
+        f"{decode['ours_hf_forward'] / bound:.0%} |",
+        f"| eval.generate through the HF forward, end to end | {rate['ours_hf_forward']:.0f} | {rate['ours_hf_forward'] / bound:.0%} |",
+    ]
+    if "hf_generate" in rate:
+        lines.append(f"| HF `model.generate` (sampling), end to end | {rate['hf_generate']:.0f} | {rate['hf_generate'] / bound:.0%} |")
+    lines += [
+        "",
+        f"Sampling ({rows} x {model.config.vocab_size} logits): {median['sample_s'] * 1e3:.2f} ms per token "
+        f"({median['sample_share']:.1%} of a decode step); the former per-row CPU-generator Gumbel sampler "
+        f"{median['old_sample_s'] * 1e3:.2f} ms ({median['old_sample_share']:.1%} of a step with it).",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = ROOT / args.results_dir / f"bench-generate-{args.config}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(dict(
+        args=asdict(args), prompt_lengths=list(map(len, prompts)), source=source, threads=threads, costs=costs,
+        rounds=rounds, median=median, bounds=dict(bandwidth=bandwidth_bound, compute=compute_bound),
+        end_to_end_tok_s=rate, decode_tok_s=decode), indent=1) + "\n")
+    print(f"wrote {out}.md and .json")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
