@@ -190,8 +190,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def sampling_uniforms(seeds: torch.Tensor, samples: torch.Tensor, steps: int) -> torch.Tensor:
-    """[rows, steps] uniforms in [0, 1), a pure function of (seed, sample index, token index) per row.
+def sampling_keys(seeds: torch.Tensor, samples: torch.Tensor, steps: int) -> torch.Tensor:
+    """[rows, steps] 32-bit keys, a pure function of (seed, sample index, token index) per row.
 
     Counter-based: no generator state, computed by the device that samples (no host round trip), the
     same numbers on CPU and CUDA, whichever batch, rank or resumed run a completion is generated in.
@@ -199,28 +199,34 @@ def sampling_uniforms(seeds: torch.Tensor, samples: torch.Tensor, steps: int) ->
     t = torch.arange(steps, device=seeds.device)
     key = _mix32((_mix32(seeds & 0xFFFFFFFF) + 0x9E3779B9 * ((seeds >> 32) + 1)) & 0xFFFFFFFF)
     key = _mix32((key + samples) & 0xFFFFFFFF)
-    return _mix32((key[:, None] * 0x2545F491 + t) & 0xFFFFFFFF).double() / 2**32
+    return _mix32((key[:, None] * 0x2545F491 + t) & 0xFFFFFFFF)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] Gumbel noise, entry (r, i) a function of keys[r] and token i alone (`vocab_hash` =
+    _mix32(arange(vocab))): 24-bit uniforms in (0, 1), exact in float32 on every device."""
+    bits = _mix32(keys[:, None] ^ vocab_hash)
+    uniform = (bits >> 8).float().mul_(2.0**-24).add_(2.0**-25)
+    return uniform.log_().neg_().log_().neg_()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the sampling distribution (logits / temperature).
 
-    Inverse-CDF sampling with one uniform per row (`sampling_uniforms`): a completion's randomness
-    depends only on its own seed, and a step needs one random number per row, not one per vocabulary entry.
+    Gumbel-max with the noise of `gumbel_noise`: a completion's randomness depends only on its own seed,
+    and a token flips only if two perturbed scores tie within rounding (inverse-CDF sampling flips on
+    any rounding change of the cumulative sum: batch-size-dependent matmul rounding would show).
     """
     if temperature <= 0:
         token = logits.argmax(dim=-1)
         return token, (logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1))
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    probs, order = logp.exp(), None
+    scores = logp + noise
     if top_p < 1.0:  # the nucleus: the most probable tokens whose mass before them is under top_p
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.double().cumsum(-1)
-    token = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-    if order is not None:
-        token = order.gather(-1, token)
-    token = token.squeeze(-1)
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
+        scores.scatter_(-1, order, scores.gather(-1, order).masked_fill_(outside, -float("inf")))
+    token = scores.argmax(dim=-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -386,7 +392,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
         chunk = prompts[start:start + batch_size]
         row_seeds = torch.tensor([s for s in seeds[start:start + batch_size] for _ in range(n)], device=device)
         samples = torch.arange(n, device=device).repeat(len(chunk))
-        uniforms = sampling_uniforms(row_seeds, samples, max_new_tokens) if temperature > 0 else None
+        keys = sampling_keys(row_seeds, samples, max_new_tokens) if temperature > 0 else None
         if not shared_prefill:  # the plain way: every completion prefills its own copy of the prompt
             chunk = [p for p in chunk for _ in range(n)]
         copies = n if shared_prefill else 1
@@ -400,6 +406,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
             cache.batch_repeat_interleave(copies)
             mask = mask.repeat_interleave(copies, 0)
         logits, positions = logits.repeat_interleave(copies, 0), positions.repeat_interleave(copies, 0)
+        vocab_hash = _mix32(torch.arange(logits.shape[-1], device=device))
         next_position = positions[:, -1] + 1
         tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         token_logps = torch.zeros(rows, max_new_tokens, device=device)
@@ -411,8 +418,8 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
                 logits = model.lm_head(hidden if running is None else hidden[running])
             if t < min_new_tokens:
                 logits[:, stops] = -float("inf")
-            u = None if uniforms is None else (uniforms[:, t] if running is None else uniforms[running, t])
-            token, logp = _sample(logits, temperature, top_p, u)
+            noise = None if keys is None else gumbel_noise(keys[:, t] if running is None else keys[running, t], vocab_hash)
+            token, logp = _sample(logits, temperature, top_p, noise)
             finished = done if running is None else done[running]  # rows that stopped since the last check
             token = torch.where(finished, pad, token)
             if running is None:

@@ -1,0 +1,228 @@
+"""Tests for eval.generate's fast decoder and sampler (issue 13): the grouped, preallocated KV decode step
+against the HF forward, the counter-based sampler's randomness and distribution, and the guarantees the
+RL scripts rely on (seeded samples independent of batching and prefix sharing, exact behaviour log-probs).
+
+Models: `lively` (tiny-random's architecture with larger random weights, so next-token distributions
+are peaked and varied) and `stopper`, the same model whose LM head gives the stop token a bias, so that
+completions end at different lengths and rows drop out of the decode at different steps. Both are plain
+LlamaForCausalLM, so `generate` takes the fast path; `fast_decode=False` is the HF-forward reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import eval as E
+
+
+@pytest.fixture(scope="module")
+def lively(tiny):
+    model = copy.deepcopy(tiny[0])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.3))
+    return model.eval()
+
+
+def with_stop_bias(model, stop_id: int, bias: float):
+    """A copy whose LM head adds `bias` to the stop token's logit (a Linear with a bias: still a LlamaForCausalLM)."""
+    model = copy.deepcopy(model)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[stop_id] = bias
+    model.lm_head = head
+    return model
+
+
+@pytest.fixture(scope="module")
+def stopper(lively, tokenizer):
+    return with_stop_bias(lively, tokenizer.eos_token_id, 13.0)  # about one in six steps stops
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Four prompts sharing a 6-token system prefix, of different lengths (left padding after the prefix)."""
+    gen = torch.Generator().manual_seed(1)
+    system = torch.randint(100, 40000, (6,), generator=gen).tolist()
+    return [system + torch.randint(100, 40000, (k,), generator=gen).tolist() for k in (3, 11, 7, 1)]
+
+
+def assert_same(a: E.Rollouts, b: E.Rollouts, atol: float = 1e-4):
+    assert a.completion_ids == b.completion_ids
+    assert a.truncated == b.truncated and a.texts == b.texts and a.prompt_ids == b.prompt_ids
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert len(x) == len(y) and torch.allclose(torch.tensor(x), torch.tensor(y), atol=atol, rtol=0)
+
+
+def qwen_model(tokenizer, kind: str):
+    """A tiny random Qwen2 (q/k/v biases) or Qwen3 (per-head query/key norms) with large weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.5 if "embed" in name else 0.3)
+    return model.eval()
+
+
+# ==================================================================================================
+# The decode step against the HF forward
+# ==================================================================================================
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_fast_decode_equals_hf_forward(stopper, tokenizer, prompts, temperature, top_p):
+    kw = dict(n=3, max_new_tokens=7, temperature=temperature, top_p=top_p, seeds=[5, 6, 7, 8])
+    fast = E.generate(stopper, tokenizer, prompts, **kw)
+    reference = E.generate(stopper, tokenizer, prompts, fast_decode=False, **kw)
+    assert_same(fast, reference)
+    if temperature > 0:  # rows stopped at different steps: the running-rows LM head was exercised
+        assert len({len(c) for c in fast.completion_ids}) > 2 and any(fast.truncated) and not all(fast.truncated)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_fast_decode_other_architectures(tokenizer, prompts, kind):
+    model = qwen_model(tokenizer, kind)
+    assert E.fast_decoder_supports(model, 100)
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3, 4])
+    assert_same(E.generate(model, tokenizer, prompts, **kw), E.generate(model, tokenizer, prompts, fast_decode=False, **kw))
+
+
+def test_fast_decoder_declines_what_it_cannot_run(lively, tokenizer):
+    assert E.fast_decoder_supports(lively, 100)
+    assert not E.fast_decoder_supports(torch.nn.Sequential(lively), 100)  # a wrapper: decodes through model(...)
+    windowed = copy.deepcopy(lively)
+    windowed.config.sliding_window = 50
+    assert E.fast_decoder_supports(windowed, 50) and not E.fast_decoder_supports(windowed, 51)
+
+
+def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
+    """Batched, shared prefix, left padding and n copies: each row equals HF generate on its prompt alone."""
+    k = 9
+    ours = E.generate(lively, tokenizer, prompts, n=2, max_new_tokens=k, min_new_tokens=k)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        hf = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
+                             min_new_tokens=k, pad_token_id=tokenizer.pad_token_id)
+        assert ours.completion_ids[2 * i] == ours.completion_ids[2 * i + 1] == hf[0, len(prompt):].tolist(), i
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_equal_a_training_forward(stopper, tokenizer, prompts, temperature):
+    out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
+    assert len({len(c) for c in out.completion_ids}) > 2
+    batch = E.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu", share_prefix=True)
+    with torch.no_grad():
+        logp, _ = E.token_logprobs(stopper, batch, temperature)
+    for row, behaviour in enumerate(out.logprobs):
+        assert torch.allclose(logp[row, :len(behaviour)], torch.tensor(behaviour), atol=1e-4, rtol=0), row
+
+
+def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, tokenizer, prompts):
+    kw = dict(n=3, max_new_tokens=7, temperature=1.0, top_p=0.95)
+    seeds = [21, 22, 23, 24]
+    together = E.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
+    for batch_size in (1, 3):
+        assert_same(E.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw), together)
+    assert_same(E.generate(stopper, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw), together)
+    alone = E.generate(stopper, tokenizer, prompts[1:2], seeds=[22], **kw)  # as another rank or a resumed run would
+    assert_same(alone, E.Rollouts(*(field[3:6] for field in (together.prompt_ids, together.completion_ids,
+                                                             together.logprobs, together.texts, together.truncated))))
+    assert len({tuple(c) for c in together.completion_ids[3:6]}) > 1  # a group's samples differ
+    assert E.generate(stopper, tokenizer, prompts[1:2], seeds=[99], **kw).completion_ids != alone.completion_ids
+
+
+def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts):
+    rows_seen = []
+    hook = stopper.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
+    finally:
+        hook.remove()
+    lengths = [len(c) for c in out.completion_ids]
+    # the prefill's head (12 rows: 4 prompts; the 6-token common prefix's own call keeps 1 position), then one call
+    # per decode step on the rows whose completion is longer than the step
+    decode_rows = rows_seen[2:]
+    assert decode_rows == [sum(length > t for length in lengths) for t in range(1, len(decode_rows) + 1)]
+    assert decode_rows[-1] < 12
+
+
+# ==================================================================================================
+# The sampler
+# ==================================================================================================
+def lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_sampling_noise_is_exact_integer_arithmetic():
+    """Keys and noise bits equal a plain-Python evaluation of the hash: integer ops only, so every device
+    agrees; the Gumbel transform of 24-bit uniforms is then one float32 formula."""
+    seeds = [0, 1, 2**31 - 1, 123_456_789_012, 7 * 1_000_003 + 5]
+    samples = [0, 3, 1, 7, 2]
+    keys = E.sampling_keys(torch.tensor(seeds), torch.tensor(samples), 5)
+    vocab_hash = E._mix32(torch.arange(50))
+    for r, (seed, j) in enumerate(zip(seeds, samples)):
+        key = lowbias32((lowbias32(seed & 0xFFFFFFFF) + 0x9E3779B9 * ((seed >> 32) + 1)) & 0xFFFFFFFF)
+        key = lowbias32((key + j) & 0xFFFFFFFF)
+        expected = [lowbias32((key * 0x2545F491 + t) & 0xFFFFFFFF) for t in range(5)]
+        assert keys[r].tolist() == expected
+    noise = E.gumbel_noise(keys[:, 2], vocab_hash)
+    for r in range(len(seeds)):
+        bits = [lowbias32(int(keys[r, 2]) ^ lowbias32(i)) for i in range(50)]
+        u = torch.tensor([(b >> 8) * 2.0**-24 + 2.0**-25 for b in bits], dtype=torch.float32)
+        assert torch.equal(noise[r], -torch.log(-torch.log(u)))
+
+
+def test_sampling_noise_looks_gumbel_and_independent():
+    rows = 512
+    keys = E.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 4)
+    noise = E.gumbel_noise(keys[:, 1], E._mix32(torch.arange(1000)))
+    u = torch.exp(-torch.exp(-noise.double()))  # back to uniforms
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)
+    expected = u.numel() / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 19 dof: p < 1e-5 beyond 50
+    # neighbouring rows (samples of a group, and groups), tokens and steps are uncorrelated
+    other_step = torch.exp(-torch.exp(-E.gumbel_noise(keys[:, 2], E._mix32(torch.arange(1000))).double()))
+    for a, b in ((u[:-1], u[1:]), (u[:, :-1], u[:, 1:]), (u[::8], u[1::8]), (u, other_step)):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)])
+def test_sample_draws_from_the_tempered_nucleus(temperature, top_p):
+    """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 20_000
+    keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
+    noise = E.gumbel_noise(keys, E._mix32(torch.arange(len(logits))))
+    token, logp = E._sample(logits.expand(rows, -1).clone(), temperature, top_p, noise)
+    probs = torch.softmax(logits / temperature, -1)
+    assert torch.allclose(logp, probs.log()[token])  # the behaviour log-prob: the full tempered distribution
+    inside = probs.cumsum(-1) - probs < top_p
+    target = torch.where(inside, probs, 0.0)
+    target /= target.sum()
+    freq = torch.bincount(token, minlength=len(logits)).double() / rows
+    assert (freq[~inside] == 0).all()
+    assert torch.allclose(freq, target.double(), atol=4 * math.sqrt(0.25 / rows))
+
+
+def test_greedy_sample_and_its_logprob():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 0.0, 4.9]])
+    token, logp = E._sample(logits, 0.0, 1.0, None)
+    assert token.tolist() == [1, 0]
+    assert torch.allclose(logp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
