@@ -203,10 +203,19 @@ def sampling_keys(seeds: torch.Tensor, samples: torch.Tensor, steps: int) -> tor
 
 
 def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] Gumbel noise, entry (r, i) a function of keys[r] and token i alone (`vocab_hash` =
-    _mix32(arange(vocab))): 24-bit uniforms in (0, 1), exact in float32 on every device."""
-    bits = _mix32(keys[:, None] ^ vocab_hash)
-    uniform = (bits >> 8).float().mul_(2.0**-24).add_(2.0**-25)
+    """[rows, vocab] Gumbel noise, entry (r, i) a function of keys[r] and token i alone.
+
+    `vocab_hash` = _mix32(arange(vocab)). The hash runs in int32 (wrapping products, masked shifts: half
+    the memory traffic of int64, the same bits); 23-bit uniforms (m + 1/2) / 2^23, exact in float32 and
+    strictly inside (0, 1), so the noise is finite.
+    """
+    x = (keys - ((keys >> 31) << 32)).to(torch.int32)[:, None] ^ (vocab_hash - ((vocab_hash >> 31) << 32)).to(torch.int32)
+    x ^= (x >> 16) & 0xFFFF
+    x *= 0x7FEB352D
+    x ^= (x >> 15) & 0x1FFFF
+    x *= 0x846CA68B - 2**32
+    x ^= (x >> 16) & 0xFFFF
+    uniform = ((x >> 9) & 0x7FFFFF).float().add_(0.5).mul_(2.0**-23)
     return uniform.log_().neg_().log_().neg_()
 
 

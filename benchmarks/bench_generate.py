@@ -153,10 +153,13 @@ def old_sample(logits: torch.Tensor, generators: list) -> torch.Tensor:
 def sampling_share(model, cfg: dict, rows: int, step_seconds: float) -> dict:
     """Seconds of one sampling call on [rows, vocab] logits, new and former sampler, and their share of a step."""
     device = cfg["device"]
-    logits = torch.randn(rows, model.config.vocab_size, device=device, dtype=cfg["dtype"])
-    uniforms = E.sampling_uniforms(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+    vocab = model.config.vocab_size
+    logits = torch.randn(rows, vocab, device=device, dtype=cfg["dtype"])
+    keys = E.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+    vocab_hash = E._mix32(torch.arange(vocab, device=device))
     generators = [torch.Generator().manual_seed(r) for r in range(rows)]
-    new = statistics.median(clock(lambda: E._sample(logits, 1.0, 1.0, uniforms), device) for _ in range(20))
+    new = statistics.median(clock(lambda: E._sample(logits, 1.0, 1.0, E.gumbel_noise(keys, vocab_hash)), device)
+                            for _ in range(20))
     old = statistics.median(clock(lambda: old_sample(logits, generators), device) for _ in range(20))
     return dict(sample_s=new, old_sample_s=old, sample_share=new / step_seconds,
                 old_sample_share=old / (step_seconds - new + old))

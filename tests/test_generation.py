@@ -185,7 +185,7 @@ def test_sampling_noise_is_exact_integer_arithmetic():
     noise = E.gumbel_noise(keys[:, 2], vocab_hash)
     for r in range(len(seeds)):
         bits = [lowbias32(int(keys[r, 2]) ^ lowbias32(i)) for i in range(50)]
-        u = torch.tensor([(b >> 8) * 2.0**-24 + 2.0**-25 for b in bits], dtype=torch.float32)
+        u = torch.tensor([((b >> 9) + 0.5) / 2**23 for b in bits], dtype=torch.float32)  # exact in float32
         assert torch.equal(noise[r], -torch.log(-torch.log(u)))
 
 
