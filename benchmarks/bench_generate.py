@@ -67,6 +67,8 @@ class Args:
     """ESCI folder with train.jsonl; synthetic prompts padded to ESCI length when it is missing"""
     hf_generate: bool = True
     """also time plain HF `model.generate` (slow on CPU: about 20 s a round here)"""
+    pairs: int = 30
+    """decode steps timed each beside a read of the weights and a matmul (the paired measurement)"""
     profile: bool = False
     """print a torch.profiler table (top ops by self time) of one eval.generate call"""
     results_dir: str = "results"
@@ -129,6 +131,13 @@ def machine_bounds(cfg: dict) -> dict:
     return dict(matmul_gflops=2 * size**3 / mm / 1e9, copy_gbps=2 * src.numel() * 4 / cp / 1e9)
 
 
+def weights_read_seconds(model, device: str) -> float:
+    """Seconds to read every weight once (a sum per tensor, best of 3): a decode step's least work, measured."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        return min(clock(lambda: [p.sum() for p in params], device) for _ in range(3))
+
+
 def decode_costs(model, prompts: list[list[int]], n: int, tokens: int) -> dict:
     """Bytes read and FLOPs per decode step (at the mean context length of the decode)."""
     config = model.config
@@ -141,6 +150,48 @@ def decode_costs(model, prompts: list[list[int]], n: int, tokens: int) -> dict:
     bytes_per_step = params * width + kv_per_token * (sum(map(len, prompts)) + rows * tokens / 2)
     flops_per_token = 2 * params + 4 * layers * config.num_attention_heads * head_dim * context
     return dict(params=params, rows=rows, bytes_per_step=bytes_per_step, flops_per_token=flops_per_token)
+
+
+def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: dict, pairs: int) -> dict:
+    """The fast decoder's step against the machine's limits measured right beside it, `pairs` times.
+
+    Each pair times one decode step (the decoder layers, the LM head and sampling of every row, at the
+    middle of the completion) and, just after, a pass reading every weight and each prompt's KV cache
+    once (a sum per tensor: the least memory traffic of a step) and a matmul of the step's FLOPs at the
+    machine's dense rate. On a shared machine the load moves all three together; the median ratio of
+    step time to bound time is the figure that survives it.
+    """
+    device, n, tokens = cfg["device"], cfg["n"], cfg["tokens"]
+    rows = len(prompts) * n
+    size = cfg["matmul"] // 2
+    a, b = torch.randn(size, size, device=device, dtype=cfg["dtype"]), torch.randn(size, size, device=device, dtype=cfg["dtype"])
+    with torch.no_grad():
+        logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, device)
+        kv = E.GroupedKV(cache, mask, n, rows, tokens)
+        position = positions[:, -1].repeat_interleave(n) + 1 + tokens // 2
+        step_tokens = torch.randint(100, 40000, (rows,), device=device)
+        keys = E.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+        vocab_hash = E._mix32(torch.arange(logits.shape[-1], device=device))
+        reads = list(model.parameters()) + kv.prompt_k + kv.prompt_v
+
+        def step():
+            hidden = E.decode_step(model, step_tokens, position, kv, tokens // 2)
+            E._sample(model.lm_head(hidden), 1.0, 1.0, E.gumbel_noise(keys, vocab_hash))
+
+        step()
+        out = dict(step_s=[], read_s=[], matmul_s=[])
+        for _ in range(pairs):
+            out["step_s"].append(clock(step, device))
+            out["read_s"].append(clock(lambda: [x.sum() for x in reads], device))
+            out["matmul_s"].append(clock(lambda: a @ b, device))
+    flops_step = costs["flops_per_token"] * rows
+    ratios = [max(r, flops_step / (2 * size**3 / m)) / st for st, r, m in zip(out["step_s"], out["read_s"], out["matmul_s"])]
+    read_bytes = sum(x.numel() * x.element_size() for x in reads)
+    return dict(step_s=statistics.median(out["step_s"]), read_s=statistics.median(out["read_s"]),
+                read_gbps=read_bytes / statistics.median(out["read_s"]) / 1e9, read_bytes=read_bytes,
+                matmul_gflops=statistics.median(2 * size**3 / m / 1e9 for m in out["matmul_s"]),
+                share_of_bound=statistics.median(ratios), share_quartiles=statistics.quantiles(ratios, n=4)[::2],
+                pairs=pairs)
 
 
 def old_sample(logits: torch.Tensor, generators: list) -> torch.Tensor:
@@ -195,9 +246,12 @@ def main(args: Args) -> None:
         with profile(activities=activities) as prof:
             ours(tokens)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    paired = paired_decode(model, tokenizer, prompts, cfg, costs, args.pairs)
+    print(f"[paired] {paired}", flush=True)
     rounds = []
     for r in range(args.repeats):
-        row = dict(machine_bounds(cfg), load_average=os.getloadavg()[0])
+        before = dict(machine_bounds(cfg), weights_read_s=weights_read_seconds(model, device))
+        row = dict(load_average=os.getloadavg()[0])
         for name, fast in (("ours", True), ("ours_hf_forward", False)):
             full = clock(lambda: ours(tokens, fast), device)
             first = clock(lambda: ours(1, fast), device)
@@ -205,17 +259,25 @@ def main(args: Args) -> None:
         if args.hf_generate:
             row["hf_generate_s"] = clock(lambda: hf_generate(model, tokenizer, prompts, n, tokens, device), device)
         row.update(sampling_share(model, cfg, rows, row["ours_decode_step_s"]))
+        # the machine's figures before and after the decoders, averaged: a shared machine's load drifts
+        after = dict(machine_bounds(cfg), weights_read_s=weights_read_seconds(model, device))
+        row.update({k: (before[k] + after[k]) / 2 for k in before})
+        row["decode_bound"] = min(rows / (costs["bytes_per_step"] / (row["copy_gbps"] / 2 * 1e9)),
+                                  row["matmul_gflops"] * 1e9 / costs["flops_per_token"])
+        row["ours_decode_share"] = rows / row["ours_decode_step_s"] / row["decode_bound"]
         rounds.append(row)
         print(f"[round {r}] " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     bandwidth_bound = rows / (costs["bytes_per_step"] / (median["copy_gbps"] / 2 * 1e9))
     compute_bound = median["matmul_gflops"] * 1e9 / costs["flops_per_token"]
     bound = min(bandwidth_bound, compute_bound)
+    weights_bound = rows / median["weights_read_s"]
     generated = rows * tokens
     rate = {name: generated / median[f"{name}_s"] for name in ("ours", "ours_hf_forward", "hf_generate") if f"{name}_s" in median}
     decode = {name: rows / median[f"{name}_decode_step_s"] for name in ("ours", "ours_hf_forward")}
     threads = torch.get_num_threads() if device == "cpu" else None
     loads = ", ".join(f"{r['load_average']:.1f}" for r in rounds)
+    shares = ", ".join(f"{r['ours_decode_share']:.0%}" for r in rounds)
     lines = [
         f"## Generation, config `{args.config}`",
         "",
@@ -232,7 +294,10 @@ def main(args: Args) -> None:
         f"(read+write) | | |",
         f"| decode bound, bandwidth ({costs['bytes_per_step'] / 1e6:.0f} MB read per step) | {bandwidth_bound:.0f} | |",
         f"| decode bound, compute ({costs['flops_per_token'] / 1e6:.0f} MFLOP per token) | {compute_bound:.0f} | |",
-        f"| eval.generate, decode only | {decode['ours']:.0f} | {decode['ours'] / bound:.0%} |",
+        f"| (reading this model's weights once per step, measured: {median['weights_read_s'] * 1e3:.0f} ms) | "
+        f"{weights_bound:.0f} | |",
+        f"| eval.generate, decode only | {decode['ours']:.0f} | {decode['ours'] / bound:.0%} "
+        f"(per round: {shares}) |",
         f"| eval.generate, end to end (prefill included) | {rate['ours']:.0f} | {rate['ours'] / bound:.0%} |",
         f"| eval.generate through the HF forward (`fast_decode=False`), decode only | {decode['ours_hf_forward']:.0f} | "
         f"{decode['ours_hf_forward'] / bound:.0%} |",
@@ -241,6 +306,14 @@ def main(args: Args) -> None:
     if "hf_generate" in rate:
         lines.append(f"| HF `model.generate` (sampling), end to end | {rate['hf_generate']:.0f} | {rate['hf_generate'] / bound:.0%} |")
     lines += [
+        "",
+        f"**Paired measurement** ({paired['pairs']} decode steps of the fast decoder at token {tokens // 2}, each timed "
+        f"beside a read of every weight and prompt KV once and a {cfg['matmul'] // 2}^3 matmul): step "
+        f"{paired['step_s'] * 1e3:.0f} ms, read {paired['read_bytes'] / 1e6:.0f} MB in {paired['read_s'] * 1e3:.0f} ms "
+        f"({paired['read_gbps']:.1f} GB/s), matmul {paired['matmul_gflops']:.1f} GFLOP/s (medians). The step at "
+        f"**{paired['share_of_bound']:.0%} of its bound** (median over pairs of max(read, matmul time) / step time; "
+        f"quartiles {paired['share_quartiles'][0]:.0%}-{paired['share_quartiles'][1]:.0%}): "
+        f"{rows / paired['step_s']:.0f} tok/s against {rows / max(paired['read_s'], costs['flops_per_token'] * rows / paired['matmul_gflops'] / 1e9):.0f}.",
         "",
         f"Sampling ({rows} x {model.config.vocab_size} logits): {median['sample_s'] * 1e3:.2f} ms per token "
         f"({median['sample_share']:.1%} of a decode step); the former per-row CPU-generator Gumbel sampler "
@@ -253,7 +326,7 @@ def main(args: Args) -> None:
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(dict(
         args=asdict(args), prompt_lengths=list(map(len, prompts)), source=source, threads=threads, costs=costs,
-        rounds=rounds, median=median, bounds=dict(bandwidth=bandwidth_bound, compute=compute_bound),
+        rounds=rounds, median=median, bounds=dict(bandwidth=bandwidth_bound, compute=compute_bound), paired=paired,
         end_to_end_tok_s=rate, decode_tok_s=decode), indent=1) + "\n")
     print(f"wrote {out}.md and .json")
 
