@@ -259,9 +259,8 @@ def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args
 # Rule-aware Reward Shaping, segment credit: each criterion's advantage on the tokens of its line
 # ==================================================================================================
 def criterion_credit(score: R.Score) -> dict[str, float | None]:
-    """Per criterion: 1 if stated correctly (gated like RRS: parses and adheres), 0 if not, None if gold unknown."""
-    gate = score.format_ok and score.adherent
-    return {name: None if ok is None else float(ok and gate) for name, ok in score.criteria.items()}
+    """Per criterion: 1 if stated correctly (gated like RRS: the answer parses), 0 if not, None if gold unknown."""
+    return {name: None if ok is None else float(ok and score.format_ok) for name, ok in score.criteria.items()}
 
 
 def criterion_token_indices(tokenizer, completion: list[int], spans: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
