@@ -78,11 +78,12 @@ def test_rrs_values_and_hard_gate():
     assert [s.correct for s in scores] == [True, True, False, False]
     assert [s.adherent for s in scores] == [True, False, True, False]
     assert [s.format_ok for s in scores] == [True, True, True, False]
-    # good: 1 + 0.5 * 4/4 + 0.25; non-adherent: outcome only (no criterion credit, no rule credit);
-    # wrong but adherent: 0.5 * 3/4 (negation is unknown: not counted) + 0.25; unparseable: the penalty only
-    assert seq == pytest.approx([1.75, 1.0, 0.625, -0.7])
+    # good: 1 + 0.5 * 4/4 + 0.25; non-adherent: outcome and its 3/4 right criteria, no rule credit;
+    # wrong but adherent: 0.5 * 3/4 (negation is unknown: not counted), no rule credit for a wrong label;
+    # unparseable: the penalty only
+    assert seq == pytest.approx([1.75, 1.375, 0.375, -0.7])
     _, segment = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=True, rrs_credit="segment", **weights))
-    assert segment == pytest.approx([1.25, 1.0, 0.25, -0.7])  # w_crit leaves the scalar in segment credit
+    assert segment == pytest.approx([1.25, 1.0, 0.0, -0.7])  # w_crit leaves the scalar in segment credit
     _, off = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=False, **weights))
     assert off == [1.0, 1.0, 0.0, 0.0]
     _, grpo_rewards = grpo.score_group(texts, EXAMPLE, TAOBAO4, grpo.Args())
@@ -90,7 +91,7 @@ def test_rrs_values_and_hard_gate():
 
     credit = [agrl.criterion_credit(s) for s in scores]
     assert credit[0] == dict(category=1.0, brand=1.0, color=1.0, specs=1.0, negation=None)
-    assert credit[1] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: non-adherent
+    assert credit[1] == dict(category=0.0, brand=1.0, color=1.0, specs=1.0, negation=None)  # format is the only gate
     assert credit[2] == dict(category=1.0, brand=1.0, color=0.0, specs=1.0, negation=None)
     assert credit[3] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: unparseable
 
@@ -100,8 +101,8 @@ def test_identical_rrs_rewards_give_zero_advantage():
     text = answer("Excellent", brand="n/a", color="n/a")  # correct, adherent, 3 of 5 criteria right
     _, group_rewards = agrl.score_group([text] * 8, example, TAOBAO4, agrl.Args())
     assert group_rewards == pytest.approx([1.8] * 8)
-    advantages = agrl.group_advantages(torch.tensor([group_rewards]), "group", 2.0)
-    assert torch.equal(advantages, torch.zeros(1, 8))
+    advantages = agrl.group_advantages([group_rewards], "group", 2.0)[0]
+    assert torch.equal(advantages, torch.zeros(8))
 
 
 # ==================================================================================================
@@ -236,7 +237,7 @@ def escalation_run(tmp_path_factory):
                      max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(out),
                      run_name="agr", dynamic_sampling=False, agr_k=3, agr_buffer_size=2, agr_tau=0.25,
                      agr_max_level=2, agr_recover=0.5, agr_ema=0.5, save_every=1, keep_last=10, lr=1e-3,
-                     warmup_steps=1, seed=1)
+                     warmup_steps=1, seed=1, agr_guide="hint", agr_replay_delay=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "generate", generate)
         mp.setattr(agrl, "score_group", score)
@@ -305,7 +306,7 @@ def test_guided_rows_trained_under_unguided_prompt_in_run(escalation_run, tokeni
 
 
 # ==================================================================================================
-# 4. replace_lowest
+# 4. Mixing guided answers into the group
 # ==================================================================================================
 def make_group(rewards_: list[float]) -> dict:
     G = len(rewards_)
@@ -326,7 +327,7 @@ def candidate(i: int) -> dict:
 def test_replace_lowest(n, replaced):
     group = make_group([0.5, -0.5, 1.0, -0.5])  # a tie at -0.5: index 1 before index 3
     before = copy.deepcopy(group)
-    out = agrl.replace_lowest(group, [candidate(i) for i in range(n)])
+    out = agrl.mix_into(group, [candidate(i) for i in range(n)])
     assert group == before  # the input group is not touched
     assert out["prompt"] == [1, 2, 3] and out["position"] == 7 and out["example_index"] == 3
     for key in agrl.GROUP_FIELDS:
@@ -341,6 +342,14 @@ def test_replace_lowest(n, replaced):
             assert all(out[key][j] == before[key][j] for key in agrl.GROUP_FIELDS)
 
 
+def test_mix_append_grows_the_group():
+    group = make_group([0.5, -0.5, 1.0, -0.5])
+    out = agrl.mix_into(group, [candidate(0), candidate(1)], "append")
+    assert len(group["rewards"]) == 4
+    for key in agrl.GROUP_FIELDS:
+        assert out[key][:4] == group[key] and out[key][4:] == [candidate(0)[key], candidate(1)[key]]
+
+
 # ==================================================================================================
 # 5. Guided completions are trained under the unguided prompt
 # ==================================================================================================
@@ -351,14 +360,15 @@ def test_training_rows_use_unguided_prompt(tokenizer):
     group = make_group([0.0, 1.0, 0.0, 1.0])
     group.update(prompt=unguided, completions=[[5, 6], [7], [8, 9, 10], [11]],
                  old_logprobs=[[-1.0, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-0.1]],
-                 guided=[False, True, False, True])
-    advantages = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
+                 guided=[False, True, False, True], forced=[0, 1, 0, 1])
+    advantages = [torch.tensor([-1.0, 1.0, -1.0, 1.0])]
     rows = agrl.training_rows([group], advantages)
     assert [r["guided"] for r in rows] == [False, True, False, True]
+    assert [r["forced"] for r in rows] == [0, 1, 0, 1]
     for j, r in enumerate(rows):
         assert r["prompt"] == unguided and r["prompt"] != guided_prompt
         assert r["completion"] == group["completions"][j] and r["old_logprobs"] == group["old_logprobs"][j]
-        assert r["advantages"] == [advantages[0, j].item()] * len(group["completions"][j])
+        assert r["advantages"] == [advantages[0][j].item()] * len(group["completions"][j])
     per_token = [[[0.1, 0.2], [0.3], [0.4, 0.5, 0.6], [0.7]]]
     rows = agrl.training_rows([group], advantages, per_token)
     assert [r["advantages"] for r in rows] == per_token[0]
@@ -376,7 +386,7 @@ def correction_batch():
     old = logp0 - delta  # ratios exp(delta): 2.7 and 2.5 exceed the cap 2, 0.6 and 1.35 are clipped in PPO
     adv = torch.tensor([0.8, -1.1, -0.6, 1.4])[:, None].expand(B, T).clone()
     mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).float()
-    guided = torch.tensor([[False], [True], [False], [True]])
+    guided = torch.tensor([[False], [True], [False], [True]]).expand(B, T)  # whole rows forced (hint, target)
     return logp0, old, adv, mask, guided
 
 
@@ -387,7 +397,7 @@ def test_off_policy_corrections(correction):
     weights = mask * torch.tensor([1.0, 0.5, 2.0, 0.25])[:, None]  # arbitrary aggregation weights
 
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, guided=guided, correction=correction,
+    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, forced=guided, correction=correction,
                              gamma=gamma, is_cap=cap)
     loss.backward()
     plain_logp = logp0.clone().requires_grad_(True)
@@ -425,7 +435,7 @@ def test_no_guided_rows_is_grpo_loss():
     logp0, old, adv, mask, _ = correction_batch()
     for correction in ("shaping", "is", "none"):
         a, sa = agrl.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1,
-                               guided=torch.zeros(4, 1, dtype=torch.bool), correction=correction)
+                               forced=torch.zeros(4, 5, dtype=torch.bool), correction=correction)
         b, sb = grpo.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1)
         assert a.item() == b.item() and all(sa[k].item() == sb[k].item() for k in sb)
 
