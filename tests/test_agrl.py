@@ -464,3 +464,111 @@ def test_off_off_equals_grpo(tmp_path, monkeypatch):
     assert wa.keys() == wg.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wg[k], atol=1e-6, rtol=0)
+
+
+# ==================================================================================================
+# 9. Guidance a small policy can use: prefix and target modes, and replay that recurs
+# ==================================================================================================
+def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
+    """A tiny-random run in which the policy's own answers never parse (every group stagnant) and a
+    guided answer counts as correct when it starts with the gold answer's first segment (the scoring
+    stands in for a continuation that completes it). Returns the training rows and groups of each step."""
+    real_score, real_rows = agrl.score_group, agrl.training_rows
+    seen = dict(rows=[], groups=[])
+
+    def score(texts, example, rulebook, args):
+        good = D.sft_target(example, rulebook, args.order)
+        head = good[:good.index("</label>" if args.order == "label_first" else "</criteria>")]
+        return real_score([good if t.startswith(head) else "no" for t in texts], example, rulebook, args)
+
+    def rows(groups, advantages, *a, **kw):
+        seen["groups"].append(groups)
+        seen["rows"].append(real_rows(groups, advantages, *a, **kw))
+        return seen["rows"][-1]
+
+    args = agrl.Args(**dict(dict(
+        model="tiny-random", dataset="synthetic", limit=16, total_steps=1, prompts_per_step=2, group_size=4,
+        max_new_tokens=48, micro_batch_size=4, device="cpu", eval_limit=1, output_dir=str(tmp_path),
+        run_name=f"{guide}-{order}", agr_k=2, lr=1e-3, warmup_steps=1, seed=1, agr_guide=guide, order=order,
+        ds_max_tries=0), **overrides))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(agrl, "score_group", score)
+        mp.setattr(agrl, "training_rows", rows)
+        agrl.main(args)
+    return args, seen
+
+
+@pytest.mark.parametrize("order", ["label_first", "think_first"])
+def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, order):
+    args, seen = guided_run(tmp_path, "prefix", order)
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=16).examples
+    policy = E.load_model("tiny-random", "cpu")[0]  # the policy that sampled step 1 (seeded init)
+    guided = [(g, j) for g in seen["groups"][0] for j in range(len(g["guided"])) if g["guided"][j]]
+    assert len(guided) == 2 * args.agr_k  # both groups stagnant, every guided answer kept
+    for group, j in guided:
+        example = examples[group["example_index"]]
+        completion, forced = group["completions"][j], group["forced"][j]
+        segment = agrl.gold_segment_ids(tokenizer, example, R.TAOBAO4, order)
+        target = tokenizer.encode(D.sft_target(example, R.TAOBAO4, order), add_special_tokens=False)
+        # the forced tokens are exactly the SFT target's tokens that spell the first segment, and no more
+        assert completion[:forced] == segment == target[:len(segment)] and forced == len(segment) < len(completion)
+        text = tokenizer.decode(segment)
+        tag = "</label>\n" if order == "label_first" else "</criteria>\n"
+        assert text.endswith(tag) and text.count(tag) == 1
+        # the stored behaviour log-probs of every token equal a teacher-forced forward of the policy on
+        # the *unguided* prompt + completion: the sampled continuation's are exact, on-policy
+        batch = E.pad_batch([group["prompt"]], [completion], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logp = E.token_logprobs(policy, batch, args.temperature)[0][0, :len(completion)]
+        torch.testing.assert_close(torch.tensor(group["old_logprobs"][j]), logp, atol=1e-4, rtol=1e-4)
+    for row in seen["rows"][0]:
+        assert row["prompt"] in [g["prompt"] for g in seen["groups"][0]]  # trained under the unguided prompt
+    assert all(r["forced"] == 0 for r in seen["rows"][0] if not r["guided"])
+
+
+def test_prefix_correction_applies_to_forced_tokens_only():
+    logp0, old, adv, mask, _ = correction_batch()
+    forced = torch.zeros_like(mask, dtype=torch.bool)
+    forced[1, :2] = True  # row 1: two forced tokens, then its own continuation
+    logp = logp0.clone().requires_grad_(True)
+    loss, _ = agrl.grpo_loss(logp, old, adv, mask, 0.2, 0.28, forced=forced, correction="shaping", gamma=0.1)
+    loss.backward()
+    plain_logp = logp0.clone().requires_grad_(True)
+    grpo.grpo_loss(plain_logp, old, adv, mask, 0.2, 0.28)[0].backward()
+    torch.testing.assert_close(logp.grad[~forced], plain_logp.grad[~forced])  # sampled tokens: clipped ratio
+    p = logp0.exp()
+    shaping_grad = (-adv * 0.1 * p / (p + 0.1) ** 2) * mask
+    torch.testing.assert_close(logp.grad[forced], shaping_grad[forced])
+
+
+def test_target_guidance_is_the_sft_target(tmp_path, tokenizer):
+    args, seen = guided_run(tmp_path, "target")
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=16).examples
+    guided = [(g, j) for g in seen["groups"][0] for j in range(len(g["guided"])) if g["guided"][j]]
+    assert len(guided) == 2  # one target per stagnant group, no generation
+    metrics = read_metrics(tmp_path / "target-label_first")[0]
+    assert metrics["completions_generated"] == args.prompts_per_step * args.group_size  # targets cost no generation
+    for group, j in guided:
+        _, labels, _ = D.encode_sft(tokenizer, examples[group["example_index"]], R.TAOBAO4, "label_first")
+        target = [t for t in labels if t != -100]
+        assert group["completions"][j] == target and group["forced"][j] == len(target)
+
+
+def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
+    """Every group stays stagnant: each prompt is re-queued and returns agr_replay_delay steps later,
+    taking at most half of a step's prompts, while the stream keeps moving."""
+    args, seen = guided_run(tmp_path, "hint", total_steps=5, prompts_per_step=2, agr_replay_delay=2, max_new_tokens=4,
+                            run_name="requeue", dynamic_sampling=False)
+    metrics = read_metrics(tmp_path / "requeue")
+    per_step = [[g["example_index"] for g in groups] for groups in seen["groups"]]
+    positions = [[g["position"] for g in groups] for groups in seen["groups"]]
+    assert [m["agr_returned"] for m in metrics] == [0, 0, 1, 1, 1]
+    assert [m["agr_requeued"] for m in metrics] == [2] * 5  # a returning prompt that is still stagnant goes back in
+    assert [m["agr_queue_length"] for m in metrics] == [2, 4, 5, 6, 7]
+    assert [m["agr_recovered"] for m in metrics] == [0] * 5
+    assert [m["data_position"] for m in metrics] == [2, 4, 5, 6, 7]
+    # the prompts come back oldest first, one a step (half the batch): step 1's two, then step 2's first
+    assert per_step[2][0] == per_step[0][0] and per_step[3][0] == per_step[0][1] and per_step[4][0] == per_step[1][0]
+    assert all(p[0] >= agrl.REPLAY_KEY > p[1] for p in positions[2:]) and all(p < agrl.REPLAY_KEY for p in positions[0] + positions[1])
+    # its seed key is new, so its samples are fresh
+    assert len({p for ps in positions for p in ps}) == sum(len(ps) for ps in positions)
