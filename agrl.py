@@ -435,12 +435,15 @@ def keeps(group: dict, args: Args) -> bool:
 
 
 def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
-    """Share of each predicted label (None: unreadable) over the policy's samples, and their entropy:
-    a collapse onto one label shows as one share going to 1 and the entropy to 0."""
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
     predicted = [label for g in groups for label in g["labels"]]
     shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
     entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
-    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy}
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
+            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
 
 
 def training_rows(groups: list[dict], advantages: list[torch.Tensor], token_advantages: list | None = None) -> list[dict]:
@@ -535,7 +538,7 @@ def main(args: Args) -> dict:
             texts = out.texts[i * G:(i + 1) * G]
             scores, group_rewards = score_group(texts, example, rulebook, args)
             groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
                 completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
                 truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
