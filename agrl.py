@@ -4,13 +4,16 @@
     python agrl.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 This file is grpo.py with two ideas added (`diff grpo.py agrl.py` shows exactly them):
-- RRS: reward = w_out * outcome + w_crit * criteria correct + w_rule * rule adherence, gated (an
-  unparseable answer gets the format penalty only, a self-contradicting one no criterion credit);
-  "segment" credit puts each criterion's own group-normalised advantage on the tokens of its line.
-- AGR: a group whose accuracy is <= tau is stagnant; we sample K completions from the prompt plus
-  escalating ground-truth guidance, keep the correct and rule-adherent ones, let them replace the
-  group's lowest-reward rollouts, and learn them under the *unguided* prompt with an off-policy
-  correction. Successful guided answers go into a per-prompt replay buffer used first next time.
+- RRS: reward = w_out * outcome + w_crit * criteria stated correctly + w_rule * rule adherence of a
+  correct label, gated (an unparseable answer gets the format penalty only), so a wrong label never
+  earns by rationalising itself; "segment" credit puts each criterion's own group-normalised
+  advantage on the tokens of its line.
+- AGR: a group whose accuracy is <= tau is stagnant; its prompt is re-queued to come back a few steps
+  later, and we make guided answers: by default the gold answer's first segment forced as the start
+  of the response and the rest sampled by the policy (or the SFT target, or a hint in the prompt);
+  the correct, well-formed and rule-adherent ones replace the group's lowest-reward rollouts and are
+  learned under the *unguided* prompt, their forced tokens with an off-policy correction. Successful
+  guided answers go into a per-prompt replay buffer used first next time.
 With --no-rrs --no-agr this script makes the same updates as grpo.py.
 """
 

@@ -1,11 +1,11 @@
-"""TaoSR1 stage 3: GRPO with the sparse outcome reward and difficulty-based dynamic sampling.
+"""TaoSR1 stage 3: GRPO with the sparse outcome reward and dynamic sampling.
 
     python grpo.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --num-gpus 8
     python grpo.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 One step, in the order it runs: take prompts from the shuffled stream -> sample a group of G
 completions each (token ids and behaviour log-probs) -> score -> group-normalised advantages ->
-dynamic sampling (drop groups that are too easy or too hard, refill) -> one or more optimizer updates
+dynamic sampling (drop groups whose rewards do not vary, refill) -> one or more optimizer updates
 over micro-batches with the clipped token-level loss below -> log -> checkpoint.
 """
 
