@@ -209,7 +209,10 @@ def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     the memory traffic of int64, the same bits); 23-bit uniforms (m + 1/2) / 2^23, exact in float32 and
     strictly inside (0, 1), so the noise is finite.
     """
-    x = (keys - ((keys >> 31) << 32)).to(torch.int32)[:, None] ^ (vocab_hash - ((vocab_hash >> 31) << 32)).to(torch.int32)
+    def as_int32(v):  # the same 32 bits, as a signed int32
+        return (v - ((v >> 31) << 32)).to(torch.int32)
+
+    x = as_int32(keys)[:, None] ^ as_int32(vocab_hash)
     x ^= (x >> 16) & 0xFFFF
     x *= 0x7FEB352D
     x ^= (x >> 15) & 0x1FFFF
