@@ -35,6 +35,13 @@ from tqdm.auto import tqdm
 import data as D
 import rewards as R
 
+UserError = D.UserError  # bad flags, data, model name or run folder: one line and exit 2 (see `cli`)
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on (NaN after NaN, nothing to train on): one line and exit 1 (see `cli`)."""
+
+
 # ==================================================================================================
 # Models
 # ==================================================================================================
@@ -134,22 +141,63 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
         model = tiny_random_model(tokenizer).to(torch_dtype)
     else:
         path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
+        if resolved != name:
+            tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
+        elif "/" in name:
+            tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
+        tried = f"Cannot load model {name!r}. Tried: " + "; ".join(tried) + ". Aliases: smollm2-135m, tiny-random."
+        unreachable = None if Path(str(path)).exists() else hub_unreachable(resolved)
+        if unreachable:  # before transformers' own attempt, which retries an unreachable hub for a minute
+            raise FileNotFoundError(f"{tried} Cause: {unreachable}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
-            if resolved != name:
-                tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
-            elif "/" in name:
-                tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
-            raise FileNotFoundError(f"Cannot load model {name!r}. Tried: " + "; ".join(tried) +
-                                    f". Aliases: smollm2-135m, tiny-random. Cause: {type(e).__name__}: {str(e)[:300]}") from e
+            raise FileNotFoundError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
     if tokenizer.chat_template is None:
-        raise ValueError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
+        raise UserError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot give this model now, or None (cached, or the hub answers).
+
+    Checked before loading, because transformers retries an unreachable hub for most of a minute. The
+    name lookup runs in a thread so that a hanging resolver cannot hold us past `timeout` either.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    with contextlib.suppress(Exception):
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"HF_HUB_OFFLINE is set and the hub id {repo_id} is not in the local Hugging Face cache"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if outcome and outcome[0] is None:
+        return None
+    why = outcome[0] if outcome else f"no answer within {timeout + 1:.0f} s"
+    return (f"the hub id {repo_id} is not in the local Hugging Face cache and {host} cannot be reached ({why}); "
+            f"download it where there is a network, or pass a local directory")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -477,6 +525,16 @@ def classification_metrics(gold: list[str], predicted: list[str | None], labels:
     )
 
 
+def label_shares(texts: list[str], rulebook: R.Rulebook, order: str = "label_first") -> dict[str, float]:
+    """Share of outputs predicting each label (and none readable): `label_share/<label>` metrics, whose curves
+    show a policy collapsing onto one label long before accuracy does."""
+    labels = [R.parse_output(t, rulebook, order).label for t in texts]
+    n = max(1, len(labels))
+    shares = {f"label_share/{label}": sum(x == label for x in labels) / n for label in rulebook.labels}
+    shares["label_share/none"] = sum(x not in rulebook.labels for x in labels) / n
+    return shares
+
+
 def natural_and_balanced(examples: list[D.Example], predicted, rulebook: R.Rulebook, format_ok=None, adherent=None,
                          seed: int = 0) -> dict:
     """Metrics on the natural distribution (top level) and on a class-balanced resample of it."""
@@ -540,16 +598,17 @@ def plot_confusion(metrics: dict, labels: tuple[str, ...], path: Path, title: st
 
 
 def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
-    """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate."""
-    head = "| run | sample | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
-    lines = [head, "|" + "---|" * (len(labels) + 6)]
+    """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate,
+    and n, the examples each row was scored on."""
+    head = "| run | sample | n | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
+    lines = [head, "|" + "---|" * (len(labels) + 7)]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for name, m in rows.items():
         for sample, mm in (("natural", m), ("balanced", m.get("balanced"))):
             if mm is None:
                 continue
             f1s = " | ".join(fmt(mm["per_class"].get(label, {}).get("f1")) for label in labels)
-            lines.append(f"| {name} | {sample} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
+            lines.append(f"| {name} | {sample} | {mm.get('n', '-')} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
                          f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |")
     return "\n".join(lines)
 
@@ -568,19 +627,93 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Arguments a resumed run may change: how long it runs, how it evaluates, logs and saves, where it runs.
+# Any other difference (model, data, sizes, learning rate, reward weights, ...) would make the resumed run a
+# different run from the one its checkpoint and metrics come from, so `--resume` refuses it.
+RESUME_MAY_CHANGE = frozenset({
+    "total_steps", "generation_budget", "eval_limit", "eval_split", "log_every", "log_samples_every", "save_every",
+    "keep_last", "track", "wandb_project", "wandb_group", "output_dir", "run_name", "resume", "overwrite", "device",
+    "num_gpus", "gen_batch_size", "max_nan_skips", "max_empty_steps", "vllm_gpu_memory"})
+OPEN_RUNS: list[Run] = []  # closed by `cli` however a script ends, so that every run gets its curves.png
+
+
+def _jsonable(args) -> dict:
+    return json.loads(json.dumps(asdict(args), default=str))
+
+
+def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
+    """Make sure a new run never mixes with an old one; returns what args.json should record.
+
+    A folder that holds a previous run is refused unless `--resume` (continue it: same script, and no
+    argument that changes the math may differ) or `--overwrite` (delete it, then start clean).
+    """
+    record = dict(script=script, **_jsonable(args))
+    old_args = run_dir / "args.json"
+    used = run_dir.exists() and any(run_dir.iterdir())
+    if getattr(args, "resume", False) and script != "eval":
+        if not old_args.exists():
+            what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
+            raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
+                            f"to start a new run")
+        old = json.loads(old_args.read_text())
+        if old.get("script") != script:
+            raise UserError(f"--resume: {run_dir} holds a {old.get('script')} run, not a {script} run")
+        changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
+        refused = {k: pair for k, pair in changed.items() if k not in RESUME_MAY_CHANGE}
+        if refused:
+            raise UserError(f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
+                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                            + "; resume with the run's values, or start a new run (--run-name, or --overwrite)")
+        record["resumes"] = old.get("resumes", [])
+        accepted = {k: pair for k, pair in changed.items() if k not in ("resume", "overwrite")}
+        if accepted:
+            print(f"[resume] {run_dir}: accepted changes (recorded in args.json): "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()))
+            record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
+        return record
+    if used:
+        if not getattr(args, "overwrite", False):
+            raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
+                            f"--overwrite to delete it and start clean, or choose another --run-name")
+        if not old_args.exists():
+            raise UserError(f"--overwrite: {run_dir} is not a run folder (no args.json); not deleting it")
+        shutil.rmtree(run_dir)
+        print(f"[overwrite] deleted the previous run in {run_dir}")
+    return record
+
+
+def describe_run(run_dir: Path) -> str:
+    """'a grpo run, 3 metric lines, checkpoints up to step 3' for messages."""
+    parts = []
+    with contextlib.suppress(Exception):
+        parts.append(f"a {json.loads((run_dir / 'args.json').read_text())['script']} run")
+    if (run_dir / "metrics.jsonl").exists():
+        parts.append(f"{len((run_dir / 'metrics.jsonl').read_text().splitlines())} metric lines")
+    steps = sorted((run_dir / "checkpoints").glob("step-???????"))
+    if steps:
+        parts.append(f"checkpoints up to step {int(steps[-1].name[5:])}")
+    if (run_dir / "eval.json").exists():
+        parts.append("eval.json")
+    return ", ".join(parts) or ", ".join(sorted(p.name for p in run_dir.iterdir())[:5])
+
+
 class Run:
-    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb."""
+    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb.
+
+    The folder belongs to one run (prepare_run_dir); `finish` draws curves.png from metrics.jsonl.
+    """
 
     def __init__(self, args, script: str):
         self.dir = Path(args.output_dir) / args.run_name
         self.main = is_main_process()
         self.wandb = None
+        self.finished = False
         if not self.main:
             return
+        record = prepare_run_dir(self.dir, args, script)
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "args.json", dict(script=script, **asdict(args)))
-        if not args.resume:
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json(self.dir / "args.json", record)
+        OPEN_RUNS.append(self)
         if getattr(args, "track", False):
             import wandb
 
@@ -624,10 +757,65 @@ class Run:
             self.wandb.log({"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step)
 
     def finish(self, summary: dict | None = None) -> None:
+        """At the end, or when the run stops early: curves.png, then the wandb summary. Once."""
+        if not self.main or self.finished:
+            return
+        self.finished = True
+        if self in OPEN_RUNS:
+            OPEN_RUNS.remove(self)
+        plot_curves(self.dir)
         if self.wandb:
             if summary:
                 self.wandb.summary.update(flatten(summary))
             self.wandb.finish()
+
+
+# What curves.png shows, one panel each, from the metric lines that have them.
+CURVE_PANELS = {
+    "reward": ("reward_mean",), "accuracy": ("accuracy",), "format / adherence": ("format_rate", "adherence_rate"),
+    "loss": ("loss",), "KL": ("approx_kl", "ref_kl"), "entropy": ("entropy",),
+    "groups kept / dropped": ("groups_kept", "groups_dropped"),
+    "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"), "DPO pair accuracy": ("reward_accuracy",),
+    "grad norm": ("grad_norm",),
+}
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png: every training metric of CURVE_PANELS over steps, and the predicted label shares."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [m for m in lines if m.get("step", 0) > 0]
+    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share/")))  # rulebook order
+    panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
+    if shares:
+        panels["predicted label shares"] = tuple(shares)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for key in keys:
+            points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share/"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(Path(run_dir).name, fontsize=11)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
 
 
 def _netrc_has(host: str) -> bool:
@@ -836,7 +1024,7 @@ class Args:
     data_path: str | None = None
     """file or folder of the dataset (not needed for synthetic)"""
     split: str = "dev"
-    """split to evaluate"""
+    """split to evaluate: train | dev | test (a single data file has train and dev; all: the whole file)"""
     field_map: str | None = None
     """for jsonl/csv: our_field=their_column pairs, comma separated"""
     label_map: str | None = None
@@ -872,7 +1060,9 @@ class Args:
     wandb_project: str = "agrl"
     """wandb project"""
     resume: bool = False
-    """unused by eval; kept for the common contract"""
+    """unused by eval (an evaluation has nothing to continue; --overwrite replaces one)"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
     compare: tuple[str, ...] = ()
     """instead of evaluating: build a comparison table and bar chart from these finished run folders"""
 
@@ -885,10 +1075,13 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
     metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
                                 args.max_new_tokens, args.batch_size, args.label_only, args.tier_threshold, seed=args.seed)
     metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}
+    metrics["sample"] = dict(dataset=args.dataset, data_path=args.data_path, split=args.split, limit=args.limit,
+                             seed=args.seed, label_only=args.label_only, max_new_tokens=args.max_new_tokens)
     if is_main_process():
         out_dir = Path(args.output_dir) / args.run_name
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "eval.json", metrics)
+        write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
         with open(out_dir / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         plot_confusion(metrics, dataset.rulebook.labels, out_dir / "confusion.png",
@@ -932,6 +1125,11 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
             raise FileNotFoundError(f"{path} missing: is {folder} a finished run?")
         rows[Path(folder).name] = json.loads(path.read_text())
     labels = tuple(next(iter(rows.values()))["per_class"])
+    samples = {name: (m.get("n"), json.dumps(m.get("sample"), sort_keys=True)) for name, m in rows.items()}
+    if len(set(samples.values())) > 1:
+        print("warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
+              + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
+              file=sys.stderr)
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
@@ -951,6 +1149,37 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     return table
 
 
+def _sample_text(sample: dict | None) -> str:
+    if not sample:
+        return "(sample not recorded)"
+    return f"{sample['dataset']}/{sample['split']} limit {sample['limit']} seed {sample['seed']}" + \
+        (" label-only" if sample.get("label_only") else "")
+
+
+def cli(main, args_class) -> None:
+    """Every script's command line: flags -> main(args). A user error (flags, data, model, run folder) is one
+    line on stderr and exit 2, a run that had to stop one line and exit 1, without a traceback unless
+    AGRL_DEBUG=1; however the script ends, its open runs get their curves.png."""
+    args = tyro.cli(args_class)
+    debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
+    try:
+        main(args)
+    except (UserError, FileNotFoundError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        if debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for run in list(OPEN_RUNS):
+            with contextlib.suppress(Exception):
+                run.finish()
+
+
 def main(args: Args) -> None:
     if args.compare:
         out = Path(args.output_dir) / (args.run_name or "comparison")
@@ -958,13 +1187,12 @@ def main(args: Args) -> None:
         print(f"wrote {out}/comparison.md, comparison.json, comparison.png")
         return
     args.run_name = args.run_name or f"eval-{Path(args.model).name}-{args.dataset}-{args.split}"
-    run = Run(args, "eval") if args.track else None
+    run = Run(args, "eval")
     metrics = run_eval(args, run=run)
     print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     print(f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json")
-    if run:
-        run.finish()
+    run.finish()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args)

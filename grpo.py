@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import tyro
 from tqdm.auto import tqdm
 
 import data as D
@@ -31,9 +31,9 @@ import rewards as R
 
 @dataclass
 class Args:
-    model: str = "Qwen/Qwen2.5-7B-Instruct"
-    """policy to train (usually the SFT or DPO checkpoint): alias, hub id, bare name or directory"""
-    dataset: str = "esci"
+    model: str = "smollm2-135m"
+    """policy to train (usually the SFT or DPO checkpoint): alias (smollm2-135m, tiny-random), hub id, bare name or directory"""
+    dataset: str = "synthetic"
     """synthetic | esci | jsonl | csv | parquet"""
     data_path: str | None = None
     """file or folder of the dataset (not needed for synthetic)"""
@@ -51,7 +51,7 @@ class Args:
     """skip malformed rows (each reported in the run folder) instead of stopping"""
     limit: int | None = None
     """train on a seeded sample of this many examples (None: all)"""
-    eval_limit: int | None = 500
+    eval_limit: int | None = 200
     """examples evaluated at the end (None: the whole split)"""
     order: Literal["label_first", "think_first"] = "label_first"
     """output order: label then reasoning (post-CoT, default) or reasoning then label"""
@@ -121,6 +121,8 @@ class Args:
     """prompts per generation forward pass (HF backend)"""
     max_nan_skips: int = 10
     """stop after this many consecutive updates with a NaN/inf loss or gradient"""
+    max_empty_steps: int = 5
+    """stop after this many consecutive steps that train on nothing (every group dropped; 0: never stop)"""
     log_samples_every: int = 10
     """steps between tables of sample completions"""
     save_every: int = 50
@@ -143,6 +145,8 @@ class Args:
     """wandb group (a pipeline puts its stages in one group)"""
     resume: bool = False
     """continue from the run folder's last valid checkpoint"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 # ==================================================================================================
@@ -201,6 +205,18 @@ def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: flo
 def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args) -> tuple[list[R.Score], list[float]]:
     scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts]
     return scores, [R.grpo_reward(s) for s in scores]
+
+
+def empty_step_cause(metrics: dict, dropped: dict) -> str:
+    """The likely reason why dynamic sampling dropped every group, and what to do."""
+    if metrics["format_rate"] == 0:
+        return ("the policy never produced a parseable answer (format rate 0"
+                + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
+                + "): start from an SFT checkpoint (sft.py)")
+    if dropped["all_correct"] > dropped["all_wrong"]:
+        return "every group was answered right by all its completions: the prompts are too easy for this policy (--ds-high 1 keeps them)"
+    return (f"every group was answered wrong by all its completions (accuracy {metrics['accuracy']:.2f}): start from "
+            "a better SFT checkpoint, raise --group-size, or keep all-wrong groups with --ds-low 0")
 
 
 def training_rows(groups: list[dict], advantages: torch.Tensor) -> list[dict]:
@@ -297,7 +313,7 @@ def main(args: Args) -> dict:
         return groups
 
     # --- training loop -------------------------------------------------------------------------
-    nan_skips = 0
+    nan_skips, empty_steps = 0, 0
     progress = tqdm(range(step, args.total_steps), desc="grpo", disable=not run.main, initial=step, total=args.total_steps)
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
@@ -322,6 +338,7 @@ def main(args: Args) -> dict:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
             if len(kept) >= args.prompts_per_step:
                 break
+        empty_steps = 0 if kept else empty_steps + 1  # every group dropped: this step trains on nothing
 
         # 4. advantages: group-normalised rewards, broadcast to every completion token
         t0 = time.perf_counter()
@@ -385,7 +402,7 @@ def main(args: Args) -> dict:
                     update_stats["nan_skipped"] += 1
                     optimizer.zero_grad(set_to_none=True)
                     if nan_skips >= args.max_nan_skips:
-                        raise RuntimeError(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
+                        raise E.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
                                            f"stopping at step {step + 1}")
                     continue
                 nan_skips = 0
@@ -423,10 +440,18 @@ def main(args: Args) -> dict:
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
             time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
             step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, completions_generated=generated, **update_stats,
+            data_position=data_position, completions_generated=generated, empty_steps=empty_steps, **update_stats,
+            **E.label_shares([t for g in scored for t in g["texts"]], rulebook, args.order),
         )
         run.log(metrics, step=done)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
+        if empty_steps:
+            tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
+                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)", file=sys.stderr)
+            if empty_steps >= args.max_empty_steps > 0:
+                raise E.RunStopped(f"{empty_steps} steps in a row trained on nothing (--max-empty-steps "
+                                   f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
                                   completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
@@ -451,4 +476,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    E.cli(main, Args)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from tqdm.auto import tqdm
 
 import data as D
@@ -98,6 +97,8 @@ class Args:
     """wandb group (a pipeline puts its stages in one group)"""
     resume: bool = False
     """continue from the run folder's last valid checkpoint"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 def cosine_lr(step: int, args: Args) -> float:
@@ -189,7 +190,7 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise E.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == args.total_steps):
             metrics = dict(loss=window["loss"] / window["steps"], lr=cosine_lr(step, args), grad_norm=grad_norm.item(),
@@ -213,4 +214,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    E.cli(main, Args)
