@@ -650,14 +650,14 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
     record = dict(script=script, **_jsonable(args))
     old_args = run_dir / "args.json"
     used = run_dir.exists() and any(run_dir.iterdir())
-    if getattr(args, "resume", False) and script != "eval":
+    if getattr(args, "resume", False):
         if not old_args.exists():
             what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
             raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
                             f"to start a new run")
         old = json.loads(old_args.read_text())
         if old.get("script") != script:
-            raise UserError(f"--resume: {run_dir} holds a {old.get('script')} run, not a {script} run")
+            raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
         changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
         refused = {k: pair for k, pair in changed.items() if k not in RESUME_MAY_CHANGE}
         if refused:
@@ -683,10 +683,10 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
 
 
 def describe_run(run_dir: Path) -> str:
-    """'a grpo run, 3 metric lines, checkpoints up to step 3' for messages."""
+    """'grpo.py, 3 metric lines, checkpoints up to step 3' for messages."""
     parts = []
     with contextlib.suppress(Exception):
-        parts.append(f"a {json.loads((run_dir / 'args.json').read_text())['script']} run")
+        parts.append(f"{json.loads((run_dir / 'args.json').read_text())['script']}.py")
     if (run_dir / "metrics.jsonl").exists():
         parts.append(f"{len((run_dir / 'metrics.jsonl').read_text().splitlines())} metric lines")
     steps = sorted((run_dir / "checkpoints").glob("step-???????"))
