@@ -39,7 +39,7 @@ CONFIGS = {
              "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
         rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "4", "--resume"],
+            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "4"],
         budget=4 * 8 * 16, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
@@ -95,6 +95,11 @@ def smoothed(values: list[float], window: int = 5) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
+def resume_flag(run_dir: Path) -> list[str]:
+    """An interrupted run is continued; a run folder is never reused without --resume."""
+    return ["--resume"] if (run_dir / "args.json").exists() else []
+
+
 def main(args: Args) -> None:
     config = CONFIGS[args.config]
     seeds, budget = args.seeds or config["seeds"], args.budget or config["budget"]
@@ -106,7 +111,7 @@ def main(args: Args) -> None:
     sft_dir = base / "sft"
     if not (sft_dir / "eval.json").exists():
         run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
-             "--run-name", "sft"], base / "sft.log")
+             "--run-name", "sft", *resume_flag(sft_dir)], base / "sft.log")
     start = str(sft_dir / "checkpoint")
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
@@ -117,7 +122,8 @@ def main(args: Args) -> None:
             run_name = f"{name.lower().replace('+', '-')}-s{seed}"
             if not (base / run_name / "eval.json").exists():
                 todo.append(([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
-                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name],
+                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name,
+                              *resume_flag(base / run_name)],
                              base / f"{run_name}.log"))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -57,7 +57,7 @@ def main(args: Args) -> None:
     # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval.
     start_command = [sys.executable, "eval.py", "--model", args.sft, "--dataset", "synthetic", "--split", "dev",
                      "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
-                     "--run-name", f"{run_name}-start"]
+                     "--run-name", f"{run_name}-start", "--overwrite"]
     print("$", " ".join(start_command), flush=True)
     subprocess.run(start_command, cwd=ROOT, check=True)
     start_eval = json.loads((ROOT / "runs" / f"{run_name}-start" / "eval.json").read_text())
@@ -65,7 +65,7 @@ def main(args: Args) -> None:
                "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
                "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
-               "--run-name", run_name, "--save-every", "1000", *shlex.split(args.extra)]
+               "--run-name", run_name, "--save-every", "1000", "--overwrite", *shlex.split(args.extra)]
     print("$", " ".join(command), flush=True)
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
