@@ -170,3 +170,18 @@ def test_unreachable_model_fails_fast_in_one_line(tmp_path, capsys, monkeypatch)
     line = user_error(in_process(capsys, monkeypatch, "eval.py", "--model", "someorg/judge", "--run-name", "x"))
     assert "HF_HUB_OFFLINE is set" in line
     assert E.hub_unreachable("Qwen/Qwen2.5-no-such-model") is not None
+
+
+def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name, group in (("sft", "pipe-1"), ("agrl", "pipe-1"), ("other", "pipe-2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps(dict(script=name if name != "other" else "grpo",
+                                                                   run_name=name, wandb_group=group)))
+    code, out, _ = in_process(capsys, monkeypatch, "scripts/wandb_report.py", "--group", "pipe-1", "--runs-dir", str(tmp_path))
+    assert code == 0
+    assert out.startswith("offline (WANDB_MODE=offline): the report is not built. It would be:\n"
+                          "report 'pipe-1' in project agrl: runs of wandb group pipe-1\n")
+    assert "Training curves: line of reward_mean, accuracy" in out and "Confusion matrices: media of eval/confusion" in out
+    assert f"local runs of the group under {tmp_path}: 2" in out and "agrl (agrl.py)" in out and "other" not in out
+    assert "wandb sync " in out
