@@ -850,7 +850,7 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
                                      rule="queries with the smallest crc32('agrl-dev:' + query) are dev"))
         if _main_process():
             print(f"data: {file} is one file, split by query with a fixed hash: {len(dev)} of {len(queries)} queries "
-                  f"({DEV_FRACTION:.0%}) are dev, the rest train; the {split} split has {len(in_split)} of "
+                  f"({DEV_FRACTION:.0%}, at least one) are dev, the rest train; the {split} split has {len(in_split)} of "
                   f"{len(examples)} rows (a folder with train and dev files sets the split yourself)")
         examples = in_split
     return examples, stats
