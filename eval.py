@@ -525,16 +525,6 @@ def classification_metrics(gold: list[str], predicted: list[str | None], labels:
     )
 
 
-def label_shares(texts: list[str], rulebook: R.Rulebook, order: str = "label_first") -> dict[str, float]:
-    """Share of outputs predicting each label (and none readable): `label_share/<label>` metrics, whose curves
-    show a policy collapsing onto one label long before accuracy does."""
-    labels = [R.parse_output(t, rulebook, order).label for t in texts]
-    n = max(1, len(labels))
-    shares = {f"label_share/{label}": sum(x == label for x in labels) / n for label in rulebook.labels}
-    shares["label_share/none"] = sum(x not in rulebook.labels for x in labels) / n
-    return shares
-
-
 def natural_and_balanced(examples: list[D.Example], predicted, rulebook: R.Rulebook, format_ok=None, adherent=None,
                          seed: int = 0) -> dict:
     """Metrics on the natural distribution (top level) and on a class-balanced resample of it."""
@@ -776,7 +766,7 @@ CURVE_PANELS = {
     "loss": ("loss",), "KL": ("approx_kl", "ref_kl"), "entropy": ("entropy",),
     "groups kept / dropped": ("groups_kept", "groups_dropped"),
     "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"), "DPO pair accuracy": ("reward_accuracy",),
-    "grad norm": ("grad_norm",),
+    "grad norm": ("grad_norm",), "predicted label entropy": ("label_entropy",),
 }
 
 
@@ -785,7 +775,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     path = Path(run_dir) / "metrics.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     lines = [m for m in lines if m.get("step", 0) > 0]
-    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share/")))  # rulebook order
+    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share_")))  # rulebook order
     panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
     if shares:
         panels["predicted label shares"] = tuple(shares)
@@ -803,7 +793,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         for key in keys:
             points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share/"))
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share_"))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         if len(keys) > 1:

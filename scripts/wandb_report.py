@@ -26,7 +26,7 @@ import tyro
 PANELS = [
     ("Training curves", "line", ["reward_mean", "accuracy", "format_rate", "adherence_rate", "loss", "approx_kl",
                                  "entropy", "groups_kept", "agr_guided_share", "reward_margin"]),
-    ("Predicted label shares", "line", ["label_share/*"]),
+    ("Predicted label shares", "line", ["label_share_*"]),
     ("Final evaluation", "comparison table", ["eval/accuracy", "eval/macro_f1", "eval/format_rate",
                                               "eval/adherence_rate", "eval/n"]),
     ("Confusion matrices", "media", ["eval/confusion"]),
@@ -92,10 +92,10 @@ def plan(args: Args, runs: list[tuple[str, str, Path]]) -> str:
 
 
 def expand(keys: list[str], runs: list[tuple[str, str, Path]]) -> list[str]:
-    """'label_share/*' -> the label_share keys the group's local runs logged (both rulebooks' labels if none)."""
+    """'label_share_*' -> the label_share keys the group's local runs logged (both rulebooks' labels if none)."""
     out = []
     for key in keys:
-        if not key.endswith("/*"):
+        if not key.endswith("*"):
             out.append(key)
             continue
         logged = set()
@@ -105,7 +105,7 @@ def expand(keys: list[str], runs: list[tuple[str, str, Path]]) -> list[str]:
         prefix = key[:-1]
         found = sorted(k for k in logged if k.startswith(prefix))
         out += found or [prefix + label for label in ("Excellent", "Related", "Mismatch", "Irrelevant", "Exact",
-                                                      "Substitute", "Complement", "none")]
+                                                      "Substitute", "Complement", "invalid")]
     return out
 
 

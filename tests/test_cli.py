@@ -77,7 +77,7 @@ def test_literal_command_runs_on_the_synthetic_world_and_draws_curves(agrl_run):
     assert json.loads((run_dir / "eval.json").read_text())["n"] == 4
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert sum(v for k, v in line.items() if k.startswith("label_share/")) == pytest.approx(1.0)
+    assert sum(v for k, v in line.items() if k.startswith("label_share_")) == pytest.approx(1.0)
 
 
 def test_used_folder_is_refused_then_resume_accepts_harmless_changes(agrl_run, capsys, monkeypatch):
