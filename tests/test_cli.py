@@ -1,10 +1,10 @@
 """The command line as a new user meets it: embedded defaults, one-line errors, run folders that never mix,
 the empty-step stop and curves.png.
 
-Three behaviours run as real processes (each python start imports torch and transformers: several
-seconds): the literal tiny-random AGRL command with no data flag, then a refused reuse of its folder and
-an accepted `--resume` with a longer run, and a GRPO run that trains on nothing until
-`--max-empty-steps` stops it. Every other user error runs the script's `__main__` in this process
+Three commands run as real processes (each python start imports torch and transformers: several
+seconds): the literal tiny-random AGRL command with no data flag, the same command again (a refused
+reuse of its folder), and a GRPO run that trains on nothing until `--max-empty-steps` stops it. The
+rest (user errors, `--resume` changes, `--overwrite`) runs the script's `__main__` in this process
 (`runpy`, the same `eval.cli` path as the command line, imports cached): the test asserts exit code 2
 and one line on stderr; an exception escaping `cli` would fail the test instead, as it would print a
 traceback on the command line.
@@ -96,9 +96,10 @@ def test_used_folder_is_refused_then_resume_accepts_harmless_changes(agrl_run, c
     line = user_error(in_process(capsys, monkeypatch, "agrl.py", *AGRL, "--resume", "--lr", "1e-3", "--group-size", "4"))
     assert "group_size 2 -> 4" in line and "lr 1e-06 -> 0.001" in line and "total_steps" not in line
 
-    resumed = launch("agrl.py", *AGRL[:2], *AGRL[4:-2], "--total-steps", "2", "--eval-limit", "2", "--resume", cwd=cwd)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "accepted changes (recorded in args.json): eval_limit 4 -> 2, total_steps 1 -> 2" in resumed.stdout
+    code, out, err = in_process(capsys, monkeypatch, "agrl.py", *AGRL[:2], *AGRL[4:-2], "--total-steps", "2",
+                                "--eval-limit", "2", "--resume")
+    assert code == 0, err[-3000:]
+    assert "accepted changes (recorded in args.json): eval_limit 4 -> 2, total_steps 1 -> 2" in out
     args = json.loads((run_dir / "args.json").read_text())
     assert args["total_steps"] == 2 and args["resumes"] == [{"total_steps": [1, 2], "eval_limit": [4, 2]}]
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
