@@ -624,6 +624,7 @@ RESUME_MAY_CHANGE = frozenset({
     "total_steps", "generation_budget", "eval_limit", "eval_split", "log_every", "log_samples_every", "save_every",
     "keep_last", "track", "wandb_project", "wandb_group", "output_dir", "run_name", "resume", "overwrite", "device",
     "num_gpus", "gen_batch_size", "max_nan_skips", "max_empty_steps", "vllm_gpu_memory"})
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval.json", "checkpoints", "checkpoint", "pairs.jsonl")
 OPEN_RUNS: list[Run] = []  # closed by `cli` however a script ends, so that every run gets its curves.png
 
 
@@ -639,7 +640,8 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
     """
     record = dict(script=script, **_jsonable(args))
     old_args = run_dir / "args.json"
-    used = run_dir.exists() and any(run_dir.iterdir())
+    # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
+    used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
     if getattr(args, "resume", False):
         if not old_args.exists():
             what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
@@ -661,14 +663,17 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()))
             record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
         return record
+    if run_dir.exists() and any(run_dir.iterdir()) and not old_args.exists():
+        raise UserError(f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name "
+                        f"or --output-dir")
     if used:
         if not getattr(args, "overwrite", False):
             raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
                             f"--overwrite to delete it and start clean, or choose another --run-name")
-        if not old_args.exists():
-            raise UserError(f"--overwrite: {run_dir} is not a run folder (no args.json); not deleting it")
         shutil.rmtree(run_dir)
         print(f"[overwrite] deleted the previous run in {run_dir}")
+    elif old_args.exists():  # the leftover of a run that stopped before it logged anything
+        shutil.rmtree(run_dir)
     return record
 
 

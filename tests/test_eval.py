@@ -589,9 +589,15 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
         E.Run(E.Args(output_dir=str(tmp_path), run_name="typo", resume=True), "eval")
     with pytest.raises(E.UserError, match=r"holds a run of eval\.py, not of sft\.py"):
         E.prepare_run_dir(tmp_path / "r", E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "sft")
+    # a run that stopped before logging anything (a bad data file, say) left only args.json: nothing to mix with
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "args.json").write_text(json.dumps(dict(script="eval")))
+    (tmp_path / "early" / "data_stats.json").write_text("{}")
+    E.Run(E.Args(output_dir=str(tmp_path), run_name="early"), "eval")
+    assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["args.json"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(E.UserError, match="not a run folder"):  # --overwrite deletes run folders only
+    with pytest.raises(E.UserError, match="not a run folder"):  # never written into, --overwrite or not
         E.Run(E.Args(output_dir=str(tmp_path), run_name="notes", overwrite=True), "eval")
     assert (tmp_path / "notes" / "todo.txt").exists()
 
