@@ -4,13 +4,16 @@
     python agrl.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 This file is grpo.py with two ideas added (`diff grpo.py agrl.py` shows exactly them):
-- RRS: reward = w_out * outcome + w_crit * criteria correct + w_rule * rule adherence, gated (an
-  unparseable answer gets the format penalty only, a self-contradicting one no criterion credit);
-  "segment" credit puts each criterion's own group-normalised advantage on the tokens of its line.
-- AGR: a group whose accuracy is <= tau is stagnant; we sample K completions from the prompt plus
-  escalating ground-truth guidance, keep the correct and rule-adherent ones, let them replace the
-  group's lowest-reward rollouts, and learn them under the *unguided* prompt with an off-policy
-  correction. Successful guided answers go into a per-prompt replay buffer used first next time.
+- RRS: reward = w_out * outcome + w_crit * criteria stated correctly + w_rule * rule adherence of a
+  correct label, gated (an unparseable answer gets the format penalty only), so a wrong label never
+  earns by rationalising itself; "segment" credit puts each criterion's own group-normalised
+  advantage on the tokens of its line.
+- AGR: a group whose accuracy is <= tau is stagnant; its prompt is re-queued to come back a few steps
+  later, and we make guided answers: by default the gold answer's first segment forced as the start
+  of the response and the rest sampled by the policy (or the SFT target, or a hint in the prompt);
+  the correct, well-formed and rule-adherent ones replace the group's lowest-reward rollouts and are
+  learned under the *unguided* prompt, their forced tokens with an off-policy correction. Successful
+  guided answers go into a per-prompt replay buffer used first next time.
 With --no-rrs --no-agr this script makes the same updates as grpo.py.
 """
 
@@ -379,6 +382,57 @@ def mix_into(group: dict, candidates: list[dict], mode: str = "replace") -> dict
     return group
 
 
+def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Example], rulebook: R.Rulebook, args: Args,
+                   K: int, device) -> list[dict]:
+    """Guided answers for stagnant groups: token ids, behaviour log-probs, texts, and how many leading
+    tokens were forced rather than sampled (the off-policy part).
+
+    prefix: the gold answer's first segment (level 2: two segments) forced under the *unguided*
+    prompt, the rest sampled, so only the forced tokens are off-policy; hint: K answers sampled from
+    the prompt plus the guidance paragraph, all off-policy for pi(. | x); target: the SFT target itself
+    (one, no generation). Behaviour log-probs of forced tokens are a teacher-forced forward under x.
+    """
+    temperature = args.temperature if args.temperature > 0 else 1.0
+
+    def forced_logprobs(prompt: list[int], tokens: list[int]) -> list[float]:
+        batch = E.pad_batch([prompt], [tokens], tokenizer.pad_token_id, device)
+        with torch.no_grad():
+            return E.token_logprobs(policy, batch, temperature)[0][0, :len(tokens)].tolist()
+
+    results = []
+    if args.agr_guide == "target":
+        for t in to_guide:
+            _, labels, _ = D.encode_sft(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
+                                        args.max_item_tokens)
+            target = [tok for tok in labels if tok != -100]
+            results.append(dict(position=t["position"], completions=[target], truncated=[False], forced=[len(target)],
+                                logprobs=[forced_logprobs(t["group"]["prompt"], target)],
+                                texts=[tokenizer.decode(target, skip_special_tokens=True)]))
+        return results
+    if args.agr_guide == "hint":
+        prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
+                                   args.max_item_tokens, guidance=t["guidance"])[0] for t in to_guide]
+        prefixes = [[] for _ in to_guide]
+    else:
+        prefixes = [gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, t["level"])
+                    for t in to_guide]
+        prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
+    budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
+    gen = E.generate(policy, tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
+                     top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), batch_size=args.gen_batch_size,
+                     seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide])
+    for i, (t, prefix) in enumerate(zip(to_guide, prefixes)):
+        own = slice(i * K, (i + 1) * K)
+        forced_logp = forced_logprobs(t["group"]["prompt"], prefix) if prefix else []
+        results.append(dict(
+            position=t["position"], completions=[prefix + c for c in gen.completion_ids[own]],
+            logprobs=[forced_logp + lp for lp in gen.logprobs[own]], truncated=gen.truncated[own],
+            texts=[tokenizer.decode(prefix, skip_special_tokens=True) + text for text in gen.texts[own]],
+            forced=[len(prefix) if prefix else len(c) for c in gen.completion_ids[own]],
+        ))
+    return results
+
+
 def keeps(group: dict, args: Args) -> bool:
     """Dynamic sampling: a group teaches only if its rewards differ (a zero-variance group has zero
     advantage everywhere); TaoSR1's rule keeps groups whose accuracy lies in [ds_low, ds_high]."""
@@ -388,12 +442,15 @@ def keeps(group: dict, args: Args) -> bool:
 
 
 def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
-    """Share of each predicted label (None: unreadable) over the policy's samples, and their entropy:
-    a collapse onto one label shows as one share going to 1 and the entropy to 0."""
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
     predicted = [label for g in groups for label in g["labels"]]
     shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
     entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
-    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy}
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
+            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
 
 
 def empty_step_cause(metrics: dict, dropped: dict) -> str:
@@ -500,7 +557,7 @@ def main(args: Args) -> dict:
             texts = out.texts[i * G:(i + 1) * G]
             scores, group_rewards = score_group(texts, example, rulebook, args)
             groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
                 completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
                 truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
@@ -533,51 +590,12 @@ def main(args: Args) -> dict:
         return keys
 
     def guided_candidates(to_guide: list[dict], K: int) -> list[dict]:
-        """This rank's share of the stagnant groups -> guided answers (token ids, behaviour log-probs,
-        texts, and how many leading tokens were forced rather than sampled)."""
-        mine, results = to_guide[rank::world], []
+        """This rank's share of the stagnant groups -> their guided answers (gathered by the caller)."""
+        mine = to_guide[rank::world]
         if not mine:
-            return results
-        temperature = args.temperature if args.temperature > 0 else 1.0
+            return []
         with E.full_params_for_generation(model) as policy:
-            if args.agr_guide == "target":  # the SFT target itself, no generation (LUFFY-style off-policy trace)
-                for t in mine:
-                    example = examples[t["group"]["example_index"]]
-                    _, labels, _ = D.encode_sft(tokenizer, example, rulebook, args.order, args.max_item_tokens)
-                    target = [tok for tok in labels if tok != -100]
-                    batch = E.pad_batch([t["group"]["prompt"]], [target], tokenizer.pad_token_id, accelerator.device)
-                    with torch.no_grad():
-                        logp = E.token_logprobs(policy, batch, temperature)[0][0, :len(target)].tolist()
-                    results.append(dict(position=t["position"], completions=[target], logprobs=[logp], truncated=[False],
-                                        texts=[tokenizer.decode(target, skip_special_tokens=True)], forced=[len(target)]))
-                return results
-            seeds = [args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in mine]
-            if args.agr_guide == "hint":  # gold facts in the prompt: the whole answer is off-policy for pi(. | x)
-                prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
-                                           args.max_item_tokens, guidance=t["guidance"])[0] for t in mine]
-                prefixes = [[] for _ in mine]
-            else:  # prefix: the gold answer's first segment(s) forced under the unguided prompt, the rest sampled
-                prefixes = [gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
-                                             t["level"]) for t in mine]
-                prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(mine, prefixes)]
-            budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
-            gen = E.generate(policy, tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
-                             top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), seeds=seeds,
-                             batch_size=args.gen_batch_size)
-            for i, (t, prefix) in enumerate(zip(mine, prefixes)):
-                forced_logp = []
-                if prefix:  # behaviour log-probs of the forced tokens under the unguided prompt (for is / none)
-                    batch = E.pad_batch([t["group"]["prompt"]], [prefix], tokenizer.pad_token_id, accelerator.device)
-                    with torch.no_grad():
-                        forced_logp = E.token_logprobs(policy, batch, temperature)[0][0, :len(prefix)].tolist()
-                own = slice(i * K, (i + 1) * K)
-                results.append(dict(
-                    position=t["position"], completions=[prefix + c for c in gen.completion_ids[own]],
-                    logprobs=[forced_logp + lp for lp in gen.logprobs[own]], truncated=gen.truncated[own],
-                    texts=[tokenizer.decode(prefix, skip_special_tokens=True) + text for text in gen.texts[own]],
-                    forced=[len(prefix) if prefix else len(c) for c in gen.completion_ids[own]],
-                ))
-        return results
+            return guided_answers(policy, tokenizer, mine, examples, rulebook, args, K, accelerator.device)
 
     def adaptive_guided_replay(groups: list[dict], stats: dict, step: int) -> list[dict]:
         """Detect stagnant groups, re-queue their prompts, replay or guide them, keep the correct, well-formed

@@ -1,11 +1,11 @@
-"""TaoSR1 stage 3: GRPO with the sparse outcome reward and difficulty-based dynamic sampling.
+"""TaoSR1 stage 3: GRPO with the sparse outcome reward and dynamic sampling.
 
     python grpo.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --num-gpus 8
     python grpo.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 One step, in the order it runs: take prompts from the shuffled stream -> sample a group of G
 completions each (token ids and behaviour log-probs) -> score -> group-normalised advantages ->
-dynamic sampling (drop groups that are too easy or too hard, refill) -> one or more optimizer updates
+dynamic sampling (drop groups whose rewards do not vary, refill) -> one or more optimizer updates
 over micro-batches with the clipped token-level loss below -> log -> checkpoint.
 """
 
@@ -236,12 +236,15 @@ def keeps(group: dict, args: Args) -> bool:
 
 
 def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
-    """Share of each predicted label (None: unreadable) over the policy's samples, and their entropy:
-    a collapse onto one label shows as one share going to 1 and the entropy to 0."""
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
     predicted = [label for g in groups for label in g["labels"]]
     shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
     entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
-    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy}
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
+            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
 
 
 def empty_step_cause(metrics: dict, dropped: dict) -> str:
@@ -342,7 +345,7 @@ def main(args: Args) -> dict:
             texts = out.texts[i * G:(i + 1) * G]
             scores, group_rewards = score_group(texts, example, rulebook, args)
             groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
                 completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
                 truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],

@@ -340,13 +340,16 @@ def test_keep_rule_variance_and_accuracy():
 
 
 def test_label_shares_and_entropy():
-    groups = [dict(labels=["Excellent", "Excellent", None, "Related"]), dict(labels=["Excellent"] * 4)]
+    groups = [dict(labels=["Excellent", "Excellent", None, "Related"], gold="Excellent"),
+              dict(labels=["Excellent"] * 4, gold="Related")]
     m = grpo.label_shares(groups, R.TAOBAO4.labels)
     assert m["label_share_Excellent"] == 6 / 8 and m["label_share_Related"] == 1 / 8 and m["label_share_invalid"] == 1 / 8
     assert m["label_share_Mismatch"] == 0 and m["label_share_Irrelevant"] == 0
     want = -(0.75 * math.log(0.75) + 2 * 0.125 * math.log(0.125))
     assert m["label_entropy"] == pytest.approx(want)
-    assert grpo.label_shares([dict(labels=["Related"] * 8)], R.TAOBAO4.labels)["label_entropy"] == 0.0
+    # macro-F1 of the samples: Excellent P 2/6 R 2/4 -> F1 0.4; Related never hit -> 0
+    assert m["macro_f1"] == pytest.approx(0.2)
+    assert grpo.label_shares([dict(labels=["Related"] * 8, gold="Related")], R.TAOBAO4.labels)["label_entropy"] == 0.0
 
 
 def test_balanced_prompt_order():
