@@ -784,7 +784,16 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         train_state = dict(train_state, optimizer=optimizer.state_dict())
     if not is_main_process():
         return None
-    unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    if is_fsdp(model):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
+        from huggingface_hub import save_torch_state_dict
+
+        module = unwrapped(model)
+        module.config.save_pretrained(tmp)
+        if module.generation_config is not None:
+            module.generation_config.save_pretrained(tmp)
+        save_torch_state_dict(weights, tmp, max_shard_size="5GB")  # shared (tied) tensors stored once
+    else:
+        unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
@@ -941,8 +950,11 @@ def make_accelerator(args):
     if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate enables FSDP only for GPU process groups; on CPU (gloo) we flip the same switch, so the
         # tests run accelerate's own FSDP code: wrapping, state dicts, optimizer save and load.
+        from accelerate.state import PartialState
+
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPUs
     return accelerator
 
 
