@@ -157,8 +157,16 @@ def load_policy(name: str, accelerator, args):
     precision: pure-bf16 weights lose most small updates to rounding), gradient checkpointing when asked."""
     model, tokenizer = load_model(name, str(accelerator.device), dtype="float32")
     if gradient_checkpointing_on(args, str(accelerator.device)):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every transformer block (transformers renamed the call in v5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def gradient_checkpointing_on(args, device: str) -> bool:
@@ -472,7 +480,8 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 
 def checkpointing(model) -> bool:
     module = unwrapped(model)
-    return bool(getattr(module, "is_activation_checkpointing", getattr(module, "is_gradient_checkpointing", False)))
+    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(module, name, False))
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
