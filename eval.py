@@ -800,7 +800,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         module.config.save_pretrained(tmp)
         if module.generation_config is not None:
             module.generation_config.save_pretrained(tmp)
-        save_torch_state_dict(weights, tmp, max_shard_size="5GB")  # shared (tied) tensors stored once
+        tied = getattr(module, "all_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed_tokens.weight"}
+        weights = {k: v for k, v in weights.items() if k not in tied or k == tied[k]}  # stored once, as save_pretrained does
+        save_torch_state_dict(weights, tmp, max_shard_size="5GB")
     else:
         unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
