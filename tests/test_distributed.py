@@ -227,6 +227,7 @@ import tyro
 import eval as E
 import {script} as script
 import test_distributed
+import test_vllm
 
 script.score_group = test_distributed.fake_score_group
 E.run_eval = lambda *a, **k: E.classification_metrics([], [], test_distributed.R.TAOBAO4.labels)
@@ -244,7 +245,14 @@ def dump_trained_weights(args, model, tokenizer, run, device):
     from safetensors.torch import save_file
 
     whole = {{name: E.full_tensor(t).clone() for name, t in E.unwrapped(model).state_dict().items()}}
+    engine = test_vllm.FakeLLM()  # the vLLM weight sync from FSDP shards, recorded
+    E.sync_vllm_weights(engine, model)
     rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        pushed = [(name, list(shape), (tensor.float() - whole[name].bfloat16().float()).abs().max().item())
+                  for _, name, shape, _, tensor in (e for e in engine.log if e[0] == "load")]
+        with open(os.path.join(args.output_dir, args.run_name, "vllm-pushed.json"), "w") as f:
+            json.dump(pushed, f)
     with open(os.path.join(args.output_dir, args.run_name, f"calls-rank{{rank}}.json"), "w") as f:
         json.dump(calls, f)
     if rank == 0:
@@ -348,6 +356,15 @@ def test_final_fsdp_checkpoint_loads_with_from_pretrained_and_equals_the_trained
     initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
     assert (grpo_fsdp / "checkpoints" / "step-0000003" / "optimizer.bin").exists()
+
+
+def test_vllm_sync_from_fsdp_pushes_whole_tensors_under_hf_names(grpo_fsdp):
+    """Each FSDP2 shard is gathered whole for its push: the names and shapes the (fake) engine received
+    are the Hugging Face state dict's, and the values the trained weights in bf16."""
+    pushed = json.loads((grpo_fsdp / "vllm-pushed.json").read_text())
+    hf = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    assert [(name, shape) for name, shape, _ in pushed] == [(n, list(t.shape)) for n, t in hf.items()]
+    assert max(error for *_, error in pushed) == 0
 
 
 def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(grpo_fsdp, tmp_path):
