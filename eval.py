@@ -1013,10 +1013,7 @@ def launch(args) -> None:
     if getattr(args, "dry_run", False):
         print(dry_run_report(args))
         raise SystemExit(0)
-    if args.device != "cpu" and not torch.cuda.is_available() and (args.device.startswith("cuda") or num_gpus > 1):
-        asked = f"--device {args.device}" if args.device.startswith("cuda") else f"--num-gpus {num_gpus}"
-        fail(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
-             f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
+    check_device(args.device, num_gpus)
     if "RANK" in os.environ or (num_gpus <= 1 and strategy != "fsdp"):
         return
     if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
@@ -1025,6 +1022,14 @@ def launch(args) -> None:
     command = launch_command(num_gpus, pick_device(args.device), strategy, getattr(args, "precision", "auto"))
     print("[launch]", " ".join(command), flush=True)
     sys.exit(subprocess.call(command))
+
+
+def check_device(device: str, num_gpus: int = 1) -> None:
+    """CUDA asked for (`--device cuda`, `--num-gpus N > 1`) where torch sees none: one line, exit 2."""
+    if device != "cpu" and not torch.cuda.is_available() and (device.startswith("cuda") or num_gpus > 1):
+        asked = f"--device {device}" if device.startswith("cuda") else f"--num-gpus {num_gpus}"
+        fail(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
+             f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
 
 
 def relaunch_distributed(num_gpus: int, device: str, strategy: str = "auto") -> None:
@@ -1125,8 +1130,9 @@ def dry_run_report(args) -> str:
     peak = totals["static"] + max(totals["generation"], totals["training"])
     lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<66} {peak:7.2f}")
     for card, gib in GPU_GIB.items():
-        verdict = "fits" if peak < 0.9 * gib else "tight" if peak < gib else "does NOT fit"
-        lines.append(f"  on {card} cards ({gib:.1f} GiB): {verdict}, headroom {gib - peak:.1f} GiB")
+        need = peak + (args.vllm_gpu_memory * (gib - GPU_GIB["80 GB"]) if getattr(args, "vllm", False) else 0)  # vLLM takes a share
+        verdict = "fits" if need < 0.9 * gib else "tight" if need < gib else "does NOT fit"
+        lines.append(f"  on {card} cards ({gib:.1f} GiB): {verdict}, headroom {gib - need:.1f} GiB")
     return "\n".join(lines)
 
 
@@ -1166,7 +1172,9 @@ def refresh_rollout_weights(model, accelerator, engine=None) -> None:
 
 
 def full_tensor(parameter) -> torch.Tensor:
-    """A whole parameter from an FSDP2 shard (a collective: every rank, same order), else itself."""
+    """A whole parameter from an FSDP2 shard (a collective: every rank, same order), else itself. (FSDP2
+    leaves the root unit's parameters whole after a forward until the backward: the same on every rank,
+    since every rank runs the same FSDP forwards and backwards; generation never touches them.)"""
     return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter.data
 
 
@@ -1331,6 +1339,7 @@ def main(args: Args) -> None:
         print(compare_runs(args.compare, out))
         print(f"wrote {out}/comparison.md, comparison.json, comparison.png")
         return
+    check_device(args.device)
     args.run_name = args.run_name or f"eval-{Path(args.model).name}-{args.dataset}-{args.split}"
     run = Run(args, "eval") if args.track else None
     metrics = run_eval(args, run=run)

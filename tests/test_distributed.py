@@ -150,6 +150,9 @@ def test_cuda_requested_without_cuda_from_the_command_line_fails_within_seconds(
                           cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "needs CUDA" in proc.stderr and not (tmp_path / "runs").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--device", "cuda"], cwd=tmp_path, env=CHILD_ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--device cuda needs CUDA" in proc.stderr
 
 
 # ==================================================================================================
