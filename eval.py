@@ -1184,9 +1184,18 @@ def rollout_generate(model, accelerator, engine, tokenizer, prompts: list[list[i
     if engine is not None:
         kwargs.pop("batch_size", None)
         return generate_vllm(engine, tokenizer, prompts, **kwargs)
-    policy = _INFERENCE_COPIES[id(model)] if is_fsdp(model) else unwrapped(model)
     with accelerator.autocast():
-        return generate(policy, tokenizer, prompts, **kwargs)
+        return generate(rollout_policy(model), tokenizer, prompts, **kwargs)
+
+
+def rollout_policy(model, engine=None):
+    """The HF module with whole weights for this rank's local forwards (generation, AGR's teacher-forced
+    log-probs): the inference copy under FSDP, else the model itself. No collective."""
+    if not is_fsdp(model):
+        return unwrapped(model)
+    if engine is not None:  # the weights went to vLLM: no HF copy is kept
+        fail("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
+    return _INFERENCE_COPIES[id(model)]
 
 
 class StopFlag:

@@ -167,7 +167,7 @@ def fake_score_group(texts, example, rulebook, args):
 
 RUN = dict(model="tiny-random", dataset="synthetic", limit=12, prompts_per_step=2, group_size=4, max_new_tokens=8,
            micro_batch_size=4, device="cpu", eval_limit=2, temperature=1.0, warmup_steps=1, lr=1e-3, seed=1,
-           loss_agg="sequence", dynamic_sampling=True, ds_low=0.3, ds_high=0.99, ds_max_tries=3, save_every=1, keep_last=3)
+           loss_agg="sequence", dynamic_sampling=True, ds_rule="accuracy", ds_low=0.3, ds_high=0.99, ds_max_tries=3, save_every=1, keep_last=3)
 
 
 def no_eval(mp):
