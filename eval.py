@@ -957,6 +957,10 @@ def make_accelerator(args):
     plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
     if plugin is not None and "RANK" not in os.environ:
         fail("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
+    if "RANK" not in os.environ:  # one process, maybe several runs in it (tests): each gets the precision it asks for
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision, fsdp_plugin=plugin)
     if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate enables FSDP only for GPU process groups; on CPU (gloo) we flip the same switch, so the
