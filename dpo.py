@@ -119,6 +119,14 @@ class Args:
     """auto | cpu | cuda"""
     num_gpus: int = 1
     """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
+    dry_run: bool = False
+    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
     output_dir: str = "runs"
     """where run folders go"""
     run_name: str | None = None
@@ -302,16 +310,14 @@ def gather_rows(rows: list, key) -> list:
 
 
 def main(args: Args) -> dict:
-    E.relaunch_distributed(args.num_gpus, args.device)
+    E.launch(args)
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    accelerator = E.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():
@@ -435,12 +441,13 @@ def main(args: Args) -> dict:
         if state.get("n_pairs") != len(pairs):
             raise RuntimeError(f"checkpoint {resume_from} was trained on {state.get('n_pairs')} pairs, the run folder "
                                f"holds {len(pairs)}: refusing an inexact resume")
-        optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
+        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     stop = E.StopFlag()
     per_step = args.batch_size * args.grad_accum * world
 
@@ -455,8 +462,8 @@ def main(args: Args) -> dict:
 
     def checkpoint(done: int, final: bool) -> None:
         E.save_checkpoint(run.dir, done, model, tokenizer,
-                          dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
-                               n_pairs=len(pairs)), keep_last=args.keep_last, final=final, accelerator=accelerator)
+                          dict(rng=E.rng_state(), data_position=data_position, n_pairs=len(pairs)),
+                          keep_last=args.keep_last, final=final, accelerator=accelerator, optimizer=optimizer)
 
     # --- 4-5. training loop --------------------------------------------------------------------------
     keys = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "logp_chosen", "logp_rejected")
