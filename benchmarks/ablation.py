@@ -46,10 +46,11 @@ CONFIGS = {
     "cpu-synthetic": dict(
         sft=["--model", "tiny-random", "--dataset", "synthetic", "--total-steps", "300", "--batch-size", "16",
              "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
-        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
+        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "80",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "4"],
-        budget=4 * 8 * 16, seeds=(1, 2, 3), target=0.5),
+            "--prompt-sampling", "balanced", "--ds-max-tries", "1", "--eval-limit", "200", "--device", "cpu",
+            "--save-every", "2"],
+        budget=4 * 8 * 12, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
         sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
