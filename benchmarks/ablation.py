@@ -84,6 +84,8 @@ class Args:
     """where the table and curves go"""
     jobs: int = 1
     """runs at a time (each then uses cores / jobs threads)"""
+    table_only: bool = False
+    """start nothing: tabulate the runs that have finished (a partial table says which are missing)"""
 
 
 def run(command: list[str], log: Path, threads: int | None = None) -> None:
@@ -120,7 +122,8 @@ def main(args: Args) -> None:
     data = ["--data-path", args.data_path] if args.data_path else []
 
     # 1. the shared SFT start
-    if args.sft_checkpoint:
+    if args.sft_checkpoint or args.table_only:
+        args.sft_checkpoint = args.sft_checkpoint or str(base / "sft" / "checkpoint")
         start, sft_dir = str(Path(args.sft_checkpoint).resolve()), Path(args.sft_checkpoint).resolve().parent
     else:
         sft_dir = base / "sft"
@@ -131,7 +134,7 @@ def main(args: Args) -> None:
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
     todo = []
-    for seed in seeds:
+    for seed in seeds if not args.table_only else ():
         for name in args.variants:
             script, flags = VARIANTS[name]
             run_name = run_name_of(name, seed)
@@ -153,11 +156,14 @@ def main(args: Args) -> None:
                "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},
                "sft_f1": {label: sft_eval["per_class"][label]["f1"] for label in labels},
                "sft_checkpoint": start, "sft_args": sft_args, "variants": {}}
-    curves = {}
+    curves, missing = {}, []
     for name in args.variants:
         runs = []
         for seed in seeds:
             run_dir = base / run_name_of(name, seed)
+            if not (run_dir / "eval.json").exists():
+                missing.append(run_dir.name)
+                continue
             evaluation = json.loads((run_dir / "eval.json").read_text())
             metrics = read_metrics(run_dir)
             accuracy = smoothed([m["accuracy"] for m in metrics])
@@ -169,6 +175,8 @@ def main(args: Args) -> None:
                              stagnant_share_first_quarter=_mean([m["low_accuracy_groups"] for m in metrics[:max(1, len(metrics) // 4)]]),
                              stagnant_share_last_quarter=_mean([m["low_accuracy_groups"] for m in metrics[-max(1, len(metrics) // 4):]])))
             curves.setdefault(name, []).append(metrics)
+        if not runs:
+            continue
         results["variants"][name] = dict(runs=runs, **{key: _mean_std([r[key] for r in runs]) for key in
                                                         ("accuracy", "macro_f1", "adherence", "format_rate",
                                                          "stagnant_share_first_quarter", "stagnant_share_last_quarter")},
@@ -176,6 +184,7 @@ def main(args: Args) -> None:
                                          reached_target=sum(r["completions_to_target"] is not None for r in runs),
                                          completions_to_target=_mean([r["completions_to_target"] for r in runs
                                                                       if r["completions_to_target"] is not None]))
+    results["missing_runs"] = missing
     out = Path(args.results_dir) / f"ablation-{args.config}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -205,12 +214,14 @@ def markdown(results: dict, labels: list[str]) -> str:
              f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
              f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 " +
              ", ".join(f"{label} {f1:.3f}" for label, f1 in results["sft_f1"].items()) + f" (`{results['sft_checkpoint']}`)", "",
-             "| variant | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
+             *([f"**Partial table**: not finished yet: {', '.join(results['missing_runs'])}.", ""]
+               if results.get("missing_runs") else []),
+             "| variant | seeds | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
              " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
-             "|---" * (9 + len(labels)) + "|"]
+             "|---" * (10 + len(labels)) + "|"]
     for name, v in results["variants"].items():
         to_target = f"{v['completions_to_target']:.0f}" if v["completions_to_target"] is not None else "-"
-        lines.append(f"| {name} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
+        lines.append(f"| {name} | {len(v['runs'])} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
                      " | ".join(fmt(v["f1"][label]) for label in labels) +
                      f" | {fmt(v['adherence'])} | {fmt(v['format_rate'])} | {v['reached_target']}/{len(v['runs'])} | {to_target} | "
                      f"{fmt(v['stagnant_share_first_quarter'])} | {fmt(v['stagnant_share_last_quarter'])} |")
