@@ -23,6 +23,7 @@ import copy
 import functools
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import tyro
 from tqdm.auto import tqdm
 
 import data as D
@@ -40,9 +40,9 @@ import rewards as R
 
 @dataclass
 class Args:
-    model: str = "Qwen/Qwen2.5-7B-Instruct"
-    """policy to train (usually the SFT or DPO checkpoint): alias, hub id, bare name or directory"""
-    dataset: str = "esci"
+    model: str = "smollm2-135m"
+    """policy to train (usually the SFT or DPO checkpoint): alias (smollm2-135m, tiny-random), hub id, bare name or directory"""
+    dataset: str = "synthetic"
     """synthetic | esci | jsonl | csv | parquet"""
     data_path: str | None = None
     """file or folder of the dataset (not needed for synthetic)"""
@@ -60,7 +60,7 @@ class Args:
     """skip malformed rows (each reported in the run folder) instead of stopping"""
     limit: int | None = None
     """train on a seeded sample of this many examples (None: all)"""
-    eval_limit: int | None = 500
+    eval_limit: int | None = 200
     """examples evaluated at the end (None: the whole split)"""
     order: Literal["label_first", "think_first"] = "label_first"
     """output order: label then reasoning (post-CoT, default) or reasoning then label"""
@@ -172,10 +172,14 @@ class Args:
     """generate with a colocated vLLM engine (weights synced after each step); needs vllm installed"""
     vllm_gpu_memory: float = 0.3
     """share of GPU memory given to vLLM"""
+    vllm_sleep: bool = False
+    """put the vLLM engine to sleep (weights and KV cache off the GPU) during each update"""
     gen_batch_size: int = 16
     """prompts per generation forward pass (HF backend)"""
     max_nan_skips: int = 10
     """stop after this many consecutive updates with a NaN/inf loss or gradient"""
+    max_empty_steps: int = 5
+    """stop after this many consecutive steps that train on nothing (every group dropped; 0: never stop)"""
     log_samples_every: int = 10
     """steps between tables of sample completions"""
     save_every: int = 50
@@ -186,6 +190,14 @@ class Args:
     """auto | cpu | cuda"""
     num_gpus: int = 1
     """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
+    dry_run: bool = False
+    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
     output_dir: str = "runs"
     """where run folders go"""
     run_name: str | None = None
@@ -198,6 +210,8 @@ class Args:
     """wandb group (a pipeline puts its stages in one group)"""
     resume: bool = False
     """continue from the run folder's last valid checkpoint"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 # ==================================================================================================
@@ -379,7 +393,7 @@ def mix_into(group: dict, candidates: list[dict], mode: str = "replace") -> dict
 
 
 def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Example], rulebook: R.Rulebook, args: Args,
-                   K: int, device) -> list[dict]:
+                   K: int, device, sample=None) -> list[dict]:
     """Guided answers for stagnant groups: token ids, behaviour log-probs, texts, and how many leading
     tokens were forced rather than sampled (the off-policy part).
 
@@ -387,6 +401,7 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
     prompt, the rest sampled, so only the forced tokens are off-policy; hint: K answers sampled from
     the prompt plus the guidance paragraph, all off-policy for pi(. | x); target: the SFT target itself
     (one, no generation). Behaviour log-probs of forced tokens are a teacher-forced forward under x.
+    `sample` generates like `E.generate` without the model argument (default: E.generate on `policy`).
     """
     temperature = args.temperature if args.temperature > 0 else 1.0
 
@@ -414,7 +429,7 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
                     for t in to_guide]
         prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
     budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
-    gen = E.generate(policy, tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
+    gen = (sample or functools.partial(E.generate, policy))(tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
                      top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), batch_size=args.gen_batch_size,
                      seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide])
     for i, (t, prefix) in enumerate(zip(to_guide, prefixes)):
@@ -449,6 +464,18 @@ def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float
             "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
 
 
+def empty_step_cause(metrics: dict, dropped: dict) -> str:
+    """The likely reason why dynamic sampling dropped every group, and what to do."""
+    if metrics["format_rate"] == 0:
+        return ("the policy never produced a parseable answer (format rate 0"
+                + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
+                + "): start from an SFT checkpoint (sft.py)")
+    if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
+        return "every group was answered right by all its completions: the prompts are too easy for this policy"
+    return (f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
+            "better SFT checkpoint or raise --group-size")
+
+
 def training_rows(groups: list[dict], advantages: list[torch.Tensor], token_advantages: list | None = None) -> list[dict]:
     """One row per completion: the prompt it is trained under, its tokens, old log-probs, per-token advantages.
 
@@ -473,11 +500,9 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 
 def main(args: Args) -> dict:
-    E.relaunch_distributed(args.num_gpus, args.device)
+    E.launch(args)
     args.run_name = args.run_name or f"agrl-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    accelerator = E.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "agrl")
     E.seed_everything(args.seed)
@@ -486,11 +511,11 @@ def main(args: Args) -> dict:
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = E.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
-        reference.eval().requires_grad_(False)
+        reference.eval().requires_grad_(False).to(E.compute_dtype(accelerator))  # bf16 on GPUs: it is never updated
     prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
                                          for e in examples))
     if run.main:
@@ -498,13 +523,17 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, data_position, generated = 0, 0, 0  # prompts taken from the shuffled stream; completions sampled
     if resume_from is not None:
-        optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position, generated = state["step"], state["data_position"], state["generated"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
-    engine = E.make_vllm_engine(str(resume_from or args.model), args.vllm_gpu_memory, args.seed) if args.vllm else None
+    if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
+        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+    engine = None
+    if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
+        engine = E.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
+                                    args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
     stop = E.StopFlag()
 
     @functools.lru_cache(maxsize=2)
@@ -529,11 +558,7 @@ def main(args: Args) -> dict:
         seeds = [args.seed * 1_000_003 + p for p in mine]
         kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, min_new_tokens=args.min_new_tokens)
-        if engine is not None:
-            out = E.generate_vllm(engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds, **kwargs)
-        else:
-            with E.full_params_for_generation(model) as policy:
-                out = E.generate(policy, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
+        out = E.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
                                  batch_size=args.gen_batch_size, **kwargs)
         t0, groups, G = time.perf_counter(), [], args.group_size
         for i, p in enumerate(mine):
@@ -578,8 +603,10 @@ def main(args: Args) -> dict:
         mine = to_guide[rank::world]
         if not mine:
             return []
-        with E.full_params_for_generation(model) as policy:
-            return guided_answers(policy, tokenizer, mine, examples, rulebook, args, K, accelerator.device)
+        sample = functools.partial(E.rollout_generate, model, accelerator, engine)  # the rollouts' backend, vLLM included
+        with accelerator.autocast():
+            return guided_answers(E.rollout_policy(model, engine), tokenizer, mine, examples, rulebook, args, K,
+                                  accelerator.device, sample)
 
     def adaptive_guided_replay(groups: list[dict], stats: dict, step: int) -> list[dict]:
         """Detect stagnant groups, re-queue their prompts, replay or guide them, keep the correct, well-formed
@@ -636,11 +663,12 @@ def main(args: Args) -> dict:
         return out
 
     # --- training loop -------------------------------------------------------------------------
-    nan_skips = 0
+    nan_skips, empty_steps = 0, 0
     progress = tqdm(range(step, args.total_steps), desc="agrl", disable=not run.main, initial=step, total=args.total_steps)
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
+        E.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
@@ -667,6 +695,8 @@ def main(args: Args) -> dict:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
             if len(kept) >= args.prompts_per_step:
                 break
+        empty_steps = 0 if kept else empty_steps + 1  # every group dropped: this step trains on nothing
+        E.release_rollout_memory(engine, args.vllm_sleep)
 
         generated += agr_stats["guided_sampled"]  # guided samples count against the generation budget
 
@@ -747,7 +777,7 @@ def main(args: Args) -> dict:
                     update_stats["nan_skipped"] += 1
                     optimizer.zero_grad(set_to_none=True)
                     if nan_skips >= args.max_nan_skips:
-                        raise RuntimeError(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
+                        raise E.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
                                            f"stopping at step {step + 1}")
                     continue
                 nan_skips = 0
@@ -757,8 +787,6 @@ def main(args: Args) -> dict:
                                     clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
                                     ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
                                     grad_norm=grad_norm.item())
-            if engine is not None:
-                E.sync_vllm_weights(engine, model)
         timer["training"] += time.perf_counter() - t0
 
         # 6. log
@@ -786,7 +814,7 @@ def main(args: Args) -> dict:
             time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
             step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
             data_position=data_position, completions_generated=generated, update_scale=update_scale if rows else 0.0,
-            **label_shares(scored, rulebook.labels), **update_stats,
+            empty_steps=empty_steps, **label_shares(scored, rulebook.labels), **update_stats,
         )
         if args.agr:
             metrics.update(
@@ -802,7 +830,14 @@ def main(args: Args) -> dict:
                 agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in agr_state.values()),
             )
         run.log(metrics, step=done)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
+        if empty_steps:
+            tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
+                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)", file=sys.stderr)
+            if empty_steps >= args.max_empty_steps > 0:
+                raise E.RunStopped(f"{empty_steps} steps in a row trained on nothing (--max-empty-steps "
+                                   f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
                                   completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
@@ -811,10 +846,10 @@ def main(args: Args) -> dict:
         out_of_budget = 0 < args.generation_budget <= generated
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested:
             E.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
-                                   generated=generated, agr_state=agr_state, replay_queue=replay_queue,
-                                   replay_count=replay_count),
-                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget, accelerator=accelerator)
+                              dict(rng=E.rng_state(), data_position=data_position, generated=generated, agr_state=agr_state,
+                                   replay_queue=replay_queue, replay_count=replay_count),
+                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget, accelerator=accelerator,
+                              optimizer=optimizer)
         if out_of_budget:
             break
         if stop.requested:
@@ -829,4 +864,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    E.cli(main, Args)

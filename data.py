@@ -56,7 +56,12 @@ class Dataset:
     stats: dict
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A problem with what the user gave (flags, files, model, run folder): the scripts print its message as
+    one line and exit 2, without a traceback (AGRL_DEBUG=1 shows it)."""
+
+
+class DataError(UserError):
     """A bad input row; the message names the file, the 1-based row and the field."""
 
     def __init__(self, file: str, row: int, field_name: str, reason: str):
@@ -477,7 +482,7 @@ def _render_item(rng: random.Random, item: dict) -> dict:
 def generate_synthetic(split: str = "train", seed: int = 0, size: int = 2000) -> list[Example]:
     """`size` examples of the rule world; splits are disjoint by query string (stable hash)."""
     if split not in SPLITS:
-        raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(f"synthetic:{seed}:{split}")
     examples: list[Example] = []
     while len(examples) < size:
@@ -530,7 +535,7 @@ def parse_field_map(spec: str | None, defaults: dict[str, str] | None = None) ->
         ours, sep, theirs = part.partition("=")
         ours, theirs = ours.strip(), theirs.strip()
         if not sep or ours not in _TEXT_FIELDS or not theirs:
-            raise ValueError(f"bad field_map entry {part!r}: expected ours=column with ours one of {_TEXT_FIELDS}")
+            raise UserError(f"bad field_map entry {part!r}: expected ours=column with ours one of {_TEXT_FIELDS}")
         fmap[ours] = theirs
     return fmap
 
@@ -550,14 +555,14 @@ def parse_label_map(spec: str, rulebook: Rulebook):
     explicit '4=Excellent,3=Related' or thresholds '>=3.5:Excellent,>=2.5:Related' (first met wins)."""
     parts = [p for p in spec.split(",") if p.strip()]
     if not parts:
-        raise ValueError("empty label_map")
+        raise UserError("empty label_map")
     if all(_THRESHOLD.match(p) for p in parts):
         rules = []
         for p in parts:
             op, number, label = _THRESHOLD.match(p).groups()
             canonical = _canonical_label(label, rulebook)
             if canonical is None:
-                raise ValueError(f"label_map: {label!r} is not a label of {rulebook.name} {rulebook.labels}")
+                raise UserError(f"label_map: {label!r} is not a label of {rulebook.name} {rulebook.labels}")
             rules.append((op, float(number), canonical))
 
         def by_threshold(raw) -> str:
@@ -573,7 +578,7 @@ def parse_label_map(spec: str, rulebook: Rulebook):
         key, sep, label = p.rpartition("=")
         canonical = _canonical_label(label, rulebook)
         if not sep or not key.strip() or canonical is None:
-            raise ValueError(f"bad label_map entry {p!r}: expected value=label with label one of {rulebook.labels}")
+            raise UserError(f"bad label_map entry {p!r}: expected value=label with label one of {rulebook.labels}")
         table[_norm_key(key)] = canonical
 
     def by_table(raw) -> str:
@@ -743,7 +748,7 @@ def _read_esci_official(dirpath: str, split: str):
     import pyarrow.parquet as pq
 
     if split not in SPLITS:
-        raise ValueError(f"esci split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"esci split must be one of {SPLITS}, got {split!r}")
     def read(name):  # an all-null column has Arrow type null, which join() refuses: make it string
         table = pq.read_table(os.path.join(dirpath, name))
         return table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f
@@ -764,29 +769,48 @@ def _read_esci_official(dirpath: str, split: str):
 
 
 def _resolve(name: str, path: str | None, split: str):
-    """(reader, file path for messages) for a loader name and a path (file or directory)."""
+    """(reader, file path for messages, whether the file holds every split) for a loader name and a path."""
     if path is None:
-        raise ValueError(f"dataset {name!r} needs a path (a file or a directory)")
+        raise UserError(f"--dataset {name} needs --data-path (a file, or a folder with {split}.jsonl/.csv/.parquet)")
     if os.path.isdir(path):
         if name == "esci" and os.path.exists(os.path.join(path, ESCI_EXAMPLES)):
-            return (lambda: _read_esci_official(path, split)), os.path.join(path, ESCI_EXAMPLES)
+            return (lambda: _read_esci_official(path, split)), os.path.join(path, ESCI_EXAMPLES), False
         exts = _EXTS if name == "esci" else (name,)
         for ext in exts:
             candidate = os.path.join(path, f"{split}.{ext}")
             if os.path.exists(candidate):
-                return _resolve(ext, candidate, split)
+                return _resolve(ext, candidate, split)[0], candidate, False
         raise FileNotFoundError(f"no {' / '.join(f'{split}.{e}' for e in exts)} in {path}")
     if not os.path.exists(path):
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(f"data path {path} does not exist")
     ext = name if name in _EXTS else path.rsplit(".", 1)[-1].lower()
     readers = {"jsonl": _read_jsonl, "json": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
     if ext not in readers:
-        raise ValueError(f"cannot tell the format of {path}: expected .jsonl, .csv or .parquet")
-    return (lambda: readers[ext](path)), path
+        raise UserError(f"cannot tell the format of {path}: expected .jsonl, .csv or .parquet")
+    return (lambda: readers[ext](path)), path, True
+
+
+# A single file holds every split: its queries are split into train and dev, DEV_FRACTION of the distinct
+# queries (at least one) going to dev, chosen by a fixed hash of the query text, so that the same file
+# gives the same split in every script and run, and no query is both trained on and evaluated.
+DEV_FRACTION = 0.1
+
+
+def dev_queries(queries: set[str], fraction: float = DEV_FRACTION) -> set[str]:
+    """The dev share of a single file's distinct queries: the ones with the smallest hash (file order does not matter)."""
+    ranked = sorted(queries, key=lambda q: (zlib.crc32(f"agrl-dev:{q}".encode("utf-8")), q))
+    return set(ranked[:max(1, round(fraction * len(ranked)))]) if len(ranked) > 1 else set()
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tuple[list[Example], dict]:
-    reader, file_path = _resolve(name, path, split)
+    """Rows of one split. A single file is split by query (see DEV_FRACTION) unless `split` is "all"."""
+    if split == "all" and (path is None or os.path.isdir(path)):
+        raise UserError(f"--split all reads one whole file; {path} is a folder: name one of its files")
+    reader, file_path, whole_file = _resolve(name, path, split)
     file = os.path.basename(file_path)
     examples, skipped, rows_read = [], [], 0
     for row_number, row in reader():
@@ -801,6 +825,34 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
             skipped.append({"file": file, "row": row_number, "field": e.field, "reason": e.reason})
     stats = {"source": file_path, "rows_read": rows_read, "rows_used": len(examples), "rows_skipped": len(skipped),
              "skipped": skipped}
+    if skipped and _main_process():
+        fields = {}
+        for s in skipped:
+            fields[s["field"]] = fields.get(s["field"], 0) + 1
+        first = skipped[0]
+        print(f"data: skipped {len(skipped)} of {rows_read} rows of {file} (--skip-bad-rows; by field: "
+              + ", ".join(f"{k} {v}" for k, v in fields.items()) + f"; first: row {first['row']} field "
+              f"'{first['field']}': {first['reason'][:80]}); every one is listed in the run folder's "
+              "data_stats.json (eval_data_stats.json for the evaluation)",
+              file=sys.stderr)
+    if whole_file and split != "all":
+        if split not in ("train", "dev"):
+            raise UserError(f"{file_path} is one file: it is split into train and dev only (or read whole with "
+                            f"--split all), not {split!r}")
+        queries = {e.query for e in examples}
+        dev = dev_queries(queries)
+        if len(queries) < 2:
+            raise UserError(f"{file_path} holds {len(queries)} distinct query: a single file is split by query into "
+                            f"train and dev, which needs two or more (or give a folder with train and dev files)")
+        in_split = [e for e in examples if (e.query in dev) == (split == "dev")]
+        stats.update(rows_used=len(in_split), rows_other_split=len(examples) - len(in_split),
+                     file_split=dict(split=split, dev_fraction=DEV_FRACTION, queries=len(queries), dev_queries=len(dev),
+                                     rule="queries with the smallest crc32('agrl-dev:' + query) are dev"))
+        if _main_process():
+            print(f"data: {file} is one file, split by query with a fixed hash: {len(dev)} of {len(queries)} queries "
+                  f"({DEV_FRACTION:.0%}, at least one) are dev, the rest train; the {split} split has {len(in_split)} of "
+                  f"{len(examples)} rows (a folder with train and dev files sets the split yourself)")
+        examples = in_split
     return examples, stats
 
 
@@ -815,7 +867,8 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
     name: synthetic | esci | jsonl | csv | parquet. esci: `path` is a directory with {split}.jsonl (or
     .csv/.parquet), a joined file, or a directory with the official two parquet files (see
     `_read_esci_official` for how dev is carved out of the official train split). jsonl/csv/parquet:
-    a file (read whole) or a directory holding {split}.<ext>; `field_map` maps our fields to columns,
+    a directory holding {split}.<ext>, or one file that is split by query into train and dev
+    (`dev_queries`; split "all" reads it whole); `field_map` maps our fields to columns,
     `label_map` maps raw labels (explicit or thresholds), `rulebook` names the label set (default
     taobao4); columns criterion_<name> give gold criteria, attr_<name> extra attributes.
     balanced: class-balanced resample, classes interleaved so that any prefix stays balanced.
@@ -834,7 +887,7 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
     elif name in _EXTS:
         key = (rulebook or TAOBAO4.name).lower()
         if key not in RULEBOOKS:
-            raise ValueError(f"unknown rulebook {rulebook!r}: expected one of {sorted(RULEBOOKS)}")
+            raise UserError(f"unknown rulebook {rulebook!r}: expected one of {sorted(RULEBOOKS)}")
         book = RULEBOOKS[key]
         fmap = parse_field_map(field_map)
         if label_map:
@@ -847,7 +900,7 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
                 return label
         examples, stats = _load_rows(name, path, split, fmap, to_label, book, skip_bad_rows)
     else:
-        raise ValueError(f"unknown dataset {name!r}: expected synthetic, esci, jsonl, csv or parquet")
+        raise UserError(f"unknown dataset {name!r}: expected synthetic, esci, jsonl, csv or parquet")
 
     if balanced:
         examples = balanced_sample(examples, book.labels, seed)
@@ -862,9 +915,17 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
     return Dataset(examples, book, stats)
 
 
+_announced = False
+
+
 def load_for(args, split: str | None = None) -> Dataset:
     """`load_dataset` with a script's common data flags (dataset, data_path, split, seed, limit, field_map,
-    label_map, rulebook, skip_bad_rows)."""
+    label_map, rulebook, skip_bad_rows). The default data, the synthetic world, is announced once."""
+    global _announced
+    if args.dataset == "synthetic" and not _announced and _main_process():
+        print("data: the synthetic rule world (the default). ESCI: --dataset esci --data-path DIR; your own file: "
+              "--dataset jsonl --data-path FILE (README, 'Your own data')")
+        _announced = True
     return load_dataset(args.dataset, split or args.split, args.data_path, seed=args.seed, limit=args.limit,
                         field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
                         skip_bad_rows=args.skip_bad_rows)

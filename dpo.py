@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -33,7 +34,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm.auto import tqdm
 
 import data as D
@@ -85,6 +85,10 @@ class Args:
     """most (chosen, rejected) pairs built from one prompt"""
     pairs_path: str | None = None
     """reuse a saved pairs.jsonl instead of sampling (reference log-probs are recomputed with --model)"""
+    sample_margin: float = 2.0
+    """pass@N first samples this many times the prompts that total_steps needs, then more while pairs are short"""
+    sample_all: bool = False
+    """pass@N over the whole training pool instead of as many prompts as the steps need"""
     beta: float = 0.1
     """DPO temperature: strength of the implicit KL to the reference"""
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -115,6 +119,14 @@ class Args:
     """auto | cpu | cuda"""
     num_gpus: int = 1
     """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
+    dry_run: bool = False
+    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
     output_dir: str = "runs"
     """where run folders go"""
     run_name: str | None = None
@@ -127,6 +139,8 @@ class Args:
     """wandb group (a pipeline puts its stages in one group)"""
     resume: bool = False
     """continue from the run folder's last valid checkpoint (pairs and reference log-probs are reused)"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 # ==================================================================================================
@@ -296,16 +310,14 @@ def gather_rows(rows: list, key) -> list:
 
 
 def main(args: Args) -> dict:
-    E.relaunch_distributed(args.num_gpus, args.device)
+    E.launch(args)
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    accelerator = E.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():
@@ -325,27 +337,57 @@ def main(args: Args) -> dict:
     else:
         dataset = D.load_for(args)
         rulebook, examples = dataset.rulebook, dataset.examples
-        encoded = [D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens) for e in examples]
-        if run.main:
-            E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(t for _, t in encoded)))
         # pass@N: each process samples its share of the prompts; completion j of example i depends only on
         # (seed, i, j), so the pairs are the same for any number of processes, batch size or rerun.
-        mine = list(range(rank, len(examples), world))
+        encoded = {}
         started = time.perf_counter()
         policy = sft_policy()
-        out = E.generate(policy, tokenizer, [encoded[i][0] for i in mine], n=args.n_samples,
-                         max_new_tokens=args.max_new_tokens, temperature=args.sample_temperature,
-                         seeds=[args.seed * 1_000_003 + i for i in mine], batch_size=args.gen_batch_size,
-                         desc=f"pass@{args.n_samples}" if run.main else None)
-        N, groups = args.n_samples, []
-        for k, i in enumerate(mine):
-            e, texts = examples[i], out.texts[k * N:(k + 1) * N]
-            scores = [R.score_output(t, e.label, e.criteria, rulebook, args.order) for t in texts]
-            groups.append(dict(example_index=i, source_id=e.source_id, gold=e.label, prompt_ids=encoded[i][0],
-                               completions=out.completion_ids[k * N:(k + 1) * N], texts=texts,
-                               truncated=out.truncated[k * N:(k + 1) * N], correct=[s.correct for s in scores],
-                               adherent=[s.adherent for s in scores], format_ok=[s.format_ok for s in scores]))
-        groups = gather_rows(groups, key=lambda g: g["example_index"])
+        N = args.n_samples
+
+        def sample(indices: list[int]) -> list[dict]:
+            mine = indices[rank::world]
+            for i in mine:
+                encoded.setdefault(i, D.encode_prompt(tokenizer, examples[i], rulebook, args.order, args.max_item_tokens))
+            out = E.generate(policy, tokenizer, [encoded[i][0] for i in mine], n=N, max_new_tokens=args.max_new_tokens,
+                             temperature=args.sample_temperature, seeds=[args.seed * 1_000_003 + i for i in mine],
+                             batch_size=args.gen_batch_size, desc=f"pass@{N}" if run.main else None)
+            groups = []
+            for k, i in enumerate(mine):
+                e, texts = examples[i], out.texts[k * N:(k + 1) * N]
+                scores = [R.score_output(t, e.label, e.criteria, rulebook, args.order) for t in texts]
+                groups.append(dict(example_index=i, source_id=e.source_id, gold=e.label, prompt_ids=encoded[i][0],
+                                   prompt_truncated=encoded[i][1],
+                                   completions=out.completion_ids[k * N:(k + 1) * N], texts=texts,
+                                   truncated=out.truncated[k * N:(k + 1) * N], correct=[s.correct for s in scores],
+                                   adherent=[s.adherent for s in scores], format_ok=[s.format_ok for s in scores]))
+            order = {i: position for position, i in enumerate(indices)}
+            return gather_rows(groups, key=lambda g: order[g["example_index"]])
+
+        # Sized to the job: the steps consume total_steps x per_step pairs, so sample prompts (in a seeded
+        # order) until that many pairs exist: first `sample_margin` times the prompts needed, then, while
+        # pairs are short, as many more as the measured pairs per prompt says (none after a round without
+        # any pair: more of the same policy would not help). --sample-all samples the whole pool.
+        pool = list(range(len(examples)))
+        random.Random(args.seed).shuffle(pool)
+        needed = args.total_steps * args.batch_size * args.grad_accum * world
+        groups, pairs, taken = [], [], 0
+        while taken < len(pool):
+            if args.sample_all:
+                size = len(pool)
+            elif not groups:
+                size = math.ceil(needed / args.pairs_per_prompt * args.sample_margin)
+            elif len(pairs) >= needed or not pairs:
+                break
+            else:
+                size = math.ceil((needed - len(pairs)) * len(groups) / len(pairs) * 1.25)
+            groups += sample(pool[taken:taken + size])
+            taken += size
+            pairs = build_pairs(groups, args.pairs_per_prompt, args.seed)[0]
+        if run.main:
+            print(f"pass@{N}: sampled {len(groups)} of {len(pool)} training prompts for {needed} pairs "
+                  f"({args.total_steps} steps x {needed // max(1, args.total_steps)}); --sample-all samples them all")
+            E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_sampled=len(groups),
+                                                           prompts_truncated=sum(g["prompt_truncated"] for g in groups)))
         if policy is not model:
             del policy
         pairs, pair_stats = build_pairs(groups, args.pairs_per_prompt, args.seed)
@@ -357,6 +399,7 @@ def main(args: Args) -> dict:
             sample_accuracy=sum(flat("correct")) / n_all, sample_format_rate=sum(flat("format_ok")) / n_all,
             sample_adherence_rate=sum(flat("adherent")) / n_all, sample_truncation_rate=sum(flat("truncated")) / n_all,
             pass_at_n=sum(eligible) / max(1, len(groups)), sampling_seconds=time.perf_counter() - started,
+            prompts_sampled=len(groups), prompts_in_pool=len(pool), pairs_needed=needed,
             completion_len_mean=sum(len(c) for c in flat("completions")) / n_all)
     if run.main and (resume_from is None or not pairs_file.exists()):
         write_pairs(pairs_file, pairs)
@@ -398,12 +441,13 @@ def main(args: Args) -> dict:
         if state.get("n_pairs") != len(pairs):
             raise RuntimeError(f"checkpoint {resume_from} was trained on {state.get('n_pairs')} pairs, the run folder "
                                f"holds {len(pairs)}: refusing an inexact resume")
-        optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
+        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     stop = E.StopFlag()
     per_step = args.batch_size * args.grad_accum * world
 
@@ -418,8 +462,8 @@ def main(args: Args) -> dict:
 
     def checkpoint(done: int, final: bool) -> None:
         E.save_checkpoint(run.dir, done, model, tokenizer,
-                          dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
-                               n_pairs=len(pairs)), keep_last=args.keep_last, final=final, accelerator=accelerator)
+                          dict(rng=E.rng_state(), data_position=data_position, n_pairs=len(pairs)),
+                          keep_last=args.keep_last, final=final, accelerator=accelerator, optimizer=optimizer)
 
     # --- 4-5. training loop --------------------------------------------------------------------------
     keys = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "logp_chosen", "logp_rejected")
@@ -470,7 +514,7 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise E.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == total_steps):
             metrics = {key: window[key] / window["steps"] for key in keys}
@@ -495,4 +539,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    E.cli(main, Args)

@@ -35,6 +35,13 @@ from tqdm.auto import tqdm
 import data as D
 import rewards as R
 
+UserError = D.UserError  # bad flags, data, model name or run folder: one line and exit 2 (see `cli`)
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on (NaN after NaN, nothing to train on): one line and exit 1 (see `cli`)."""
+
+
 # ==================================================================================================
 # Models
 # ==================================================================================================
@@ -134,22 +141,128 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
         model = tiny_random_model(tokenizer).to(torch_dtype)
     else:
         path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
+        if resolved != name:
+            tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
+        elif "/" in name:
+            tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
+        tried = f"Cannot load model {name!r}. Tried: " + "; ".join(tried) + ". Aliases: smollm2-135m, tiny-random."
+        unreachable = None if Path(str(path)).exists() else hub_unreachable(resolved)
+        if unreachable:  # before transformers' own attempt, which retries an unreachable hub for a minute
+            raise FileNotFoundError(f"{tried} Cause: {unreachable}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
-            if resolved != name:
-                tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
-            elif "/" in name:
-                tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
-            raise FileNotFoundError(f"Cannot load model {name!r}. Tried: " + "; ".join(tried) +
-                                    f". Aliases: smollm2-135m, tiny-random. Cause: {type(e).__name__}: {str(e)[:300]}") from e
+            raise FileNotFoundError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
     if tokenizer.chat_template is None:
-        raise ValueError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
+        raise UserError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot give this model now, or None (cached, or the hub answers).
+
+    Checked before loading, because transformers retries an unreachable hub for most of a minute. The
+    name lookup runs in a thread so that a hanging resolver cannot hold us past `timeout` either.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    with contextlib.suppress(Exception):
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"HF_HUB_OFFLINE is set and the hub id {repo_id} is not in the local Hugging Face cache"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if outcome and outcome[0] is None:
+        return None
+    why = outcome[0] if outcome else f"no answer within {timeout + 1:.0f} s"
+    return (f"the hub id {repo_id} is not in the local Hugging Face cache and {host} cannot be reached ({why}); "
+            f"download it where there is a network, or pass a local directory")
+
+
+def load_policy(name: str, accelerator, args):
+    """The policy to train: fp32 master weights (bf16 compute comes from the accelerator's mixed
+    precision: pure-bf16 weights lose most small updates to rounding), gradient checkpointing when asked."""
+    model, tokenizer = load_model(name, str(accelerator.device), dtype="float32")
+    if gradient_checkpointing_on(args, str(accelerator.device)):
+        enable_checkpointing(model)
+    return model, tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every transformer block (transformers renamed the call in v5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def gradient_checkpointing_on(args, device: str) -> bool:
+    setting = getattr(args, "gradient_checkpointing", "auto")
+    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+
+
+# The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
+# hidden, intermediate, layers, attention heads, key/value heads, vocabulary, tied embeddings.
+MODEL_SHAPES = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True), "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True), "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False), "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False),
+    "qwen2.5-72b": (8192, 29568, 80, 64, 8, 152064, False), "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "llama-3-70b": (8192, 28672, 80, 64, 8, 128256, False),
+}
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "tie_word_embeddings")
+
+
+def model_shape(name: str) -> tuple[dict | None, str]:
+    """(shape, where it came from) without loading weights: the local config, else the family table, else None."""
+    import re
+
+    resolved = resolve_model_name(name)
+    if resolved == "tiny-random":
+        return dict(zip(SHAPE_FIELDS, (64, 128, 2, 4, 2, 49152, True))), "the built-in tiny-random config"
+    try:
+        from transformers import AutoConfig
+
+        path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return {f: getattr(config, f) for f in SHAPE_FIELDS}, f"config of {path}"
+    except Exception:  # not local: the table below, never the network (a dry run must answer in seconds)
+        pass
+    key = resolved.split("/")[-1].lower().replace("meta-", "")
+    key = re.sub(r"^llama-?3(\.\d)?-", "llama-3-", key)
+    for family, shape in MODEL_SHAPES.items():
+        if key == family or key.startswith(family + "-"):
+            return dict(zip(SHAPE_FIELDS, shape)), f"built-in table ({family}; no config found locally)"
+    return None, f"no local config for {resolved} and not in the built-in table ({', '.join(MODEL_SHAPES)})"
+
+
+def parameter_count(shape: dict) -> int:
+    h, i, layers, heads, kv_heads, vocab, tied = (shape[f] for f in SHAPE_FIELDS)
+    kv = h // heads * kv_heads
+    block = h * h * 2 + h * kv * 2 + (h + 2 * kv) + 3 * h * i + 2 * h  # q, o; k, v; q/k/v biases (Qwen); MLP; norms
+    return vocab * h * (1 if tied else 2) + layers * block + h
 
 
 def pick_device(device: str = "auto") -> str:
@@ -475,16 +588,21 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
 def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
                   **_) -> Rollouts:
-    """The same contract as `generate`, served by a colocated vLLM engine (UNTESTED here: no vLLM on CPU).
+    """The same contract as `generate`, served by this rank's colocated vLLM engine (`make_vllm_engine`).
 
-    vLLM shares the prompt's prefill across `n` samples itself and returns the sampled token's log-prob.
+    vLLM shares each prompt's prefill across its `n` samples. The engine returns processed log-probs (of
+    logits / temperature, as the trainer computes them; with top_p < 1 vLLM's are also renormalised over
+    the nucleus: add --recompute-old-logprobs). Tested here only against a recording fake engine.
     """
-    from vllm import SamplingParams, TokensPrompt  # noqa: lazy, optional dependency
+    from vllm import SamplingParams  # noqa: lazy, optional dependency
 
     params = [SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
                              top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[i],
-                             stop_token_ids=stop_token_ids(tokenizer)) for i in range(len(prompts))]
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+                             stop_token_ids=stop_token_ids(tokenizer), skip_special_tokens=False)
+              for i in range(len(prompts))]
+    if not prompts:
+        return Rollouts([], [], [], [], [])
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     out = Rollouts([], [], [], [], [])
     for prompt, result in zip(prompts, results):
         for completion in result.outputs:
@@ -497,22 +615,53 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
     return out
 
 
-def make_vllm_engine(model_name: str, gpu_memory_utilization: float = 0.3, seed: int = 0):
-    """A colocated vLLM engine sharing the GPU with training (UNTESTED here)."""
+def make_vllm_engine(model_name: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                     sleep_mode: bool = False):
+    """This rank's colocated vLLM engine, the way TRL's colocate mode and verl run it: one engine per
+    training process on that process's GPU (`external_launcher`: vLLM joins the launcher's ranks instead
+    of spawning workers), context sized to the prompt and generation budgets, log-probs after temperature,
+    optional sleep mode (weights and KV cache released during the update). vLLM is imported only here."""
     try:
-        from vllm import LLM
-    except ImportError as e:
-        raise ImportError("--vllm needs vLLM: pip install vllm (on a CUDA machine). It is not in requirements.txt.") from e
-    return LLM(model=model_name, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-               enable_prefix_caching=True, dtype="bfloat16")
+        import vllm
+    except ImportError:
+        fail("--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in requirements.txt)")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)  # a single process: external_launcher still reads the torch.distributed env
+    return vllm.LLM(model=resolve_model_name(model_name), distributed_executor_backend="external_launcher",
+                    tensor_parallel_size=1, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                    seed=seed, enable_prefix_caching=True, dtype="bfloat16", enable_sleep_mode=sleep_mode,
+                    logprobs_mode="processed_logprobs", max_logprobs=0)
 
 
-def sync_vllm_weights(llm, model) -> None:
-    """Push the policy's current weights into the colocated vLLM engine after an optimizer step."""
-    state = unwrapped(model).state_dict()
-    engine_model = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    engine_model.load_weights(state.items())
+def vllm_model(llm):
+    """The engine's torch module (in-process under external_launcher)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def sync_vllm_weights(llm, model) -> int:
+    """Push the policy's current weights into this rank's engine, one parameter at a time (an FSDP shard
+    is gathered whole just for its push: every rank takes part, in the same order), then drop the prefix
+    cache, whose entries were computed with the old weights. Returns the number of tensors pushed."""
+    if getattr(llm, "agrl_asleep", False):
+        llm.wake_up()
+        llm.agrl_asleep = False
+    engine_model, pushed = vllm_model(llm), 0
+    with torch.no_grad():
+        for name, tensor in unwrapped(model).state_dict().items():  # the HF names; FSDP2 gives shards (DTensors)
+            engine_model.load_weights([(name, full_tensor(tensor).to(torch.bfloat16))])
+            pushed += 1
     llm.reset_prefix_cache()
+    return pushed
+
+
+def release_rollout_memory(llm, sleep_mode: bool) -> None:
+    """After a step's rollouts: with sleep mode, vLLM frees its weights and KV cache for the update."""
+    if llm is not None and sleep_mode:
+        llm.sleep(level=1)
+        llm.agrl_asleep = True  # woken by the next sync_vllm_weights
 
 
 # ==================================================================================================
@@ -545,6 +694,12 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def checkpointing(model) -> bool:
+    module = unwrapped(model)
+    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(module, name, False))
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
     """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies).
 
@@ -553,6 +708,11 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
     """
     C = batch["completion_mask"].shape[1]
     cache = None
+    if batch["prefix_ids"].shape[1] > 0 and model.training and checkpointing(model):
+        # checkpointed layers recompute without a KV cache (transformers drops it): run the prefix inline
+        rows, mask = batch["input_ids"].shape[0], batch["attention_mask"]
+        batch = dict(batch, input_ids=torch.cat([batch["prefix_ids"].expand(rows, -1), batch["input_ids"]], 1),
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), prefix_ids=batch["prefix_ids"][:, :0])
     if batch["prefix_ids"].shape[1] > 0:
         from transformers import DynamicCache
 
@@ -708,16 +868,17 @@ def plot_confusion(metrics: dict, labels: tuple[str, ...], path: Path, title: st
 
 
 def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
-    """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate."""
-    head = "| run | sample | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
-    lines = [head, "|" + "---|" * (len(labels) + 6)]
+    """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate,
+    and n, the examples each row was scored on."""
+    head = "| run | sample | n | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
+    lines = [head, "|" + "---|" * (len(labels) + 7)]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for name, m in rows.items():
         for sample, mm in (("natural", m), ("balanced", m.get("balanced"))):
             if mm is None:
                 continue
             f1s = " | ".join(fmt(mm["per_class"].get(label, {}).get("f1")) for label in labels)
-            lines.append(f"| {name} | {sample} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
+            lines.append(f"| {name} | {sample} | {mm.get('n', '-')} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
                          f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |")
     return "\n".join(lines)
 
@@ -736,19 +897,99 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Arguments a resumed run may change: how long it runs, how it evaluates, logs and saves, where it runs.
+# Any other difference (model, data, sizes, learning rate, reward weights, ...) would make the resumed run a
+# different run from the one its checkpoint and metrics come from, so `--resume` refuses it.
+RESUME_MAY_CHANGE = frozenset({
+    "total_steps", "generation_budget", "eval_limit", "eval_split", "log_every", "log_samples_every", "save_every",
+    "keep_last", "track", "wandb_project", "wandb_group", "output_dir", "run_name", "resume", "overwrite", "device",
+    "num_gpus", "strategy", "gradient_checkpointing", "dry_run", "gen_batch_size", "max_nan_skips", "max_empty_steps",
+    "vllm_gpu_memory", "vllm_sleep"})
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval.json", "checkpoints", "checkpoint", "pairs.jsonl")
+OPEN_RUNS: list[Run] = []  # closed by `cli` however a script ends, so that every run gets its curves.png
+
+
+def _jsonable(args) -> dict:
+    return json.loads(json.dumps(asdict(args), default=str))
+
+
+def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
+    """Make sure a new run never mixes with an old one; returns what args.json should record.
+
+    A folder that holds a previous run is refused unless `--resume` (continue it: same script, and no
+    argument that changes the math may differ) or `--overwrite` (delete it, then start clean).
+    """
+    record = dict(script=script, **_jsonable(args))
+    old_args = run_dir / "args.json"
+    # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
+    used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    if getattr(args, "resume", False):
+        if not old_args.exists():
+            what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
+            raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
+                            f"to start a new run")
+        old = json.loads(old_args.read_text())
+        if old.get("script") != script:
+            raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
+        changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
+        refused = {k: pair for k, pair in changed.items() if k not in RESUME_MAY_CHANGE}
+        if refused:
+            raise UserError(f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
+                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                            + "; resume with the run's values, or start a new run (--run-name, or --overwrite)")
+        record["resumes"] = old.get("resumes", [])
+        accepted = {k: pair for k, pair in changed.items() if k not in ("resume", "overwrite")}
+        if accepted:
+            print(f"[resume] {run_dir}: accepted changes (recorded in args.json): "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()))
+            record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
+        return record
+    if run_dir.exists() and any(run_dir.iterdir()) and not old_args.exists():
+        raise UserError(f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name "
+                        f"or --output-dir")
+    if used:
+        if not getattr(args, "overwrite", False):
+            raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
+                            f"--overwrite to delete it and start clean, or choose another --run-name")
+        shutil.rmtree(run_dir)
+        print(f"[overwrite] deleted the previous run in {run_dir}")
+    elif old_args.exists():  # the leftover of a run that stopped before it logged anything
+        shutil.rmtree(run_dir)
+    return record
+
+
+def describe_run(run_dir: Path) -> str:
+    """'grpo.py, 3 metric lines, checkpoints up to step 3' for messages."""
+    parts = []
+    with contextlib.suppress(Exception):
+        parts.append(f"{json.loads((run_dir / 'args.json').read_text())['script']}.py")
+    if (run_dir / "metrics.jsonl").exists():
+        parts.append(f"{len((run_dir / 'metrics.jsonl').read_text().splitlines())} metric lines")
+    steps = sorted((run_dir / "checkpoints").glob("step-???????"))
+    if steps:
+        parts.append(f"checkpoints up to step {int(steps[-1].name[5:])}")
+    if (run_dir / "eval.json").exists():
+        parts.append("eval.json")
+    return ", ".join(parts) or ", ".join(sorted(p.name for p in run_dir.iterdir())[:5])
+
+
 class Run:
-    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb."""
+    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb.
+
+    The folder belongs to one run (prepare_run_dir); `finish` draws curves.png from metrics.jsonl.
+    """
 
     def __init__(self, args, script: str):
         self.dir = Path(args.output_dir) / args.run_name
         self.main = is_main_process()
         self.wandb = None
+        self.finished = False
         if not self.main:
             return
+        record = prepare_run_dir(self.dir, args, script)
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "args.json", dict(script=script, **asdict(args)))
-        if not args.resume:
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json(self.dir / "args.json", record)
+        OPEN_RUNS.append(self)
         if getattr(args, "track", False):
             import wandb
 
@@ -792,10 +1033,65 @@ class Run:
             self.wandb.log({"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step)
 
     def finish(self, summary: dict | None = None) -> None:
+        """At the end, or when the run stops early: curves.png, then the wandb summary. Once."""
+        if not self.main or self.finished:
+            return
+        self.finished = True
+        if self in OPEN_RUNS:
+            OPEN_RUNS.remove(self)
+        plot_curves(self.dir)
         if self.wandb:
             if summary:
                 self.wandb.summary.update(flatten(summary))
             self.wandb.finish()
+
+
+# What curves.png shows, one panel each, from the metric lines that have them.
+CURVE_PANELS = {
+    "reward": ("reward_mean",), "accuracy": ("accuracy",), "format / adherence": ("format_rate", "adherence_rate"),
+    "loss": ("loss",), "KL": ("approx_kl", "ref_kl"), "entropy": ("entropy",),
+    "groups kept / dropped": ("groups_kept", "groups_dropped"),
+    "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"), "DPO pair accuracy": ("reward_accuracy",),
+    "grad norm": ("grad_norm",), "predicted label entropy": ("label_entropy",),
+}
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png: every training metric of CURVE_PANELS over steps, and the predicted label shares."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [m for m in lines if m.get("step", 0) > 0]
+    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share_")))  # rulebook order
+    panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
+    if shares:
+        panels["predicted label shares"] = tuple(shares)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for key in keys:
+            points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share_"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(Path(run_dir).name, fontsize=11)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
 
 
 def _netrc_has(host: str) -> bool:
@@ -824,23 +1120,43 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int = 2,
-                    final: bool = False, accelerator=None) -> Path | None:
+                    final: bool = False, accelerator=None, optimizer=None) -> Path | None:
     """Hugging Face format plus `train_state.pt` (optimizer, scheduler, RNG, data position), atomically.
 
     Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
     leaves either the previous checkpoint or the new one, never half of one. `final` also writes the
     weights to `<run>/checkpoint/`, the folder later stages load, before the step folder appears: a run
     whose last step checkpoint exists always has its final folder. Every process calls it (gathering
-    FSDP-sharded weights is a collective); only the main process writes.
+    FSDP-sharded weights and optimizer states is a collective); only the main process writes. Under
+    FSDP the optimizer state is gathered whole by accelerate into `optimizer.bin` (keyed by parameter
+    name, so any world size reads it back); otherwise it goes into `train_state.pt`.
     """
     weights = accelerator.get_state_dict(model) if accelerator is not None else None
-    if not is_main_process():
-        return None
     folder = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    if optimizer is not None and is_fsdp(model):
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
+    elif optimizer is not None:
+        train_state = dict(train_state, optimizer=optimizer.state_dict())
+    if not is_main_process():
+        return None
+    if is_fsdp(model):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
+        from huggingface_hub import save_torch_state_dict
+
+        module = unwrapped(model)
+        module.config.save_pretrained(tmp)
+        if module.generation_config is not None:
+            module.generation_config.save_pretrained(tmp)
+        tied = getattr(module, "all_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed_tokens.weight"}
+        weights = {k: v for k, v in weights.items() if k not in tied or k == tied[k]}  # stored once, as save_pretrained does
+        save_torch_state_dict(weights, tmp, max_shard_size="5GB")
+    else:
+        unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
@@ -848,8 +1164,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     if final:  # before the step folder is in place: a crash in between leaves step-1 newest, and resuming redoes both
         final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
         shutil.rmtree(final_tmp, ignore_errors=True)
-        shutil.copytree(tmp, final_tmp)
-        (final_tmp / "train_state.pt").unlink()
+        shutil.copytree(tmp, final_tmp, ignore=shutil.ignore_patterns("train_state.pt", "optimizer.bin"))
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(final_tmp, final_dir)
     shutil.rmtree(folder, ignore_errors=True)
@@ -857,6 +1172,21 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def load_optimizer_state(optimizer, model, accelerator, folder: Path, state: dict) -> None:
+    """`--resume`, after `accelerator.prepare`: under FSDP accelerate scatters the saved whole state into
+    each process's own shard (loading it before `prepare`, as rank 0's shard, fails on every other rank)."""
+    if is_fsdp(model):
+        from accelerate.utils import load_fsdp_optimizer
+
+        if not (folder / "optimizer.bin").exists():
+            fail(f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with")
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+    elif "optimizer" not in state:
+        fail(f"{folder} holds a sharded (FSDP) optimizer state: resume it with --strategy fsdp")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def validate_checkpoint(folder: Path) -> str | None:
@@ -927,40 +1257,301 @@ def unwrapped(model):
 def model_for_eval(model, run_dir: Path, device: str):
     """The trained policy for the final evaluation on the main process: the module itself, or under
     FSDP (sharded weights) the final checkpoint reloaded from disk."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(model, FSDP):
+    if is_fsdp(model):
         return load_model(str(run_dir / "checkpoint"), device)[0]
     return unwrapped(model)
 
 
-def relaunch_distributed(num_gpus: int, device: str) -> None:
-    """`--num-gpus N` re-executes this script with N processes, once.
+def fail(message: str, code: int = 2):
+    """A user error: one line on stderr and a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
-    On GPUs: `accelerate launch` with FSDP (full shard, transformer-block wrap). On CPU (tests):
-    `torchrun --standalone`, N gloo processes running DDP. Multi-node: run `accelerate launch`
-    yourself with your cluster's flags (README).
-    """
-    if num_gpus <= 1 or "RANK" in os.environ:
+
+# --- Launch: processes, parallelism, precision -----------------------------------------------------
+# A 80 GB and a 141 GB card (H100, H200) in GiB, the units of the memory plan.
+GPU_GIB = {"80 GB": 79.6, "141 GB": 140.4}
+
+
+def parallel_strategy(strategy: str, device: str, world: int) -> str:
+    """single | ddp | fsdp. auto: FSDP on GPUs (a 7B policy with AdamW does not fit one GPU whole), DDP
+    on CPU; `fsdp` also on CPU over gloo, so the sharded path runs in the tests."""
+    if strategy == "auto":
+        return "single" if world <= 1 else "fsdp" if device.startswith("cuda") else "ddp"
+    return "single" if strategy == "ddp" and world <= 1 else strategy
+
+
+def mixed_precision(args, device: str) -> str:
+    """accelerate's mixed_precision: bf16 compute over fp32 master weights and AdamW states, or no (fp32)."""
+    precision = getattr(args, "precision", "auto")
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.startswith("cuda")) else "no"
+
+
+def fsdp_plugin(precision: str):
+    """FSDP2 through accelerate: every transformer block a unit, fully sharded; whole (rank-0) state dicts."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+                                          state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+                                          mixed_precision_policy=policy)
+
+
+def make_accelerator(args):
+    """The Accelerator of a training script, from --strategy and --precision (inside each launched process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    device = pick_device(args.device)
+    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, int(os.environ.get("WORLD_SIZE", "1")))
+    precision = mixed_precision(args, device)
+    plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
+    if plugin is not None and "RANK" not in os.environ:
+        fail("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
+    if "RANK" not in os.environ:  # one process, maybe several runs in it (tests): each gets the precision it asks for
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision, fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate enables FSDP only for GPU process groups; on CPU (gloo) we flip the same switch, so the
+        # tests run accelerate's own FSDP code: wrapping, state dicts, optimizer save and load.
+        from accelerate.state import PartialState
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPUs
+    return accelerator
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def launch_command(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto",
+                   script: list[str] | None = None) -> list[str]:
+    """The command `--num-gpus N` re-executes the script with. On GPUs: `accelerate launch`, FSDP2 or DDP
+    (accelerate takes `--use_fsdp` or `--multi_gpu`, never both). On CPU: `torchrun --standalone` (accelerate
+    runs one CPU process per machine), N gloo ranks; the script builds the same FSDP plugin itself."""
+    script = script if script is not None else [sys.argv[0], *sys.argv[1:]]
+    if device == "cpu":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_gpus), *script]
+    import socket
+
+    with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    precision = "bf16" if precision in ("auto", "bf16") else "no"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus), "--num_machines", "1",
+               "--main_process_port", str(port), "--mixed_precision", precision, "--dynamo_backend", "no"]
+    if parallel_strategy(strategy, "cuda", num_gpus) == "fsdp" or strategy == "fsdp":
+        command += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                    "--fsdp_cpu_ram_efficient_loading", "false"]
+    elif num_gpus > 1:
+        command += ["--multi_gpu"]
+    return command + script
+
+
+def launch(args) -> None:
+    """The start of every script: --dry-run, device honesty, then the relaunch under N processes (once).
+
+    Multi-node: run `accelerate launch` yourself with your cluster's flags (README); a launched process
+    has RANK set and never relaunches."""
+    num_gpus, strategy = args.num_gpus, getattr(args, "strategy", "auto")
+    if getattr(args, "dry_run", False):
+        print(dry_run_report(args))
+        raise SystemExit(0)
+    check_device(args.device, num_gpus)
+    if "RANK" in os.environ or (num_gpus <= 1 and strategy != "fsdp"):
         return
     if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
         raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
     os.environ["AGRL_LAUNCHED"] = "1"
-    if pick_device(device) == "cpu":  # accelerate runs one CPU process per machine; torchrun gives N gloo ranks
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_gpus)]
-    else:
-        import socket
-
-        with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus), "--num_machines", "1",
-                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-                   "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                   "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_use_orig_params", "true", "--fsdp_sync_module_states", "true"]
-    command += [sys.argv[0], *sys.argv[1:]]
+    command = launch_command(num_gpus, pick_device(args.device), strategy, getattr(args, "precision", "auto"))
     print("[launch]", " ".join(command), flush=True)
     sys.exit(subprocess.call(command))
+
+
+def check_device(device: str, num_gpus: int = 1) -> None:
+    """CUDA asked for (`--device cuda`, `--num-gpus N > 1`) where torch sees none: one line, exit 2."""
+    if device != "cpu" and not torch.cuda.is_available() and (device.startswith("cuda") or num_gpus > 1):
+        asked = f"--device {device}" if device.startswith("cuda") else f"--num-gpus {num_gpus}"
+        fail(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
+             f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
+
+
+def relaunch_distributed(num_gpus: int, device: str, strategy: str = "auto") -> None:
+    """`launch` for callers without an Args object (eval.py's own tests)."""
+    from types import SimpleNamespace
+
+    launch(SimpleNamespace(num_gpus=num_gpus, device=device, strategy=strategy))
+
+
+def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool) -> list[tuple[str, float, str]]:
+    """Estimated GiB per GPU: (item, GiB, phase) with phase static | generation | training. An estimate:
+    activations count the tensors a Llama/Qwen block keeps for backward (bf16), logits in fp32 as
+    token_logprobs makes them; allocator fragmentation and NCCL buffers are a flat 3 GiB."""
+    GiB = 2**30
+    h, i, layers, heads, kv_heads, vocab, tied = (shape[f] for f in SHAPE_FIELDS)
+    kv = h // heads * kv_heads
+    n = parameter_count(shape)
+    shard = world if strategy == "fsdp" else 1
+    compute = 2 if precision == "bf16" else 4
+    rows = getattr(args, "micro_batch_size", getattr(args, "batch_size", 8))
+    completion = getattr(args, "max_new_tokens", 256)
+    seq = 350 + getattr(args, "max_item_tokens", 256) + completion  # system prompt + item budget + completion
+    per_layer = rows * seq * (8 * h + 2 * kv + 4 * i) * compute  # block tensors saved for backward
+    activations = rows * seq * h * compute * layers + per_layer if checkpointing else per_layer * layers
+    plan = [(f"parameters fp32 (1/{shard} shard)" if shard > 1 else "parameters fp32", 4 * n / shard / GiB, "static"),
+            (f"AdamW states fp32 (1/{shard} shard)" if shard > 1 else "AdamW states fp32", 8 * n / shard / GiB, "static")]
+    vllm = getattr(args, "vllm", False)
+    if vllm:
+        plan.append((f"vLLM engine share (--vllm-gpu-memory {args.vllm_gpu_memory}) of an 80 GB card",
+                     args.vllm_gpu_memory * GPU_GIB["80 GB"], "static"))
+    elif strategy == "fsdp" and hasattr(args, "group_size"):
+        plan.append(("rollout inference copy, whole, bf16" if compute == 2 else "rollout inference copy, whole, fp32",
+                     compute * n / GiB, "static"))
+    if getattr(args, "beta", 0) > 0:
+        plan.append(("reference policy, whole (--beta > 0)", compute * n / GiB, "static"))
+    if hasattr(args, "group_size") and not vllm:
+        gen_rows = min(args.gen_batch_size, max(1, args.prompts_per_step // world)) * args.group_size
+        plan.append((f"rollout KV cache ({gen_rows} rows x {seq} tokens)", gen_rows * seq * layers * 2 * kv * compute / GiB,
+                     "generation"))
+        plan.append(("rollout sampling logits fp32", gen_rows * vocab * 4 * 3 / GiB, "generation"))
+    plan.append((f"gradients fp32 (1/{shard} shard)" if shard > 1 else "gradients fp32", 4 * n / shard / GiB, "training"))
+    if strategy == "fsdp":
+        root = vocab * h * (1 if tied else 2) + h
+        plan.append(("FSDP gathered units bf16 (embeddings/head + 2 blocks)" if compute == 2 else
+                     "FSDP gathered units fp32 (embeddings/head + 2 blocks)",
+                     compute * (root + 2 * (n - root) / layers) / GiB, "training"))
+    plan.append((f"activations ({rows} seqs x {seq} tokens, checkpointing {'on' if checkpointing else 'off'})",
+                 activations / GiB, "training"))
+    plan.append((f"completion logits fp32 + grad ({rows} x {completion + 1} x {vocab})",
+                 rows * (completion + 1) * vocab * (compute + 8) / GiB, "training"))
+    plan.append(("CUDA context, NCCL, allocator slack", 3.0, "static"))
+    return plan
+
+
+def dry_run_report(args) -> str:
+    """What `--num-gpus N` would do, without loading weights: model id, launch command, parallel plan, memory."""
+    script = Path(sys.argv[0]).name
+    on_cpu = args.device == "cpu"
+    device = "cpu" if on_cpu else "cuda"
+    world = max(1, args.num_gpus)
+    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, world)
+    precision = mixed_precision(args, device)
+    checkpointing = gradient_checkpointing_on(args, device)
+    resolved = resolve_model_name(args.model)
+    shape, source = model_shape(args.model)
+    argv = [a for a in sys.argv[1:] if a != "--dry-run"]
+    if world > 1 or strategy == "fsdp":
+        command = " ".join(launch_command(world, device, strategy, getattr(args, "precision", "auto"), [sys.argv[0], *argv]))
+    else:
+        command = " ".join([sys.executable, sys.argv[0], *argv]) + "   (one process: no relaunch)"
+    lines = [f"model     {args.model} -> {resolved}", f"shape     {source}", f"launch    {command}"]
+    how = {"fsdp": "FSDP2 full shard, one unit per transformer block (parameters, gradients and AdamW states split over "
+                   f"{world} ranks)", "ddp": f"DDP, a whole copy of the model on each of {world} processes",
+           "single": "one process"}[strategy]
+    lines.append(f"parallel  {world} x {'CPU' if on_cpu else 'GPU'}: {how}")
+    lines.append(f"precision {'bf16 compute, fp32 master weights, gradients and AdamW states' if precision == 'bf16' else 'fp32'}; "
+                 f"gradient checkpointing {'on' if checkpointing else 'off'}")
+    if hasattr(args, "group_size"):
+        per_rank = -(-args.prompts_per_step // world)
+        backend = ("colocated vLLM engine per rank (external_launcher), weights pushed after each update" if args.vllm else
+                   "HF generation on an unsharded inference copy, gathered once per step (no collective inside "
+                   "generation, so ranks may generate different amounts)" if strategy == "fsdp" else "HF generation on the local model")
+        lines.append(f"rollouts  {args.prompts_per_step} prompts x {args.group_size} completions per step, <= {per_rank} "
+                     f"prompts per rank; {backend}")
+        lines.append(f"training  micro-batches of {args.micro_batch_size} sequences per rank, equal count on every rank")
+    if shape is None:
+        lines.append("memory    unknown: " + source + ". Put the model's config.json in a local folder and pass that folder.")
+        return "\n".join(lines)
+    n = parameter_count(shape)
+    plan = memory_plan(args, shape, world, strategy, precision, checkpointing)
+    lines.append(f"memory    per GPU, estimated GiB ({n / 1e9:.2f}B parameters; {shape['num_hidden_layers']} layers, "
+                 f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):")
+    totals = {phase: sum(g for _, g, p in plan if p == phase) for phase in ("static", "generation", "training")}
+    for phase in ("static", "generation", "training"):
+        for item, gib, p in plan:
+            if p == phase:
+                lines.append(f"  {phase:<10} {item:<66} {gib:7.2f}")
+    peak = totals["static"] + max(totals["generation"], totals["training"])
+    lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<66} {peak:7.2f}")
+    for card, gib in GPU_GIB.items():
+        need = peak + (args.vllm_gpu_memory * (gib - GPU_GIB["80 GB"]) if getattr(args, "vllm", False) else 0)  # vLLM takes a share
+        verdict = "fits" if need < 0.9 * gib else "tight" if need < gib else "does NOT fit"
+        lines.append(f"  on {card} cards ({gib:.1f} GiB): {verdict}, headroom {gib - need:.1f} GiB")
+    return "\n".join(lines)
+
+
+# --- Rollouts under FSDP: an unsharded inference copy, gathered once per step --------------------
+# Chosen over lockstep generation (every rank making the same number of FSDP forwards, idle ranks running
+# dummy ones): the copy is gathered in one collective per parameter per step, after which generation
+# has no collective at all, so uneven work (refills, AGR, early stops) cannot hang; lockstep gathers
+# every layer again at every decode step. Measured and argued in the README ("Scaling out").
+_INFERENCE_COPIES: dict[int, torch.nn.Module] = {}
+
+
+def refresh_rollout_weights(model, accelerator, engine=None) -> None:
+    """Every rank, once per step, before any rollout: push the current weights to what generates.
+    vLLM: parameter by parameter into the engine. FSDP: gather into the inference copy. Else nothing."""
+    if engine is not None:
+        sync_vllm_weights(engine, model)
+        return
+    if not is_fsdp(model):
+        return
+    copy = _INFERENCE_COPIES.get(id(model))
+    if copy is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            copy = AutoModelForCausalLM.from_config(unwrapped(model).config, dtype=compute_dtype(accelerator))
+        copy.to_empty(device=accelerator.device)
+        copy.tie_weights()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():  # rotary frequencies: buffers, not sharded
+                copy.get_buffer(name).copy_(buffer)
+        copy.eval().requires_grad_(False)
+        _INFERENCE_COPIES[id(model)] = copy
+    targets = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            targets[name].copy_(full_tensor(parameter))
+
+
+def full_tensor(parameter) -> torch.Tensor:
+    """A whole parameter from an FSDP2 shard (a collective: every rank, same order), else itself. (FSDP2
+    leaves the root unit's parameters whole after a forward until the backward: the same on every rank,
+    since every rank runs the same FSDP forwards and backwards; generation never touches them.)"""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter.data
+
+
+def rollout_generate(model, accelerator, engine, tokenizer, prompts: list[list[int]], **kwargs) -> Rollouts:
+    """`generate` (or vLLM) on this rank's prompts, after `refresh_rollout_weights`. No collective
+    inside: a rank may have more, fewer or no prompts than the others."""
+    if engine is not None:
+        kwargs.pop("batch_size", None)
+        return generate_vllm(engine, tokenizer, prompts, **kwargs)
+    with accelerator.autocast():
+        return generate(rollout_policy(model), tokenizer, prompts, **kwargs)
+
+
+def rollout_policy(model, engine=None):
+    """The HF module with whole weights for this rank's local forwards (generation, AGR's teacher-forced
+    log-probs): the inference copy under FSDP, else the model itself. No collective."""
+    if not is_fsdp(model):
+        return unwrapped(model)
+    if engine is not None:  # the weights went to vLLM: no HF copy is kept
+        fail("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
+    return _INFERENCE_COPIES[id(model)]
 
 
 class StopFlag:
@@ -980,18 +1571,6 @@ class StopFlag:
         self.requested = True
 
 
-@contextlib.contextmanager
-def full_params_for_generation(model):
-    """FSDP shards the policy; generation needs whole weights on each rank (no-op otherwise)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(model, FSDP):
-        with FSDP.summon_full_params(model, writeback=False, recurse=True):
-            yield model.module
-    else:
-        yield unwrapped(model)
-
-
 # ==================================================================================================
 # The eval.py command
 # ==================================================================================================
@@ -1004,7 +1583,7 @@ class Args:
     data_path: str | None = None
     """file or folder of the dataset (not needed for synthetic)"""
     split: str = "dev"
-    """split to evaluate"""
+    """split to evaluate: train | dev | test (a single data file has train and dev; all: the whole file)"""
     field_map: str | None = None
     """for jsonl/csv: our_field=their_column pairs, comma separated"""
     label_map: str | None = None
@@ -1040,7 +1619,9 @@ class Args:
     wandb_project: str = "agrl"
     """wandb project"""
     resume: bool = False
-    """unused by eval; kept for the common contract"""
+    """unused by eval (an evaluation has nothing to continue; --overwrite replaces one)"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
     compare: tuple[str, ...] = ()
     """instead of evaluating: build a comparison table and bar chart from these finished run folders"""
 
@@ -1053,10 +1634,13 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
     metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
                                 args.max_new_tokens, args.batch_size, args.label_only, args.tier_threshold, seed=args.seed)
     metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}
+    metrics["sample"] = dict(dataset=args.dataset, data_path=args.data_path, split=args.split, limit=args.limit,
+                             seed=args.seed, label_only=args.label_only, max_new_tokens=args.max_new_tokens)
     if is_main_process():
         out_dir = Path(args.output_dir) / args.run_name
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "eval.json", metrics)
+        write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
         with open(out_dir / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         plot_confusion(metrics, dataset.rulebook.labels, out_dir / "confusion.png",
@@ -1100,6 +1684,11 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
             raise FileNotFoundError(f"{path} missing: is {folder} a finished run?")
         rows[Path(folder).name] = json.loads(path.read_text())
     labels = tuple(next(iter(rows.values()))["per_class"])
+    samples = {name: (m.get("n"), json.dumps(m.get("sample"), sort_keys=True)) for name, m in rows.items()}
+    if len(set(samples.values())) > 1:
+        print("warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
+              + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
+              file=sys.stderr)
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
@@ -1119,20 +1708,51 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     return table
 
 
+def _sample_text(sample: dict | None) -> str:
+    if not sample:
+        return "(sample not recorded)"
+    return f"{sample['dataset']}/{sample['split']} limit {sample['limit']} seed {sample['seed']}" + \
+        (" label-only" if sample.get("label_only") else "")
+
+
+def cli(main, args_class) -> None:
+    """Every script's command line: flags -> main(args). A user error (flags, data, model, run folder) is one
+    line on stderr and exit 2, a run that had to stop one line and exit 1, without a traceback unless
+    AGRL_DEBUG=1; however the script ends, its open runs get their curves.png."""
+    args = tyro.cli(args_class)
+    debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
+    try:
+        main(args)
+    except (UserError, FileNotFoundError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        if debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for run in list(OPEN_RUNS):
+            with contextlib.suppress(Exception):
+                run.finish()
+
+
 def main(args: Args) -> None:
     if args.compare:
         out = Path(args.output_dir) / (args.run_name or "comparison")
         print(compare_runs(args.compare, out))
         print(f"wrote {out}/comparison.md, comparison.json, comparison.png")
         return
+    check_device(args.device)
     args.run_name = args.run_name or f"eval-{Path(args.model).name}-{args.dataset}-{args.split}"
-    run = Run(args, "eval") if args.track else None
+    run = Run(args, "eval")
     metrics = run_eval(args, run=run)
     print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     print(f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json")
-    if run:
-        run.finish()
+    run.finish()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from tqdm.auto import tqdm
 
 import data as D
@@ -86,6 +85,14 @@ class Args:
     """auto | cpu | cuda"""
     num_gpus: int = 1
     """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
+    dry_run: bool = False
+    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
     output_dir: str = "runs"
     """where run folders go"""
     run_name: str | None = None
@@ -98,6 +105,8 @@ class Args:
     """wandb group (a pipeline puts its stages in one group)"""
     resume: bool = False
     """continue from the run folder's last valid checkpoint"""
+    overwrite: bool = False
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 def cosine_lr(step: int, args: Args) -> float:
@@ -108,11 +117,9 @@ def cosine_lr(step: int, args: Args) -> float:
 
 
 def main(args: Args) -> dict:
-    E.relaunch_distributed(args.num_gpus, args.device)
+    E.launch(args)
     args.run_name = args.run_name or f"sft-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=E.pick_device(args.device) == "cpu")
+    accelerator = E.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "sft")
     E.seed_everything(args.seed)
@@ -120,7 +127,7 @@ def main(args: Args) -> dict:
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_model(str(resume_from or args.model), str(accelerator.device))
+    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
     starts = [labels.count(-100) for _, labels, _ in encoded]  # labels are -100 over the prompt, then the target
@@ -139,12 +146,13 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        optimizer.load_state_dict(state["optimizer"])
         E.set_rng_state(state["rng"])
         start_step = state["step"]
         print(f"[resume] from {resume_from} at step {start_step}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
+        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     stop = E.StopFlag()
 
     # --- training loop -------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise RuntimeError(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise E.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == args.total_steps):
             metrics = dict(loss=window["loss"] / window["steps"], lr=cosine_lr(step, args), grad_norm=grad_norm.item(),
@@ -199,8 +207,8 @@ def main(args: Args) -> dict:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             window = dict(steps=0, loss=0.0, tokens=0, seconds=0.0)
         if done % args.save_every == 0 or done == args.total_steps or stop.requested:
-            E.save_checkpoint(run.dir, done, model, tokenizer, dict(optimizer=optimizer.state_dict(), rng=E.rng_state()),
-                              keep_last=args.keep_last, final=done == args.total_steps, accelerator=accelerator)
+            E.save_checkpoint(run.dir, done, model, tokenizer, dict(rng=E.rng_state()), keep_last=args.keep_last,
+                              final=done == args.total_steps, accelerator=accelerator, optimizer=optimizer)
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
             return {}
@@ -213,4 +221,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    E.cli(main, Args)

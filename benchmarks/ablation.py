@@ -46,10 +46,11 @@ CONFIGS = {
     "cpu-synthetic": dict(
         sft=["--model", "tiny-random", "--dataset", "synthetic", "--total-steps", "300", "--batch-size", "16",
              "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
-        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
+        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "80",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--no-dynamic-sampling", "--eval-limit", "100", "--device", "cpu", "--save-every", "4", "--resume"],
-        budget=4 * 8 * 16, seeds=(1, 2, 3), target=0.5),
+            "--prompt-sampling", "balanced", "--ds-max-tries", "1", "--eval-limit", "200", "--device", "cpu",
+            "--save-every", "2"],
+        budget=4 * 8 * 12, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
         sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
@@ -83,6 +84,8 @@ class Args:
     """where the table and curves go"""
     jobs: int = 1
     """runs at a time (each then uses cores / jobs threads)"""
+    table_only: bool = False
+    """start nothing: tabulate the runs that have finished (a partial table says which are missing)"""
 
 
 def run(command: list[str], log: Path, threads: int | None = None) -> None:
@@ -106,6 +109,11 @@ def smoothed(values: list[float], window: int = 5) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
+def resume_flag(run_dir: Path) -> list[str]:
+    """An interrupted run is continued; a run folder is never reused without --resume."""
+    return ["--resume"] if (run_dir / "args.json").exists() else []
+
+
 def main(args: Args) -> None:
     config = CONFIGS[args.config]
     seeds, budget = args.seeds or config["seeds"], args.budget or config["budget"]
@@ -114,25 +122,26 @@ def main(args: Args) -> None:
     data = ["--data-path", args.data_path] if args.data_path else []
 
     # 1. the shared SFT start
-    if args.sft_checkpoint:
+    if args.sft_checkpoint or args.table_only:
+        args.sft_checkpoint = args.sft_checkpoint or str(base / "sft" / "checkpoint")
         start, sft_dir = str(Path(args.sft_checkpoint).resolve()), Path(args.sft_checkpoint).resolve().parent
     else:
         sft_dir = base / "sft"
         if not (sft_dir / "eval.json").exists():
             run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
-                 "--run-name", "sft"], base / "sft.log")
+                 "--run-name", "sft", *resume_flag(sft_dir)], base / "sft.log")
         start = str(sft_dir / "checkpoint")
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
     todo = []
-    for seed in seeds:
+    for seed in seeds if not args.table_only else ():
         for name in args.variants:
             script, flags = VARIANTS[name]
             run_name = run_name_of(name, seed)
             if not (base / run_name / "eval.json").exists():
                 todo.append(([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
                               "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name,
-                              *(["--resume"] if (base / run_name / "checkpoints").exists() else [])],
+                              *resume_flag(base / run_name)],
                              base / f"{run_name}.log"))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -147,11 +156,14 @@ def main(args: Args) -> None:
                "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},
                "sft_f1": {label: sft_eval["per_class"][label]["f1"] for label in labels},
                "sft_checkpoint": start, "sft_args": sft_args, "variants": {}}
-    curves = {}
+    curves, missing = {}, []
     for name in args.variants:
         runs = []
         for seed in seeds:
             run_dir = base / run_name_of(name, seed)
+            if not (run_dir / "eval.json").exists():
+                missing.append(run_dir.name)
+                continue
             evaluation = json.loads((run_dir / "eval.json").read_text())
             metrics = read_metrics(run_dir)
             accuracy = smoothed([m["accuracy"] for m in metrics])
@@ -163,6 +175,8 @@ def main(args: Args) -> None:
                              stagnant_share_first_quarter=_mean([m["low_accuracy_groups"] for m in metrics[:max(1, len(metrics) // 4)]]),
                              stagnant_share_last_quarter=_mean([m["low_accuracy_groups"] for m in metrics[-max(1, len(metrics) // 4):]])))
             curves.setdefault(name, []).append(metrics)
+        if not runs:
+            continue
         results["variants"][name] = dict(runs=runs, **{key: _mean_std([r[key] for r in runs]) for key in
                                                         ("accuracy", "macro_f1", "adherence", "format_rate",
                                                          "stagnant_share_first_quarter", "stagnant_share_last_quarter")},
@@ -170,6 +184,7 @@ def main(args: Args) -> None:
                                          reached_target=sum(r["completions_to_target"] is not None for r in runs),
                                          completions_to_target=_mean([r["completions_to_target"] for r in runs
                                                                       if r["completions_to_target"] is not None]))
+    results["missing_runs"] = missing
     out = Path(args.results_dir) / f"ablation-{args.config}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -199,12 +214,14 @@ def markdown(results: dict, labels: list[str]) -> str:
              f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
              f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 " +
              ", ".join(f"{label} {f1:.3f}" for label, f1 in results["sft_f1"].items()) + f" (`{results['sft_checkpoint']}`)", "",
-             "| variant | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
+             *([f"**Partial table**: not finished yet: {', '.join(results['missing_runs'])}.", ""]
+               if results.get("missing_runs") else []),
+             "| variant | seeds | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
              " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
-             "|---" * (9 + len(labels)) + "|"]
+             "|---" * (10 + len(labels)) + "|"]
     for name, v in results["variants"].items():
         to_target = f"{v['completions_to_target']:.0f}" if v["completions_to_target"] is not None else "-"
-        lines.append(f"| {name} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
+        lines.append(f"| {name} | {len(v['runs'])} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
                      " | ".join(fmt(v["f1"][label]) for label in labels) +
                      f" | {fmt(v['adherence'])} | {fmt(v['format_rate'])} | {v['reached_target']}/{len(v['runs'])} | {to_target} | "
                      f"{fmt(v['stagnant_share_first_quarter'])} | {fmt(v['stagnant_share_last_quarter'])} |")

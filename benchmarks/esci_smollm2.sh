@@ -12,13 +12,13 @@ OUT=runs/esci-smollm2
 mkdir -p "$OUT" results
 common=(--dataset esci --data-path "$DATA" --split dev --limit "$N" --max-new-tokens 128 --output-dir "$OUT")
 finished() { [[ -f "$OUT/$1/eval.json" ]]; }  # finished stages are kept: re-running continues
-finished zero-shot || $PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot
-finished zero-shot-label-only || $PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot-label-only --label-only
+finished zero-shot || $PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot --overwrite
+finished zero-shot-label-only || $PY eval.py --model smollm2-135m "${common[@]}" --run-name zero-shot-label-only --label-only --overwrite
 [[ -f "$OUT/sft/checkpoint/config.json" ]] || $PY sft.py --model smollm2-135m --dataset esci --data-path "$DATA" \
   --total-steps "$SFT_STEPS" --batch-size 8 --grad-accum 1 --lr 1e-4 --warmup-steps 3 --log-every 5 --eval-limit "$N" \
-  --output-dir "$OUT" --run-name sft
-finished sft-generate || $PY eval.py --model "$OUT/sft/checkpoint" "${common[@]}" --run-name sft-generate
-finished sft-label-only || $PY eval.py --model "$OUT/sft/checkpoint" "${common[@]}" --run-name sft-label-only --label-only
+  --output-dir "$OUT" --run-name sft $([[ -f "$OUT/sft/args.json" ]] && echo --resume)
+finished sft-generate || $PY eval.py --model "$OUT/sft/checkpoint" "${common[@]}" --run-name sft-generate --overwrite
+finished sft-label-only || $PY eval.py --model "$OUT/sft/checkpoint" "${common[@]}" --run-name sft-label-only --label-only --overwrite
 $PY eval.py --compare "$OUT/zero-shot" "$OUT/zero-shot-label-only" "$OUT/sft-generate" "$OUT/sft-label-only" \
   --output-dir "$OUT" --run-name comparison
 $PY - "$OUT" <<'PYEOF' > results/esci-smollm2.md

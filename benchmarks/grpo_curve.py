@@ -83,12 +83,17 @@ def main(args: Args) -> None:
                "--run-name", run_name, "--save-every", str(args.save_every), "--seed", str(args.seed),
                *shlex.split(args.extra)]
     started = time.time()
+    stopped = None
     if not (run_dir / "eval.json").exists():
         print("$", " ".join(command + again), flush=True)
-        subprocess.run(command + again, cwd=ROOT, check=True)
+        code = subprocess.run(command + again, cwd=ROOT).returncode
+        if code == 1 and (run_dir / "metrics.jsonl").exists():  # the run stopped itself (e.g. steps that trained nothing)
+            stopped = f"the run stopped itself with exit code 1 after {len(open(run_dir / 'metrics.jsonl').readlines())} steps"
+        elif code != 0:
+            raise SystemExit(f"{args.script} failed with exit code {code}")
     wall = time.time() - started  # of this invocation (a resumed curve: its last part); the steps' own times sum below
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    evaluation = json.loads((run_dir / "eval.json").read_text())
+    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     budget = dict(steps=len(metrics), completions=metrics[-1]["completions_generated"],
@@ -100,7 +105,8 @@ def main(args: Args) -> None:
     (out / f"{run_name}.json").write_text(json.dumps(dict(
         command=command, budget=budget,
         dev_eval_start={k: start_eval[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
-        dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
+        dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")} if evaluation else None,
+        stopped=stopped,
         seed=args.seed, start=args.sft,
         steps=[{k: m.get(k) for k in ("step", "reward_mean", "accuracy", "macro_f1", "format_rate", "adherence_rate",
                                        "label_entropy", "groups_kept", "completions_generated", "update_scale",
@@ -135,8 +141,13 @@ def plot(result: dict, title: str, path: Path, window: int = 4) -> None:
     ax.set_xlabel("step")
     ax.set_ylim(0, max(1.02, max(m["reward_mean"] for m in result["steps"]) + 0.05))  # agrl.py's shaped reward can pass 1
     start, end = result["dev_eval_start"], result["dev_eval"]
-    ax.set_title(f"{title}\ndev (n={end['n']}) accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f}, "
-                 f"format {start['format_rate']:.2f} -> {end['format_rate']:.2f}", fontsize=9)
+    if end is None:
+        ax.set_title(f"{title}\ndev (n={start['n']}) start: accuracy {start['accuracy']:.3f}, format "
+                     f"{start['format_rate']:.2f}; {result['stopped']}", fontsize=9)
+    else:
+        ax.set_title(f"{title}\ndev (n={end['n']}) accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f}, macro-F1 "
+                     f"{start['macro_f1']:.3f} -> {end['macro_f1']:.3f}, format {start['format_rate']:.2f} -> "
+                     f"{end['format_rate']:.2f}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

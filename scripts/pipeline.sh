@@ -106,7 +106,7 @@ stage() {
     return
   fi
   local resume=()
-  [[ -d "$dir/checkpoints" ]] && resume=(--resume)
+  [[ -f "$dir/args.json" ]] && resume=(--resume)  # an interrupted stage: continue it (a stage never reuses a folder silently)
   echo
   echo "== $name: $PY $script $*"
   t0=$(date +%s)

@@ -173,8 +173,8 @@ def test_esci_jsonl_directory(tmp_path):
     assert exact.color == "" and sub.bullets == "Boost foam\nKnit upper"
     assert exact.source_id == "train.jsonl:1"
     assert ds.stats["rows_read"] == ds.stats["rows_used"] == 4 and ds.stats["rows_skipped"] == 0
-    # a single joined file is read whole, whatever the split
-    single = load_dataset("esci", "test", path=str(tmp_path / "train.jsonl"))
+    # a single joined file is read whole with split "all"
+    single = load_dataset("esci", "all", path=str(tmp_path / "train.jsonl"))
     assert [e.title for e in single.examples] == [e.title for e in ds.examples]
 
 
@@ -227,7 +227,7 @@ def test_esci_joined_csv_file(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(ESCI_ROWS[0]))
         writer.writeheader()
         writer.writerows(ESCI_ROWS)
-    ds = load_dataset("esci", "dev", path=str(path))
+    ds = load_dataset("esci", "all", path=str(path))
     assert [e.label for e in ds.examples] == ["Exact", "Substitute", "Complement", "Irrelevant"]
     assert ds.examples[0].source_id == "joined.csv:2"  # the header is line 1
 
@@ -237,7 +237,7 @@ def test_jsonl_field_map_and_explicit_label_map(tmp_path):
     rows = [{"search_term": "red cotton t-shirt", "product_name": "Red Tee", "grade": g, "criterion_color": c,
              "attr_material": "cotton"} for g, c in [(4, "match"), (3, ""), ("2", "conflict"), (1.0, None)]]
     path = _write_jsonl(tmp_path / "graded.jsonl", rows)
-    ds = load_dataset("jsonl", path=path, field_map="query=search_term,title=product_name,label=grade",
+    ds = load_dataset("jsonl", "all", path=path, field_map="query=search_term,title=product_name,label=grade",
                       label_map="4=Excellent,3=Related,2=Mismatch,1=Irrelevant")
     assert ds.rulebook is TAOBAO4
     assert [e.label for e in ds.examples] == ["Excellent", "Related", "Mismatch", "Irrelevant"]
@@ -296,7 +296,7 @@ def test_bad_jsonl_row_names_file_row_and_field(tmp_path, line, field, reason):
         load_dataset("esci", "train", path=str(tmp_path))
     assert str(err.value).startswith(f"train.jsonl row 3 field '{field}': ")
     assert reason in str(err.value) and err.value.row == 3 and err.value.field == field
-    ds = load_dataset("esci", "train", path=path, skip_bad_rows=True)
+    ds = load_dataset("esci", "all", path=path, skip_bad_rows=True)
     assert ds.stats["rows_read"] == 4 and ds.stats["rows_used"] == 3 and ds.stats["rows_skipped"] == 1
     assert ds.stats["skipped"] == [{"file": "train.jsonl", "row": 3, "field": field, "reason": err.value.reason}]
 
@@ -304,7 +304,7 @@ def test_bad_jsonl_row_names_file_row_and_field(tmp_path, line, field, reason):
 def test_skip_bad_rows_accounts_for_every_row(tmp_path):
     lines = [GOOD] + [b for b, _, _ in BAD_JSONL] + [b"", GOOD]  # a blank line is not a row
     path = _write_jsonl(tmp_path / "mixed.jsonl", lines)
-    ds = load_dataset("esci", path=path, skip_bad_rows=True, limit=1)
+    ds = load_dataset("esci", "all", path=path, skip_bad_rows=True, limit=1)
     s = ds.stats
     assert s["rows_read"] == s["rows_used"] + s["rows_skipped"] == len(lines) - 1
     assert s["rows_used"] == 2 and s["rows_after_sampling"] == 1
@@ -322,8 +322,8 @@ def test_bad_csv_rows(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(text.encode() + b"sofa,Caf\xe9 Sofa,Related,x\n")  # line 8: Latin-1 bytes
     with pytest.raises(DataError, match=r"train\.csv row 4 field '\(row\)': expected 4 columns, found 3"):
-        load_dataset("csv", path=str(path))
-    ds = load_dataset("csv", path=str(path), skip_bad_rows=True)
+        load_dataset("csv", "all", path=str(path))
+    ds = load_dataset("csv", "all", path=str(path), skip_bad_rows=True)
     assert [(x["row"], x["field"]) for x in ds.stats["skipped"]] == [(4, "(row)"), (5, "title"), (6, "label"), (8, "title")]
     assert "UTF-8" in ds.stats["skipped"][-1]["reason"] and "unknown label 'Meh'" in ds.stats["skipped"][2]["reason"]
     assert [e.title for e in ds.examples] == ["Grey Sofa", "Leather Sofa"] and ds.examples[0].description == "two\nlines"
@@ -331,7 +331,7 @@ def test_bad_csv_rows(tmp_path):
     # a threshold label map needs numbers
     (tmp_path / "graded.csv").write_text("query,title,label\nsofa,Sofa,3.5\nsofa,Sofa,high\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"graded\.csv row 3 field 'label': expected a number, got 'high'"):
-        load_dataset("csv", path=str(tmp_path / "graded.csv"), label_map=">=3:Excellent,>=0:Irrelevant")
+        load_dataset("csv", "all", path=str(tmp_path / "graded.csv"), label_map=">=3:Excellent,>=0:Irrelevant")
 
 
 def test_bad_parquet_rows(tmp_path):
@@ -340,7 +340,7 @@ def test_bad_parquet_rows(tmp_path):
             {"query": "desk", "title": "Desk", "label": "7", "criterion_brand": None},
             {"query": "desk", "title": "Desk", "label": "4", "criterion_brand": "maybe"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "u.parquet")
-    ds = load_dataset("parquet", path=str(tmp_path / "u.parquet"), label_map="4=Excellent,1=Irrelevant", skip_bad_rows=True)
+    ds = load_dataset("parquet", "all", path=str(tmp_path / "u.parquet"), label_map="4=Excellent,1=Irrelevant", skip_bad_rows=True)
     assert [(x["row"], x["field"]) for x in ds.stats["skipped"]] == [(2, "title"), (3, "label"), (4, "criterion_brand")]
     assert len(ds.examples) == 1 and ds.stats["label_counts"]["Excellent"] == 1
 
@@ -441,3 +441,27 @@ def test_fill_is_adherent_and_keeps_consistent_known_values(rulebook, draw):
     assert all(filled[n] in rulebook.allowed(n) for n in rulebook.criterion_names)
     if UNKNOWN not in criteria.values() and rulebook.decide(criteria) == label:
         assert filled == criteria
+
+
+def test_single_file_is_split_by_query_never_evaluating_training_rows(tmp_path, capsys):
+    rows = [{"query": f"query {q}", "title": f"item {q}-{i}", "label": "Excellent"} for q in range(30) for i in range(3)]
+    path = _write_jsonl(tmp_path / "mine.jsonl", rows)
+    train, dev = load_dataset("jsonl", "train", path=path), load_dataset("jsonl", "dev", path=path)
+    train_q, dev_q = {e.query for e in train.examples}, {e.query for e in dev.examples}
+    assert len(dev_q) == 3 and not train_q & dev_q and train_q | dev_q == {r["query"] for r in rows}  # 10% of the queries
+    assert len(train.examples) + len(dev.examples) == len(rows)
+    assert dev.stats["rows_used"] == 9 and dev.stats["rows_other_split"] == 81 and dev.stats["file_split"]["dev_queries"] == 3
+    assert "mine.jsonl is one file, split by query with a fixed hash: 3 of 30 queries (10%, at least one) are dev" in capsys.readouterr().out
+    # the split is a function of the queries, not of the row order or the seed
+    shuffled = _write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    assert {e.query for e in load_dataset("jsonl", "dev", path=shuffled, seed=7).examples} == dev_q
+    assert len(load_dataset("jsonl", "all", path=path).examples) == len(rows)  # "all": the whole file
+    with pytest.raises(data.UserError, match="train and dev only"):
+        load_dataset("jsonl", "test", path=path)
+    one = _write_jsonl(tmp_path / "one.jsonl", rows[:3])
+    with pytest.raises(data.UserError, match="1 distinct query"):
+        load_dataset("jsonl", "dev", path=one)
+    # a folder with its own split files is used as it is
+    (tmp_path / "folder").mkdir()
+    _write_jsonl(tmp_path / "folder" / "dev.jsonl", rows[:3])
+    assert len(load_dataset("jsonl", "dev", path=str(tmp_path / "folder")).examples) == 3

@@ -275,3 +275,51 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
         dpo.main(dpo.Args(**COMMON, pairs_path=str(pairs_path), output_dir=str(tmp_path), total_steps=5,
                           max_nan_skips=2, run_name="m"))
+
+
+def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch):
+    """A fake policy makes a pair on every third prompt: sampling stops at the first round that has the
+    pairs the steps consume (3 steps x 1 pair), far short of the 2000-prompt pool; a policy that makes no
+    pair stops after one round of sample_margin x the prompts needed; --sample-all takes every prompt."""
+    import eval as E
+
+    examples = D.load_dataset("synthetic", "train", seed=1).examples
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, n=1, seeds=None, pair_every=3, **_):
+        indices = [s - 1 * 1_000_003 for s in seeds] if seeds is not None else [None] * len(prompts)
+        calls.append(indices)
+        out = E.Rollouts([], [], [], [], [])
+        for prompt, i in zip(prompts, indices):
+            e = examples[i] if i is not None else examples[0]
+            wrong = next(label for label in TAOBAO4.labels if label != e.label)
+            right = D.sft_target(e, TAOBAO4) if i is not None and i % pair_every == 0 else f"<label>{wrong}</label>"
+            for text in [right] + [f"<label>{wrong}</label> {j}" for j in range(n - 1)]:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                out.prompt_ids.append(prompt)
+                out.completion_ids.append(ids)
+                out.logprobs.append([-1.0] * len(ids))
+                out.texts.append(text)
+                out.truncated.append(False)
+        return out
+
+    monkeypatch.setattr(E, "generate", fake_generate)
+    monkeypatch.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], TAOBAO4.labels))
+    args = dict(COMMON, batch_size=1, grad_accum=1, total_steps=3, n_samples=2, output_dir=str(tmp_path))
+    dpo.main(dpo.Args(**args, run_name="sized"))
+    stats = json.loads((tmp_path / "sized" / "pair_stats.json").read_text())
+    rounds = [c for c in calls if c[0] is not None]
+    assert len(rounds[0]) == 6  # 3 pairs needed x sample_margin 2
+    sampled = [i for r in rounds for i in r]
+    assert stats["prompts_sampled"] == len(sampled) < 100 and stats["prompts_in_pool"] == 2000
+    assert stats["pairs"] == sum(i % 3 == 0 for i in sampled) >= 3 == stats["pairs_needed"]
+    assert sum(i % 3 == 0 for i in sampled[:-len(rounds[-1])]) < 3  # the last round was needed
+    assert len(set(sampled)) == len(sampled)  # a prompt is sampled once
+
+    calls.clear()
+    monkeypatch.setattr(E, "generate", lambda *a, **k: fake_generate(*a, pair_every=10**9, **k))
+    dpo.main(dpo.Args(**args, run_name="none"))
+    assert [len(c) for c in calls] == [6]  # no pair in the first round: no second one
+    calls.clear()
+    dpo.main(dpo.Args(**dict(args, limit=40), sample_all=True, run_name="all"))
+    assert [len(c) for c in calls] == [40]

@@ -513,7 +513,7 @@ def _fake_eval(accuracy, macro_f1, f1s, adherence, fmt, balanced_accuracy):
                               adherence_rate=adherence, n=8))
 
 
-def test_compare_runs(tmp_path):
+def test_compare_runs(tmp_path, capsys):
     runs = {"sft": _fake_eval(0.5, 0.4, (0.6, 0.5, 0.3, 0.2), 0.9, 1.0, 0.45),
             "grpo": _fake_eval(0.75, 0.625, (0.8, 0.7, 0.5, 0.5), None, 0.875, 0.7)}
     for name, metrics in runs.items():
@@ -522,15 +522,16 @@ def test_compare_runs(tmp_path):
     out = tmp_path / "cmp"
     table = E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "grpo")), out)
     lines = table.splitlines()
-    assert lines[0] == ("| run | sample | F1 Excellent | F1 Related | F1 Mismatch | F1 Irrelevant | macro-F1 | accuracy "
+    assert lines[0] == ("| run | sample | n | F1 Excellent | F1 Related | F1 Mismatch | F1 Irrelevant | macro-F1 | accuracy "
                         "| adherence | format |")
-    assert lines[1].count("---") == 10
+    assert lines[1].count("---") == 11
     assert lines[2:] == [
-        "| sft | natural | 0.600 | 0.500 | 0.300 | 0.200 | 0.400 | 0.500 | 0.900 | 1.000 |",
-        "| sft | balanced | 0.600 | 0.500 | 0.300 | 0.200 | 0.250 | 0.450 | 0.900 | 1.000 |",
-        "| grpo | natural | 0.800 | 0.700 | 0.500 | 0.500 | 0.625 | 0.750 | - | 0.875 |",
-        "| grpo | balanced | 0.800 | 0.700 | 0.500 | 0.500 | 0.250 | 0.700 | - | 0.875 |",
+        "| sft | natural | 10 | 0.600 | 0.500 | 0.300 | 0.200 | 0.400 | 0.500 | 0.900 | 1.000 |",
+        "| sft | balanced | 8 | 0.600 | 0.500 | 0.300 | 0.200 | 0.250 | 0.450 | 0.900 | 1.000 |",
+        "| grpo | natural | 10 | 0.800 | 0.700 | 0.500 | 0.500 | 0.625 | 0.750 | - | 0.875 |",
+        "| grpo | balanced | 8 | 0.800 | 0.700 | 0.500 | 0.500 | 0.250 | 0.700 | - | 0.875 |",
     ]
+    assert "warning" not in capsys.readouterr().err  # the same sample: nothing to warn about
     assert (out / "comparison.md").read_text().strip() == table
     saved = json.loads((out / "comparison.json").read_text())
     assert list(saved) == ["sft", "grpo"]
@@ -540,6 +541,16 @@ def test_compare_runs(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing"):
         E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "nowhere")), tmp_path / "cmp2")
+
+    # a run scored on 200 examples next to one scored on 10: the n column shows it and a warning says so
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "eval.json").write_text(json.dumps(dict(runs["sft"], n=200, sample=dict(
+        dataset="synthetic", split="dev", limit=200, seed=0, label_only=False))))
+    table = E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "big")), tmp_path / "cmp3")
+    assert "| big | natural | 200 |" in table and "| sft | natural | 10 |" in table
+    err = capsys.readouterr().err
+    assert "warning: these runs were not scored on the same examples" in err
+    assert "sft n=10" in err and "big n=200 synthetic/dev limit 200 seed 0" in err
 
 
 # ==================================================================================================
@@ -565,8 +576,36 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
     resumed = E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "eval")
     resumed.log(dict(loss=1.0), step=3)
     assert [line["step"] for line in lines()] == [1, 2, 3]
+    assert (tmp_path / "r" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn by finish()
 
-    fresh = E.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")
+    # --resume: a changed argument that changes the math is refused with the list of differences; a harmless
+    # one is accepted and recorded; a missing folder or another script's run is an error naming the folder
+    with pytest.raises(E.UserError, match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
+                                          r"limit 200 -> 8"):
+        E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, model="tiny-random", limit=8), "eval")
+    E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, wandb_project="other"), "eval")
+    recorded = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert recorded["wandb_project"] == "other" and recorded["resumes"] == [{"wandb_project": ["agrl", "other"]}]
+    with pytest.raises(E.UserError, match=f"--resume: {tmp_path / 'typo'} does not exist"):
+        E.Run(E.Args(output_dir=str(tmp_path), run_name="typo", resume=True), "eval")
+    with pytest.raises(E.UserError, match=r"holds a run of eval\.py, not of sft\.py"):
+        E.prepare_run_dir(tmp_path / "r", E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "sft")
+    # a run that stopped before logging anything (a bad data file, say) left only args.json: nothing to mix with
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "args.json").write_text(json.dumps(dict(script="eval")))
+    (tmp_path / "early" / "data_stats.json").write_text("{}")
+    E.Run(E.Args(output_dir=str(tmp_path), run_name="early"), "eval")
+    assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["args.json"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(E.UserError, match="not a run folder"):  # never written into, --overwrite or not
+        E.Run(E.Args(output_dir=str(tmp_path), run_name="notes", overwrite=True), "eval")
+    assert (tmp_path / "notes" / "todo.txt").exists()
+
+    with pytest.raises(E.UserError, match="holds a previous run .*--resume.*--overwrite"):
+        E.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")  # a used folder is never reused silently
+    fresh = E.Run(E.Args(output_dir=str(tmp_path), run_name="r", overwrite=True), "eval")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "samples.jsonl").exists()
     fresh.log(dict(loss=2.0), step=1)
     assert lines() == [dict(step=1, loss=2.0)]
 

@@ -512,14 +512,18 @@ def test_skip_bad_rows_trains_and_reports_every_skipped_row(tmp_path, messy_file
     run_dir = tmp_path / script
     stats = json.loads((run_dir / "data_stats.json").read_text())
     rows = 2 * len(BAD) + 2
-    assert stats["rows_read"] == rows == stats["rows_used"] + stats["rows_skipped"]
-    assert stats["rows_skipped"] == len(BAD) and stats["rows_used"] == len(BAD) + 2
+    # one file: split by query, the dev query's rows are left to the evaluation (rows_other_split)
+    assert stats["rows_read"] == rows == stats["rows_used"] + stats["rows_skipped"] + stats["rows_other_split"]
+    assert stats["rows_skipped"] == len(BAD) and stats["rows_used"] + stats["rows_other_split"] == len(BAD) + 2
     assert {(s["file"], s["row"], s["field"]) for s in stats["skipped"]} == {("train.jsonl", r, f) for r, f in bad.items()}
     assert all(s["reason"] for s in stats["skipped"])
-    assert stats["prompts_truncated"] >= 1  # the 100k-character description: cut and counted, not an error
     assert (run_dir / "checkpoint" / "model.safetensors").exists()
-    # the end-of-run evaluation read the same file the same way
-    assert json.loads((run_dir / "eval.json").read_text())["data"]["rows_skipped"] == len(BAD)
+    # the end-of-run evaluation read the same file the same way, and only its dev query ("desk lamp", the
+    # 100k-character description: cut and counted, not an error)
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["data"]["rows_skipped"] == len(BAD) and evaluation["prompts_truncated"] == 1
+    assert {r["query"] for r in map(json.loads, (run_dir / "eval_samples.jsonl").read_text().splitlines())} == {"desk lamp"}
+    assert len(json.loads((run_dir / "eval_data_stats.json").read_text())["skipped"]) == len(BAD)
 
 
 @pytest.mark.parametrize("field", ["query", "context"])
@@ -528,7 +532,7 @@ def test_huge_query_or_context_is_truncated_or_rejected(tmp_path, tokenizer, fie
     huge = {"query": "red shirt", "title": "Red shirt", "label": 3, field: "cotton red shirt " * 6_000}
     path.write_bytes(GOOD[0] + json.dumps(huge).encode() + b"\n")
     try:
-        dataset = D.load_dataset("jsonl", path=str(path), label_map=LABEL_MAP)
+        dataset = D.load_dataset("jsonl", "all", path=str(path), label_map=LABEL_MAP)
     except D.DataError as e:  # rejecting it, naming the field, is fine too
         assert (e.row, e.field) == (2, field)
         return

@@ -129,8 +129,8 @@ def resumed(tmp_path_factory, tiny):
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as mp:
         load = E.load_model
-        mp.setattr(E, "load_model", lambda name, device="auto": (copy.deepcopy(model).train(), tokenizer)
-                   if name == "tiny-random" else load(name, device))
+        mp.setattr(E, "load_model", lambda name, device="auto", **kw: (copy.deepcopy(model).train(), tokenizer)
+                   if name == "tiny-random" else load(name, device, **kw))
         mp.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], R.TAOBAO4.labels))
         try:
             sft.main(make_args(tmp_path, "straight", **kw))

@@ -1,0 +1,188 @@
+"""The command line as a new user meets it: embedded defaults, one-line errors, run folders that never mix,
+the empty-step stop and curves.png.
+
+Three commands run as real processes (each python start imports torch and transformers: several
+seconds): the literal tiny-random AGRL command with no data flag, the same command again (a refused
+reuse of its folder), and a GRPO run that trains on nothing until `--max-empty-steps` stops it. The
+rest (user errors, `--resume` changes, `--overwrite`) runs the script's `__main__` in this process
+(`runpy`, the same `eval.cli` path as the command line, imports cached): the test asserts exit code 2
+and one line on stderr; an exception escaping `cli` would fail the test instead, as it would print a
+traceback on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import eval as E
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED",
+                                                              "AGRL_DEBUG")}
+CHILD_ENV.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", WANDB_MODE="disabled")
+# The acceptance command of the issue: no data flag, so the synthetic world.
+AGRL = ["--model", "tiny-random", "--total-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+        "--max-new-tokens", "8", "--eval-limit", "4"]
+TINY_GRPO = ["--model", "tiny-random", "--limit", "8", "--prompts-per-step", "2", "--group-size", "2",
+             "--max-new-tokens", "4", "--micro-batch-size", "2", "--eval-limit", "2", "--device", "cpu"]
+
+
+def launch(script: str, *flags: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def in_process(capsys, monkeypatch, script: str, *flags: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python script flags`, run through the script's own __main__."""
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def user_error(result: tuple[int, str, str]) -> str:
+    """The one line of a user error (exit 2, nothing else on stderr)."""
+    code, out, err = result
+    assert code == 2, (code, out[-2000:], err[-2000:])
+    assert "Traceback" not in err + out
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]  # no tqdm bars
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def agrl_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("cli")
+    return cwd, launch("agrl.py", *AGRL, cwd=cwd)
+
+
+def test_literal_command_runs_on_the_synthetic_world_and_draws_curves(agrl_run):
+    cwd, proc = agrl_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: the synthetic rule world (the default)" in proc.stdout and "--dataset esci" in proc.stdout
+    run_dir = cwd / "runs" / "agrl-tiny-random-synthetic-s1"
+    assert json.loads((run_dir / "args.json").read_text())["dataset"] == "synthetic"
+    assert json.loads((run_dir / "eval.json").read_text())["n"] == 4
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert sum(v for k, v in line.items() if k.startswith("label_share_")) == pytest.approx(1.0)
+
+
+def test_used_folder_is_refused_then_resume_accepts_harmless_changes(agrl_run, capsys, monkeypatch):
+    cwd, first = agrl_run
+    assert first.returncode == 0
+    run_dir = cwd / "runs" / "agrl-tiny-random-synthetic-s1"
+    before = (run_dir / "metrics.jsonl").read_text()
+    refused = launch("agrl.py", *AGRL, cwd=cwd)  # the same command again: nothing is touched
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {Path('runs') / run_dir.name} holds a previous run (agrl.py, 1 metric lines, checkpoints up to step 1, "
+        "eval.json): add --resume to continue it, --overwrite to delete it and start clean, or choose another --run-name")
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+    monkeypatch.chdir(cwd)  # arguments that change the math are refused with the list of differences
+    line = user_error(in_process(capsys, monkeypatch, "agrl.py", *AGRL, "--resume", "--lr", "1e-3", "--group-size", "4"))
+    assert "group_size 2 -> 4" in line and "lr 1e-06 -> 0.001" in line and "total_steps" not in line
+
+    code, out, err = in_process(capsys, monkeypatch, "agrl.py", *AGRL[:2], *AGRL[4:-2], "--total-steps", "2",
+                                "--eval-limit", "2", "--resume")
+    assert code == 0, err[-3000:]
+    assert "accepted changes (recorded in args.json): eval_limit 4 -> 2, total_steps 1 -> 2" in out
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["total_steps"] == 2 and args["resumes"] == [{"total_steps": [1, 2], "eval_limit": [4, 2]}]
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run_dir / "eval.json").read_text())["n"] == 2
+
+
+def test_steps_that_train_on_nothing_warn_then_stop(tmp_path):
+    # A random model never writes a parseable answer: every group is all wrong and dynamic sampling drops it.
+    proc = launch("grpo.py", *TINY_GRPO, "--total-steps", "5", "--ds-max-tries", "0", "--max-empty-steps", "2",
+                  "--run-name", "empty", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "warning: step 1 trained on nothing: dynamic sampling dropped all 2 groups (2 all wrong, 0 all right)" \
+        in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "stopped: 2 steps in a row trained on nothing (--max-empty-steps 2); likely cause: the policy never produced "
+        "a parseable answer (format rate 0, 100% cut off by --max-new-tokens): start from an SFT checkpoint (sft.py)")
+    run_dir = tmp_path / "runs" / "empty"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["empty_steps"], m["groups_kept"], m["loss"]) for m in lines] == [(1, 1, 0, 0.0), (2, 2, 0, 0.0)]
+    assert (run_dir / "curves.png").exists()  # drawn for a run that stopped, too
+
+
+def test_overwrite_starts_clean(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [*TINY_GRPO, "--no-dynamic-sampling", "--save-every", "1", "--keep-last", "5", "--run-name", "o"]
+    assert in_process(capsys, monkeypatch, "grpo.py", *flags, "--total-steps", "2")[0] == 0
+    run_dir = tmp_path / "runs" / "o"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    user_error(in_process(capsys, monkeypatch, "grpo.py", *flags, "--total-steps", "1"))
+    code, out, _ = in_process(capsys, monkeypatch, "grpo.py", *flags, "--total-steps", "1", "--overwrite")
+    assert code == 0 and f"[overwrite] deleted the previous run in {Path('runs') / 'o'}" in out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000001"]  # the old step 2 is gone
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert {json.loads(x)["step"] for x in (run_dir / "samples.jsonl").read_text().splitlines()} == {1}
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"query": "red sofa", "title": "Red Sofa", "label": "Excellent"}\n'
+                   '{"query": "desk", "title": "Oak Desk", "label": "great"}\n')
+    cases = [  # (script, flags, what the line must say)
+        ("sft.py", ["--model", "tiny-random", "--dataset", "jsonl", "--data-path", str(bad), "--run-name", "a"],
+         "mine.jsonl row 2 field 'label': unknown label 'great'"),
+        ("sft.py", ["--dataset", "jsonl", "--run-name", "b"], "--dataset jsonl needs --data-path"),
+        ("grpo.py", ["--dataset", "csv", "--data-path", "nowhere.csv", "--run-name", "c"], "data path nowhere.csv does not exist"),
+        ("grpo.py", ["--resume", "--run-name", "typo"], f"--resume: {Path('runs') / 'typo'} does not exist"),
+        ("dpo.py", ["--dataset", "wikipedia", "--run-name", "d"], "unknown dataset 'wikipedia'"),
+        ("eval.py", ["--compare", "runs/nowhere"], "runs/nowhere/eval.json missing"),
+    ]
+    for script, flags, expected in cases:
+        line = user_error(in_process(capsys, monkeypatch, script, *flags))
+        assert expected in line, (script, flags, line)
+    # AGRL_DEBUG=1 shows the traceback instead
+    monkeypatch.setenv("AGRL_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        in_process(capsys, monkeypatch, "eval.py", "--compare", "runs/nowhere")
+
+
+def test_unreachable_model_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the hub is unreachable
+    started = time.perf_counter()
+    line = user_error(in_process(capsys, monkeypatch, "eval.py", "--model", "Qwen2.5-no-such-model", "--limit", "2"))
+    assert time.perf_counter() - started < 10
+    assert "hub id Qwen/Qwen2.5-no-such-model" in line and "127.0.0.1 cannot be reached" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = user_error(in_process(capsys, monkeypatch, "eval.py", "--model", "someorg/judge", "--run-name", "x"))
+    assert "HF_HUB_OFFLINE is set" in line
+    assert E.hub_unreachable("Qwen/Qwen2.5-no-such-model") is not None
+
+
+def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name, group in (("sft", "pipe-1"), ("agrl", "pipe-1"), ("other", "pipe-2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps(dict(script=name if name != "other" else "grpo",
+                                                                   run_name=name, wandb_group=group)))
+    code, out, _ = in_process(capsys, monkeypatch, "scripts/wandb_report.py", "--group", "pipe-1", "--runs-dir", str(tmp_path))
+    assert code == 0
+    assert out.startswith("offline (WANDB_MODE=offline): the report is not built. It would be:\n"
+                          "report 'pipe-1' in project agrl: runs of wandb group pipe-1\n")
+    assert "Training curves: line of reward_mean, accuracy" in out and "Confusion matrices: media of eval/confusion" in out
+    assert f"local runs of the group under {tmp_path}: 2" in out and "agrl (agrl.py)" in out and "other" not in out
+    assert "wandb sync " in out

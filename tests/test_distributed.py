@@ -1,0 +1,390 @@
+"""Scaling out: the launch command, --dry-run and its memory plan, device honesty, mixed precision and
+gradient checkpointing, and 2-process FSDP runs (gloo, CPU) of grpo.py and agrl.py.
+
+The FSDP runs use accelerate's own FSDP2 code (wrapping, whole state dicts, optimizer save and load);
+accelerate only turns FSDP on for GPU process groups, eval.make_accelerator flips the same switch on
+CPU. Their work is deliberately uneven: with seed 1 and 12 training prompts the first step keeps one
+group of two, and refills one prompt at a time three times, so rank 1 has no prompt to generate in
+three rounds; in agrl.py the stagnant groups of those rounds are guided on rank 0 only. Generation
+must therefore contain no collective (it runs on an inference copy gathered once per step), or these
+runs hang; every launched run is killed after a timeout, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import agrl  # noqa: E402
+import eval as E  # noqa: E402
+import grpo  # noqa: E402
+import rewards as R  # noqa: E402
+from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
+
+LAUNCH_TIMEOUT = 240
+
+
+# ==================================================================================================
+# 1. The launch command passes accelerate's own parser and validation
+# ==================================================================================================
+def accelerate_validate(command: list[str]):
+    """Parse and validate an `accelerate launch` command the way `accelerate launch` does, without launching."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    assert command[1:3] == ["-m", "accelerate.commands.launch"], command
+    args = launch_command_parser().parse_args(command[3:])
+    _validate_launch_command(args)
+    return args
+
+
+@pytest.mark.parametrize("num_gpus,strategy", [(8, "auto"), (8, "fsdp"), (8, "ddp"), (1, "fsdp")])
+def test_launch_command_passes_accelerate_validation(num_gpus, strategy):
+    script = ["agrl.py", "--model", "Qwen2.5-7B", "--num-gpus", str(num_gpus)]
+    args = accelerate_validate(E.launch_command(num_gpus, "cuda", strategy, "auto", script))
+    assert args.num_processes == num_gpus and args.mixed_precision == "bf16"
+    assert args.training_script == "agrl.py" and args.training_script_args == script[1:]
+    if strategy == "ddp":
+        assert args.multi_gpu and not args.use_fsdp
+    else:
+        assert args.use_fsdp and not args.multi_gpu and args.fsdp_version == "2"
+        assert args.fsdp_state_dict_type == "FULL_STATE_DICT"
+
+
+def test_the_old_launch_command_is_what_accelerate_rejects():
+    """The validation used above can fail: `--multi_gpu` with `--use_fsdp` (the command before) is refused."""
+    old = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--multi_gpu", "--use_fsdp", "agrl.py"]
+    with pytest.raises(ValueError, match="only use one of"):
+        accelerate_validate(old)
+
+
+def test_cpu_launch_is_torchrun_with_n_ranks():
+    command = E.launch_command(2, "cpu", "fsdp", "auto", ["grpo.py", "--device", "cpu"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", "--device", "cpu"]
+
+
+# ==================================================================================================
+# 2. --dry-run: resolved id, launch command, parallel plan, memory plan; no weights, exit 0
+# ==================================================================================================
+CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
+CHILD_ENV.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
+                 WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+
+
+def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "agrl.py"), "--model", "Qwen2.5-7B", "--num-gpus", "8", "--dry-run"],
+                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "Qwen2.5-7B -> Qwen/Qwen2.5-7B" in out and "7.62B parameters" in out
+    launch = next(line for line in out.splitlines() if line.startswith("launch"))
+    args = accelerate_validate(shlex.split(launch.split(maxsplit=1)[1]))
+    assert args.use_fsdp and args.num_processes == 8 and args.training_script_args[-1] == "8"
+    assert "--dry-run" not in args.training_script_args
+    assert "FSDP2" in out and "bf16 compute, fp32 master weights" in out and "gradient checkpointing on" in out
+    assert "on 80 GB cards" in out and "on 141 GB cards" in out
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+    print(out, f"\n({seconds:.1f} s)")
+
+
+@pytest.mark.parametrize("name,billions", [("Qwen2.5-0.5B-Instruct", 0.49), ("Qwen/Qwen2.5-7B-Instruct", 7.62),
+                                           ("Qwen2.5-72B", 72.7), ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03),
+                                           ("Llama-3.1-70B", 70.6)])
+def test_shape_table_gives_the_published_parameter_counts(name, billions, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shape, source = E.model_shape(name)
+    assert "built-in table" in source
+    assert E.parameter_count(shape) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shape = E.model_shape("Qwen2.5-7B")[0]
+    args = grpo.Args(model="Qwen2.5-7B")
+    plan = lambda world, strategy, ckpt: {item.split(" (")[0]: gib for item, gib, _ in  # noqa: E731
+                                          E.memory_plan(args, shape, world, strategy, "bf16", ckpt)}
+    sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
+    assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
+    assert whole["AdamW states fp32"] == pytest.approx(7.62e9 * 8 / 2**30, rel=0.01)
+    assert plan(8, "fsdp", False)["activations"] > 10 * sharded["activations"]
+    assert E.model_shape("some-org/unknown-model-3b")[0] is None
+    report = E.dry_run_report(SimpleNamespace(**{**vars(args), "model": "some-org/unknown-model-3b", "num_gpus": 8}))
+    assert "memory    unknown: no local config for some-org/unknown-model-3b" in report
+
+
+# ==================================================================================================
+# 3. Device honesty: asking for CUDA where there is none is one line and a non-zero exit
+# ==================================================================================================
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device,num_gpus,flag", [("cuda", 1, "--device cuda"), ("auto", 8, "--num-gpus 8"),
+                                                  ("cuda:1", 2, "--device cuda:1")])
+def test_cuda_requested_without_cuda_is_one_line_and_exit_2(device, num_gpus, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        E.launch(SimpleNamespace(device=device, num_gpus=num_gpus, strategy="auto", dry_run=False))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {flag} needs CUDA") and "--device cpu" in err
+
+
+def test_cuda_requested_without_cuda_from_the_command_line_fails_within_seconds(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    proc = subprocess.run([sys.executable, str(REPO / "grpo.py"), "--model", "tiny-random", "--num-gpus", "2"],
+                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "needs CUDA" in proc.stderr and not (tmp_path / "runs").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--device", "cuda"], cwd=tmp_path, env=CHILD_ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--device cuda needs CUDA" in proc.stderr
+
+
+# ==================================================================================================
+# 4. Precision: fp32 master weights under bf16 compute; gradient checkpointing is exact
+# ==================================================================================================
+def fake_score_group(texts, example, rulebook, args):
+    """k = (source id mod 5) of the G rollouts are correct, reward 1 for them: mixed groups for k = 1..3."""
+    k = int(example.source_id.rsplit(":", 1)[1]) % 5
+    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
+    return [dataclasses.replace(s, correct=j < k) for j, s in enumerate(scores)], [float(j < k) for j in range(len(texts))]
+
+
+RUN = dict(model="tiny-random", dataset="synthetic", limit=12, prompts_per_step=2, group_size=4, max_new_tokens=8,
+           micro_batch_size=4, device="cpu", eval_limit=2, temperature=1.0, warmup_steps=1, lr=1e-3, seed=1,
+           loss_agg="sequence", dynamic_sampling=True, ds_rule="accuracy", ds_low=0.3, ds_high=0.99, ds_max_tries=3, save_every=1, keep_last=3)
+
+
+def no_eval(mp):
+    mp.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], R.TAOBAO4.labels))
+    mp.setattr(E, "metrics_table", lambda *a, **k: "")
+
+
+def test_small_lr_moves_the_weights_under_bf16_mixed_precision(tmp_path):
+    """lr 1e-6 through grpo.main with bf16 compute: the fp32 master weights take the update. Kept in bf16
+    (the launch before), about 2% of them would not move at all, shown on the same update below."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpo, "score_group", fake_score_group)
+        no_eval(mp)
+        grpo.main(grpo.Args(**{**RUN, "lr": 1e-6, "total_steps": 1, "precision": "bf16", "gradient_checkpointing": "on",
+                               "output_dir": str(tmp_path), "run_name": "bf16"}))
+    initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    final = state_dict(tmp_path / "bf16" / "checkpoint")
+    assert read_metrics(tmp_path / "bf16")[0]["grad_norm"] > 0
+    moved = changed = total = 0
+    for name, before in initial.items():
+        if name not in final:  # the tied head is stored once
+            continue
+        after = final[name]
+        assert after.dtype == torch.float32, name
+        moved += (after != before).sum().item()
+        changed += (before.bfloat16() != (before + (after - before)).bfloat16()).sum().item()
+        total += before.numel()
+    print(f"moved {moved / total:.1%} of the weights; a bf16 copy would have changed {changed / total:.1%}")
+    assert moved / total > 0.95, f"only {moved / total:.1%} of the weights moved"
+    assert changed / total < 0.5 * moved / total, "a bf16 copy would have kept most of this update: the check shows nothing"
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer, share_prefix):
+    prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [1, 2, 3, 7, 8, 9, 10]]
+    completions = [[11, 12, 13], [14], [15, 16]]
+    results = []
+    for on in (False, True):
+        model = E.tiny_random_model(tokenizer).train()
+        if on:
+            E.enable_checkpointing(model)
+            assert E.checkpointing(model)
+        batch = E.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu", share_prefix=share_prefix)
+        logp, _ = E.token_logprobs(model, batch)
+        (logp * batch["completion_mask"]).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ==================================================================================================
+# 5. Two FSDP processes with uneven work: they finish, and match one process; kill -9 and resume
+# ==================================================================================================
+DRIVER = '''
+import json, os, sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+import tyro
+import eval as E
+import {script} as script
+import test_distributed
+import test_vllm
+
+script.score_group = test_distributed.fake_score_group
+E.run_eval = lambda *a, **k: E.classification_metrics([], [], test_distributed.R.TAOBAO4.labels)
+E.metrics_table = lambda *a, **k: ""
+calls, rollout_generate = [], E.rollout_generate
+
+
+def counting_rollout_generate(model, accelerator, engine, tokenizer, prompts, **kwargs):
+    calls.append(len(prompts))  # how much each rank generates: the test checks that ranks differ
+    return rollout_generate(model, accelerator, engine, tokenizer, prompts, **kwargs)
+
+
+def dump_trained_weights(args, model, tokenizer, run, device):
+    """Instead of the evaluation: every rank helps gather the trained weights, rank 0 writes them."""
+    from safetensors.torch import save_file
+
+    whole = {{name: E.full_tensor(t).clone() for name, t in E.unwrapped(model).state_dict().items()}}
+    engine = test_vllm.FakeLLM()  # the vLLM weight sync from FSDP shards, recorded
+    E.sync_vllm_weights(engine, model)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        pushed = [(name, list(shape), (tensor.float() - whole[name].bfloat16().float()).abs().max().item())
+                  for _, name, shape, _, tensor in (e for e in engine.log if e[0] == "load")]
+        with open(os.path.join(args.output_dir, args.run_name, "vllm-pushed.json"), "w") as f:
+            json.dump(pushed, f)
+    with open(os.path.join(args.output_dir, args.run_name, f"calls-rank{{rank}}.json"), "w") as f:
+        json.dump(calls, f)
+    if rank == 0:
+        save_file({{k: v.contiguous() for k, v in whole.items()}}, os.path.join(args.output_dir, args.run_name, "trained.safetensors"))
+    return {{}}
+
+
+E.rollout_generate = counting_rollout_generate
+E.final_eval = dump_trained_weights
+script.main(tyro.cli(script.Args))
+'''
+
+
+def fsdp_command(tmp_path: Path, script: str, name: str, **overrides) -> list[str]:
+    driver = tmp_path / f"{script}_driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script=script))
+    flags = []
+    for key, value in {**RUN, "num_gpus": 2, "strategy": "fsdp", **overrides, "output_dir": str(tmp_path),
+                       "run_name": name}.items():
+        flag = "--" + key.replace("_", "-")
+        flags += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+    return [sys.executable, str(driver), *flags]
+
+
+@contextlib.contextmanager
+def launched(command: list[str], cwd: Path):
+    """A 2-process run in its own process group, killed with the group after the timeout or on exit."""
+    log = open(cwd / "log.txt", "w+")
+    proc = subprocess.Popen(command, cwd=cwd, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = lambda: (log.seek(0), log.read()[-4000:])[1]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def run_launched(command: list[str], cwd: Path) -> None:
+    with launched(command, cwd) as proc:
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the 2-process run hung (killed after {LAUNCH_TIMEOUT} s):\n{proc.log()}")
+        assert proc.returncode == 0, f"2-process run failed (rc {proc.returncode}):\n{proc.log()}"
+
+
+def run_in_process(module, out: Path, name: str, **overrides) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "score_group", fake_score_group)
+        no_eval(mp)
+        module.main(module.Args(**{**RUN, **overrides, "output_dir": str(out), "run_name": name}))
+    return out / name
+
+
+def assert_uneven_and_matching(two: Path, one: Path, lr: float) -> None:
+    calls = [json.loads((two / f"calls-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(calls[0]) > len(calls[1]), f"the work was not uneven: generate calls per rank {calls}"
+    a, b = read_metrics(one)[0], read_metrics(two)[0]
+    for key in ("reward_mean", "accuracy", "completion_len_mean", "data_position", "groups_kept", "loss", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert a["grad_norm"] > 0 and a["data_position"] > 2  # the step trained, after refills
+    # Adam's first step is ~ lr * sign(g): an element near 0 may flip between summation orders
+    assert_same_weights(state_dict(one / "checkpoints" / "step-0000001"), state_dict(two / "checkpoints" / "step-0000001"),
+                        atol=0.1 * lr)
+
+
+@pytest.fixture(scope="module")
+def grpo_fsdp(tmp_path_factory) -> Path:
+    """The uninterrupted 3-step 2-process FSDP grpo.py run (the reference of the resume test too)."""
+    out = tmp_path_factory.mktemp("grpo_fsdp")
+    run_launched(fsdp_command(out, "grpo", "two", total_steps=3), out)
+    return out / "two"
+
+
+def test_grpo_fsdp_uneven_work_finishes_and_matches_one_process(grpo_fsdp, tmp_path):
+    one = run_in_process(grpo, tmp_path, "one", total_steps=1)
+    assert_uneven_and_matching(grpo_fsdp, one, RUN["lr"])
+
+
+def test_agrl_fsdp_guided_sampling_on_one_rank_finishes_and_matches_one_process(tmp_path):
+    run_launched(fsdp_command(tmp_path, "agrl", "two", total_steps=1), tmp_path)
+    one = run_in_process(agrl, tmp_path, "one", total_steps=1)
+    two = tmp_path / "two"
+    m = read_metrics(two)[0]
+    assert m["agr_stagnant_share"] > 0 and m["agr_level_1"] + m["agr_level_2"] > 0, "no guided sampling happened"
+    assert_uneven_and_matching(two, one, RUN["lr"])
+
+
+def test_final_fsdp_checkpoint_loads_with_from_pretrained_and_equals_the_trained_weights(grpo_fsdp):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(grpo_fsdp / "checkpoint").state_dict()
+    trained = load_file(str(grpo_fsdp / "trained.safetensors"))
+    assert loaded.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert loaded[name].shape == tensor.shape and torch.equal(loaded[name], tensor), name
+    initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+    assert (grpo_fsdp / "checkpoints" / "step-0000003" / "optimizer.bin").exists()
+
+
+def test_vllm_sync_from_fsdp_pushes_whole_tensors_under_hf_names(grpo_fsdp):
+    """Each FSDP2 shard is gathered whole for its push: the names and shapes the (fake) engine received
+    are the Hugging Face state dict's, and the values the trained weights in bf16."""
+    pushed = json.loads((grpo_fsdp / "vllm-pushed.json").read_text())
+    hf = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    assert [(name, shape) for name, shape, _ in pushed] == [(n, list(t.shape)) for n, t in hf.items()]
+    assert max(error for *_, error in pushed) == 0
+
+
+def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(grpo_fsdp, tmp_path):
+    """SIGKILL to both ranks after step 2's checkpoint, then `--resume` under 2-process FSDP: every rank
+    reloads its optimizer shard, and step 3 equals the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    with launched(fsdp_command(tmp_path, "grpo", "run", total_steps=3), tmp_path) as proc:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (run_dir / "checkpoints" / "step-0000002").exists():
+            assert proc.poll() is None, f"the run ended before the kill (rc {proc.returncode}):\n{proc.log()}"
+            assert time.monotonic() < deadline, f"no step-2 checkpoint in time:\n{proc.log()}"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not (run_dir / "checkpoint").exists(), "killed too late: the run had finished"
+    run_launched(fsdp_command(tmp_path, "grpo", "run", total_steps=3, resume=True), tmp_path)
+    reference, resumed = read_metrics(grpo_fsdp), read_metrics(run_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(reference, resumed):
+        assert untimed(a) == untimed(b), f"step {a['step']} differs"
+    assert_same_weights(state_dict(grpo_fsdp / "checkpoint"), state_dict(run_dir / "checkpoint"), atol=0)
