@@ -4,13 +4,16 @@
     python agrl.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 This file is grpo.py with two ideas added (`diff grpo.py agrl.py` shows exactly them):
-- RRS: reward = w_out * outcome + w_crit * criteria correct + w_rule * rule adherence, gated (an
-  unparseable answer gets the format penalty only, a self-contradicting one no criterion credit);
-  "segment" credit puts each criterion's own group-normalised advantage on the tokens of its line.
-- AGR: a group whose accuracy is <= tau is stagnant; we sample K completions from the prompt plus
-  escalating ground-truth guidance, keep the correct and rule-adherent ones, let them replace the
-  group's lowest-reward rollouts, and learn them under the *unguided* prompt with an off-policy
-  correction. Successful guided answers go into a per-prompt replay buffer used first next time.
+- RRS: reward = w_out * outcome + w_crit * criteria stated correctly + w_rule * rule adherence of a
+  correct label, gated (an unparseable answer gets the format penalty only), so a wrong label never
+  earns by rationalising itself; "segment" credit puts each criterion's own group-normalised
+  advantage on the tokens of its line.
+- AGR: a group whose accuracy is <= tau is stagnant; its prompt is re-queued to come back a few steps
+  later, and we make guided answers: by default the gold answer's first segment forced as the start
+  of the response and the rest sampled by the policy (or the SFT target, or a hint in the prompt);
+  the correct, well-formed and rule-adherent ones replace the group's lowest-reward rollouts and are
+  learned under the *unguided* prompt, their forced tokens with an off-policy correction. Successful
+  guided answers go into a per-prompt replay buffer used first next time.
 With --no-rrs --no-agr this script makes the same updates as grpo.py.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -98,8 +102,8 @@ class Args:
     """token: sum / all completion tokens (DAPO); sequence: mean per sequence then mean (GRPO); constant: sum / (sequences * max_new_tokens) (Dr. GRPO)"""
     adv_scale: Literal["group", "batch", "none"] = "group"
     """divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)"""
-    adv_clamp: float = 2.0
-    """clamp advantages to [-c, c] (0: no clamp)"""
+    adv_clamp: float = 0.0
+    """scale a group's advantages down so none exceeds c in size (0: off); unlike a clip it keeps the group's zero sum"""
     num_updates_per_batch: int = 1
     """optimizer updates per generation batch, each over the whole batch, all against the stored old log-probs"""
     micro_batch_size: int = 8
@@ -107,11 +111,17 @@ class Args:
     shared_prefix: bool = True
     """run a micro-batch's common prompt prefix once for all its rows (exact; single process only)"""
     dynamic_sampling: bool = True
-    """drop groups whose accuracy lies outside [ds_low, ds_high] and refill from new prompts"""
+    """drop groups that cannot teach (see ds_rule) and refill from new prompts"""
+    ds_rule: Literal["variance", "accuracy"] = "variance"
+    """variance: keep groups whose rewards differ (DAPO); accuracy: keep accuracy in [ds_low, ds_high] (TaoSR1)"""
     ds_low: float = 0.01
-    """lowest group accuracy kept (0.01 drops all-wrong groups)"""
+    """ds_rule accuracy: lowest group accuracy kept (0.01 drops all-wrong groups)"""
     ds_high: float = 0.99
-    """highest group accuracy kept (0.99 drops all-correct groups)"""
+    """ds_rule accuracy: highest group accuracy kept (0.99 drops all-correct groups)"""
+    underfill_scale: bool = True
+    """scale the learning rate of a step that kept fewer groups than prompts_per_step by kept / prompts_per_step"""
+    prompt_sampling: Literal["natural", "balanced"] = "natural"
+    """training prompt order: the data's natural label mix, or balanced by gold label"""
     ds_max_tries: int = 3
     """refill rounds per step before training on what was kept"""
     ordinal_reward: bool = False
@@ -132,8 +142,12 @@ class Args:
     """Adaptive Guided Replay for stagnant groups"""
     agr_tau: float = 0.25
     """a group whose accuracy is <= tau is stagnant"""
+    agr_guide: Literal["prefix", "hint", "target"] = "prefix"
+    """prefix: force the gold answer's first segment as the response, sample the rest; hint: gold facts in the prompt; target: the SFT target itself"""
+    agr_mix: Literal["replace", "append"] = "replace"
+    """kept guided answers replace the group's lowest-reward rollouts (stays G long) or are appended to it"""
     agr_k: int = 0
-    """guided completions sampled per stagnant group (0: group_size // 4)"""
+    """guided completions sampled per stagnant group (0: group_size // 4; target mode adds one)"""
     agr_max_level: int = 2
     """guidance levels: 1 names the gold values of the criteria the group got wrong, 2 adds the gold label"""
     agr_recover: float = 0.5
@@ -148,6 +162,10 @@ class Args:
     """truncation of the importance ratio pi_theta(o|x) / pi_old(o|x+guide)"""
     agr_buffer_size: int = 4
     """successful guided completions kept per prompt for replay"""
+    agr_replay_delay: int = 2
+    """a stagnant prompt comes back this many steps later, in at most half a batch (0: only when the stream brings it)"""
+    agr_replay_queue: int = 64
+    """most stagnant prompts waiting to come back"""
     recompute_old_logprobs: bool = False
     """recompute old log-probs with a training forward pass (use with --vllm, whose numerics differ)"""
     vllm: bool = False
@@ -185,15 +203,28 @@ class Args:
 # ==================================================================================================
 # Advantages and the policy loss (METHOD.md section 5)
 # ==================================================================================================
-def group_advantages(rewards: torch.Tensor, scale: str = "group", clamp: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
-    """rewards [groups, G] -> advantages [groups, G]; a zero-variance group gets exactly zero."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (rewards.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
-    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)  # not mean()'s rounding / eps
-    return centred.clamp(-clamp, clamp) if clamp > 0 else centred
+def group_advantages(rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4) -> list[torch.Tensor]:
+    """Rewards of each group (groups may differ in size) -> advantages of each group.
+
+    A zero-variance group gets exactly zero. clamp > 0 scales a group down until no advantage exceeds
+    it: a clip would cut a rare success (G = 8, one correct: +2.47 -> +2) and leave the group's
+    advantages summing below zero, a net push away from the prompt the policy is just learning.
+    """
+    batch_std = torch.tensor([r for group in rewards for r in group]).std() if scale == "batch" else None
+    advantages = []
+    for group in rewards:
+        r = torch.tensor(group, dtype=torch.float32)
+        centred = r - r.mean()
+        if scale == "group":
+            centred = centred / (r.std() + eps)
+        elif scale == "batch":
+            centred = centred / (batch_std + eps)
+        if (r == r[0]).all():  # exactly zero, not mean()'s rounding / eps
+            centred = torch.zeros_like(r)
+        if clamp > 0:
+            centred = centred * min(1.0, clamp / max(centred.abs().max().item(), 1e-12))
+        advantages.append(centred)
+    return advantages
 
 
 def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int, max_new_tokens: int) -> torch.Tensor:
@@ -210,31 +241,32 @@ def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int,
 
 
 def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: float, beta: float = 0.0, ref_logp=None,
-              guided=None, correction: str = "shaping", gamma: float = 0.1, is_cap: float = 2.0):
+              forced=None, correction: str = "shaping", gamma: float = 0.1, is_cap: float = 2.0):
     """Clipped token-level policy-gradient loss with an optional k3 KL penalty; all tensors [B, T].
 
     advantages are per token (a sequence's advantage broadcast over its tokens); weights carry the
-    completion mask and the aggregation (token_weights). Guided rows ([B, 1] bool) are off-policy:
-    "shaping" drops ratio and clip for p / (p + gamma) with p = pi_theta(o_t | x, o_<t) (its gradient
-    lifts rare tokens); "is" uses the ratio to pi_old(o | x + guide) truncated at is_cap; "none" the
-    clipped ratio against pi_old(o | x), which old_logp then holds.
+    completion mask and the aggregation (token_weights). Forced tokens ([B, T] bool: AGR's gold
+    prefix, a target, a hinted answer) are off-policy: "shaping" drops ratio and clip for
+    p / (p + gamma) with p = pi_theta(o_t | x, o_<t) (its gradient lifts rare tokens); "is" uses the
+    ratio to the stored behaviour log-prob truncated at is_cap; "none" the clipped ratio against
+    pi_old(o | x), which old_logp then holds. The policy's own tokens keep the clipped ratio.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    if guided is not None and correction != "none":
+    if forced is not None and correction != "none":
         if correction == "shaping":
             p = logp.exp()
             off_policy = -(p / (p + gamma)) * advantages
         else:
             off_policy = -torch.clamp(ratio, max=is_cap) * advantages
-        per_token = torch.where(guided, off_policy, per_token)
+        per_token = torch.where(forced, off_policy, per_token)
     if beta > 0:
         q = ref_logp - logp
         per_token = per_token + beta * (torch.exp(q) - q - 1)
     loss = (per_token * weights).sum()
-    on = (weights > 0) & ~guided if guided is not None and correction != "none" else weights > 0  # rows the clip applies to
+    on = (weights > 0) & ~forced if forced is not None and correction != "none" else weights > 0  # tokens the clip applies to
     stats = dict(
         clip_low=((ratio < 1 - eps_low) & (advantages < 0) & on).sum(),
         clip_high=((ratio > 1 + eps_high) & (advantages > 0) & on).sum(),
@@ -259,9 +291,8 @@ def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args
 # Rule-aware Reward Shaping, segment credit: each criterion's advantage on the tokens of its line
 # ==================================================================================================
 def criterion_credit(score: R.Score) -> dict[str, float | None]:
-    """Per criterion: 1 if stated correctly (gated like RRS: parses and adheres), 0 if not, None if gold unknown."""
-    gate = score.format_ok and score.adherent
-    return {name: None if ok is None else float(ok and gate) for name, ok in score.criteria.items()}
+    """Per criterion: 1 if stated correctly (gated like RRS: the answer parses), 0 if not, None if gold unknown."""
+    return {name: None if ok is None else float(ok and score.format_ok) for name, ok in score.criteria.items()}
 
 
 def criterion_token_indices(tokenizer, completion: list[int], spans: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
@@ -283,7 +314,7 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
         if len(known) < 2:
             continue
         values = torch.tensor([group["credit"][j][name] for j in known])
-        criterion_adv = group_advantages(values[None], args.adv_scale if args.adv_scale != "batch" else "group",
+        criterion_adv = group_advantages([values.tolist()], args.adv_scale if args.adv_scale != "batch" else "group",
                                          args.adv_clamp)[0] * args.w_crit
         for j, adv in zip(known, criterion_adv.tolist()):
             for k in line_tokens[j].get(name, []):
@@ -295,7 +326,8 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
 # Adaptive Guided Replay
 # ==================================================================================================
 GROUP_FIELDS = ("completions", "old_logprobs", "truncated", "texts", "rewards", "correct", "format_ok", "adherent",
-                "criteria", "credit", "spans", "guided")
+                "labels", "criteria", "credit", "spans", "guided", "forced")
+REPLAY_KEY = 1 << 32  # stream keys of re-queued prompts start here (seeds and order stay unique)
 
 
 def guidance_text(example: D.Example, wrong_criteria: list[str], level: int) -> str:
@@ -316,9 +348,29 @@ def wrong_criteria(group: dict) -> list[str]:
     return [name for name in names if any(group["criteria"][j][name] is False for j in failing)]
 
 
-def replace_lowest(group: dict, candidates: list[dict]) -> dict:
-    """A copy of the group where the candidates take the places of the lowest-reward rollouts (stays G long)."""
+def gold_segment_ids(tokenizer, example: D.Example, rulebook: R.Rulebook, order: str, segments: int = 1) -> list[int]:
+    """The SFT target's first tokens that spell its first `segments` segments (label_first: the label line,
+    then the criteria block; think_first: the criteria block, then the reason), as the policy would say them."""
+    target = D.sft_target(example, rulebook, order)
+    ends = [target.index(tag) + len(tag) + 1 for tag in
+            (("</label>", "</criteria>") if order == "label_first" else ("</criteria>", "</reason>"))]
+    segment = target[:ends[min(segments, 2) - 1]]
+    ids = tokenizer.encode(target, add_special_tokens=False)
+    k = 1
+    while k < len(ids) and len(tokenizer.decode(ids[:k])) < len(segment):
+        k += 1
+    return ids[:k]
+
+
+def mix_into(group: dict, candidates: list[dict], mode: str = "replace") -> dict:
+    """A copy of the group with the candidates in it: in place of the lowest-reward rollouts (the group
+    stays G long) or appended (the group grows)."""
     group = {k: list(v) if k in GROUP_FIELDS else v for k, v in group.items()}
+    if mode == "append":
+        for candidate in candidates:
+            for key in GROUP_FIELDS:
+                group[key].append(candidate[key])
+        return group
     lowest_first = sorted(range(len(group["rewards"])), key=lambda j: group["rewards"][j])
     for j, candidate in zip(lowest_first, candidates):
         for key in GROUP_FIELDS:
@@ -326,7 +378,78 @@ def replace_lowest(group: dict, candidates: list[dict]) -> dict:
     return group
 
 
-def training_rows(groups: list[dict], advantages: torch.Tensor, token_advantages: list | None = None) -> list[dict]:
+def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Example], rulebook: R.Rulebook, args: Args,
+                   K: int, device) -> list[dict]:
+    """Guided answers for stagnant groups: token ids, behaviour log-probs, texts, and how many leading
+    tokens were forced rather than sampled (the off-policy part).
+
+    prefix: the gold answer's first segment (level 2: two segments) forced under the *unguided*
+    prompt, the rest sampled, so only the forced tokens are off-policy; hint: K answers sampled from
+    the prompt plus the guidance paragraph, all off-policy for pi(. | x); target: the SFT target itself
+    (one, no generation). Behaviour log-probs of forced tokens are a teacher-forced forward under x.
+    """
+    temperature = args.temperature if args.temperature > 0 else 1.0
+
+    def forced_logprobs(prompt: list[int], tokens: list[int]) -> list[float]:
+        batch = E.pad_batch([prompt], [tokens], tokenizer.pad_token_id, device)
+        with torch.no_grad():
+            return E.token_logprobs(policy, batch, temperature)[0][0, :len(tokens)].tolist()
+
+    results = []
+    if args.agr_guide == "target":
+        for t in to_guide:
+            _, labels, _ = D.encode_sft(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
+                                        args.max_item_tokens)
+            target = [tok for tok in labels if tok != -100]
+            results.append(dict(position=t["position"], completions=[target], truncated=[False], forced=[len(target)],
+                                logprobs=[forced_logprobs(t["group"]["prompt"], target)],
+                                texts=[tokenizer.decode(target, skip_special_tokens=True)]))
+        return results
+    if args.agr_guide == "hint":
+        prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
+                                   args.max_item_tokens, guidance=t["guidance"])[0] for t in to_guide]
+        prefixes = [[] for _ in to_guide]
+    else:
+        prefixes = [gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, t["level"])
+                    for t in to_guide]
+        prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
+    budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
+    gen = E.generate(policy, tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
+                     top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), batch_size=args.gen_batch_size,
+                     seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide])
+    for i, (t, prefix) in enumerate(zip(to_guide, prefixes)):
+        own = slice(i * K, (i + 1) * K)
+        forced_logp = forced_logprobs(t["group"]["prompt"], prefix) if prefix else []
+        results.append(dict(
+            position=t["position"], completions=[prefix + c for c in gen.completion_ids[own]],
+            logprobs=[forced_logp + lp for lp in gen.logprobs[own]], truncated=gen.truncated[own],
+            texts=[tokenizer.decode(prefix, skip_special_tokens=True) + text for text in gen.texts[own]],
+            forced=[len(prefix) if prefix else len(c) for c in gen.completion_ids[own]],
+        ))
+    return results
+
+
+def keeps(group: dict, args: Args) -> bool:
+    """Dynamic sampling: a group teaches only if its rewards differ (a zero-variance group has zero
+    advantage everywhere); TaoSR1's rule keeps groups whose accuracy lies in [ds_low, ds_high]."""
+    if args.ds_rule == "variance":
+        return len(set(group["rewards"])) > 1
+    return args.ds_low <= sum(group["correct"]) / len(group["correct"]) <= args.ds_high
+
+
+def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
+    predicted = [label for g in groups for label in g["labels"]]
+    shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
+    entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
+            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
+
+
+def training_rows(groups: list[dict], advantages: list[torch.Tensor], token_advantages: list | None = None) -> list[dict]:
     """One row per completion: the prompt it is trained under, its tokens, old log-probs, per-token advantages.
 
     Guided completions are trained under the group's *unguided* prompt: pi_theta(o | x), not x + guide.
@@ -334,9 +457,9 @@ def training_rows(groups: list[dict], advantages: torch.Tensor, token_advantages
     rows = []
     for g, group in enumerate(groups):
         for j, completion in enumerate(group["completions"]):
-            per_token = token_advantages[g][j] if token_advantages else [advantages[g, j].item()] * len(completion)
+            per_token = token_advantages[g][j] if token_advantages else [advantages[g][j].item()] * len(completion)
             rows.append(dict(prompt=group["prompt"], completion=completion, old_logprobs=group["old_logprobs"][j],
-                             advantages=per_token, guided=group["guided"][j]))
+                             advantages=per_token, guided=group["guided"][j], forced=group["forced"][j]))
     return rows
 
 
@@ -386,11 +509,15 @@ def main(args: Args) -> dict:
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch: int) -> list[int]:
+        if args.prompt_sampling == "balanced":
+            return D.balanced_order(examples, rulebook.labels, args.seed * 1000 + epoch)
         order = list(range(len(examples)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
         return order
 
     def stream(position: int) -> int:
+        if position in returning:  # a stagnant prompt that AGR re-queued (below)
+            return returning[position]
         return epoch_order(position // len(examples))[position % len(examples)]
 
     def rollout(positions: list[int], timer: dict) -> list[dict]:
@@ -414,74 +541,97 @@ def main(args: Args) -> dict:
             texts = out.texts[i * G:(i + 1) * G]
             scores, group_rewards = score_group(texts, example, rulebook, args)
             groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
                 completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
                 truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+                labels=[s.parsed.label for s in scores],
                 adherent=[s.adherent for s in scores], criteria=[s.criteria for s in scores],
                 credit=[criterion_credit(s) for s in scores], spans=[s.parsed.spans for s in scores], guided=[False] * G,
+                forced=[0] * G,
             ))
         timer["scoring"] += time.perf_counter() - t0
         return groups
 
     agr_state: dict[int, dict] = state.get("agr_state", {}) if resume_from is not None else {}
+    # Stagnant prompts come back agr_replay_delay steps later, so escalation, replay and decay act
+    # within an epoch: (due step, example index), and the keys of this step's returning prompts.
+    replay_queue: list[tuple[int, int]] = state.get("replay_queue", []) if resume_from is not None else []
+    replay_count = state.get("replay_count", 0) if resume_from is not None else 0
+    returning: dict[int, int] = {}
 
-    def adaptive_guided_replay(groups: list[dict], stats: dict) -> list[dict]:
-        """Detect stagnant groups, replay or guide them, keep correct and adherent guided answers, and
-        let them replace the lowest-reward rollouts. Returns new groups; the inputs stay the policy's own."""
-        K = args.agr_k or max(1, args.group_size // 4)
+    def take_returning(step: int, limit: int) -> list[int]:
+        """Keys of the re-queued prompts due by this step (at most `limit`), oldest first."""
+        nonlocal replay_count, replay_queue
+        returning.clear()
+        due = [q for q in replay_queue if q[0] <= step][:limit]
+        replay_queue = [q for q in replay_queue if q not in due]
+        keys = []
+        for _, example_index in due:
+            keys.append(REPLAY_KEY + replay_count)
+            returning[keys[-1]] = example_index
+            replay_count += 1
+        return keys
+
+    def guided_candidates(to_guide: list[dict], K: int) -> list[dict]:
+        """This rank's share of the stagnant groups -> their guided answers (gathered by the caller)."""
+        mine = to_guide[rank::world]
+        if not mine:
+            return []
+        with E.full_params_for_generation(model) as policy:
+            return guided_answers(policy, tokenizer, mine, examples, rulebook, args, K, accelerator.device)
+
+    def adaptive_guided_replay(groups: list[dict], stats: dict, step: int) -> list[dict]:
+        """Detect stagnant groups, re-queue their prompts, replay or guide them, keep the correct, well-formed
+        and adherent guided answers and mix them into the group. Returns new groups; the inputs stay the
+        policy's own."""
+        K = 1 if args.agr_guide == "target" else args.agr_k or max(1, args.group_size // 4)
         out, to_guide = list(groups), []
         for i, group in enumerate(groups):
             st = agr_state.setdefault(group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False))
-            accuracy = sum(group["correct"]) / args.group_size
+            accuracy = sum(group["correct"]) / len(group["correct"])
+            returned = group["position"] >= REPLAY_KEY
+            stats["returned"] += returned
             if st["stagnant_ever"]:
                 stats["once_stagnant_correct"] += sum(group["correct"])
-                stats["once_stagnant_total"] += args.group_size
+                stats["once_stagnant_total"] += len(group["correct"])
             st["accuracy"] = accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
             if accuracy > args.agr_tau:
+                stats["recovered"] += returned
                 if st["level"] > 0 and st["accuracy"] >= args.agr_recover:
                     st["level"] -= 1  # guidance decays as the prompt recovers
                 continue
             stats["stagnant"] += 1
             st["stagnant_ever"] = True
-            if st["buffer"]:  # replay successful guided answers before generating new guidance
-                out[i] = replace_lowest(group, st["buffer"][-K:])
+            waiting = any(q[1] == group["example_index"] for q in replay_queue)
+            if args.agr_replay_delay > 0 and not waiting and len(replay_queue) < args.agr_replay_queue:
+                replay_queue.append((step + args.agr_replay_delay, group["example_index"]))
+                stats["requeued"] += 1
+            if st["buffer"]:  # replay successful guided answers before generating new guidance; all off-policy now
+                out[i] = mix_into(group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix)
                 stats["replayed"] += 1
                 continue
             st["level"] = min(st["level"] + 1, args.agr_max_level)
             stats[f"level_{st['level']}"] += 1
             guidance = guidance_text(examples[group["example_index"]], wrong_criteria(group), st["level"])
-            to_guide.append(dict(position=i, group=group, guidance=guidance))
+            to_guide.append(dict(position=i, group=group, guidance=guidance, level=st["level"]))
 
-        mine = to_guide[rank::world]  # guided sampling is shared out like the rollouts, then gathered
-        results = []
-        if mine:
-            guided_prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
-                                              args.max_item_tokens, guidance=t["guidance"])[0] for t in mine]
-            seeds = [args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in mine]
-            with E.full_params_for_generation(model) as policy:
-                gen = E.generate(policy, tokenizer, guided_prompts, n=K, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
-                                 seeds=seeds, batch_size=args.gen_batch_size)
-            for i, t in enumerate(mine):
-                results.append(dict(position=t["position"], completions=gen.completion_ids[i * K:(i + 1) * K],
-                                    logprobs=gen.logprobs[i * K:(i + 1) * K], truncated=gen.truncated[i * K:(i + 1) * K],
-                                    texts=gen.texts[i * K:(i + 1) * K]))
-        for result in gather_groups(results):
+        for result in gather_groups(guided_candidates(to_guide, K)):  # shared out like the rollouts, then gathered
             group = groups[result["position"]]
             scores, guided_rewards = score_group(result["texts"], examples[group["example_index"]], rulebook, args)
             selected = [dict(completions=c, old_logprobs=lp, truncated=tr, texts=tx, rewards=r, correct=s.correct,
-                             format_ok=s.format_ok, adherent=s.adherent, criteria=s.criteria, credit=criterion_credit(s),
-                             spans=s.parsed.spans, guided=True)
-                        for c, lp, tr, tx, r, s in zip(result["completions"], result["logprobs"], result["truncated"],
-                                                       result["texts"], guided_rewards, scores)
+                             format_ok=s.format_ok, adherent=s.adherent, labels=s.parsed.label, criteria=s.criteria,
+                             credit=criterion_credit(s), spans=s.parsed.spans, guided=True, forced=f)
+                        for c, lp, tr, tx, r, s, f in zip(result["completions"], result["logprobs"], result["truncated"],
+                                                          result["texts"], guided_rewards, scores, result["forced"])
                         if s.correct and s.adherent and s.format_ok]
-            stats["guided_sampled"] += K
+            stats["guided_sampled"] += len(result["completions"]) if args.agr_guide != "target" else 0
+            stats["guided_tried"] += len(result["completions"])
             stats["guided_kept"] += len(selected)
             st = agr_state[group["example_index"]]
             st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size:]
             if selected:
-                out[result["position"]] = replace_lowest(group, selected)
+                out[result["position"]] = mix_into(group, selected, args.agr_mix)
                 stats["guided"] += 1
         return out
 
@@ -494,22 +644,24 @@ def main(args: Args) -> dict:
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
-        agr_stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_kept=0, level_1=0, level_2=0,
-                         once_stagnant_correct=0, once_stagnant_total=0)
+        agr_stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_tried=0, guided_kept=0, level_1=0,
+                         level_2=0, once_stagnant_correct=0, once_stagnant_total=0, requeued=0, returned=0, recovered=0)
         for attempt in range(1 + (args.ds_max_tries if args.dynamic_sampling else 0)):
             need = args.prompts_per_step - len(kept)
-            positions = list(range(data_position, data_position + need))
-            data_position += need
+            # re-queued stagnant prompts first, at most half the batch so that the stream keeps moving
+            back = take_returning(step, need // 2) if args.agr and attempt == 0 else []
+            positions = back + list(range(data_position, data_position + need - len(back)))
+            data_position += need - len(back)
             generated += need * args.group_size
             t0, scoring_before = time.perf_counter(), timer["scoring"]
             groups = gather_groups(rollout(positions, timer))
             scored += groups
             if args.agr:  # stagnant groups get guided answers; `scored` keeps the policy's own samples
-                groups = adaptive_guided_replay(groups, agr_stats)
+                groups = adaptive_guided_replay(groups, agr_stats, step)
             timer["generation"] += time.perf_counter() - t0 - timer["scoring"] + scoring_before
             for group in groups:
-                accuracy = sum(group["correct"]) / args.group_size
-                if not args.dynamic_sampling or args.ds_low <= accuracy <= args.ds_high:
+                accuracy = sum(group["correct"]) / len(group["correct"])
+                if not args.dynamic_sampling or keeps(group, args):
                     kept.append(group)
                 else:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
@@ -522,7 +674,7 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         rows = []
         if kept:
-            advantages = group_advantages(torch.tensor([g["rewards"] for g in kept]), args.adv_scale, args.adv_clamp)
+            advantages = group_advantages([g["rewards"] for g in kept], args.adv_scale, args.adv_clamp)
             token_advantages = None
             if args.rrs and args.rrs_credit == "segment":
                 token_advantages = [segment_advantages(group, advantages[g], tokenizer, args) for g, group in enumerate(kept)]
@@ -535,13 +687,16 @@ def main(args: Args) -> dict:
         update_stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0,
                             grad_norm=0.0, nan_skipped=0)
         n_tokens = sum(len(r["completion"]) for r in rows)
+        # an underfilled step (dynamic sampling kept too few groups) moves the policy by its share of a full one:
+        # the learning rate, not the loss, is scaled (Adam would undo a scaled loss)
+        update_scale = min(1.0, len(kept) / args.prompts_per_step) if args.underfill_scale else 1.0
         if rows:
             share_prefix = args.shared_prefix and world == 1
             mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
             n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
             mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
             micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for update in range(args.num_updates_per_batch):
@@ -556,7 +711,8 @@ def main(args: Args) -> dict:
                         old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
                         adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
                     temperature = args.temperature if args.temperature > 0 else 1.0
-                    # correction "none" needs pi_old(o | x) for guided rows: their stored log-probs are under x + guide
+                    # correction "none" needs pi_old(o | x) for guided rows: stored ones may be under x + guide (hint)
+                    # or from an older policy (replay)
                     recompute = [args.recompute_old_logprobs or (r["guided"] and args.agr_correction == "none") for r in micro]
                     if any(recompute) and update == 0:  # stored back for the later updates
                         with torch.no_grad():
@@ -573,9 +729,11 @@ def main(args: Args) -> dict:
                     with accelerator.no_sync(model) if not sync else torch.enable_grad():
                         logp, entropy = E.token_logprobs(model, batch, temperature, with_entropy=True)
                         weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
-                        guided = torch.tensor([r["guided"] for r in micro], device=accelerator.device)[:, None]
+                        forced = torch.zeros_like(mask, dtype=torch.bool)  # AGR's off-policy tokens
+                        for i, r in enumerate(micro):
+                            forced[i, :r["forced"]] = True
                         loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
-                                                args.beta, ref_logp, guided, args.agr_correction, args.agr_gamma,
+                                                args.beta, ref_logp, forced, args.agr_correction, args.agr_gamma,
                                                 args.agr_is_cap)
                         accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
                     ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
@@ -617,7 +775,7 @@ def main(args: Args) -> dict:
             format_rate=sum(c for g in scored for c in g["format_ok"]) / n_all,
             adherence_rate=sum(c for g in scored for c in g["adherent"]) / n_all,
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
-            low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * args.group_size for g in scored) / len(scored),
+            low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * len(g["correct"]) for g in scored) / len(scored),
             groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
             groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
             completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
@@ -627,14 +785,18 @@ def main(args: Args) -> dict:
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
             time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
             step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, completions_generated=generated, **update_stats,
+            data_position=data_position, completions_generated=generated, update_scale=update_scale if rows else 0.0,
+            **label_shares(scored, rulebook.labels), **update_stats,
         )
         if args.agr:
             metrics.update(
                 agr_stagnant_share=agr_stats["stagnant"] / len(scored),
                 agr_guided_share=(agr_stats["guided"] + agr_stats["replayed"]) / len(scored),
                 agr_buffer_hits=agr_stats["replayed"], agr_level_1=agr_stats["level_1"], agr_level_2=agr_stats["level_2"],
-                agr_guided_success_rate=agr_stats["guided_kept"] / max(1, agr_stats["guided_sampled"]),
+                agr_guided_success_rate=agr_stats["guided_kept"] / max(1, agr_stats["guided_tried"]),
+                agr_rescued_share=agr_stats["guided"] / max(1, agr_stats["stagnant"] - agr_stats["replayed"]),
+                agr_requeued=agr_stats["requeued"], agr_returned=agr_stats["returned"], agr_recovered=agr_stats["recovered"],
+                agr_queue_length=len(replay_queue),
                 agr_once_stagnant_accuracy=(agr_stats["once_stagnant_correct"] / agr_stats["once_stagnant_total"]
                                             if agr_stats["once_stagnant_total"] else None),
                 agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in agr_state.values()),
@@ -650,7 +812,8 @@ def main(args: Args) -> dict:
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested:
             E.save_checkpoint(run.dir, done, model, tokenizer,
                               dict(optimizer=optimizer.state_dict(), rng=E.rng_state(), data_position=data_position,
-                                   generated=generated, agr_state=agr_state),
+                                   generated=generated, agr_state=agr_state, replay_queue=replay_queue,
+                                   replay_count=replay_count),
                               keep_last=args.keep_last, final=done == args.total_steps or out_of_budget, accelerator=accelerator)
         if out_of_budget:
             break

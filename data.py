@@ -886,6 +886,26 @@ def balanced_sample(examples: list[Example], labels: tuple[str, ...], seed: int)
 # =====================================================================================================
 # Prompts
 # =====================================================================================================
+def balanced_order(examples: list[Example], labels: tuple[str, ...], seed: int) -> list[int]:
+    """One epoch of example indices (as many as there are examples) in which the gold labels take turns
+    in a shuffled round, so each comes equally often: a label's examples are drawn without replacement
+    and reshuffled when used up (minority examples repeat, majority ones are subsampled)."""
+    rng = random.Random(seed)
+    pools = {label: [i for i, e in enumerate(examples) if e.label == label] for label in labels}
+    present = [label for label in labels if pools[label]]
+    queues: dict[str, list[int]] = {label: [] for label in present}
+    order: list[int] = []
+    while len(order) < len(examples):
+        turn = list(present)
+        rng.shuffle(turn)
+        for label in turn:
+            if not queues[label]:
+                queues[label] = list(pools[label])
+                rng.shuffle(queues[label])
+            order.append(queues[label].pop())
+    return order[:len(examples)]
+
+
 def item_text(example: Example) -> str:
     """Compact item lines: title, brand, color, other attributes, bullets, description (empty ones left out).
     The long free texts come last, so truncation by a token budget cuts them first."""

@@ -1,11 +1,11 @@
-"""TaoSR1 stage 3: GRPO with the sparse outcome reward and difficulty-based dynamic sampling.
+"""TaoSR1 stage 3: GRPO with the sparse outcome reward and dynamic sampling.
 
     python grpo.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --num-gpus 8
     python grpo.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 One step, in the order it runs: take prompts from the shuffled stream -> sample a group of G
 completions each (token ids and behaviour log-probs) -> score -> group-normalised advantages ->
-dynamic sampling (drop groups that are too easy or too hard, refill) -> one or more optimizer updates
+dynamic sampling (drop groups whose rewards do not vary, refill) -> one or more optimizer updates
 over micro-batches with the clipped token-level loss below -> log -> checkpoint.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -93,8 +94,8 @@ class Args:
     """token: sum / all completion tokens (DAPO); sequence: mean per sequence then mean (GRPO); constant: sum / (sequences * max_new_tokens) (Dr. GRPO)"""
     adv_scale: Literal["group", "batch", "none"] = "group"
     """divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)"""
-    adv_clamp: float = 2.0
-    """clamp advantages to [-c, c] (0: no clamp)"""
+    adv_clamp: float = 0.0
+    """scale a group's advantages down so none exceeds c in size (0: off); unlike a clip it keeps the group's zero sum"""
     num_updates_per_batch: int = 1
     """optimizer updates per generation batch, each over the whole batch, all against the stored old log-probs"""
     micro_batch_size: int = 8
@@ -102,11 +103,17 @@ class Args:
     shared_prefix: bool = True
     """run a micro-batch's common prompt prefix once for all its rows (exact; single process only)"""
     dynamic_sampling: bool = True
-    """drop groups whose accuracy lies outside [ds_low, ds_high] and refill from new prompts"""
+    """drop groups that cannot teach (see ds_rule) and refill from new prompts"""
+    ds_rule: Literal["variance", "accuracy"] = "variance"
+    """variance: keep groups whose rewards differ (DAPO); accuracy: keep accuracy in [ds_low, ds_high] (TaoSR1)"""
     ds_low: float = 0.01
-    """lowest group accuracy kept (0.01 drops all-wrong groups)"""
+    """ds_rule accuracy: lowest group accuracy kept (0.01 drops all-wrong groups)"""
     ds_high: float = 0.99
-    """highest group accuracy kept (0.99 drops all-correct groups)"""
+    """ds_rule accuracy: highest group accuracy kept (0.99 drops all-correct groups)"""
+    underfill_scale: bool = True
+    """scale the learning rate of a step that kept fewer groups than prompts_per_step by kept / prompts_per_step"""
+    prompt_sampling: Literal["natural", "balanced"] = "natural"
+    """training prompt order: the data's natural label mix, or balanced by gold label"""
     ds_max_tries: int = 3
     """refill rounds per step before training on what was kept"""
     ordinal_reward: bool = False
@@ -148,15 +155,28 @@ class Args:
 # ==================================================================================================
 # Advantages and the policy loss (METHOD.md section 5)
 # ==================================================================================================
-def group_advantages(rewards: torch.Tensor, scale: str = "group", clamp: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
-    """rewards [groups, G] -> advantages [groups, G]; a zero-variance group gets exactly zero."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (rewards.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
-    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)  # not mean()'s rounding / eps
-    return centred.clamp(-clamp, clamp) if clamp > 0 else centred
+def group_advantages(rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4) -> list[torch.Tensor]:
+    """Rewards of each group (groups may differ in size) -> advantages of each group.
+
+    A zero-variance group gets exactly zero. clamp > 0 scales a group down until no advantage exceeds
+    it: a clip would cut a rare success (G = 8, one correct: +2.47 -> +2) and leave the group's
+    advantages summing below zero, a net push away from the prompt the policy is just learning.
+    """
+    batch_std = torch.tensor([r for group in rewards for r in group]).std() if scale == "batch" else None
+    advantages = []
+    for group in rewards:
+        r = torch.tensor(group, dtype=torch.float32)
+        centred = r - r.mean()
+        if scale == "group":
+            centred = centred / (r.std() + eps)
+        elif scale == "batch":
+            centred = centred / (batch_std + eps)
+        if (r == r[0]).all():  # exactly zero, not mean()'s rounding / eps
+            centred = torch.zeros_like(r)
+        if clamp > 0:
+            centred = centred * min(1.0, clamp / max(centred.abs().max().item(), 1e-12))
+        advantages.append(centred)
+    return advantages
 
 
 def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int, max_new_tokens: int) -> torch.Tensor:
@@ -203,13 +223,33 @@ def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args
     return scores, [R.grpo_reward(s) for s in scores]
 
 
-def training_rows(groups: list[dict], advantages: torch.Tensor) -> list[dict]:
+def keeps(group: dict, args: Args) -> bool:
+    """Dynamic sampling: a group teaches only if its rewards differ (a zero-variance group has zero
+    advantage everywhere); TaoSR1's rule keeps groups whose accuracy lies in [ds_low, ds_high]."""
+    if args.ds_rule == "variance":
+        return len(set(group["rewards"])) > 1
+    return args.ds_low <= sum(group["correct"]) / len(group["correct"]) <= args.ds_high
+
+
+def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
+    predicted = [label for g in groups for label in g["labels"]]
+    shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
+    entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
+            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
+
+
+def training_rows(groups: list[dict], advantages: list[torch.Tensor]) -> list[dict]:
     """One row per completion: the prompt it is trained under, its tokens, old log-probs, per-token advantages."""
     rows = []
     for g, group in enumerate(groups):
         for j, completion in enumerate(group["completions"]):
             rows.append(dict(prompt=group["prompt"], completion=completion, old_logprobs=group["old_logprobs"][j],
-                             advantages=[advantages[g, j].item()] * len(completion)))
+                             advantages=[advantages[g][j].item()] * len(completion)))
     return rows
 
 
@@ -259,6 +299,8 @@ def main(args: Args) -> dict:
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch: int) -> list[int]:
+        if args.prompt_sampling == "balanced":
+            return D.balanced_order(examples, rulebook.labels, args.seed * 1000 + epoch)
         order = list(range(len(examples)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
         return order
@@ -287,10 +329,11 @@ def main(args: Args) -> dict:
             texts = out.texts[i * G:(i + 1) * G]
             scores, group_rewards = score_group(texts, example, rulebook, args)
             groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)],
+                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
                 completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
                 truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
                 correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+                labels=[s.parsed.label for s in scores],
                 adherent=[s.adherent for s in scores],
             ))
         timer["scoring"] += time.perf_counter() - t0
@@ -315,8 +358,8 @@ def main(args: Args) -> dict:
             timer["generation"] += time.perf_counter() - t0 - timer["scoring"] + scoring_before
             scored += groups
             for group in groups:
-                accuracy = sum(group["correct"]) / args.group_size
-                if not args.dynamic_sampling or args.ds_low <= accuracy <= args.ds_high:
+                accuracy = sum(group["correct"]) / len(group["correct"])
+                if not args.dynamic_sampling or keeps(group, args):
                     kept.append(group)
                 else:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
@@ -327,7 +370,7 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         rows = []
         if kept:
-            advantages = group_advantages(torch.tensor([g["rewards"] for g in kept]), args.adv_scale, args.adv_clamp)
+            advantages = group_advantages([g["rewards"] for g in kept], args.adv_scale, args.adv_clamp)
             rows = training_rows(kept, advantages)
         timer["scoring"] += time.perf_counter() - t0
 
@@ -337,13 +380,16 @@ def main(args: Args) -> dict:
         update_stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0,
                             grad_norm=0.0, nan_skipped=0)
         n_tokens = sum(len(r["completion"]) for r in rows)
+        # an underfilled step (dynamic sampling kept too few groups) moves the policy by its share of a full one:
+        # the learning rate, not the loss, is scaled (Adam would undo a scaled loss)
+        update_scale = min(1.0, len(kept) / args.prompts_per_step) if args.underfill_scale else 1.0
         if rows:
             share_prefix = args.shared_prefix and world == 1
             mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
             n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
             mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
             micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for update in range(args.num_updates_per_batch):
@@ -413,7 +459,7 @@ def main(args: Args) -> dict:
             format_rate=sum(c for g in scored for c in g["format_ok"]) / n_all,
             adherence_rate=sum(c for g in scored for c in g["adherent"]) / n_all,
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
-            low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * args.group_size for g in scored) / len(scored),
+            low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * len(g["correct"]) for g in scored) / len(scored),
             groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
             groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
             completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
@@ -423,7 +469,8 @@ def main(args: Args) -> dict:
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
             time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
             step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, completions_generated=generated, **update_stats,
+            data_position=data_position, completions_generated=generated, update_scale=update_scale if rows else 0.0,
+            **label_shares(scored, rulebook.labels), **update_stats,
         )
         run.log(metrics, step=done)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")

@@ -269,7 +269,11 @@ def outcome_reward(label: str | None, gold: str, rulebook: Rulebook, ordinal: bo
 
 def score_output(text: object, gold_label: str, gold_criteria: dict[str, str], rulebook: Rulebook,
                  order: str = "label_first", ordinal: bool = False) -> Score:
-    parsed = parse_output(text, rulebook, order)
+    return score_parsed(parse_output(text, rulebook, order), gold_label, gold_criteria, rulebook, ordinal)
+
+
+def score_parsed(parsed: Parsed, gold_label: str, gold_criteria: dict[str, str], rulebook: Rulebook,
+                 ordinal: bool = False) -> Score:
     per_criterion: dict[str, bool | None] = {}
     for name in rulebook.criterion_names:
         gold = gold_criteria.get(name, UNKNOWN)
@@ -287,18 +291,22 @@ def score_output(text: object, gold_label: str, gold_criteria: dict[str, str], r
 
 
 def grpo_reward(score: Score) -> float:
-    """The sparse TaoSR1 baseline: outcome only; an output without a readable label earns 0."""
-    return score.outcome
+    """The sparse TaoSR1 baseline: the outcome of a well-formed answer; anything that does not parse
+    (a readable label followed by junk, a looping reason cut off by the budget) earns 0."""
+    return score.outcome if score.format_ok else 0.0
 
 
 def rrs_reward(score: Score, w_out: float = 1.0, w_crit: float = 0.5, w_rule: float = 0.5,
                format_penalty: float = -0.5) -> float:
     """Rule-aware Reward Shaping with its hard gate (METHOD.md section 4).
 
-    An output that does not parse gets the format penalty and nothing else; an output whose label
-    breaks its own stated criteria earns no criterion credit.
+    An output that does not parse gets the format penalty and nothing else. Criterion credit needs
+    only the format: stating the true criteria pays whatever the label. The rule term pays only for a
+    correct label reached by adherent criteria (w_rule * adherence * [label == gold]; with the ordinal
+    outcome too, a near miss earns no rule credit), so a wrong label can
+    never earn by rationalising itself: replacing an answer's criteria with the honest ones never
+    lowers its reward (tests/test_rewards.py checks this over both rulebooks' decision tables).
     """
     if not score.format_ok:
         return format_penalty
-    criteria_credit = score.criteria_share if score.adherent else 0.0
-    return w_out * score.outcome + w_crit * criteria_credit + w_rule * float(score.adherent)
+    return w_out * score.outcome + w_crit * score.criteria_share + w_rule * float(score.adherent and score.correct)

@@ -1,14 +1,18 @@
-"""The AGRL ablation: GRPO, GRPO+RRS, GRPO+AGR and AGRL from one SFT start, equal generation budget, several seeds.
+"""The AGRL ablation: GRPO, GRPO+RRS, GRPO+AGR, AGRL (prefix) and AGRL (hint) from one SFT start, equal
+generation budget, several seeds.
 
     python benchmarks/ablation.py --config cpu-synthetic            # runs on a 2-core CPU (README: time)
+    python benchmarks/ablation.py --config cpu-synthetic --sft-checkpoint runs/sft-start/checkpoint  # reuse a start
     python benchmarks/ablation.py --config gpu-esci --data-path /data/esci --sft-model Qwen/Qwen2.5-7B-Instruct
 
 Every variant gets the same budget of generated completions (dynamic-sampling refills and AGR's
 guided samples count against it), the same prompts stream per seed and the same SFT checkpoint.
 Writes results/ablation-<config>/: results.md and results.json (final dev accuracy, macro-F1,
 per-class F1, adherence, completions needed to reach a target training accuracy, share of stagnant
-groups over time) and curves.png (mean over seeds, min-max band). Finished runs are reused, so an
-interrupted ablation continues where it stopped.
+groups over time), curves.png (mean over seeds, min-max band) and label-shares.png (the predicted-label
+shares of the policy's own samples over training: a collapse onto one label shows there). Finished runs
+are reused and unfinished ones resume from their last checkpoint, so an interrupted ablation continues
+where it stopped. The SFT start, seeds and budget are recorded in results.json.
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ VARIANTS = {  # name -> (script, flags): GRPO is grpo.py itself, the others are 
     "GRPO": ("grpo.py", []),
     "GRPO+RRS": ("agrl.py", ["--no-agr"]),
     "GRPO+AGR": ("agrl.py", ["--no-rrs"]),
-    "AGRL": ("agrl.py", []),
+    "AGRL (prefix)": ("agrl.py", ["--agr-guide", "prefix"]),
+    "AGRL (hint)": ("agrl.py", ["--agr-guide", "hint"]),
 }
+
+
+def run_name_of(variant: str, seed: int) -> str:
+    return "".join(c for c in variant.lower().replace("+", "-").replace(" ", "-") if c.isalnum() or c == "-") + f"-s{seed}"
 CONFIGS = {
     # A 2-layer model trained from scratch by SFT on the synthetic rule world: small enough that 12 RL
     # runs finish on a 2-core CPU, and far from perfect after SFT, so RL has something to fix.
@@ -58,6 +67,8 @@ class Args:
     """cpu-synthetic | gpu-esci"""
     sft_model: str = "tiny-random"
     """model the shared SFT start is trained from"""
+    sft_checkpoint: str | None = None
+    """use this SFT checkpoint (inside a run folder with eval.json and args.json) instead of training one"""
     data_path: str | None = None
     """dataset path (ESCI)"""
     seeds: tuple[int, ...] = ()
@@ -103,21 +114,25 @@ def main(args: Args) -> None:
     data = ["--data-path", args.data_path] if args.data_path else []
 
     # 1. the shared SFT start
-    sft_dir = base / "sft"
-    if not (sft_dir / "eval.json").exists():
-        run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
-             "--run-name", "sft"], base / "sft.log")
-    start = str(sft_dir / "checkpoint")
+    if args.sft_checkpoint:
+        start, sft_dir = str(Path(args.sft_checkpoint).resolve()), Path(args.sft_checkpoint).resolve().parent
+    else:
+        sft_dir = base / "sft"
+        if not (sft_dir / "eval.json").exists():
+            run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
+                 "--run-name", "sft"], base / "sft.log")
+        start = str(sft_dir / "checkpoint")
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
     todo = []
     for seed in seeds:
         for name in args.variants:
             script, flags = VARIANTS[name]
-            run_name = f"{name.lower().replace('+', '-')}-s{seed}"
+            run_name = run_name_of(name, seed)
             if not (base / run_name / "eval.json").exists():
                 todo.append(([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
-                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name],
+                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name,
+                              *(["--resume"] if (base / run_name / "checkpoints").exists() else [])],
                              base / f"{run_name}.log"))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -126,13 +141,17 @@ def main(args: Args) -> None:
     # 3. the table and the curves
     sft_eval = json.loads((sft_dir / "eval.json").read_text())
     labels = list(sft_eval["per_class"])
+    sft_args = json.loads((sft_dir / "args.json").read_text()) if (sft_dir / "args.json").exists() else None
     results = {"config": args.config, "budget_completions": budget, "seeds": list(seeds), "target_accuracy": config["target"],
-               "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")}, "variants": {}}
+               "rl_flags": config["rl"], "variant_flags": {name: VARIANTS[name] for name in args.variants},
+               "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},
+               "sft_f1": {label: sft_eval["per_class"][label]["f1"] for label in labels},
+               "sft_checkpoint": start, "sft_args": sft_args, "variants": {}}
     curves = {}
     for name in args.variants:
         runs = []
         for seed in seeds:
-            run_dir = base / f"{name.lower().replace('+', '-')}-s{seed}"
+            run_dir = base / run_name_of(name, seed)
             evaluation = json.loads((run_dir / "eval.json").read_text())
             metrics = read_metrics(run_dir)
             accuracy = smoothed([m["accuracy"] for m in metrics])
@@ -157,6 +176,7 @@ def main(args: Args) -> None:
     table = markdown(results, labels)
     (out / "results.md").write_text(table)
     plot(curves, out / "curves.png", config["target"])
+    plot_label_shares(curves, labels, out / "label-shares.png")
     print(table)
     print(f"wrote {out}/results.md, results.json, curves.png")
 
@@ -177,7 +197,8 @@ def markdown(results: dict, labels: list[str]) -> str:
              f"completions per run. Mean ± std over seeds of the dev evaluation at the end; stagnant = groups with "
              f"accuracy <= 0.25; target = smoothed training accuracy {results['target_accuracy']}.", "",
              f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
-             f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}", "",
+             f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 " +
+             ", ".join(f"{label} {f1:.3f}" for label, f1 in results["sft_f1"].items()) + f" (`{results['sft_checkpoint']}`)", "",
              "| variant | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
              " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
              "|---" * (9 + len(labels)) + "|"]
@@ -212,6 +233,32 @@ def plot(curves: dict[str, list[list[dict]]], path: Path, target: float) -> None
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("completions generated")
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_shares(curves: dict[str, list[list[dict]]], labels: list[str], path: Path) -> None:
+    """One panel per variant: the mean (over seeds) share of each predicted label among the policy's own samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.4), sharey=True, squeeze=False)
+    for ax, (name, runs) in zip(axes[0], curves.items()):
+        n = min(len(r) for r in runs)
+        xs = [runs[0][i]["completions_generated"] for i in range(n)]
+        for label in [*labels, "invalid"]:
+            key = f"label_share_{label}"
+            if not all(key in m for r in runs for m in r[:n]):
+                continue
+            ys = [smoothed([m[key] for m in r])[:n] for r in runs]
+            ax.plot(xs, [sum(col) / len(col) for col in zip(*ys)], label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("completions generated")
+    axes[0][0].set_ylabel("share of predicted labels (own samples)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

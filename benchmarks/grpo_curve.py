@@ -2,12 +2,14 @@
 
     make demo                                             # leaves an SFT checkpoint in runs/demo/sft/checkpoint
     python benchmarks/grpo_curve.py --sft runs/demo/sft/checkpoint --steps 20
-    python benchmarks/grpo_curve.py --sft runs/demo/sft/checkpoint --steps 20 --script agrl.py
+    python benchmarks/grpo_curve.py --sft runs/demo/sft/checkpoint --steps 20 --script agrl.py --seed 2
+    python benchmarks/grpo_curve.py --sft smollm2-135m --script agrl.py --extra='--agr-guide target'  # a base policy
 
 Scores the start with eval.py, runs the training script (a plain subprocess: the numbers are those of
 the real script), and writes results/<script>-curve-<name>.png (reward, accuracy, format and adherence
 per step) and .json (every step's metrics; the dev eval before and after on the same seeded sample; the
-budget: steps, completions, rollout tokens, wall time, and the device).
+budget: steps, completions, rollout tokens, wall time, and the device). Resumable: run the same command
+again after an interruption and the training run continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -48,29 +50,43 @@ class Args:
     """dev examples evaluated at the end"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    seed: int = 1
+    """seed of the training run (data order, sampling)"""
+    dataset: str = "synthetic"
+    """dataset of training and the dev evaluation"""
+    data_path: str | None = None
+    """dataset path (ESCI)"""
+    save_every: int = 2
+    """steps between checkpoints (an interrupted curve resumes from the last one)"""
     extra: str = ""
     """more flags for the training script, e.g. --extra='--beta 0.01 --limit 16'"""
 
 
 def main(args: Args) -> None:
     run_name = f"{Path(args.script).stem}-curve-{args.name}"
+    data = ["--dataset", args.dataset, *(["--data-path", args.data_path] if args.data_path else [])]
     # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval.
-    start_command = [sys.executable, "eval.py", "--model", args.sft, "--dataset", "synthetic", "--split", "dev",
+    start_dir = ROOT / "runs" / f"{run_name}-start"
+    start_command = [sys.executable, "eval.py", "--model", args.sft, *data, "--split", "dev",
                      "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
-                     "--run-name", f"{run_name}-start"]
-    print("$", " ".join(start_command), flush=True)
-    subprocess.run(start_command, cwd=ROOT, check=True)
-    start_eval = json.loads((ROOT / "runs" / f"{run_name}-start" / "eval.json").read_text())
-    command = [sys.executable, args.script, "--model", args.sft, "--dataset", "synthetic", "--total-steps", str(args.steps),
+                     "--run-name", f"{run_name}-start", *(["--overwrite"] if start_dir.exists() else [])]
+    if not (start_dir / "eval.json").exists():
+        print("$", " ".join(start_command), flush=True)
+        subprocess.run(start_command, cwd=ROOT, check=True)
+    start_eval = json.loads((start_dir / "eval.json").read_text())
+    run_dir = ROOT / "runs" / run_name
+    again = ["--resume"] if (run_dir / "checkpoints").exists() else ["--overwrite"] if run_dir.exists() else []
+    command = [sys.executable, args.script, "--model", args.sft, *data, "--total-steps", str(args.steps),
                "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
                "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
-               "--run-name", run_name, "--save-every", "1000", *shlex.split(args.extra)]
-    print("$", " ".join(command), flush=True)
+               "--run-name", run_name, "--save-every", str(args.save_every), "--seed", str(args.seed),
+               *shlex.split(args.extra)]
     started = time.time()
-    subprocess.run(command, cwd=ROOT, check=True)
-    wall = time.time() - started
-    run_dir = ROOT / "runs" / run_name
+    if not (run_dir / "eval.json").exists():
+        print("$", " ".join(command + again), flush=True)
+        subprocess.run(command + again, cwd=ROOT, check=True)
+    wall = time.time() - started  # of this invocation (a resumed curve: its last part); the steps' own times sum below
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     evaluation = json.loads((run_dir / "eval.json").read_text())
     out = ROOT / "results"
@@ -78,18 +94,22 @@ def main(args: Args) -> None:
     budget = dict(steps=len(metrics), completions=metrics[-1]["completions_generated"],
                   # every rollout of every step, dynamic sampling's refills included (agrl.py's guided samples are not)
                   rollout_tokens=round(sum(m["generated_tokens_per_second"] * m["time_generation"] for m in metrics)),
-                  wall_seconds=wall, mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
+                  wall_seconds=wall, train_seconds=sum(m["step_seconds"] for m in metrics),
+                  mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
                   device=args.device, machine=platform.processor() or platform.machine())
     (out / f"{run_name}.json").write_text(json.dumps(dict(
         command=command, budget=budget,
         dev_eval_start={k: start_eval[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
         dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
-        steps=[{k: m[k] for k in ("step", "reward_mean", "accuracy", "format_rate", "adherence_rate", "step_seconds",
-                                   "time_generation", "time_training", "completion_len_mean")}
-               | {k: v for k, v in m.items() if k.startswith("agr_")} for m in metrics]), indent=2))
+        seed=args.seed, start=args.sft,
+        steps=[{k: m.get(k) for k in ("step", "reward_mean", "accuracy", "macro_f1", "format_rate", "adherence_rate",
+                                       "label_entropy", "groups_kept", "completions_generated", "update_scale",
+                                       "step_seconds", "time_generation", "time_training", "completion_len_mean")}
+               | {k: v for k, v in m.items() if k.startswith(("agr_", "label_share_"))} for m in metrics]), indent=2))
 
     result = json.loads((out / f"{run_name}.json").read_text())
-    plot(result, f"{Path(args.script).stem} from SFT ({args.prompts_per_step}x{args.group_size} per step)", out / f"{run_name}.png")
+    plot(result, f"{Path(args.script).stem} from {Path(args.sft).name} ({args.prompts_per_step}x{args.group_size} per step, "
+                 f"seed {args.seed})", out / f"{run_name}.png")
     print(json.dumps(budget, indent=2))
     print(f"wrote results/{run_name}.png and .json")
 
@@ -103,7 +123,10 @@ def plot(result: dict, title: str, path: Path, window: int = 4) -> None:
 
     steps = [m["step"] for m in result["steps"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color in (("reward_mean", "C0"), ("accuracy", "C1"), ("format_rate", "C2"), ("adherence_rate", "C3")):
+    for key, color in (("reward_mean", "C0"), ("accuracy", "C1"), ("format_rate", "C2"), ("adherence_rate", "C3"),
+                       ("macro_f1", "C4")):
+        if any(m.get(key) is None for m in result["steps"]):
+            continue
         values = [m[key] for m in result["steps"]]
         recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
         smooth = [sum(r) / len(r) for r in recent]

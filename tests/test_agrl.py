@@ -78,11 +78,12 @@ def test_rrs_values_and_hard_gate():
     assert [s.correct for s in scores] == [True, True, False, False]
     assert [s.adherent for s in scores] == [True, False, True, False]
     assert [s.format_ok for s in scores] == [True, True, True, False]
-    # good: 1 + 0.5 * 4/4 + 0.25; non-adherent: outcome only (no criterion credit, no rule credit);
-    # wrong but adherent: 0.5 * 3/4 (negation is unknown: not counted) + 0.25; unparseable: the penalty only
-    assert seq == pytest.approx([1.75, 1.0, 0.625, -0.7])
+    # good: 1 + 0.5 * 4/4 + 0.25; non-adherent: outcome and its 3/4 right criteria, no rule credit;
+    # wrong but adherent: 0.5 * 3/4 (negation is unknown: not counted), no rule credit for a wrong label;
+    # unparseable: the penalty only
+    assert seq == pytest.approx([1.75, 1.375, 0.375, -0.7])
     _, segment = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=True, rrs_credit="segment", **weights))
-    assert segment == pytest.approx([1.25, 1.0, 0.25, -0.7])  # w_crit leaves the scalar in segment credit
+    assert segment == pytest.approx([1.25, 1.0, 0.0, -0.7])  # w_crit leaves the scalar in segment credit
     _, off = agrl.score_group(texts, EXAMPLE, TAOBAO4, agrl.Args(rrs=False, **weights))
     assert off == [1.0, 1.0, 0.0, 0.0]
     _, grpo_rewards = grpo.score_group(texts, EXAMPLE, TAOBAO4, grpo.Args())
@@ -90,7 +91,7 @@ def test_rrs_values_and_hard_gate():
 
     credit = [agrl.criterion_credit(s) for s in scores]
     assert credit[0] == dict(category=1.0, brand=1.0, color=1.0, specs=1.0, negation=None)
-    assert credit[1] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: non-adherent
+    assert credit[1] == dict(category=0.0, brand=1.0, color=1.0, specs=1.0, negation=None)  # format is the only gate
     assert credit[2] == dict(category=1.0, brand=1.0, color=0.0, specs=1.0, negation=None)
     assert credit[3] == dict(category=0.0, brand=0.0, color=0.0, specs=0.0, negation=None)  # gated: unparseable
 
@@ -100,8 +101,8 @@ def test_identical_rrs_rewards_give_zero_advantage():
     text = answer("Excellent", brand="n/a", color="n/a")  # correct, adherent, 3 of 5 criteria right
     _, group_rewards = agrl.score_group([text] * 8, example, TAOBAO4, agrl.Args())
     assert group_rewards == pytest.approx([1.8] * 8)
-    advantages = agrl.group_advantages(torch.tensor([group_rewards]), "group", 2.0)
-    assert torch.equal(advantages, torch.zeros(1, 8))
+    advantages = agrl.group_advantages([group_rewards], "group", 2.0)[0]
+    assert torch.equal(advantages, torch.zeros(8))
 
 
 # ==================================================================================================
@@ -236,7 +237,7 @@ def escalation_run(tmp_path_factory):
                      max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(out),
                      run_name="agr", dynamic_sampling=False, agr_k=3, agr_buffer_size=2, agr_tau=0.25,
                      agr_max_level=2, agr_recover=0.5, agr_ema=0.5, save_every=1, keep_last=10, lr=1e-3,
-                     warmup_steps=1, seed=1)
+                     warmup_steps=1, seed=1, agr_guide="hint", agr_replay_delay=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "generate", generate)
         mp.setattr(agrl, "score_group", score)
@@ -305,7 +306,7 @@ def test_guided_rows_trained_under_unguided_prompt_in_run(escalation_run, tokeni
 
 
 # ==================================================================================================
-# 4. replace_lowest
+# 4. Mixing guided answers into the group
 # ==================================================================================================
 def make_group(rewards_: list[float]) -> dict:
     G = len(rewards_)
@@ -326,7 +327,7 @@ def candidate(i: int) -> dict:
 def test_replace_lowest(n, replaced):
     group = make_group([0.5, -0.5, 1.0, -0.5])  # a tie at -0.5: index 1 before index 3
     before = copy.deepcopy(group)
-    out = agrl.replace_lowest(group, [candidate(i) for i in range(n)])
+    out = agrl.mix_into(group, [candidate(i) for i in range(n)])
     assert group == before  # the input group is not touched
     assert out["prompt"] == [1, 2, 3] and out["position"] == 7 and out["example_index"] == 3
     for key in agrl.GROUP_FIELDS:
@@ -341,6 +342,14 @@ def test_replace_lowest(n, replaced):
             assert all(out[key][j] == before[key][j] for key in agrl.GROUP_FIELDS)
 
 
+def test_mix_append_grows_the_group():
+    group = make_group([0.5, -0.5, 1.0, -0.5])
+    out = agrl.mix_into(group, [candidate(0), candidate(1)], "append")
+    assert len(group["rewards"]) == 4
+    for key in agrl.GROUP_FIELDS:
+        assert out[key][:4] == group[key] and out[key][4:] == [candidate(0)[key], candidate(1)[key]]
+
+
 # ==================================================================================================
 # 5. Guided completions are trained under the unguided prompt
 # ==================================================================================================
@@ -351,14 +360,15 @@ def test_training_rows_use_unguided_prompt(tokenizer):
     group = make_group([0.0, 1.0, 0.0, 1.0])
     group.update(prompt=unguided, completions=[[5, 6], [7], [8, 9, 10], [11]],
                  old_logprobs=[[-1.0, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-0.1]],
-                 guided=[False, True, False, True])
-    advantages = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
+                 guided=[False, True, False, True], forced=[0, 1, 0, 1])
+    advantages = [torch.tensor([-1.0, 1.0, -1.0, 1.0])]
     rows = agrl.training_rows([group], advantages)
     assert [r["guided"] for r in rows] == [False, True, False, True]
+    assert [r["forced"] for r in rows] == [0, 1, 0, 1]
     for j, r in enumerate(rows):
         assert r["prompt"] == unguided and r["prompt"] != guided_prompt
         assert r["completion"] == group["completions"][j] and r["old_logprobs"] == group["old_logprobs"][j]
-        assert r["advantages"] == [advantages[0, j].item()] * len(group["completions"][j])
+        assert r["advantages"] == [advantages[0][j].item()] * len(group["completions"][j])
     per_token = [[[0.1, 0.2], [0.3], [0.4, 0.5, 0.6], [0.7]]]
     rows = agrl.training_rows([group], advantages, per_token)
     assert [r["advantages"] for r in rows] == per_token[0]
@@ -376,7 +386,7 @@ def correction_batch():
     old = logp0 - delta  # ratios exp(delta): 2.7 and 2.5 exceed the cap 2, 0.6 and 1.35 are clipped in PPO
     adv = torch.tensor([0.8, -1.1, -0.6, 1.4])[:, None].expand(B, T).clone()
     mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).float()
-    guided = torch.tensor([[False], [True], [False], [True]])
+    guided = torch.tensor([[False], [True], [False], [True]]).expand(B, T)  # whole rows forced (hint, target)
     return logp0, old, adv, mask, guided
 
 
@@ -387,7 +397,7 @@ def test_off_policy_corrections(correction):
     weights = mask * torch.tensor([1.0, 0.5, 2.0, 0.25])[:, None]  # arbitrary aggregation weights
 
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, guided=guided, correction=correction,
+    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, forced=guided, correction=correction,
                              gamma=gamma, is_cap=cap)
     loss.backward()
     plain_logp = logp0.clone().requires_grad_(True)
@@ -425,7 +435,7 @@ def test_no_guided_rows_is_grpo_loss():
     logp0, old, adv, mask, _ = correction_batch()
     for correction in ("shaping", "is", "none"):
         a, sa = agrl.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1,
-                               guided=torch.zeros(4, 1, dtype=torch.bool), correction=correction)
+                               forced=torch.zeros(4, 5, dtype=torch.bool), correction=correction)
         b, sb = grpo.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1)
         assert a.item() == b.item() and all(sa[k].item() == sb[k].item() for k in sb)
 
@@ -454,3 +464,111 @@ def test_off_off_equals_grpo(tmp_path, monkeypatch):
     assert wa.keys() == wg.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wg[k], atol=1e-6, rtol=0)
+
+
+# ==================================================================================================
+# 9. Guidance a small policy can use: prefix and target modes, and replay that recurs
+# ==================================================================================================
+def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
+    """A tiny-random run in which the policy's own answers never parse (every group stagnant) and a
+    guided answer counts as correct when it starts with the gold answer's first segment (the scoring
+    stands in for a continuation that completes it). Returns the training rows and groups of each step."""
+    real_score, real_rows = agrl.score_group, agrl.training_rows
+    seen = dict(rows=[], groups=[])
+
+    def score(texts, example, rulebook, args):
+        good = D.sft_target(example, rulebook, args.order)
+        head = good[:good.index("</label>" if args.order == "label_first" else "</criteria>")]
+        return real_score([good if t.startswith(head) else "no" for t in texts], example, rulebook, args)
+
+    def rows(groups, advantages, *a, **kw):
+        seen["groups"].append(groups)
+        seen["rows"].append(real_rows(groups, advantages, *a, **kw))
+        return seen["rows"][-1]
+
+    args = agrl.Args(**dict(dict(
+        model="tiny-random", dataset="synthetic", limit=16, total_steps=1, prompts_per_step=2, group_size=4,
+        max_new_tokens=48, micro_batch_size=4, device="cpu", eval_limit=1, output_dir=str(tmp_path),
+        run_name=f"{guide}-{order}", agr_k=2, lr=1e-3, warmup_steps=1, seed=1, agr_guide=guide, order=order,
+        ds_max_tries=0), **overrides))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(agrl, "score_group", score)
+        mp.setattr(agrl, "training_rows", rows)
+        agrl.main(args)
+    return args, seen
+
+
+@pytest.mark.parametrize("order", ["label_first", "think_first"])
+def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, order):
+    args, seen = guided_run(tmp_path, "prefix", order)
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=16).examples
+    policy = E.load_model("tiny-random", "cpu")[0]  # the policy that sampled step 1 (seeded init)
+    guided = [(g, j) for g in seen["groups"][0] for j in range(len(g["guided"])) if g["guided"][j]]
+    assert len(guided) == 2 * args.agr_k  # both groups stagnant, every guided answer kept
+    for group, j in guided:
+        example = examples[group["example_index"]]
+        completion, forced = group["completions"][j], group["forced"][j]
+        segment = agrl.gold_segment_ids(tokenizer, example, R.TAOBAO4, order)
+        target = tokenizer.encode(D.sft_target(example, R.TAOBAO4, order), add_special_tokens=False)
+        # the forced tokens are exactly the SFT target's tokens that spell the first segment, and no more
+        assert completion[:forced] == segment == target[:len(segment)] and forced == len(segment) < len(completion)
+        text = tokenizer.decode(segment)
+        tag = "</label>\n" if order == "label_first" else "</criteria>\n"
+        assert text.endswith(tag) and text.count(tag) == 1
+        # the stored behaviour log-probs of every token equal a teacher-forced forward of the policy on
+        # the *unguided* prompt + completion: the sampled continuation's are exact, on-policy
+        batch = E.pad_batch([group["prompt"]], [completion], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logp = E.token_logprobs(policy, batch, args.temperature)[0][0, :len(completion)]
+        torch.testing.assert_close(torch.tensor(group["old_logprobs"][j]), logp, atol=1e-4, rtol=1e-4)
+    for row in seen["rows"][0]:
+        assert row["prompt"] in [g["prompt"] for g in seen["groups"][0]]  # trained under the unguided prompt
+    assert all(r["forced"] == 0 for r in seen["rows"][0] if not r["guided"])
+
+
+def test_prefix_correction_applies_to_forced_tokens_only():
+    logp0, old, adv, mask, _ = correction_batch()
+    forced = torch.zeros_like(mask, dtype=torch.bool)
+    forced[1, :2] = True  # row 1: two forced tokens, then its own continuation
+    logp = logp0.clone().requires_grad_(True)
+    loss, _ = agrl.grpo_loss(logp, old, adv, mask, 0.2, 0.28, forced=forced, correction="shaping", gamma=0.1)
+    loss.backward()
+    plain_logp = logp0.clone().requires_grad_(True)
+    grpo.grpo_loss(plain_logp, old, adv, mask, 0.2, 0.28)[0].backward()
+    torch.testing.assert_close(logp.grad[~forced], plain_logp.grad[~forced])  # sampled tokens: clipped ratio
+    p = logp0.exp()
+    shaping_grad = (-adv * 0.1 * p / (p + 0.1) ** 2) * mask
+    torch.testing.assert_close(logp.grad[forced], shaping_grad[forced])
+
+
+def test_target_guidance_is_the_sft_target(tmp_path, tokenizer):
+    args, seen = guided_run(tmp_path, "target")
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=16).examples
+    guided = [(g, j) for g in seen["groups"][0] for j in range(len(g["guided"])) if g["guided"][j]]
+    assert len(guided) == 2  # one target per stagnant group, no generation
+    metrics = read_metrics(tmp_path / "target-label_first")[0]
+    assert metrics["completions_generated"] == args.prompts_per_step * args.group_size  # targets cost no generation
+    for group, j in guided:
+        _, labels, _ = D.encode_sft(tokenizer, examples[group["example_index"]], R.TAOBAO4, "label_first")
+        target = [t for t in labels if t != -100]
+        assert group["completions"][j] == target and group["forced"][j] == len(target)
+
+
+def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
+    """Every group stays stagnant: each prompt is re-queued and returns agr_replay_delay steps later,
+    taking at most half of a step's prompts, while the stream keeps moving."""
+    args, seen = guided_run(tmp_path, "hint", total_steps=5, prompts_per_step=2, agr_replay_delay=2, max_new_tokens=4,
+                            run_name="requeue", dynamic_sampling=False)
+    metrics = read_metrics(tmp_path / "requeue")
+    per_step = [[g["example_index"] for g in groups] for groups in seen["groups"]]
+    positions = [[g["position"] for g in groups] for groups in seen["groups"]]
+    assert [m["agr_returned"] for m in metrics] == [0, 0, 1, 1, 1]
+    assert [m["agr_requeued"] for m in metrics] == [2] * 5  # a returning prompt that is still stagnant goes back in
+    assert [m["agr_queue_length"] for m in metrics] == [2, 4, 5, 6, 7]
+    assert [m["agr_recovered"] for m in metrics] == [0] * 5
+    assert [m["data_position"] for m in metrics] == [2, 4, 5, 6, 7]
+    # the prompts come back oldest first, one a step (half the batch): step 1's two, then step 2's first
+    assert per_step[2][0] == per_step[0][0] and per_step[3][0] == per_step[0][1] and per_step[4][0] == per_step[1][0]
+    assert all(p[0] >= agrl.REPLAY_KEY > p[1] for p in positions[2:]) and all(p < agrl.REPLAY_KEY for p in positions[0] + positions[1])
+    # its seed key is new, so its samples are fresh
+    assert len({p for ps in positions for p in ps}) == sum(len(ps) for ps in positions)

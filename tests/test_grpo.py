@@ -8,6 +8,7 @@ with a deterministic non-trivial reward (a function of the completion text only)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import json
@@ -274,38 +275,119 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
 # 3. group_advantages
 # ==================================================================================================
 def test_group_advantages_by_hand():
-    rewards_ = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
+    rewards_ = [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.5, 1.0]]
     eps = 1e-4
     adv = grpo.group_advantages(rewards_, "group", clamp=0)
     assert torch.equal(adv[0], torch.zeros(4))  # zero variance: exactly 0
     for g in (1, 2):
-        r = rewards_[g].tolist()
+        r = rewards_[g]
         mean = sum(r) / 4
         std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)  # unbiased, as torch.std
         torch.testing.assert_close(adv[g], torch.tensor([(x - mean) / (std + eps) for x in r]))
 
     batch = grpo.group_advantages(rewards_, "batch", clamp=0)
-    flat = rewards_.flatten().tolist()
+    flat = [x for r in rewards_ for x in r]
     mean_all = sum(flat) / len(flat)
     batch_std = math.sqrt(sum((x - mean_all) ** 2 for x in flat) / (len(flat) - 1))
-    centred = rewards_ - rewards_.mean(dim=1, keepdim=True)
-    torch.testing.assert_close(batch, centred / (batch_std + eps))
+    centred = [torch.tensor(r) - sum(r) / len(r) for r in rewards_]
+    for g in range(3):
+        torch.testing.assert_close(batch[g], centred[g] / (batch_std + eps))
+        torch.testing.assert_close(grpo.group_advantages(rewards_, "none", clamp=0)[g], centred[g])
     assert torch.equal(batch[0], torch.zeros(4))
 
-    torch.testing.assert_close(grpo.group_advantages(rewards_, "none", clamp=0), centred)
+    # groups of different sizes (AGR's append mode) are normalised each on its own
+    ragged = grpo.group_advantages([[0.0, 1.0], [0.0, 0.0, 1.0, 1.0, 2.0]], "group", clamp=0)
+    assert [len(a) for a in ragged] == [2, 5] and all(abs(a.sum().item()) < 1e-5 for a in ragged)
 
-    clamped = grpo.group_advantages(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]), "group", clamp=2.0)
-    assert clamped.max().item() == 2.0 and clamped.min().item() >= -2.0
-    unclamped = grpo.group_advantages(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]), "group", clamp=0)
-    assert unclamped.max().item() > 2.0
-    small = grpo.group_advantages(torch.tensor([[0.0, 10.0]]), "none", clamp=1.5)
-    assert small.tolist() == [[-1.5, 1.5]]
+    # clamp scales the group instead of clipping it: the largest advantage becomes c, the shape is kept
+    one = [[0.0] * 7 + [1.0]]
+    clamped, unclamped = grpo.group_advantages(one, "group", clamp=2.0)[0], grpo.group_advantages(one, "group", clamp=0)[0]
+    assert unclamped.max().item() > 2.0 and clamped.max().item() == pytest.approx(2.0)
+    torch.testing.assert_close(clamped, unclamped * 2.0 / unclamped.max())
+    small = grpo.group_advantages([[0.0, 10.0]], "none", clamp=1.5)[0]
+    assert small.tolist() == [-1.5, 1.5]
+
+
+@pytest.mark.parametrize("G", [2, 4, 8, 16, 64])
+@pytest.mark.parametrize("clamp", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_one_success_group_never_sums_negative(G, clamp, scale):
+    """A hard prompt with one correct rollout: the old +-2 clip made the group's advantages sum to
+    -0.47 at G = 8 (a net push away). Any default or clamp now keeps the sum at zero and the success positive."""
+    adv = grpo.group_advantages([[0.0] * (G - 1) + [1.0], [0.0, 1.0, 1.0, 0.5]], scale, clamp)[0]
+    assert abs(adv.sum().item()) < 1e-5 and adv[-1] > 0 and (adv[:-1] < 0).all()
+    default = grpo.group_advantages([[0.0] * (G - 1) + [1.0]], grpo.Args.adv_scale, grpo.Args.adv_clamp)[0]
+    assert default.sum().item() >= -1e-5
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
 def test_zero_variance_group_exactly_zero_for_any_value(scale):
-    rewards_ = torch.tensor([[0.1] * 8, [1.8] * 8, [1 / 3] * 8, [0.7] * 7 + [0.7]])
-    assert torch.equal(grpo.group_advantages(rewards_, scale, clamp=2.0), torch.zeros_like(rewards_))
+    rewards_ = [[0.1] * 8, [1.8] * 8, [1 / 3] * 8, [0.7] * 7 + [0.7]]
+    for adv in grpo.group_advantages(rewards_, scale, clamp=2.0):
+        assert torch.equal(adv, torch.zeros(8))
+
+
+def test_keep_rule_variance_and_accuracy():
+    """The default keeps a group whose rewards differ even when every label is wrong (RRS's criteria
+    and format differ); TaoSR1's accuracy band drops it."""
+    all_wrong_but_varied = dict(rewards=[0.25, 0.5, -0.5, 0.25], correct=[False] * 4)
+    all_same = dict(rewards=[1.0] * 4, correct=[True] * 4)
+    mixed = dict(rewards=[1.0, 0.0, 0.0, 0.0], correct=[True, False, False, False])
+    variance, accuracy = grpo.Args(), grpo.Args(ds_rule="accuracy")
+    assert variance.ds_rule == "variance"
+    assert [grpo.keeps(g, variance) for g in (all_wrong_but_varied, all_same, mixed)] == [True, False, True]
+    assert [grpo.keeps(g, accuracy) for g in (all_wrong_but_varied, all_same, mixed)] == [False, False, True]
+
+
+def test_label_shares_and_entropy():
+    groups = [dict(labels=["Excellent", "Excellent", None, "Related"], gold="Excellent"),
+              dict(labels=["Excellent"] * 4, gold="Related")]
+    m = grpo.label_shares(groups, R.TAOBAO4.labels)
+    assert m["label_share_Excellent"] == 6 / 8 and m["label_share_Related"] == 1 / 8 and m["label_share_invalid"] == 1 / 8
+    assert m["label_share_Mismatch"] == 0 and m["label_share_Irrelevant"] == 0
+    want = -(0.75 * math.log(0.75) + 2 * 0.125 * math.log(0.125))
+    assert m["label_entropy"] == pytest.approx(want)
+    # macro-F1 of the samples: Excellent P 2/6 R 2/4 -> F1 0.4; Related never hit -> 0
+    assert m["macro_f1"] == pytest.approx(0.2)
+    assert grpo.label_shares([dict(labels=["Related"] * 8, gold="Related")], R.TAOBAO4.labels)["label_entropy"] == 0.0
+
+
+def test_balanced_prompt_order():
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=400).examples
+    counts = collections.Counter(e.label for e in examples)
+    assert max(counts.values()) > 1.5 * min(counts.values())  # the natural mix is skewed
+    order = D.balanced_order(examples, R.TAOBAO4.labels, seed=3)
+    assert len(order) == len(examples) and order == D.balanced_order(examples, R.TAOBAO4.labels, seed=3)
+    balanced = collections.Counter(examples[i].label for i in order)
+    assert max(balanced.values()) - min(balanced.values()) <= 1
+    for start in range(0, 400, 4):  # every round of four holds each label once
+        assert len({examples[i].label for i in order[start:start + 4]}) == 4
+
+
+def test_underfilled_step_scales_the_learning_rate(tmp_path, monkeypatch):
+    """Dynamic sampling keeps one group of two: with underfill scaling the first Adam step (whose size
+    is lr per weight, whatever the gradient's scale) moves the weights half as far."""
+    def score(texts, example, rulebook, args):  # the first prompt of the stream varies, every other is all-wrong
+        first = example.source_id == examples[stream0].source_id
+        scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
+        return scores, [float(first and j == 0) for j in range(len(texts))]
+
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=8).examples
+    order = list(range(8))
+    random.Random(1 * 1000).shuffle(order)
+    stream0 = order[0]
+    monkeypatch.setattr(grpo, "score_group", score)
+    moved = {}
+    for scale in (True, False):
+        args = tiny_args(tmp_path, total_steps=1, prompts_per_step=2, dynamic_sampling=True, ds_max_tries=1, limit=8,
+                         lr=1e-3, warmup_steps=1, underfill_scale=scale, run_name=f"u{scale}", eval_limit=1)
+        grpo.main(args)
+        assert read_metrics(tmp_path / f"u{scale}")[0]["groups_kept"] == 1
+        assert read_metrics(tmp_path / f"u{scale}")[0]["update_scale"] == (0.5 if scale else 1.0)
+        start, end = E.load_model("tiny-random", "cpu")[0].state_dict(), state_dict(tmp_path / f"u{scale}" / "checkpoint")
+        moved[scale] = torch.cat([(end[k] - start[k]).abs().flatten() for k in end if k in start and "embed" not in k])
+    assert moved[False].max() > 0
+    torch.testing.assert_close(moved[True], moved[False] * 0.5, atol=1e-6, rtol=1e-3)
 
 
 # ==================================================================================================
@@ -348,7 +430,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_refills(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "score_group", score)
     monkeypatch.setattr(grpo, "training_rows", spy_rows)
     args = tiny_args(tmp_path, total_steps=2, prompts_per_step=pps, group_size=G, dynamic_sampling=True,
-                     ds_max_tries=tries, ds_low=lo, ds_high=hi, run_name="mixed", limit=12)
+                     ds_max_tries=tries, ds_rule="accuracy", ds_low=lo, ds_high=hi, run_name="mixed", limit=12)
 
     # the expected schedule, from the same shuffled stream the script walks
     examples = D.load_dataset("synthetic", "train", seed=args.seed, limit=args.limit).examples

@@ -48,6 +48,7 @@ from rewards import (
     outcome_reward,
     parse_output,
     rrs_reward,
+    score_parsed,
     score_output,
 )
 
@@ -411,7 +412,7 @@ def check_invariants(text, rb, order, counter):
         assert adherent(p, rb) == (rb.decide(p.criteria) == p.label)
     s = score_output(text, rb.labels[1], {rb.criterion_names[0]: rb.criteria[0].values[0]}, rb, order)
     assert s.format_ok == p.format_ok and s.adherent == adherent(p, rb)
-    assert grpo_reward(s) == (float(p.label == rb.labels[1]))
+    assert grpo_reward(s) == float(p.format_ok and p.label == rb.labels[1])
     r = rrs_reward(s)
     if not p.format_ok:
         assert r == -0.5
@@ -676,15 +677,15 @@ def test_gold_example_is_consistent():
 @pytest.mark.parametrize("text,correct,adh,share,grpo,rrs", [
     # correct, adherent, all five criteria right: 1 + 0.5 * 1 + 0.5
     (t4("Mismatch"), True, True, 1.0, 1.0, 2.0),
-    # correct label but brand: match makes the criteria say Related: no criterion credit, no rule credit
-    (t4("Mismatch", brand="match"), True, False, 0.8, 1.0, 1.0),
-    # wrong label, adherent to its own (4/5 right) criteria: 0 + 0.5 * 0.8 + 0.5
-    (t4("Related", brand="match"), False, True, 0.8, 0.0, 0.9),
-    # wrong label, adherent, criteria mostly wrong: category mismatch -> Irrelevant; 1/5 right (specs only)...
+    # correct label but brand: match makes the criteria say Related: criterion credit, no rule credit
+    (t4("Mismatch", brand="match"), True, False, 0.8, 1.0, 1.4),
+    # wrong label, adherent to its own (4/5 right) criteria: 0 + 0.5 * 0.8 + 0 (no rule credit without the outcome)
+    (t4("Related", brand="match"), False, True, 0.8, 0.0, 0.4),
+    # wrong label, adherent, criteria mostly wrong: category mismatch -> Irrelevant; 1/5 right (specs only)
     (t4("Irrelevant", category="mismatch", brand="match", color="match", negation="satisfied"),
-     False, True, 0.2, 0.0, 0.6),
-    # wrong label and not adherent: 0
-    (t4("Excellent", category="mismatch"), False, False, 0.8, 0.0, 0.0),
+     False, True, 0.2, 0.0, 0.1),
+    # wrong label and not adherent: the criteria it got right still pay
+    (t4("Excellent", category="mismatch"), False, False, 0.8, 0.0, 0.4),
 ])
 def test_rewards_hand_computed(text, correct, adh, share, grpo, rrs):
     s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4)
@@ -718,10 +719,11 @@ def test_unparseable_gets_format_penalty_only(text):
     format_output("Mismatch", T4_GOLD, "r", TAOBAO4, "think_first"),  # wrong order
 ])
 def test_label_readable_but_output_broken(text):
-    """GRPO reads the label (outcome 1); RRS's hard gate gives the format penalty and nothing else."""
+    """The label is readable (correct), but the answer is not well-formed: GRPO pays 0, RRS's hard gate
+    gives the format penalty and nothing else."""
     s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4)
     assert not s.format_ok and s.parsed.label == "Mismatch" and s.correct
-    assert grpo_reward(s) == 1.0
+    assert grpo_reward(s) == 0.0
     assert rrs_reward(s) == -0.5
     assert rrs_reward(s, format_penalty=0.0) == 0.0
 
@@ -739,12 +741,12 @@ def test_unknown_gold_criteria_are_masked():
                                    ESCI), "Exact", gold, ESCI)
     assert s.adherent and s.criteria == {"product_type": True, "specs": False, "brand": None}
     assert s.criteria_share == 0.5
-    assert rrs_reward(s) == pytest.approx(0 + 0.5 * 0.5 + 0.5)
+    assert rrs_reward(s) == pytest.approx(0 + 0.5 * 0.5 + 0)
     # ordinal: Substitute is one step from Exact -> 2/3
     s = score_output(format_output("Substitute", {"product_type": "same", "specs": "unmet", "brand": "conflict"}, "r",
                                    ESCI), "Exact", gold, ESCI, ordinal=True)
     assert s.outcome == pytest.approx(2 / 3) and grpo_reward(s) == pytest.approx(2 / 3)
-    assert rrs_reward(s) == pytest.approx(2 / 3 + 0.25 + 0.5)
+    assert rrs_reward(s) == pytest.approx(2 / 3 + 0.25 + 0)  # a near miss earns no rule credit
     # gold keys outside the rulebook and missing keys are both ignored/unknown
     s = score_output(format_output("Exact", GOOD_ESCI, "r", ESCI), "Exact", {"specs": "met", "color": "red"}, ESCI)
     assert s.criteria == {"product_type": None, "specs": True, "brand": None} and s.criteria_share == 1.0
@@ -771,7 +773,7 @@ def test_outcome_binary_and_ordinal_for_every_distance(rb):
             crit = dict(next(v for v in all_assignments(rb) if rb.decide(v) == label))
             s = score_output(format_output(label, crit, "r", rb), gold, {}, rb, ordinal=True)
             assert grpo_reward(s) == pytest.approx(expected_ordinal[d])
-            assert rrs_reward(s) == pytest.approx(expected_ordinal[d] + 0.0 + 0.5)
+            assert rrs_reward(s) == pytest.approx(expected_ordinal[d] + 0.0 + 0.5 * (d == 0))
         assert outcome_reward(None, gold, rb) == 0.0
         assert outcome_reward(None, gold, rb, ordinal=True) == 0.0
     # the ordinal variant orders the labels: a better-ranked neighbour never scores below a farther one
@@ -787,22 +789,67 @@ def test_custom_weights():
     w_out, w_crit, w_rule, pen = 2.0, 3.0, 0.25, -1.0
     for text, gold, out, share, adh in cases:
         s = score_output(text, gold, T4_GOLD, TAOBAO4)
-        want = w_out * out + w_crit * (share if adh else 0.0) + w_rule * adh
+        want = w_out * out + w_crit * share + w_rule * adh * (out == 1.0)
         assert rrs_reward(s, w_out=w_out, w_crit=w_crit, w_rule=w_rule, format_penalty=pen) == pytest.approx(want)
         assert rrs_reward(s, w_out=0.0, w_crit=0.0, w_rule=0.0) == 0.0
     assert rrs_reward(score_output("junk", "Mismatch", T4_GOLD, TAOBAO4), w_out=2, format_penalty=pen) == pen
-    # concrete numbers for the three cases: 2+3+0.25, 2+0+0, 0+2.4+0.25
+    # concrete numbers for the three cases: 2+3+0.25, 2+2.4+0, 0+2.4+0
     got = [rrs_reward(score_output(t, g, T4_GOLD, TAOBAO4), w_out, w_crit, w_rule, pen) for t, g, *_ in cases]
-    assert got == pytest.approx([5.25, 2.0, 2.65])
+    assert got == pytest.approx([5.25, 4.4, 2.4])
 
 
 def test_think_first_scores_like_label_first():
     for order in ORDERS:
         text = format_output("Related", {**T4_GOLD, "brand": "match"}, "r", TAOBAO4, order)
         s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4, order=order)
-        assert s.format_ok and rrs_reward(s) == pytest.approx(0.9)
+        assert s.format_ok and rrs_reward(s) == pytest.approx(0.4)
         s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4, order=ORDERS[1 - ORDERS.index(order)])
         assert rrs_reward(s) == -0.5 and grpo_reward(s) == 0.0
+
+
+def test_review_examples_wrong_label_cannot_earn_by_rationalising():
+    """The review's case: gold Mismatch (brand conflict); a wrong "Excellent" with a false "brand: match"
+    is adherent to its own criteria. It used to score 0.9, and the same wrong label with the honest
+    criteria 0.0. Now the honest one scores higher, and "all match" Excellent earns nothing for adherence."""
+    gold = {"category": "match", "brand": "conflict", "color": "n/a", "specs": "n/a", "negation": "n/a"}
+    assert TAOBAO4.decide(gold) == "Mismatch"
+    lying = score_output(format_output("Excellent", {**gold, "brand": "match"}, "r", TAOBAO4), "Mismatch", gold, TAOBAO4)
+    honest = score_output(format_output("Excellent", gold, "r", TAOBAO4), "Mismatch", gold, TAOBAO4)
+    assert lying.adherent and not honest.adherent
+    assert rrs_reward(lying) == pytest.approx(0.4) and rrs_reward(honest) == pytest.approx(0.5)
+    assert rrs_reward(lying) < rrs_reward(honest)
+    # a well-formed-label-only answer with trailing junk: GRPO pays nothing
+    junk = score_output("<label>Mismatch</label> blah blah", "Mismatch", gold, TAOBAO4)
+    assert junk.correct and not junk.format_ok and grpo_reward(junk) == 0.0 and rrs_reward(junk) == -0.5
+
+
+@pytest.mark.parametrize("ordinal", [False, True])
+@pytest.mark.parametrize("rb", BOOKS, ids=BOOK_IDS)
+def test_honest_criteria_never_lower_the_reward_over_the_full_decision_table(rb, ordinal):
+    """For every gold assignment, every stated label and every stated assignment of the rulebook:
+    replacing the stated criteria by the gold ones never lowers GRPO's or RRS's reward, no wrong label
+    outscores the same answer with honest criteria, and no wrong label outscores the right label
+    stated with honest criteria (whatever the weights, as long as w_out > w_crit)."""
+    table = list(all_assignments(rb))
+    weights = [dict(), dict(w_out=1.0, w_crit=0.9, w_rule=2.0), dict(w_out=2.0, w_crit=0.1, w_rule=0.0)]
+    # parsing depends on the text only: parse each (label, stated criteria) answer once, score per gold
+    answers = [(label, parse_output(format_output(label, stated, "r", rb), rb)) for label in rb.labels for stated in table]
+    checked = 0
+    for gold in table:
+        gold_label = rb.decide(gold)
+        honest_parsed = {label: parse_output(format_output(label, gold, "r", rb), rb) for label in rb.labels}
+        honest = {label: [rrs_reward(score_parsed(p, gold_label, gold, rb, ordinal), **w) for w in weights]
+                  for label, p in honest_parsed.items()}
+        for label, parsed in answers:
+            s = score_parsed(parsed, gold_label, gold, rb, ordinal)
+            assert grpo_reward(s) == outcome_reward(label, gold_label, rb, ordinal)
+            for k, w in enumerate(weights):
+                reward = rrs_reward(s, **w)
+                assert reward <= honest[label][k] + 1e-9, (gold, label, parsed.criteria, w)
+                if label != gold_label:
+                    assert reward < honest[gold_label][k], (gold, label, parsed.criteria, w)
+            checked += 1
+    assert checked == len(table) ** 2 * len(rb.labels)
 
 
 # ==================================================================================================
