@@ -220,3 +220,96 @@ def test_nan_on_the_last_step_still_writes_the_final_checkpoint(tmp_path, monkey
     nan_on_calls(monkeypatch, {2})
     sft.main(make_args(tmp_path, "lastnan", total_steps=2, batch_size=1))
     assert (tmp_path / "lastnan" / "checkpoint" / "model.safetensors").exists()
+
+
+# ==================================================================================================
+# 5. The label's weight in the loss, and class-balanced sampling
+# ==================================================================================================
+@pytest.mark.parametrize("order", ["label_first", "think_first"])
+def test_label_token_mask_marks_exactly_the_label(tokenizer, order):
+    import data as D
+
+    dataset = D.load_dataset("synthetic", "train", limit=12)
+    for example in dataset.examples:
+        ids, labels, _ = D.encode_sft(tokenizer, example, dataset.rulebook, order)
+        completion = ids[labels.count(-100):]
+        mask = sft.label_token_mask(tokenizer, example, dataset.rulebook, order)
+        assert len(mask) == len(completion)
+        assert tokenizer.decode([t for t, m in zip(completion, mask) if m]) == example.label
+        # the tokens just around it are the tags
+        first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
+        assert tokenizer.decode(completion[:first]).endswith("<label>")
+        assert tokenizer.decode(completion[last + 1:]).startswith("</label>")
+
+
+def completion_nll(model, tokenizer, order, limit):
+    """Per-token NLL of every training completion, from a plain forward over prompt + completion, and which
+    tokens spell the label (found by decoding growing prefixes, not by sft.py's offsets)."""
+    import data as D
+
+    dataset = D.load_dataset("synthetic", "train", seed=1, limit=limit)
+    nll, is_label = [], []
+    for example in dataset.examples:
+        ids, labels, _ = D.encode_sft(tokenizer, example, dataset.rulebook, order)
+        start = labels.count(-100)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, start - 1:-1].float()
+        nll.append(-torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1))
+        completion = ids[start:]
+        target = tokenizer.decode(completion)
+        span_start = target.index(f"<label>{example.label}</label>") + len("<label>")
+        span_end = span_start + len(example.label)
+        ends = [len(tokenizer.decode(completion[:j + 1])) for j in range(len(completion))]
+        is_label.append(torch.tensor([(b > span_start and a < span_end) for a, b in zip([0] + ends[:-1], ends)]))
+    return torch.cat(nll), torch.cat(is_label)
+
+
+@pytest.mark.parametrize("order", ["label_first", "think_first"])
+def test_label_weight_weighs_the_label_tokens_only(tmp_path, fast, tiny, order):
+    # one step over the whole (4-example) data set: the logged loss is the untrained model's on it
+    nll, is_label = completion_nll(tiny[0], tiny[1], order, limit=4)
+    assert 4 <= is_label.sum() <= 4 * 3  # one to three tokens per label
+    logged = {}
+    for weight in (1.0, 5.0):
+        name = f"w{weight:g}-{order}"
+        sft.main(make_args(tmp_path, name, total_steps=1, batch_size=4, order=order, label_weight=weight))
+        logged[weight] = metrics_of(tmp_path / name)[0]
+    assert logged[1.0]["loss"] == pytest.approx(nll.mean().item(), rel=1e-4)  # weight 1: the plain mean
+    weighted = (nll.sum() + 4 * nll[is_label].sum()) / (len(nll) + 4 * is_label.sum())
+    assert logged[5.0]["loss"] == pytest.approx(weighted.item(), rel=1e-4)
+    assert abs(logged[5.0]["loss"] - logged[1.0]["loss"]) > 1e-3
+    for weight in (1.0, 5.0):  # the plain label NLL is logged beside it, whatever the weight
+        assert logged[weight]["label_loss"] == pytest.approx(nll[is_label].mean().item(), rel=1e-4)
+
+
+def test_balanced_epoch_draws_every_label_equally():
+    gold = ["A"] * 10 + ["B"] * 3 + ["C"] * 1
+    plain = sft.epoch_order(gold, seed=1, epoch=0, balanced=False)
+    assert sorted(plain) == list(range(14))
+    for epoch in range(3):
+        order = sft.epoch_order(gold, seed=1, epoch=epoch, balanced=True)
+        counts = {label: sum(gold[i] == label for i in order) for label in "ABC"}
+        assert counts == dict(A=10, B=10, C=10)
+        assert sorted(i for i in order if gold[i] == "A") == list(range(10))  # the largest class: each once
+        assert set(i for i in order if gold[i] == "B") == {10, 11, 12}
+    assert sft.epoch_order(gold, 1, 0, True) != sft.epoch_order(gold, 1, 1, True)
+
+
+def test_balanced_training_sees_every_label_equally_often(tmp_path, monkeypatch, fast):
+    import re
+
+    import data as D
+
+    seen, pad_batch, tokenizer = [], E.pad_batch, E.embedded_tokenizer()
+
+    def spy(prompts, completions, *args, **kwargs):  # the gold label of every sequence trained on
+        seen.extend(re.search(r"<label>(\w+)</label>", tokenizer.decode(c)).group(1) for c in completions)
+        return pad_batch(prompts, completions, *args, **kwargs)
+
+    monkeypatch.setattr(E, "pad_batch", spy)
+    gold = [e.label for e in D.load_dataset("synthetic", "train", seed=1, limit=16).examples]
+    largest = max(gold.count(label) for label in set(gold))
+    assert largest > min(gold.count(label) for label in set(gold))  # the sample is skewed
+    steps = len(set(gold)) * largest // 2  # one balanced epoch, two sequences a step
+    sft.main(make_args(tmp_path, "balanced", limit=16, total_steps=steps, batch_size=2, balanced=True, save_every=1000))
+    assert {label: seen.count(label) for label in set(seen)} == {label: largest for label in set(gold)}
