@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -1444,7 +1443,6 @@ def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, ch
 
 def dry_run_report(args) -> str:
     """What `--num-gpus N` would do, without loading weights: model id, launch command, parallel plan, memory."""
-    script = Path(sys.argv[0]).name
     on_cpu = args.device == "cpu"
     device = "cpu" if on_cpu else "cuda"
     world = max(1, args.num_gpus)
