@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 from pathlib import Path
@@ -45,3 +46,15 @@ def tokenizer(tiny):
 @pytest.fixture(scope="session")
 def tiny_model(tiny):
     return tiny[0]
+
+
+@pytest.fixture(scope="module")
+def lively(tiny):
+    """tiny-random with larger random weights, so sampled and greedy completions vary (read-only)."""
+    model = copy.deepcopy(tiny[0])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.3))
+    return model.eval()

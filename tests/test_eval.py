@@ -10,7 +10,6 @@ token a fixed probability so that completions end at different lengths.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -55,17 +54,6 @@ class Recorder(torch.nn.Module):
         out = self.inner(**kwargs)
         self.shapes.append(tuple(out.logits.shape))
         return out
-
-
-@pytest.fixture(scope="module")
-def lively(tiny):
-    model = copy.deepcopy(tiny[0])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.3))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,6 @@ import torch
 import eval as E
 
 
-@pytest.fixture(scope="module")
-def lively(tiny):
-    model = copy.deepcopy(tiny[0])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.3))
-    return model.eval()
-
-
 def with_stop_bias(model, stop_id: int, bias: float):
     """A copy whose LM head adds `bias` to the stop token's logit (a Linear with a bias: still a LlamaForCausalLM)."""
     model = copy.deepcopy(model)
