@@ -65,7 +65,9 @@ def main(args: Args) -> None:
     command = [sys.executable, "sft.py", "--dataset", "synthetic", *shlex.split(args.sft_flags), "--order", args.order,
                "--total-steps", str(last), "--save-every", str(every), "--keep-last", str(last // every),
                "--eval-limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
-               "--output-dir", str(ROOT / args.output_dir), "--run-name", run_name, "--resume"]
+               "--output-dir", str(ROOT / args.output_dir), "--run-name", run_name]
+    if (run_dir / "args.json").exists():  # rerunning the same command continues the run
+        command.append("--resume")
     out = ROOT / args.results_dir
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / f"{args.name}.json"
