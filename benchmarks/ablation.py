@@ -131,6 +131,9 @@ def main(args: Args) -> None:
             run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
                  "--run-name", "sft", *resume_flag(sft_dir)], base / "sft.log")
         start = str(sft_dir / "checkpoint")
+    # RL answers in the output order the start was trained with
+    sft_args = json.loads((sft_dir / "args.json").read_text()) if (sft_dir / "args.json").exists() else None
+    order = ["--order", sft_args["order"]] if sft_args else []
 
     # 2. every variant and seed, from the same start, with the same budget of generated completions
     todo = []
@@ -139,7 +142,7 @@ def main(args: Args) -> None:
             script, flags = VARIANTS[name]
             run_name = run_name_of(name, seed)
             if not (base / run_name / "eval.json").exists():
-                todo.append(([sys.executable, script, *config["rl"], *data, *flags, "--model", start, "--seed", str(seed),
+                todo.append(([sys.executable, script, *config["rl"], *data, *order, *flags, "--model", start, "--seed", str(seed),
                               "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name,
                               *resume_flag(base / run_name)],
                              base / f"{run_name}.log"))
@@ -150,7 +153,6 @@ def main(args: Args) -> None:
     # 3. the table and the curves
     sft_eval = json.loads((sft_dir / "eval.json").read_text())
     labels = list(sft_eval["per_class"])
-    sft_args = json.loads((sft_dir / "args.json").read_text()) if (sft_dir / "args.json").exists() else None
     results = {"config": args.config, "budget_completions": budget, "seeds": list(seeds), "target_accuracy": config["target"],
                "rl_flags": config["rl"], "variant_flags": {name: VARIANTS[name] for name in args.variants},
                "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},

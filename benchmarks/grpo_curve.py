@@ -62,9 +62,15 @@ class Args:
     """more flags for the training script, e.g. --extra='--beta 0.01 --limit 16'"""
 
 
+def start_order(checkpoint: str) -> list[str]:
+    """The output order the SFT start was trained with (its run's args.json): RL and every evaluation use it."""
+    args_file = Path(checkpoint).resolve().parent / "args.json"
+    return ["--order", json.loads(args_file.read_text())["order"]] if args_file.exists() else []
+
+
 def main(args: Args) -> None:
     run_name = f"{Path(args.script).stem}-curve-{args.name}"
-    data = ["--dataset", args.dataset, *(["--data-path", args.data_path] if args.data_path else [])]
+    data = ["--dataset", args.dataset, *(["--data-path", args.data_path] if args.data_path else []), *start_order(args.sft)]
     # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval.
     start_dir = ROOT / "runs" / f"{run_name}-start"
     start_command = [sys.executable, "eval.py", "--model", args.sft, *data, "--split", "dev",
