@@ -14,6 +14,7 @@ again after an interruption and the training run continues from its last checkpo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shlex
@@ -71,11 +72,13 @@ def start_order(checkpoint: str) -> list[str]:
 def main(args: Args) -> None:
     run_name = f"{Path(args.script).stem}-curve-{args.name}"
     data = ["--dataset", args.dataset, *(["--data-path", args.data_path] if args.data_path else []), *start_order(args.sft)]
-    # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval.
-    start_dir = ROOT / "runs" / f"{run_name}-start"
+    # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval;
+    # once per distinct evaluation (the curves of several scripts and seeds from one start share it).
     start_command = [sys.executable, "eval.py", "--model", args.sft, *data, "--split", "dev",
-                     "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
-                     "--run-name", f"{run_name}-start", *(["--overwrite"] if start_dir.exists() else [])]
+                     "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device]
+    start_name = "curve-start-" + hashlib.sha1(" ".join(start_command[1:]).encode()).hexdigest()[:10]
+    start_dir = ROOT / "runs" / start_name
+    start_command += ["--run-name", start_name, *(["--overwrite"] if start_dir.exists() else [])]
     if not (start_dir / "eval.json").exists():
         print("$", " ".join(start_command), flush=True)
         subprocess.run(start_command, cwd=ROOT, check=True)
