@@ -540,6 +540,15 @@ def test_compare_runs(tmp_path, capsys):
     assert "warning: these runs were not scored on the same examples" in err
     assert "sft n=10" in err and "big n=200 synthetic/dev limit 200 seed 0" in err
 
+    # the same n, but one run predates the recorded sample: say the check cannot be made, not that they differ
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "eval.json").write_text(json.dumps(dict(runs["sft"], sample=dict(
+        dataset="synthetic", split="dev", limit=10, seed=0, label_only=False))))
+    E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "same")), tmp_path / "cmp4")
+    err = capsys.readouterr().err
+    assert "cannot check that these runs were scored on the same examples: sft do not record" in err
+    assert "were not scored on the same examples" not in err
+
 
 # ==================================================================================================
 # 10. Run folders
