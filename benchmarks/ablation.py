@@ -41,12 +41,15 @@ VARIANTS = {  # name -> (script, flags): GRPO is grpo.py itself, the others are 
 def run_name_of(variant: str, seed: int) -> str:
     return "".join(c for c in variant.lower().replace("+", "-").replace(" ", "-") if c.isalnum() or c == "-") + f"-s{seed}"
 CONFIGS = {
-    # A 2-layer model trained from scratch by SFT on the synthetic rule world: small enough that 12 RL
-    # runs finish on a 2-core CPU, and far from perfect after SFT, so RL has something to fix.
+    # A 2-layer model trained from scratch by SFT on the synthetic rule world: small enough that 15 RL
+    # runs finish on a 2-core CPU, and far from perfect after SFT, so RL has something to fix. The SFT
+    # is results/sft-start/'s think_first run (criteria, reason, then the label: the order whose start
+    # is not degenerate); 96 new tokens hold the longest target (82).
     "cpu-synthetic": dict(
-        sft=["--model", "tiny-random", "--dataset", "synthetic", "--total-steps", "300", "--batch-size", "16",
-             "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--eval-limit", "300", "--device", "cpu"],
-        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "80",
+        sft=["--model", "tiny-random", "--dataset", "synthetic", "--order", "think_first", "--total-steps", "1000",
+             "--batch-size", "16", "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--label-weight", "5",
+             "--balanced", "--eval-limit", "200", "--device", "cpu"],
+        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
             "--prompt-sampling", "balanced", "--ds-max-tries", "1", "--eval-limit", "200", "--device", "cpu",
             "--save-every", "2"],
