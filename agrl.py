@@ -834,7 +834,8 @@ def main(args: Args) -> dict:
                              **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
         if empty_steps:
             tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
-                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)", file=sys.stderr)
+                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
+                       + (f"; likely cause: {empty_step_cause(metrics, dropped)}" if empty_steps == 1 else ""), file=sys.stderr)
             if empty_steps >= args.max_empty_steps > 0:
                 raise E.RunStopped(f"{empty_steps} steps in a row trained on nothing (--max-empty-steps "
                                    f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
