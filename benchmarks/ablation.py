@@ -53,7 +53,7 @@ CONFIGS = {
             "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
             "--prompt-sampling", "balanced", "--ds-max-tries", "1", "--eval-limit", "200", "--device", "cpu",
             "--save-every", "2"],
-        budget=4 * 8 * 12, seeds=(1, 2, 3), target=0.5),
+        budget=4 * 8 * 20, seeds=(1, 2, 3), target=0.5),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
         sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
