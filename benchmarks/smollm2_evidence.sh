@@ -38,3 +38,46 @@ if part base; then
     curve --sft smollm2-135m --script agrl.py --name "smollm2-base-$guide" --extra="--prompt-sampling balanced --agr-guide $guide"
   done
 fi
+
+# The tables (whatever has finished): results/smollm2-evidence-synthetic.md
+$PY - "$SFT" "$SEEDS" "$BASE_GUIDES" <<'PYEOF' > results/smollm2-evidence-synthetic.md
+import json, statistics, sys
+from pathlib import Path
+sft, seeds, guides = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+load = lambda name: json.loads(Path(f"results/{name}.json").read_text()) if Path(f"results/{name}.json").exists() else None
+keys = ("macro_f1", "accuracy", "format_rate", "adherence_rate")
+def cells(e): return " | ".join(f"{e[k]:.3f}" for k in keys) if e else " | ".join("-" for _ in keys)
+def row(label, r):
+    b = r["budget"]
+    guided = [m["agr_guided_success_rate"] for m in r["steps"] if m.get("agr_guided_share")]
+    kept = f"{statistics.mean(guided):.2f} ({len(guided)} steps)" if guided else "-"
+    end = r["dev_eval"] or {}
+    return (f"| {label} | {b['steps']} | {b['completions']} | {cells(end)} | {r['steps'][0]['format_rate']:.2f} -> "
+            f"{r['steps'][-1]['format_rate']:.2f} | {kept} | {b['mean_step_seconds']:.0f} |" + (" stopped itself |" if r["stopped"] else " |"))
+head = ("| run | steps | completions | macro-F1 | accuracy | format | adherence | sampled format, first -> last step "
+        "| guided answers kept (mean over guided steps) | s/step | |\n|---|---|---|---|---|---|---|---|---|---|---|")
+print("# SmolLM2-135M on the synthetic world: the confirmation and the base policy (benchmarks/smollm2_evidence.sh)\n")
+print("Every run: 4 prompts x 4 completions a step, 96 new tokens, lr 2e-5, balanced prompts; greedy dev evaluation "
+      "on the same seeded 64 examples before and after (macro-F1, accuracy, format, adherence: at the end).\n")
+runs = {f"{s} seed {seed}": load(f"{s}-curve-smollm2-sft-s{seed}") for seed in seeds for s in ("grpo", "agrl")}
+first = next((r for r in runs.values() if r), None)
+if first:
+    print(f"## From the SFT start `{sft}`\n")
+    print(f"Start: {cells(first['dev_eval_start'])} (macro-F1, accuracy, format, adherence)\n")
+    print(head)
+    for label, r in runs.items():
+        if r: print(row(label.replace("grpo", "GRPO").replace("agrl", "AGRL (prefix)"), r))
+    for s in ("grpo", "agrl"):
+        f1 = [r["dev_eval"]["macro_f1"] for k, r in runs.items() if r and r["dev_eval"] and k.startswith(s)]
+        if f1: print(f"\n{s.upper()} macro-F1 over {len(f1)} seeds: mean {statistics.mean(f1):.3f}, range {min(f1):.3f}-{max(f1):.3f}", end="")
+    print("\n")
+base = {"GRPO": load("grpo-curve-smollm2-base"), **{f"AGRL ({g})": load(f"agrl-curve-smollm2-base-{g}") for g in guides}}
+if any(base.values()):
+    print("## From the base policy (smollm2-135m, no SFT)\n")
+    start = next(r for r in base.values() if r)["dev_eval_start"]
+    print(f"Start: {cells(start)} (macro-F1, accuracy, format, adherence)\n")
+    print(head)
+    for label, r in base.items():
+        if r: print(row(label, r))
+PYEOF
+cat results/smollm2-evidence-synthetic.md
