@@ -179,7 +179,7 @@ class Args:
     max_nan_skips: int = 10
     """stop after this many consecutive updates with a NaN/inf loss or gradient"""
     max_empty_steps: int = 5
-    """stop after this many consecutive steps that train on nothing (every group dropped; 0: never stop)"""
+    """stop after this many consecutive steps that train on nothing (every group dropped, or guided answers only while none of the policy's own parse; 0: never stop)"""
     log_samples_every: int = 10
     """steps between tables of sample completions"""
     save_every: int = 50
@@ -695,7 +695,10 @@ def main(args: Args) -> dict:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
             if len(kept) >= args.prompts_per_step:
                 break
-        empty_steps = 0 if kept else empty_steps + 1  # every group dropped: this step trains on nothing
+        # every group dropped, or kept only for AGR's guided answers while none of the policy's own parsed: a
+        # base policy learns nothing of its own this way (measured, README), so such steps count as empty too
+        guided_only = args.agr and bool(kept) and not any(ok for g in scored for ok in g["format_ok"])
+        empty_steps = 0 if kept and not guided_only else empty_steps + 1
         E.release_rollout_memory(engine, args.vllm_sleep)
 
         generated += agr_stats["guided_sampled"]  # guided samples count against the generation budget
@@ -833,11 +836,13 @@ def main(args: Args) -> dict:
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                              **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
         if empty_steps:
-            tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
-                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
+            what = (f"trained on guided answers only: none of the policy's own {len(scored) * args.group_size} answers "
+                    "parsed" if guided_only else f"trained on nothing: dynamic sampling dropped all {len(scored)} groups "
+                    f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)")
+            tqdm.write(f"warning: step {done} {what}"
                        + (f"; likely cause: {empty_step_cause(metrics, dropped)}" if empty_steps == 1 else ""), file=sys.stderr)
             if empty_steps >= args.max_empty_steps > 0:
-                raise E.RunStopped(f"{empty_steps} steps in a row trained on nothing (--max-empty-steps "
+                raise E.RunStopped(f"{empty_steps} steps in a row {what.split(':')[0]} (--max-empty-steps "
                                    f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,

@@ -558,7 +558,7 @@ def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
     """Every group stays stagnant: each prompt is re-queued and returns agr_replay_delay steps later,
     taking at most half of a step's prompts, while the stream keeps moving."""
     args, seen = guided_run(tmp_path, "hint", total_steps=5, prompts_per_step=2, agr_replay_delay=2, max_new_tokens=4,
-                            run_name="requeue", dynamic_sampling=False)
+                            run_name="requeue", dynamic_sampling=False, max_empty_steps=0)  # never stop on guided-only steps
     metrics = read_metrics(tmp_path / "requeue")
     per_step = [[g["example_index"] for g in groups] for groups in seen["groups"]]
     positions = [[g["position"] for g in groups] for groups in seen["groups"]]

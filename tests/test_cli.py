@@ -125,6 +125,21 @@ def test_steps_that_train_on_nothing_warn_then_stop(tmp_path):
     assert (run_dir / "curves.png").exists()  # drawn for a run that stopped, too
 
 
+def test_agrl_from_a_policy_that_never_parses_stops_too(tmp_path):
+    # Target guidance keeps every group (the guided answer is right), so no step is literally empty; but none of
+    # the policy's own answers parse, which from a base policy taught nothing (README): those steps count as empty.
+    proc = launch("agrl.py", *TINY_GRPO, "--total-steps", "5", "--agr-guide", "target", "--max-empty-steps", "2",
+                  "--run-name", "guided-only", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("warning: step 1 trained on guided answers only: none of the policy's own 4 answers parsed; likely cause: "
+            "the policy never produced a parseable answer") in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "stopped: 2 steps in a row trained on guided answers only (--max-empty-steps 2); likely cause: the policy never "
+        "produced a parseable answer")
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "guided-only" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["groups_kept"], m["format_rate"], m["empty_steps"]) for m in lines] == [(2, 0.0, 1), (2, 0.0, 2)]
+
+
 def test_overwrite_starts_clean(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = [*TINY_GRPO, "--no-dynamic-sampling", "--save-every", "1", "--keep-last", "5", "--run-name", "o"]
