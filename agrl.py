@@ -836,13 +836,13 @@ def main(args: Args) -> dict:
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                              **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
         if empty_steps:
-            what = (f"trained on guided answers only: none of the policy's own {len(scored) * args.group_size} answers "
-                    "parsed" if guided_only else f"trained on nothing: dynamic sampling dropped all {len(scored)} groups "
-                    f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)")
-            tqdm.write(f"warning: step {done} {what}"
+            what = "trained on guided answers only" if guided_only else "trained on nothing"
+            detail = (f"none of the policy's own {n_all} answers parsed" if guided_only else f"dynamic sampling dropped "
+                      f"all {len(scored)} groups ({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)")
+            tqdm.write(f"warning: step {done} {what}: {detail}"
                        + (f"; likely cause: {empty_step_cause(metrics, dropped)}" if empty_steps == 1 else ""), file=sys.stderr)
             if empty_steps >= args.max_empty_steps > 0:
-                raise E.RunStopped(f"{empty_steps} steps in a row {what.split(':')[0]} (--max-empty-steps "
+                raise E.RunStopped(f"{empty_steps} steps in a row {what} (--max-empty-steps "
                                    f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,

@@ -1686,14 +1686,15 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     labels = tuple(next(iter(rows.values()))["per_class"])
     samples = {name: (m.get("n"), json.dumps(m.get("sample"), sort_keys=True)) for name, m in rows.items()}
     unrecorded = [name for name, m in rows.items() if not m.get("sample")]
-    if len(set(samples.values())) > 1 and unrecorded and len({n for n, _ in samples.values()}) == 1:
-        # an eval.json written before runs recorded their sample: the check cannot be made, which is not a mismatch
-        print(f"warning: cannot check that these runs were scored on the same examples: {', '.join(unrecorded)} "
-              "do not record their sample (written by an older version; rerun eval.py on them to check)", file=sys.stderr)
-    elif len(set(samples.values())) > 1:
-        print("warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
-              + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
-              file=sys.stderr)
+    if len(set(samples.values())) > 1:
+        if unrecorded and len({n for n, _ in samples.values()}) == 1:
+            # an eval.json written before runs recorded their sample: the check cannot be made, which is not a mismatch
+            print(f"warning: cannot check that these runs were scored on the same examples: {', '.join(unrecorded)} "
+                  "do not record their sample (written by an older version; rerun eval.py on them to check)", file=sys.stderr)
+        else:
+            print("warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
+                  + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
+                  file=sys.stderr)
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")

@@ -22,10 +22,10 @@ export TOKENIZERS_PARALLELISM=false
 curve() { $PY benchmarks/grpo_curve.py --steps "$STEPS" --prompts-per-step 4 --group-size 4 --max-new-tokens 96 \
   --lr 2e-5 --eval-limit "$EVAL_N" --device cpu "$@"; }
 
-# the output order the SFT start was trained with (grpo_curve.py reads it the same way)
-ORDER=$($PY -c "import json,sys,pathlib; p=pathlib.Path(sys.argv[1]).resolve().parent/'args.json'; print(json.loads(p.read_text())['order'] if p.exists() else 'label_first')" "$SFT")
+# the probe answers in the output order the SFT start was trained with (grpo_curve.start_order, as the curves do)
+ORDER=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); from grpo_curve import start_order; print(*start_order(sys.argv[1]))" "$SFT")
 part probe && { [[ -f results/guidance-probe-smollm2-sft-synthetic.json ]] || \
-  $PY benchmarks/guidance_probe.py --model "$SFT" --name smollm2-sft-synthetic --limit 32 --samples 4 --device cpu --order "$ORDER"; }
+  $PY benchmarks/guidance_probe.py --model "$SFT" --name smollm2-sft-synthetic --limit 32 --samples 4 --device cpu $ORDER; }
 
 part sft && for seed in $SEEDS; do
   curve --sft "$SFT" --script grpo.py --name "smollm2-sft-s$seed" --seed "$seed" --extra='--prompt-sampling balanced'
