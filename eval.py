@@ -13,6 +13,7 @@ wandb, checkpoints, multi-process launch), and the `eval.py` command itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -344,7 +345,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, noise: torch
     if temperature <= 0:
         token = logits.argmax(dim=-1)
         return token, (logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1))
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=-1)
     scores = logp + noise
     if top_p < 1.0:  # the nucleus: the most probable tokens whose mass before them is under top_p
         sorted_logp, order = logp.sort(dim=-1, descending=True)
@@ -449,6 +450,49 @@ def _attend(q: torch.Tensor, kv: GroupedKV, layer: int, t: int, scaling: float) 
     return out.reshape(rows, heads * dim)
 
 
+# The matmuls of a CPU decode step: a few rows against every weight, a shape at which MKL's sgemm runs at a
+# third of its large-matmul rate. csrc/skinny_linear.cpp reads each weight once at near that rate (2x the
+# whole GEMM time of a SmolLM2 step: benchmarks/bench_generate.py); torch builds it on first use (about
+# 30 s, then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0 turns it off.
+SKINNY_MAX_ROWS = 128  # measured faster than MKL up to here; the kernel makes one pass over W per 32 rows
+
+
+@functools.cache
+def skinny_linear_kernel():
+    """The compiled `skinny_linear(x, weight, bias)`, or None (said once) where it cannot be built."""
+    if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
+        load(name=f"skinny_linear_{torch.backends.cpu.get_cpu_capability().lower()}",
+             sources=[str(Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp")],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.agrl.skinny_linear
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the decode still runs, slower
+        print(f"warning: the CPU decode kernel could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "decoding with F.linear (about half the speed)", file=sys.stderr)
+        return None
+
+
+def decode_linear(x: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """`linear(x)` for the decode step: the skinny kernel for a plain fp32 nn.Linear on CPU, else the module."""
+    if (type(linear) is torch.nn.Linear and x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32
+            and x.shape[0] <= SKINNY_MAX_ROWS and not torch.is_grad_enabled() and x.dim() == 2):
+        kernel = skinny_linear_kernel()
+        if kernel is not None:
+            return kernel(x, linear.weight, linear.bias)
+    return linear(x)
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of Llama-family layers, down(act(gate(x)) * up(x)), through `decode_linear`."""
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return mlp(x)
+    return decode_linear(mlp.act_fn(decode_linear(x, mlp.gate_proj)) * decode_linear(x, mlp.up_proj), mlp.down_proj)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (HF's rotate-half layout) of [rows, heads, head_dim] at one position per row."""
     half = x.shape[-1] // 2
@@ -471,14 +515,14 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         dim = attn.head_dim
-        q = attn.q_proj(h).view(rows, -1, dim)
-        k = attn.k_proj(h).view(rows, -1, dim)
+        q = decode_linear(h, attn.q_proj).view(rows, -1, dim)
+        k = decode_linear(h, attn.k_proj).view(rows, -1, dim)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
             q, k = attn.q_norm(q), attn.k_norm(k)
         kv.gen_k[i][:, :, t] = _rotate(k, cos, sin)
-        kv.gen_v[i][:, :, t] = attn.v_proj(h).view(rows, -1, dim)
-        x = x + attn.o_proj(_attend(_rotate(q, cos, sin), kv, i, t, attn.scaling))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        kv.gen_v[i][:, :, t] = decode_linear(h, attn.v_proj).view(rows, -1, dim)
+        x = x + decode_linear(_attend(_rotate(q, cos, sin), kv, i, t, attn.scaling), attn.o_proj)
+        x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
     return inner.norm(x)
 
 
@@ -541,7 +585,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
         hidden = None
         for t in range(max_new_tokens):
             if hidden is not None:  # the LM head of the rows still going
-                logits = model.lm_head(hidden if running is None else hidden[running])
+                logits = decode_linear(hidden if running is None else hidden[running], model.lm_head)
             if t < min_new_tokens:
                 logits[:, stops] = -float("inf")
             noise = None if keys is None else gumbel_noise(keys[:, t] if running is None else keys[running, t], vocab_hash)

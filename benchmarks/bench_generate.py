@@ -176,7 +176,7 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
 
         def step():
             hidden = E.decode_step(model, step_tokens, position, kv, tokens // 2)
-            E._sample(model.lm_head(hidden), 1.0, 1.0, E.gumbel_noise(keys, vocab_hash))
+            E._sample(E.decode_linear(hidden, model.lm_head), 1.0, 1.0, E.gumbel_noise(keys, vocab_hash))
 
         step()
         out = dict(step_s=[], read_s=[], matmul_s=[])

@@ -133,19 +133,79 @@ def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, toke
     assert E.generate(stopper, tokenizer, prompts[1:2], seeds=[99], **kw).completion_ids != alone.completion_ids
 
 
-def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts):
-    rows_seen = []
+def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monkeypatch):
+    rows_seen = []  # the decode step's LM head goes through decode_linear (the CPU kernel), the prefill's through the module
     hook = stopper.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    decode_linear = E.decode_linear
+    monkeypatch.setattr(E, "decode_linear", lambda x, linear: (rows_seen.append(x.shape[0]) if linear is stopper.lm_head
+                                                               else None) or decode_linear(x, linear))
     try:
         out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
     finally:
         hook.remove()
     lengths = [len(c) for c in out.completion_ids]
     # the prefill's head (12 rows: 4 prompts; the 6-token common prefix's own call keeps 1 position), then one call
-    # per decode step on the rows whose completion is longer than the step
+    # per decode step on the rows whose completion is longer than the step (called once: the kernel does not
+    # call the module, so its hook does not fire twice)
     decode_rows = rows_seen[2:]
     assert decode_rows == [sum(length > t for length in lengths) for t in range(1, len(decode_rows) + 1)]
     assert decode_rows[-1] < 12
+
+
+# ==================================================================================================
+# The CPU decode kernel (csrc/skinny_linear.cpp)
+# ==================================================================================================
+@pytest.fixture(scope="module")
+def skinny():
+    kernel = E.skinny_linear_kernel()
+    assert kernel is not None, "the CPU decode kernel did not build (see the warning above)"
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_linear_equals_f_linear(skinny, rows, with_bias):
+    """Every row count (one or two vectors of 16 rows a pass, several passes), an output width that is not a
+    multiple of the 8-row weight block, with and without bias; `x` a non-contiguous view."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(100, rows, generator=gen).t()  # [rows, 100], not contiguous
+    weight, bias = torch.randn(45, 100, generator=gen), torch.randn(45, generator=gen) if with_bias else None
+    assert torch.allclose(skinny(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_skinny_linear_rows_do_not_depend_on_the_batch(skinny):
+    """Each row's sum runs over the same order whatever rows surround it: bitwise equal alone and in any batch."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(40, 576, generator=gen), torch.randn(200, 576, generator=gen)
+    everything = skinny(x, weight, None)
+    for part in (slice(0, 1), slice(3, 9), slice(5, 21), slice(7, 40)):
+        assert torch.equal(skinny(x[part], weight, None), everything[part])
+
+
+def test_decode_linear_uses_the_kernel_only_where_it_applies(skinny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(E, "skinny_linear_kernel", lambda: lambda *a: calls.append(a) or skinny(*a))
+    linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
+    with torch.no_grad():
+        expected = linear(x)
+        assert torch.allclose(E.decode_linear(x, linear), expected, atol=1e-6) and len(calls) == 1
+        E.decode_linear(x.double(), linear.double())  # not float32
+        E.decode_linear(torch.randn(E.SKINNY_MAX_ROWS + 1, 8), linear.float())  # more rows than it pays for
+        E.decode_linear(x, torch.nn.Sequential(linear))  # not a plain nn.Linear (a LoRA wrapper, say)
+    E.decode_linear(x, linear)  # grad mode: the kernel has no backward
+    assert len(calls) == 1
+
+
+def test_kernel_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("AGRL_CPU_KERNEL", "0")
+    E.skinny_linear_kernel.cache_clear()
+    try:
+        assert E.skinny_linear_kernel() is None
+        linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
+        with torch.no_grad():
+            assert torch.equal(E.decode_linear(x, linear), linear(x))
+    finally:
+        E.skinny_linear_kernel.cache_clear()
 
 
 # ==================================================================================================
