@@ -425,14 +425,60 @@ class GroupedKV:
         self.gen_v = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
 
 
+# The CPU decode step's matmuls and attention: a few rows against every weight, a shape at which MKL's
+# sgemm runs at a third of its large-matmul rate, and small batched attention products. csrc/cpu_decode.cpp
+# does both at near that rate (benchmarks/bench_generate.py); torch builds it on first use (about 40 s,
+# then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0 turns it off.
+SKINNY_MAX_ROWS = 128  # measured faster than MKL up to here; the kernel makes one pass over W per 32 rows
+
+
+@functools.cache
+def cpu_decode_ops():
+    """torch.ops.agrl with `skinny_linear` and `grouped_attention` compiled, or None (said once) where they cannot be."""
+    if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
+        load(name=f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}",
+             sources=[str(Path(__file__).resolve().parent / "csrc" / "cpu_decode.cpp")],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.agrl
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the decode still runs, slower
+        print(f"warning: the CPU decode kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "decoding with plain torch (about half the speed)", file=sys.stderr)
+        return None
+
+
+def _cpu_ops_for(x: torch.Tensor):
+    """The compiled ops where they apply to `x` (float32 on CPU, no autograd), else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return cpu_decode_ops()
+    return None
+
+
+def decode_linear(x: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """`linear(x)` for the decode step: the skinny kernel for a plain fp32 nn.Linear on CPU, else the module."""
+    ops = _cpu_ops_for(x) if type(linear) is torch.nn.Linear and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS else None
+    if ops is not None and linear.weight.dtype == torch.float32:
+        return ops.skinny_linear(x, linear.weight, linear.bias)
+    return linear(x)
+
+
 def _attend(q: torch.Tensor, kv: GroupedKV, layer: int, t: int, scaling: float) -> torch.Tensor:
     """Attention of each row's new query [rows, heads, head_dim] over its prompt and its own t+1 new tokens.
 
     The prompt's keys are read once per group: a group's queries are stacked into one matmul against
     them (as grouped-query attention stacks a KV head's query heads), so a group of 8 samples costs one
-    pass over the prompt cache instead of eight copies of it.
+    pass over the prompt cache instead of eight copies of it. On CPU in fp32 the compiled
+    `grouped_attention` does the same (tested equal to the torch lines below, which run everywhere else).
     """
     rows, heads, dim = q.shape
+    ops = _cpu_ops_for(q) if dim % 16 == 0 else None
+    if ops is not None:  # the same arithmetic, compiled (csrc/cpu_decode.cpp)
+        return ops.grouped_attention(q, kv.prompt_k[layer], kv.prompt_v[layer], kv.prompt_bias.view(len(kv.prompt_bias), -1),
+                                     kv.gen_k[layer], kv.gen_v[layer], t, scaling)
     prompts, kv_heads = kv.prompt_k[layer].shape[:2]
     rep, group = heads // kv_heads, kv.group
     # [prompts, kv_heads, group * rep, dim]: the group's rows side by side for each KV head
@@ -448,42 +494,6 @@ def _attend(q: torch.Tensor, kv: GroupedKV, layer: int, t: int, scaling: float) 
     out = torch.matmul(p_prompt, kv.prompt_v[layer]).view(prompts, kv_heads, group, rep, dim).transpose(1, 2)
     out = out.reshape(rows, kv_heads, rep, dim) + torch.matmul(probs[..., width:], kv.gen_v[layer][:, :, :t + 1])
     return out.reshape(rows, heads * dim)
-
-
-# The matmuls of a CPU decode step: a few rows against every weight, a shape at which MKL's sgemm runs at a
-# third of its large-matmul rate. csrc/skinny_linear.cpp reads each weight once at near that rate (2x the
-# whole GEMM time of a SmolLM2 step: benchmarks/bench_generate.py); torch builds it on first use (about
-# 30 s, then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0 turns it off.
-SKINNY_MAX_ROWS = 128  # measured faster than MKL up to here; the kernel makes one pass over W per 32 rows
-
-
-@functools.cache
-def skinny_linear_kernel():
-    """The compiled `skinny_linear(x, weight, bias)`, or None (said once) where it cannot be built."""
-    if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
-        load(name=f"skinny_linear_{torch.backends.cpu.get_cpu_capability().lower()}",
-             sources=[str(Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp")],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
-        return torch.ops.agrl.skinny_linear
-    except Exception as e:  # no compiler, no ninja, a read-only cache: the decode still runs, slower
-        print(f"warning: the CPU decode kernel could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "decoding with F.linear (about half the speed)", file=sys.stderr)
-        return None
-
-
-def decode_linear(x: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
-    """`linear(x)` for the decode step: the skinny kernel for a plain fp32 nn.Linear on CPU, else the module."""
-    if (type(linear) is torch.nn.Linear and x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32
-            and x.shape[0] <= SKINNY_MAX_ROWS and not torch.is_grad_enabled() and x.dim() == 2):
-        kernel = skinny_linear_kernel()
-        if kernel is not None:
-            return kernel(x, linear.weight, linear.bias)
-    return linear(x)
 
 
 def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -503,7 +513,8 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
     """One token per row through a Llama-family decoder: the last hidden state [rows, hidden] (before the LM head).
 
     The model's own modules (norms, projections, MLP, rotary table) with a hand-written attention over
-    `GroupedKV`: the same arithmetic as the HF forward, without its per-call overhead or cache copies
+    `GroupedKV`, the projections through `decode_linear` (compiled on CPU): the same arithmetic as the HF
+    forward, without its per-call overhead or cache copies
     (fp32: equal to it within 1e-4 in log-prob, tested; under bf16 autocast the two round differently,
     as the HF decode and training forwards already do, and a sample can flip at a bf16 near-tie).
     """

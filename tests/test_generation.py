@@ -153,38 +153,64 @@ def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monk
 
 
 # ==================================================================================================
-# The CPU decode kernel (csrc/skinny_linear.cpp)
+# The CPU decode kernels (csrc/cpu_decode.cpp)
 # ==================================================================================================
 @pytest.fixture(scope="module")
-def skinny():
-    kernel = E.skinny_linear_kernel()
-    assert kernel is not None, "the CPU decode kernel did not build (see the warning above)"
-    return kernel
+def ops():
+    ops = E.cpu_decode_ops()
+    assert ops is not None, "the CPU decode kernels did not build (see the warning above)"
+    return ops
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_skinny_linear_equals_f_linear(skinny, rows, with_bias):
+def test_skinny_linear_equals_f_linear(ops, rows, with_bias):
     """Every row count (one or two vectors of 16 rows a pass, several passes), an output width that is not a
     multiple of the 8-row weight block, with and without bias; `x` a non-contiguous view."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(100, rows, generator=gen).t()  # [rows, 100], not contiguous
     weight, bias = torch.randn(45, 100, generator=gen), torch.randn(45, generator=gen) if with_bias else None
-    assert torch.allclose(skinny(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    assert torch.allclose(ops.skinny_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-def test_skinny_linear_rows_do_not_depend_on_the_batch(skinny):
+def test_skinny_linear_rows_do_not_depend_on_the_batch(ops):
     """Each row's sum runs over the same order whatever rows surround it: bitwise equal alone and in any batch."""
     gen = torch.Generator().manual_seed(0)
     x, weight = torch.randn(40, 576, generator=gen), torch.randn(200, 576, generator=gen)
-    everything = skinny(x, weight, None)
+    everything = ops.skinny_linear(x, weight, None)
     for part in (slice(0, 1), slice(3, 9), slice(5, 21), slice(7, 40)):
-        assert torch.equal(skinny(x[part], weight, None), everything[part])
+        assert torch.equal(ops.skinny_linear(x[part], weight, None), everything[part])
 
 
-def test_decode_linear_uses_the_kernel_only_where_it_applies(skinny, monkeypatch):
+@pytest.mark.parametrize("group,t", [(5, 0), (5, 4), (7, 3), (1, 5)])
+def test_grouped_attention_equals_the_torch_step(ops, monkeypatch, group, t):
+    """The compiled attention against eval._attend's torch arithmetic: 2 prompts, the second left-padded
+    (-inf bias), 2 KV heads of 3 query heads each; a group's 15 or 21 query heads fill one or two vectors
+    of lanes, and each row attends to its own t + 1 generated tokens."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(group * 10 + t)
+    prompts, kv_heads, rep, length, dim, new = 2, 2, 3, 37, 32, 6
+    rows = prompts * group
+    bias = torch.zeros(prompts, 1, 1, length)
+    bias[1, ..., :9] = -float("inf")
+    kv = SimpleNamespace(group=group, prompt_bias=bias,
+                         prompt_k=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
+                         prompt_v=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
+                         gen_k=[torch.randn(rows, kv_heads, new, dim, generator=gen)],
+                         gen_v=[torch.randn(rows, kv_heads, new, dim, generator=gen)])
+    q = torch.randn(rows, kv_heads * rep, dim, generator=gen)
+    with torch.no_grad():
+        compiled = E._attend(q, kv, 0, t, 0.3)
+        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
+        reference = E._attend(q, kv, 0, t, 0.3)
+    assert compiled.shape == (rows, kv_heads * rep * dim)
+    assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernels_used_only_where_they_apply(ops, monkeypatch):
     calls = []
-    monkeypatch.setattr(E, "skinny_linear_kernel", lambda: lambda *a: calls.append(a) or skinny(*a))
+    monkeypatch.setattr(E, "cpu_decode_ops", lambda: SimpleOps(ops, calls))
     linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
     with torch.no_grad():
         expected = linear(x)
@@ -196,16 +222,26 @@ def test_decode_linear_uses_the_kernel_only_where_it_applies(skinny, monkeypatch
     assert len(calls) == 1
 
 
-def test_kernel_switched_off_by_the_environment(monkeypatch):
+class SimpleOps:
+    """ops whose skinny_linear records its calls."""
+    def __init__(self, ops, calls):
+        self.ops, self.calls = ops, calls
+
+    def skinny_linear(self, *args):
+        self.calls.append(args)
+        return self.ops.skinny_linear(*args)
+
+
+def test_kernels_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("AGRL_CPU_KERNEL", "0")
-    E.skinny_linear_kernel.cache_clear()
+    E.cpu_decode_ops.cache_clear()
     try:
-        assert E.skinny_linear_kernel() is None
+        assert E.cpu_decode_ops() is None
         linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
         with torch.no_grad():
             assert torch.equal(E.decode_linear(x, linear), linear(x))
     finally:
-        E.skinny_linear_kernel.cache_clear()
+        E.cpu_decode_ops.cache_clear()
 
 
 # ==================================================================================================
