@@ -1,6 +1,7 @@
 // The CPU decode step's two heavy parts, as torch operators (torch.ops.agrl.*; eval.py builds this file on
-// first use and falls back to plain torch where it cannot). Both are float32 and exact up to rounding
-// order; each row's sums run in the same order whatever batch it is in.
+// first use and falls back to plain torch where it cannot). Both are float32 and equal to the torch
+// arithmetic up to rounding (tests/test_generation.py); each row's sums run in the same order whatever
+// batch the row is in.
 //
 // skinny_linear: y = x @ W^T + b for a few rows of x. A decode step multiplies 16-ish rows by every weight
 // matrix; MKL's sgemm packs the weight on each call and runs at 40-60 GFLOP/s at that shape on a 2-core
@@ -15,8 +16,6 @@
 // and values are streamed once for all of them, with the same broadcast-FMA loop as skinny_linear.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
-#include <cmath>
 
 typedef float vec16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
 typedef int32_t int16v __attribute__((vector_size(64)));
