@@ -440,6 +440,8 @@ def cpu_decode_ops():
     try:
         from torch.utils.cpp_extension import load
 
+        if shutil.which("ninja") is None:  # pip's ninja (requirements.txt) sits beside the interpreter of a venv not activated
+            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
         load(name=f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}",
              sources=[str(Path(__file__).resolve().parent / "csrc" / "cpu_decode.cpp")],
