@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 typedef float vec16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
+typedef float vec16u __attribute__((vector_size(64), aligned(4)));  // the same, at any float's address
 typedef int32_t int16v __attribute__((vector_size(64)));
 
 // ---------------------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::
   const int64_t chunks = (lanes_per_kv + 15) / 16;
   torch::Tensor out = torch::empty({rows, heads * D}, q.options());
   const float *qp = q.data_ptr<float>(), *biasp = prompt_bias.data_ptr<float>();
+  const float *gkp = gen_k.data_ptr<float>(), *gvp = gen_v.data_ptr<float>();  // hoisted: data_ptr checks its dtype on each call
   float* outp = out.data_ptr<float>();
   const float scale = static_cast<float>(scaling);
 
@@ -166,8 +168,8 @@ torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::
       for (int64_t u = 0; u < new_tokens; ++u) {
         alignas(64) float s[16];
         for (int64_t i = 0; i < 16; ++i) {
-          const vec16* k = reinterpret_cast<const vec16*>(gen_k.data_ptr<float>() + ((lane_row[i] * kv_heads + h) * T + u) * D);
-          const vec16* qv = reinterpret_cast<const vec16*>(qp + (lane_row[i] * heads + lane_head[i]) * D);
+          const vec16u* k = reinterpret_cast<const vec16u*>(gkp + ((lane_row[i] * kv_heads + h) * T + u) * D);
+          const vec16u* qv = reinterpret_cast<const vec16u*>(qp + (lane_row[i] * heads + lane_head[i]) * D);
           vec16 dot = {};
           for (int64_t c = 0; c < D / 16; ++c) dot += qv[c] * k[c];
           s[i] = sum16(dot) * scale;
@@ -192,15 +194,16 @@ torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::
       }
       // ... plus each lane's own new values, then normalise and store the lanes' rows
       for (int64_t i = 0; i < lanes; ++i) {
-        float* o = outp + lane_row[i] * heads * D + lane_head[i] * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[d][i];
+        float* o_f = outp + (lane_row[i] * heads + lane_head[i]) * D;
+        for (int64_t d = 0; d < D; ++d) o_f[d] = acc[d][i];
+        vec16u* o = reinterpret_cast<vec16u*>(o_f);
         for (int64_t u = 0; u < new_tokens; ++u) {
-          const float* v = gen_v.data_ptr<float>() + ((lane_row[i] * kv_heads + h) * T + u) * D;
+          const vec16u* v = reinterpret_cast<const vec16u*>(gvp + ((lane_row[i] * kv_heads + h) * T + u) * D);
           const float w = scores[P + u][i];
-          for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+          for (int64_t c = 0; c < D / 16; ++c) o[c] += w * v[c];
         }
         const float norm = 1.f / total[i];
-        for (int64_t d = 0; d < D; ++d) o[d] *= norm;
+        for (int64_t c = 0; c < D / 16; ++c) o[c] *= norm;
       }
     }
   });
