@@ -137,8 +137,13 @@ def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monk
     rows_seen = []  # the decode step's LM head goes through decode_linear (the CPU kernel), the prefill's through the module
     hook = stopper.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
     decode_linear = E.decode_linear
-    monkeypatch.setattr(E, "decode_linear", lambda x, linear: (rows_seen.append(x.shape[0]) if linear is stopper.lm_head
-                                                               else None) or decode_linear(x, linear))
+
+    def counting_decode_linear(x, linear):
+        if linear is stopper.lm_head:
+            rows_seen.append(x.shape[0])
+        return decode_linear(x, linear)
+
+    monkeypatch.setattr(E, "decode_linear", counting_decode_linear)
     try:
         out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
     finally:
