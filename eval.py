@@ -511,20 +511,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
+def _compiled_layer_weights(model, layer) -> tuple[list, list[float]] | None:
+    """The tensors and norm epsilons `decode_layer` (csrc/cpu_decode.cpp) takes for this layer, or None where
+    it does not apply: another activation or norm, a projection that is not a plain fp32 nn.Linear (LoRA)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    norms = [layer.input_layernorm, layer.post_attention_layernorm] + [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+    if (getattr(model.config, "hidden_act", None) != "silu" or attn.head_dim % 16
+            or any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears)
+            or any(not type(m).__name__.endswith("RMSNorm") or not hasattr(m, "variance_epsilon") for m in norms)):
+        return None
+    q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
+    weights = [layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+               attn.v_proj.weight, attn.v_proj.bias, q_norm, k_norm, attn.o_proj.weight, attn.o_proj.bias,
+               layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
+               mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
+    eps = [layer.input_layernorm.variance_epsilon, attn.q_norm.variance_epsilon if hasattr(attn, "q_norm") else 0.0,
+           layer.post_attention_layernorm.variance_epsilon]
+    return weights, eps
+
+
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: GroupedKV, t: int) -> torch.Tensor:
     """One token per row through a Llama-family decoder: the last hidden state [rows, hidden] (before the LM head).
 
     The model's own modules (norms, projections, MLP, rotary table) with a hand-written attention over
-    `GroupedKV`, the projections through `decode_linear` (compiled on CPU): the same arithmetic as the HF
-    forward, without its per-call overhead or cache copies
-    (fp32: equal to it within 1e-4 in log-prob, tested; under bf16 autocast the two round differently,
-    as the HF decode and training forwards already do, and a sample can flip at a bf16 near-tie).
+    `GroupedKV`, the projections through `decode_linear`: the same arithmetic as the HF forward, without
+    its per-call overhead or cache copies (fp32: equal to it within 1e-4 in log-prob, tested; under bf16
+    autocast the two round differently, as the HF decode and training forwards already do, and a sample
+    can flip at a bf16 near-tie). On CPU in fp32 each layer is one compiled `decode_layer` call, the lines
+    of the loop below in C++ (tested equal to them).
     """
     inner = model.model
     x = inner.embed_tokens(tokens)
     cos, sin = inner.rotary_emb(x, positions[:, None])  # [rows, 1, head_dim]: broadcasts over heads
     rows = tokens.shape[0]
+    ops = _cpu_ops_for(x) if rows <= SKINNY_MAX_ROWS else None
     for i, layer in enumerate(inner.layers):
+        compiled = _compiled_layer_weights(model, layer) if ops is not None else None
+        if compiled is not None:  # x updated in place
+            ops.decode_layer(x, *compiled, cos.view(rows, -1), sin.view(rows, -1), kv.prompt_k[i], kv.prompt_v[i],
+                             kv.prompt_bias.view(len(kv.prompt_bias), -1), kv.gen_k[i], kv.gen_v[i], t, layer.self_attn.scaling)
+            continue
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         dim = attn.head_dim

@@ -62,6 +62,15 @@ static void one_pass(const float* x, const float* w, const float* bias, float* y
   for (int64_t n = N / R * R; n < N; ++n) weight_rows<1, V>(w, bias, xt.data(), y, n, K, M, N);
 }
 
+// y [M, N] = x [M, K] @ w [N, K]^T (+ b), 32 rows of x per pass over w.
+static void linear_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    int64_t rows = std::min<int64_t>(32, M - m0);
+    if (rows > 16) one_pass<2>(x + m0 * K, w, b, y + m0 * N, rows, K, N);
+    else one_pass<1>(x + m0 * K, w, b, y + m0 * N, rows, K, N);
+  }
+}
+
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "skinny_linear: x [M, K], weight [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "skinny_linear: float32 only");
@@ -69,16 +78,9 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, const c10::op
   x = x.contiguous();
   weight = weight.contiguous();
   torch::Tensor b = bias.has_value() ? bias->contiguous() : torch::Tensor();
-  int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += 32) {
-    int64_t rows = std::min<int64_t>(32, M - m0);
-    const float* xp = x.data_ptr<float>() + m0 * K;
-    float* yp = y.data_ptr<float>() + m0 * N;
-    if (rows > 16) one_pass<2>(xp, weight.data_ptr<float>(), bp, yp, rows, K, N);
-    else one_pass<1>(xp, weight.data_ptr<float>(), bp, yp, rows, K, N);
-  }
+  torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
+  linear_rows(x.data_ptr<float>(), weight.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+              y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0));
   return y;
 }
 
@@ -210,11 +212,119 @@ torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// decode_layer
+// ---------------------------------------------------------------------------------------------------
+// One Llama-family decoder layer of the decode step, the body of eval.decode_step's loop in one call: the
+// step's small elementwise parts (norms, rotary, SiLU, residual adds, the cache write) cost more in torch
+// op overhead (about 0.4 ms a layer) than in arithmetic, so they run here between the matmuls.
+
+// y = w * (x * rsqrt(mean(x^2) + eps)) over each of `rows` rows of `width` (HF's RMSNorm, float32).
+static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    vec16 squares = {};
+    int64_t i = 0;
+    for (; i + 16 <= width; i += 16) {
+      vec16 v = *reinterpret_cast<const vec16u*>(xr + i);
+      squares += v * v;
+    }
+    float total = sum16(squares);
+    for (; i < width; ++i) total += xr[i] * xr[i];
+    const float scale = 1.f / std::sqrt(total / width + eps);
+    for (i = 0; i < width; ++i) y[r * width + i] = w[i] * (xr[i] * scale);
+  }
+}
+
+// Rotary embedding in place (HF's rotate-half layout): x [rows, heads, D], cos/sin [rows, D].
+static void rotate(float* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  std::vector<float> tmp(D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (r * heads + h) * D;
+      const float *c = cos + r * D, *s = sin + r * D;
+      for (int64_t d = 0; d < half; ++d) tmp[d] = v[d] * c[d] + -v[d + half] * s[d];
+      for (int64_t d = half; d < D; ++d) tmp[d] = v[d] * c[d] + v[d - half] * s[d];
+      std::copy(tmp.begin(), tmp.end(), v);
+    }
+}
+
+// gate = silu(gate) * up = gate / (1 + e^-gate) * up, in place.
+static void silu_mul(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vec16 g = *reinterpret_cast<vec16u*>(gate + i);
+    vec16 e = -g < 88.f ? -g : 88.f;  // e^88 is finite; beyond it silu is 0 to float precision anyway
+    *reinterpret_cast<vec16u*>(gate + i) = g / (1.f + exp16(e)) * *reinterpret_cast<const vec16u*>(up + i);
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// x [rows, hidden] becomes the layer's output, in place. weights (eval._layer_weights): input norm, q, q bias, k, k bias, v,
+// v bias, q norm, k norm, o, o bias, post-attention norm, gate, gate bias, up, up bias, down, down bias (the
+// optional ones None); eps: the input, q/k and post-attention norms'. Writes the new token's keys and values
+// at index t of gen_k / gen_v, then attends as grouped_attention.
+void decode_layer(torch::Tensor x, const c10::List<std::optional<torch::Tensor>>& weights, at::ArrayRef<double> eps,
+                           torch::Tensor cos, torch::Tensor sin, torch::Tensor prompt_k, torch::Tensor prompt_v,
+                           torch::Tensor prompt_bias, torch::Tensor gen_k, torch::Tensor gen_v, int64_t t, double scaling) {
+  TORCH_CHECK(weights.size() == 18 && eps.size() == 3, "decode_layer: 18 weights, 3 eps");
+  std::vector<torch::Tensor> w;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    std::optional<torch::Tensor> tensor = weights.get(i);
+    w.push_back(tensor.has_value() ? tensor->contiguous() : torch::Tensor());
+    TORCH_CHECK(!w.back().defined() || (w.back().scalar_type() == torch::kFloat32 && w.back().device().is_cpu()),
+                "decode_layer: float32 CPU weights");
+  }
+  TORCH_CHECK(x.is_contiguous() && gen_k.is_contiguous() && gen_v.is_contiguous(), "decode_layer: contiguous x, gen_k, gen_v (written in place)");
+  const int64_t rows = x.size(0), hidden = x.size(1), kv_heads = gen_k.size(1), T = gen_k.size(2), D = gen_k.size(3);
+  const int64_t heads = w[1].size(0) / D, inter = w[12].size(0);
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  auto linear = [&](const torch::Tensor& in, int weight) {
+    torch::Tensor y = torch::empty({rows, w[weight].size(0)}, in.options());
+    linear_rows(in.data_ptr<float>(), w[weight].data_ptr<float>(), ptr(w[weight + 1]), y.data_ptr<float>(), rows,
+                w[weight].size(1), w[weight].size(0));
+    return y;
+  };
+  float* res = x.data_ptr<float>();  // the residual stream
+  torch::Tensor h = torch::empty_like(x);
+  rms_norm(res, ptr(w[0]), eps[0], h.data_ptr<float>(), rows, hidden);
+  torch::Tensor q = linear(h, 1), k = linear(h, 3), v = linear(h, 5);
+  if (w[7].defined()) {  // Qwen3: RMSNorm of each head's query and key
+    rms_norm(q.data_ptr<float>(), ptr(w[7]), eps[1], q.data_ptr<float>(), rows * heads, D);
+    rms_norm(k.data_ptr<float>(), ptr(w[8]), eps[1], k.data_ptr<float>(), rows * kv_heads, D);
+  }
+  rotate(q.data_ptr<float>(), ptr(cos), ptr(sin), rows, heads, D);
+  rotate(k.data_ptr<float>(), ptr(cos), ptr(sin), rows, kv_heads, D);
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *gk = gen_k.data_ptr<float>(), *gv = gen_v.data_ptr<float>();
+  for (int64_t r = 0; r < rows * kv_heads; ++r) {  // row r / kv_heads, KV head r % kv_heads
+    std::copy_n(kp + r * D, D, gk + (r * T + t) * D);
+    std::copy_n(vp + r * D, D, gv + (r * T + t) * D);
+  }
+  torch::Tensor attended = grouped_attention(q.view({rows, heads, D}), prompt_k, prompt_v, prompt_bias, gen_k, gen_v, t, scaling);
+  torch::Tensor o = linear(attended, 9);
+  const float* op = o.data_ptr<float>();
+  for (int64_t i = 0; i < rows * hidden; ++i) res[i] += op[i];
+  rms_norm(res, ptr(w[11]), eps[2], h.data_ptr<float>(), rows, hidden);
+  torch::Tensor gate = linear(h, 12), up = linear(h, 14);
+  silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), rows * inter);
+  torch::Tensor down = linear(gate, 16);
+  const float* dp = down.data_ptr<float>();
+  for (int64_t i = 0; i < rows * hidden; ++i) res[i] += dp[i];
+}
+
 TORCH_LIBRARY(agrl, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("grouped_attention(Tensor q, Tensor prompt_k, Tensor prompt_v, Tensor prompt_bias, Tensor gen_k, Tensor gen_v, int t, float scaling) -> Tensor");
+  m.def("decode_layer(Tensor(a!) x, Tensor?[] weights, float[] eps, Tensor cos, Tensor sin, Tensor prompt_k, Tensor prompt_v, "
+        "Tensor prompt_bias, Tensor(b!) gen_k, Tensor(c!) gen_v, int t, float scaling) -> ()");
 }
 TORCH_LIBRARY_IMPL(agrl, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("grouped_attention", &grouped_attention);
+  m.impl("decode_layer", &decode_layer);
 }

@@ -213,6 +213,38 @@ def test_grouped_attention_equals_the_torch_step(ops, monkeypatch, group, t):
     assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_decode_layer_equals_the_torch_layer(ops, lively, tokenizer, prompts, kind, monkeypatch):
+    """csrc's decode_layer (one call a layer) against decode_step's torch lines: the hidden state and the new
+    token's keys and values written into the cache; Qwen2's q/k/v biases and Qwen3's per-head norms included."""
+    model = lively if kind == "llama" else qwen_model(tokenizer, kind)
+    rows, n = 2 * len(prompts), 2
+    with torch.no_grad():
+        _, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
+        kv = E.GroupedKV(cache, mask, n, rows, 4)
+        tokens, position = torch.randint(100, 40000, (rows,)), positions[:, -1].repeat_interleave(n) + 1
+        E.decode_step(model, tokens, position, kv, 0)
+        compiled = E.decode_step(model, tokens, position, kv, 1)
+        compiled_kv = [x[:, :, :2].clone() for x in kv.gen_k + kv.gen_v]
+        monkeypatch.setattr(E, "_compiled_layer_weights", lambda model, layer: None)
+        E.decode_step(model, tokens, position, kv, 0)
+        reference = E.decode_step(model, tokens, position, kv, 1)
+    assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
+    for a, b in zip(compiled_kv, [x[:, :, :2] for x in kv.gen_k + kv.gen_v]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layer_declines_what_it_does_not_compute(lively):
+    assert E._compiled_layer_weights(lively, lively.model.layers[0]) is not None
+    gelu = copy.deepcopy(lively)
+    gelu.config.hidden_act = "gelu"
+    wrapped = copy.deepcopy(lively)
+    wrapped.model.layers[0].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.up_proj)  # as LoRA wraps it
+    half = copy.deepcopy(lively).to(torch.bfloat16)
+    for model in (gelu, wrapped, half):
+        assert E._compiled_layer_weights(model, model.model.layers[0]) is None
+
+
 def test_cpu_kernels_used_only_where_they_apply(ops, monkeypatch):
     calls = []
     monkeypatch.setattr(E, "cpu_decode_ops", lambda: SimpleOps(ops, calls))
