@@ -335,18 +335,23 @@ def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     return uniform.log_().neg_().log_().neg_()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor | None,
+            vocab_hash: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the sampling distribution (logits / temperature).
 
-    Gumbel-max with the noise of `gumbel_noise`: a completion's randomness depends only on its own seed,
-    and a token flips only if two perturbed scores tie within rounding (inverse-CDF sampling flips on
-    any rounding change of the cumulative sum: batch-size-dependent matmul rounding would show).
+    Gumbel-max with the noise of `gumbel_noise(keys, vocab_hash)`: a completion's randomness depends only
+    on its own seed, and a token flips only if two perturbed scores tie within rounding (inverse-CDF
+    sampling flips on any rounding change of the cumulative sum: batch-size-dependent matmul rounding
+    would show). On CPU in fp32 at top-p 1, the compiled `gumbel_sample` does the same in one pass per row.
     """
     if temperature <= 0:
         token = logits.argmax(dim=-1)
         return token, (logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1))
+    ops = _cpu_ops_for(logits) if top_p >= 1.0 else None
+    if ops is not None:  # the lines below, compiled (csrc/cpu_decode.cpp): a tenth of their time
+        return ops.gumbel_sample(logits, keys, temperature)
     logp = torch.log_softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=-1)
-    scores = logp + noise
+    scores = logp + gumbel_noise(keys, vocab_hash)
     if top_p < 1.0:  # the nucleus: the most probable tokens whose mass before them is under top_p
         sorted_logp, order = logp.sort(dim=-1, descending=True)
         outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
@@ -628,8 +633,8 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
                 logits = decode_linear(hidden if running is None else hidden[running], model.lm_head)
             if t < min_new_tokens:
                 logits[:, stops] = -float("inf")
-            noise = None if keys is None else gumbel_noise(keys[:, t] if running is None else keys[running, t], vocab_hash)
-            token, logp = _sample(logits, temperature, top_p, noise)
+            row_keys = None if keys is None else keys[:, t] if running is None else keys[running, t]
+            token, logp = _sample(logits, temperature, top_p, row_keys, vocab_hash)
             finished = done if running is None else done[running]  # rows that stopped since the last check
             token = torch.where(finished, pad, token)
             if running is None:

@@ -317,14 +317,108 @@ void decode_layer(torch::Tensor x, const c10::List<std::optional<torch::Tensor>>
   for (int64_t i = 0; i < rows * hidden; ++i) res[i] += dp[i];
 }
 
+// ---------------------------------------------------------------------------------------------------
+// gumbel_sample
+// ---------------------------------------------------------------------------------------------------
+// eval._sample at top-p 1: token = argmax(log_softmax(logits / T) + gumbel_noise(key)), and its log-prob,
+// row by row in three passes over the row (max, sum of exponentials, scores) with the noise computed in
+// place: torch makes a dozen [rows, vocab] temporaries of it. The noise is eval.gumbel_noise's: the same
+// integer hash, the same 23-bit uniforms, -log(-log u) with the log below (torch's differs in the last bit
+// at times, which moves a sample only at a tie within rounding).
+typedef uint32_t uint16v __attribute__((vector_size(64)));
+
+static inline uint16v lowbias32(uint16v x) {  // eval._mix32
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// ln x for each lane, x positive and normal (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
+// degree-9 polynomial in m - 1; about 1 ulp).
+static inline vec16 log16(vec16 x) {
+  int16v bits = reinterpret_cast<int16v&>(x);
+  vec16 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vec16);
+  int16v mantissa = (bits & 0x807fffff) | 0x3f000000;  // in [1/2, 1)
+  vec16 m = reinterpret_cast<vec16&>(mantissa);
+  auto small = m < 0.707106781186547524f;
+  e = small ? e - 1.f : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  vec16 z = m * m;
+  vec16 y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> gumbel_sample(torch::Tensor logits, torch::Tensor keys, double temperature) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.device().is_cpu(), "gumbel_sample: float32 CPU logits [rows, vocab]");
+  TORCH_CHECK(keys.dim() == 1 && keys.size(0) == logits.size(0) && keys.scalar_type() == torch::kLong, "gumbel_sample: int64 keys [rows]");
+  TORCH_CHECK(temperature > 0, "gumbel_sample: temperature > 0");
+  logits = logits.contiguous();
+  keys = keys.contiguous();
+  const int64_t rows = logits.size(0), V = logits.size(1), blocks = (V + 15) / 16;
+  torch::Tensor token = torch::empty({rows}, keys.options()), logp = torch::empty({rows}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  int64_t* tp = token.data_ptr<int64_t>();
+  float* op = logp.data_ptr<float>();
+  const float inv_unit = 1.f / 8388608.f;  // 2^-23
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<vec16> s(blocks);  // the row / T, padded with -inf to whole vectors
+    for (int64_t r = begin; r < end; ++r) {
+      float* sf = reinterpret_cast<float*>(s.data());
+      for (int64_t i = 0; i < blocks * 16; ++i)
+        sf[i] = i < V ? (temperature == 1.0 ? lp[r * V + i] : lp[r * V + i] / static_cast<float>(temperature)) : -INFINITY;
+      vec16 top = s[0];
+      for (int64_t b = 1; b < blocks; ++b) top = top > s[b] ? top : s[b];
+      float row_max = top[0];
+      for (int i = 1; i < 16; ++i) row_max = std::max(row_max, top[i]);
+      vec16 total = {};
+      for (int64_t b = 0; b < blocks; ++b) total += exp16(s[b] - row_max);
+      const float log_total = std::log(sum16(total));
+      // scores: log-prob + noise; each lane keeps its first best, then the lanes' best with the lowest index
+      const uint16v key = (uint16v){} + static_cast<uint32_t>(kp[r]);
+      const uint16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      vec16 best = (vec16){} - INFINITY;
+      uint16v best_index = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint16v index = lane + static_cast<uint32_t>(b * 16);
+        uint16v bits = lowbias32(key ^ lowbias32(index));
+        vec16 u = (__builtin_convertvector(bits >> 9, vec16) + 0.5f) * inv_unit;
+        vec16 score = ((s[b] - row_max) - log_total) + -log16(-log16(u));
+        auto better = score > best;
+        best = better ? score : best;
+        best_index = better ? index : best_index;
+      }
+      int64_t pick = best_index[0];
+      float pick_score = best[0];
+      for (int i = 1; i < 16; ++i)
+        if (best[i] > pick_score || (best[i] == pick_score && best_index[i] < pick)) pick = best_index[i], pick_score = best[i];
+      tp[r] = pick;
+      op[r] = (sf[pick] - row_max) - log_total;
+    }
+  });
+  return {token, logp};
+}
+
 TORCH_LIBRARY(agrl, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("grouped_attention(Tensor q, Tensor prompt_k, Tensor prompt_v, Tensor prompt_bias, Tensor gen_k, Tensor gen_v, int t, float scaling) -> Tensor");
   m.def("decode_layer(Tensor(a!) x, Tensor?[] weights, float[] eps, Tensor cos, Tensor sin, Tensor prompt_k, Tensor prompt_v, "
         "Tensor prompt_bias, Tensor(b!) gen_k, Tensor(c!) gen_v, int t, float scaling) -> ()");
+  m.def("gumbel_sample(Tensor logits, Tensor keys, float temperature) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(agrl, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("grouped_attention", &grouped_attention);
   m.impl("decode_layer", &decode_layer);
+  m.impl("gumbel_sample", &gumbel_sample);
 }

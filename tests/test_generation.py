@@ -326,13 +326,19 @@ def test_sampling_noise_looks_gumbel_and_independent():
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)])
-def test_sample_draws_from_the_tempered_nucleus(temperature, top_p):
-    """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, monkeypatch):
+    """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised:
+    the torch sampler, and the compiled one where it applies (CPU, fp32, top-p 1)."""
+    if not compiled:
+        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
+    elif top_p < 1 or E.cpu_decode_ops() is None:
+        pytest.skip("the compiled sampler runs at top-p 1, where the kernels build")
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20_000
     keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
-    noise = E.gumbel_noise(keys, E._mix32(torch.arange(len(logits))))
-    token, logp = E._sample(logits.expand(rows, -1).clone(), temperature, top_p, noise)
+    with torch.no_grad():
+        token, logp = E._sample(logits.expand(rows, -1).clone(), temperature, top_p, keys, E._mix32(torch.arange(len(logits))))
     probs = torch.softmax(logits / temperature, -1)
     assert torch.allclose(logp, probs.log()[token])  # the behaviour log-prob: the full tempered distribution
     inside = probs.cumsum(-1) - probs < top_p
@@ -343,8 +349,27 @@ def test_sample_draws_from_the_tempered_nucleus(temperature, top_p):
     assert torch.allclose(freq, target.double(), atol=4 * math.sqrt(0.25 / rows))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_compiled_sampler_equals_the_torch_sampler(ops, temperature, monkeypatch):
+    """gumbel_sample against _sample's torch lines on 3000 rows: the same tokens, log-probs within rounding;
+    a vocabulary that is not a multiple of the 16-lane vector, and tokens masked to -inf (min_new_tokens)."""
+    rows, vocab = 3000, 1003
+    gen = torch.Generator().manual_seed(int(temperature * 10))
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[:, [0, 17, 1002]] = -float("inf")
+    keys = E.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 3)[:, 2]
+    vocab_hash = E._mix32(torch.arange(vocab))
+    with torch.no_grad():
+        token, logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
+        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
+        expected_token, expected_logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
+    assert torch.equal(token, expected_token)
+    assert torch.allclose(logp, expected_logp, atol=1e-5, rtol=0)
+    assert len(token.unique()) > 500  # the noise spreads the picks: not one argmax for all rows
+
+
 def test_greedy_sample_and_its_logprob():
     logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 0.0, 4.9]])
-    token, logp = E._sample(logits, 0.0, 1.0, None)
+    token, logp = E._sample(logits, 0.0, 1.0, None, None)
     assert token.tolist() == [1, 0]
     assert torch.allclose(logp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
