@@ -428,18 +428,22 @@ class GroupedKV:
         shape = (rows, k.shape[1], max_new_tokens, k.shape[3])
         self.gen_k = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
         self.gen_v = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
+        self.compiled_layers = None  # decode_step's per-layer arguments of the compiled decode_layer, gathered once
 
 
 # The CPU decode step's matmuls and attention: a few rows against every weight, a shape at which MKL's
 # sgemm runs at a third of its large-matmul rate, and small batched attention products. csrc/cpu_decode.cpp
-# does both at near that rate (benchmarks/bench_generate.py); torch builds it on first use (about 40 s,
-# then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0 turns it off.
+# does both at near that rate, and a whole decoder layer and the sampler in one call each, where torch
+# spends more on per-op overhead than on the arithmetic of a 16-row step (benchmarks/bench_generate.py).
+# torch builds it on first use (about 40 s, then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0
+# turns it off.
 SKINNY_MAX_ROWS = 128  # measured faster than MKL up to here; the kernel makes one pass over W per 32 rows
 
 
 @functools.cache
 def cpu_decode_ops():
-    """torch.ops.agrl with `skinny_linear` and `grouped_attention` compiled, or None (said once) where they cannot be."""
+    """torch.ops.agrl (`skinny_linear`, `grouped_attention`, `decode_layer`, `gumbel_sample`) compiled, or
+    None (said once) where they cannot be."""
     if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
         return None
     try:
@@ -551,8 +555,10 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
     cos, sin = inner.rotary_emb(x, positions[:, None])  # [rows, 1, head_dim]: broadcasts over heads
     rows = tokens.shape[0]
     ops = _cpu_ops_for(x) if rows <= SKINNY_MAX_ROWS else None
+    if ops is not None and kv.compiled_layers is None:  # once per generation: the module lookups take ms
+        kv.compiled_layers = [_compiled_layer_weights(model, layer) for layer in inner.layers]
     for i, layer in enumerate(inner.layers):
-        compiled = _compiled_layer_weights(model, layer) if ops is not None else None
+        compiled = kv.compiled_layers[i] if ops is not None else None
         if compiled is not None:  # x updated in place
             ops.decode_layer(x, *compiled, cos.view(rows, -1), sin.view(rows, -1), kv.prompt_k[i], kv.prompt_v[i],
                              kv.prompt_bias.view(len(kv.prompt_bias), -1), kv.gen_k[i], kv.gen_v[i], t, layer.self_attn.scaling)

@@ -1,7 +1,6 @@
-// The CPU decode step's two heavy parts, as torch operators (torch.ops.agrl.*; eval.py builds this file on
-// first use and falls back to plain torch where it cannot). Both are float32 and equal to the torch
-// arithmetic up to rounding (tests/test_generation.py); each row's sums run in the same order whatever
-// batch the row is in.
+// The CPU decode step, as torch operators (torch.ops.agrl.*; eval.py builds this file on first use and
+// falls back to plain torch where it cannot). All are float32 and equal to the torch arithmetic up to
+// rounding (tests/test_generation.py); each row's sums run in the same order whatever batch the row is in.
 //
 // skinny_linear: y = x @ W^T + b for a few rows of x. A decode step multiplies 16-ish rows by every weight
 // matrix; MKL's sgemm packs the weight on each call and runs at 40-60 GFLOP/s at that shape on a 2-core
@@ -14,6 +13,9 @@
 // rows, eval.GroupedKV) and its own generated keys. For a (prompt, KV head) pair, the group's query heads
 // (group x heads-per-KV-head of them) sit side by side in the 16 lanes of a vector, so the prompt's keys
 // and values are streamed once for all of them, with the same broadcast-FMA loop as skinny_linear.
+//
+// decode_layer: a whole Llama-family decoder layer (eval.decode_step's loop body) in one call, the two
+// above plus the norms, rotary, SiLU and residual adds between them. gumbel_sample: eval._sample at top-p 1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -226,7 +226,9 @@ def test_decode_layer_equals_the_torch_layer(ops, lively, tokenizer, prompts, ki
         E.decode_step(model, tokens, position, kv, 0)
         compiled = E.decode_step(model, tokens, position, kv, 1)
         compiled_kv = [x[:, :, :2].clone() for x in kv.gen_k + kv.gen_v]
+        assert all(layer is not None for layer in kv.compiled_layers)  # the compiled path ran
         monkeypatch.setattr(E, "_compiled_layer_weights", lambda model, layer: None)
+        kv.compiled_layers = None
         E.decode_step(model, tokens, position, kv, 0)
         reference = E.decode_step(model, tokens, position, kv, 1)
     assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
