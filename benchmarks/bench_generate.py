@@ -3,7 +3,8 @@
     python benchmarks/bench_generate.py --config cpu               # SmolLM2-135M fp32, 2 ESCI prompts x 8 x 64
     python benchmarks/bench_generate.py --config gpu-0.5b          # Qwen2.5-0.5B-shaped random model, bf16, 8 x 8 x 256
     python benchmarks/bench_generate.py --config gpu-7b            # Qwen2.5-7B-shaped random model, bf16, 8 x 8 x 256
-    python benchmarks/bench_generate.py --config cpu --profile     # and a torch.profiler table of one generate call
+    python benchmarks/bench_generate.py --config cpu --profile     # and a torch.profiler table of one generate call,
+                                                                   # and the CPU decode step's parts timed alone
 
 Not a test: a benchmark. Each round measures, in this order and in the same process: the machine's
 matmul rate and copy bandwidth, `eval.generate` with its fast decoder, `eval.generate` decoding through
@@ -70,7 +71,7 @@ class Args:
     pairs: int = 30
     """decode steps timed each beside a read of the weights and a matmul (the paired measurement)"""
     profile: bool = False
-    """print a torch.profiler table (top ops by self time) of one eval.generate call"""
+    """print a torch.profiler table (top ops by self time) of one eval.generate call, and on CPU the step's parts"""
     results_dir: str = "results"
     """where bench-generate-<config>.md/.json go (relative to the repo root)"""
 
@@ -194,6 +195,44 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
                 pairs=pairs)
 
 
+def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int = 20) -> dict:
+    """Milliseconds of one CPU decode step at token tokens // 2 and of its parts, each timed alone with the
+    compiled ops on the real weights and cache (medians of `reps`): the layers' projections, their
+    attention, the LM head, sampling; "the rest" is the layers minus projections and attention (norms,
+    rotary, SiLU, residual adds, the embedding and the per-layer calls)."""
+    ops, n, tokens = E.cpu_decode_ops(), cfg["n"], cfg["tokens"]
+    rows, t = len(prompts) * n, tokens // 2
+
+    def ms(fn):
+        fn()
+        return statistics.median(clock(fn, "cpu") for _ in range(reps)) * 1e3
+
+    with torch.no_grad():
+        logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
+        kv = E.GroupedKV(cache, mask, n, rows, tokens)
+        position = positions[:, -1].repeat_interleave(n) + 1 + t
+        step_tokens = torch.randint(100, 40000, (rows,))
+        keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
+        vocab_hash = E._mix32(torch.arange(logits.shape[-1]))
+        hidden = E.decode_step(model, step_tokens, position, kv, t)
+        layers = model.model.layers
+        attn = layers[0].self_attn
+        q = torch.randn(rows, model.config.num_attention_heads, attn.head_dim)
+        linears = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        x = {width: torch.randn(rows, width) for width in {m.in_features for m in linears}}
+        bias = kv.prompt_bias.view(len(kv.prompt_bias), -1)
+        parts = dict(
+            layers=ms(lambda: E.decode_step(model, step_tokens, position, kv, t)),
+            projections=ms(lambda: [ops.skinny_linear(x[m.in_features], m.weight, m.bias) for m in linears]),
+            attention=ms(lambda: [ops.grouped_attention(q, kv.prompt_k[i], kv.prompt_v[i], bias, kv.gen_k[i], kv.gen_v[i], t,
+                                                        attn.scaling) for i in range(len(layers))]),
+            lm_head=ms(lambda: E.decode_linear(hidden, model.lm_head)),
+            sampling=ms(lambda: E._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)))
+    parts["rest"] = parts["layers"] - parts["projections"] - parts["attention"]
+    return parts
+
+
 def old_sample(logits: torch.Tensor, generators: list) -> torch.Tensor:
     """The former sampler (before issue 13): Gumbel noise from one CPU generator per row, copied to the device."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -246,6 +285,9 @@ def main(args: Args) -> None:
         with profile(activities=activities) as prof:
             ours(tokens)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if device == "cpu" and E.cpu_decode_ops() is not None:
+            parts = step_parts(model, tokenizer, prompts, cfg)
+            print(f"[step parts, ms, token {tokens // 2}] " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
     paired = paired_decode(model, tokenizer, prompts, cfg, costs, args.pairs)
     print(f"[paired] {paired}", flush=True)
     rounds = []
