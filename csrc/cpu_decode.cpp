@@ -275,13 +275,13 @@ static void silu_mul(float* gate, const float* up, int64_t n) {
 
 static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// x [rows, hidden] becomes the layer's output, in place. weights (eval._layer_weights): input norm, q, q bias, k, k bias, v,
-// v bias, q norm, k norm, o, o bias, post-attention norm, gate, gate bias, up, up bias, down, down bias (the
-// optional ones None); eps: the input, q/k and post-attention norms'. Writes the new token's keys and values
-// at index t of gen_k / gen_v, then attends as grouped_attention.
+// x [rows, hidden] becomes the layer's output, in place. weights (eval._compiled_layer_weights): input norm,
+// q, q bias, k, k bias, v, v bias, q norm, k norm, o, o bias, post-attention norm, gate, gate bias, up, up
+// bias, down, down bias (the optional ones None); eps: the input, q/k and post-attention norms'. Writes the
+// new token's keys and values at index t of gen_k / gen_v, then attends as grouped_attention.
 void decode_layer(torch::Tensor x, const c10::List<std::optional<torch::Tensor>>& weights, at::ArrayRef<double> eps,
-                           torch::Tensor cos, torch::Tensor sin, torch::Tensor prompt_k, torch::Tensor prompt_v,
-                           torch::Tensor prompt_bias, torch::Tensor gen_k, torch::Tensor gen_v, int64_t t, double scaling) {
+                  torch::Tensor cos, torch::Tensor sin, torch::Tensor prompt_k, torch::Tensor prompt_v,
+                  torch::Tensor prompt_bias, torch::Tensor gen_k, torch::Tensor gen_v, int64_t t, double scaling) {
   TORCH_CHECK(weights.size() == 18 && eps.size() == 3, "decode_layer: 18 weights, 3 eps");
   std::vector<torch::Tensor> w;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -290,7 +290,8 @@ void decode_layer(torch::Tensor x, const c10::List<std::optional<torch::Tensor>>
     TORCH_CHECK(!w.back().defined() || (w.back().scalar_type() == torch::kFloat32 && w.back().device().is_cpu()),
                 "decode_layer: float32 CPU weights");
   }
-  TORCH_CHECK(x.is_contiguous() && gen_k.is_contiguous() && gen_v.is_contiguous(), "decode_layer: contiguous x, gen_k, gen_v (written in place)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && gen_k.is_contiguous() && gen_v.is_contiguous(),
+              "decode_layer: float32 x; contiguous x, gen_k, gen_v (written in place)");
   const int64_t rows = x.size(0), hidden = x.size(1), kv_heads = gen_k.size(1), T = gen_k.size(2), D = gen_k.size(3);
   const int64_t heads = w[1].size(0) / D, inter = w[12].size(0);
   cos = cos.contiguous();
