@@ -458,7 +458,7 @@ def cpu_decode_ops():
         return torch.ops.agrl
     except Exception as e:  # no compiler, no ninja, a read-only cache: the decode still runs, slower
         print(f"warning: the CPU decode kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "decoding with plain torch (about half the speed)", file=sys.stderr)
+              "decoding with plain torch (about a third of the speed)", file=sys.stderr)
         return None
 
 
@@ -525,17 +525,18 @@ def _compiled_layer_weights(model, layer) -> tuple[list, list[float]] | None:
     it does not apply: another activation or norm, a projection that is not a plain fp32 nn.Linear (LoRA)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    norms = [layer.input_layernorm, layer.post_attention_layernorm] + [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+    qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else ()  # Qwen3
+    norms = (layer.input_layernorm, layer.post_attention_layernorm) + qk_norms
     if (getattr(model.config, "hidden_act", None) != "silu" or attn.head_dim % 16
             or any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears)
             or any(not type(m).__name__.endswith("RMSNorm") or not hasattr(m, "variance_epsilon") for m in norms)):
         return None
-    q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
+    q_norm, k_norm = (m.weight for m in qk_norms) if qk_norms else (None, None)
     weights = [layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
                attn.v_proj.weight, attn.v_proj.bias, q_norm, k_norm, attn.o_proj.weight, attn.o_proj.bias,
                layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
                mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
-    eps = [layer.input_layernorm.variance_epsilon, attn.q_norm.variance_epsilon if hasattr(attn, "q_norm") else 0.0,
+    eps = [layer.input_layernorm.variance_epsilon, qk_norms[0].variance_epsilon if qk_norms else 0.0,
            layer.post_attention_layernorm.variance_epsilon]
     return weights, eps
 
@@ -555,13 +556,15 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
     cos, sin = inner.rotary_emb(x, positions[:, None])  # [rows, 1, head_dim]: broadcasts over heads
     rows = tokens.shape[0]
     ops = _cpu_ops_for(x) if rows <= SKINNY_MAX_ROWS else None
-    if ops is not None and kv.compiled_layers is None:  # once per generation: the module lookups take ms
-        kv.compiled_layers = [_compiled_layer_weights(model, layer) for layer in inner.layers]
+    if ops is not None:
+        if kv.compiled_layers is None:  # once per generation: the module lookups take ms
+            kv.compiled_layers = [_compiled_layer_weights(model, layer) for layer in inner.layers]
+        cos_2d, sin_2d, bias_2d = cos.view(rows, -1), sin.view(rows, -1), kv.prompt_bias.view(len(kv.prompt_bias), -1)
     for i, layer in enumerate(inner.layers):
         compiled = kv.compiled_layers[i] if ops is not None else None
         if compiled is not None:  # x updated in place
-            ops.decode_layer(x, *compiled, cos.view(rows, -1), sin.view(rows, -1), kv.prompt_k[i], kv.prompt_v[i],
-                             kv.prompt_bias.view(len(kv.prompt_bias), -1), kv.gen_k[i], kv.gen_v[i], t, layer.self_attn.scaling)
+            ops.decode_layer(x, *compiled, cos_2d, sin_2d, kv.prompt_k[i], kv.prompt_v[i], bias_2d, kv.gen_k[i], kv.gen_v[i],
+                             t, layer.self_attn.scaling)
             continue
         attn = layer.self_attn
         h = layer.input_layernorm(x)

@@ -23,6 +23,8 @@ typedef float vec16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512
 typedef float vec16u __attribute__((vector_size(64), aligned(4)));  // the same, at any float's address
 typedef int32_t int16v __attribute__((vector_size(64)));
 
+static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }  // optional tensors
+
 // ---------------------------------------------------------------------------------------------------
 // skinny_linear
 // ---------------------------------------------------------------------------------------------------
@@ -81,8 +83,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, const c10::op
   weight = weight.contiguous();
   torch::Tensor b = bias.has_value() ? bias->contiguous() : torch::Tensor();
   torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
-  linear_rows(x.data_ptr<float>(), weight.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
-              y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0));
+  linear_rows(x.data_ptr<float>(), weight.data_ptr<float>(), ptr(b), y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0));
   return y;
 }
 
@@ -110,6 +111,8 @@ static inline vec16 exp16(vec16 x) {
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec4 __attribute__((vector_size(16)));
 
+constexpr int64_t AHEAD = 32;  // rows of keys and values grouped_attention prefetches (16 and 48 measured no different)
+
 static inline float sum16(vec16 v) {  // by halves: a few shuffles instead of 15 dependent scalar adds
   vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
@@ -119,8 +122,6 @@ static inline float sum16(vec16 v) {  // by halves: a few shuffles instead of 15
 // q [rows, heads, D]; prompt_k/v [prompts, kv_heads, P, D]; prompt_bias [prompts, P] (0, or -inf on left
 // padding); gen_k/v [rows, kv_heads, T, D], of which tokens 0..t are this row's. Row r belongs to prompt
 // r / group; query head j reads KV head j / (heads / kv_heads). Returns [rows, heads * D].
-constexpr int64_t AHEAD = 32;  // rows of keys and values prefetched ahead (16 and 48 measured no different)
-
 torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::Tensor prompt_v,
                                 torch::Tensor prompt_bias, torch::Tensor gen_k, torch::Tensor gen_v,
                                 int64_t t, double scaling) {
@@ -272,8 +273,6 @@ static void silu_mul(float* gate, const float* up, int64_t n) {
   }
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
-
-static const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 // x [rows, hidden] becomes the layer's output, in place. weights (eval._compiled_layer_weights): input norm,
 // q, q bias, k, k bias, v, v bias, q norm, k norm, o, o bias, post-attention norm, gate, gate bias, up, up
