@@ -919,14 +919,15 @@ _announced = False
 
 
 def load_for(args, split: str | None = None) -> Dataset:
-    """`load_dataset` with a script's common data flags (dataset, data_path, split, seed, limit, field_map,
+    """`load_dataset` with a script's common data flags (dataset, data_path, split, seed or data_seed, limit, field_map,
     label_map, rulebook, skip_bad_rows). The default data, the synthetic world, is announced once."""
     global _announced
     if args.dataset == "synthetic" and not _announced and _main_process():
         print("data: the synthetic rule world (the default). ESCI: --dataset esci --data-path DIR; your own file: "
               "--dataset jsonl --data-path FILE (README, 'Your own data')")
         _announced = True
-    return load_dataset(args.dataset, split or args.split, args.data_path, seed=args.seed, limit=args.limit,
+    seed = args.seed if args.data_seed is None else args.data_seed
+    return load_dataset(args.dataset, split or args.split, args.data_path, seed=seed, limit=args.limit,
                         field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
                         skip_bad_rows=args.skip_bad_rows)
 

@@ -71,6 +71,8 @@ class Args:
     """token budget of the item text in the prompt (longer texts are truncated and counted)"""
     seed: int = 1
     """seed of sampling, pair choice, pair order and initialisation"""
+    data_seed: int | None = None
+    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
     total_steps: int = 100
     """optimizer steps"""
     n_samples: int = 8

@@ -1706,6 +1706,8 @@ class Args:
     """label-only path: cumulative-probability threshold for tiering"""
     seed: int = 0
     """seed of the evaluation sample"""
+    data_seed: int | None = None
+    """seed of the synthetic world and of --limit's sample (None: --seed)"""
     device: str = "auto"
     """auto | cpu | cuda"""
     output_dir: str = "runs"

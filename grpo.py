@@ -60,6 +60,8 @@ class Args:
     """token budget of the item text in the prompt (longer texts are truncated and counted)"""
     seed: int = 1
     """seed of data order, sampling and initialisation"""
+    data_seed: int | None = None
+    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
     total_steps: int = 300
     """generation batches (each followed by num_updates_per_batch optimizer updates)"""
     generation_budget: int = 0

@@ -59,6 +59,8 @@ class Args:
     """token budget of the item text in the prompt (longer texts are truncated and counted)"""
     seed: int = 1
     """seed of data order, initialisation and sampling"""
+    data_seed: int | None = None
+    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
     total_steps: int = 200
     """optimizer steps"""
     batch_size: int = 8

@@ -100,6 +100,16 @@ def test_synthetic_determinism_and_seeds():
     assert [e.query for e in a] != [e.query for e in c]
 
 
+def test_data_seed_fixes_the_world_while_the_rl_seed_varies():
+    """--data-seed: RL seeds that share it train on the same examples; without it --seed picks the world."""
+    import grpo
+
+    pool = lambda **kw: [e.query for e in data.load_for(grpo.Args(limit=16, **kw)).examples]  # noqa: E731
+    assert pool(seed=1, data_seed=7) == pool(seed=2, data_seed=7) == pool(seed=7)
+    assert pool(seed=1) != pool(seed=2)
+    assert pool(seed=1, data_seed=7) != pool(seed=1)
+
+
 def test_synthetic_splits_disjoint_by_query(synth):
     queries = {split: {e.query for seed in (0, 1) for e in synth[seed, split].examples} for split in data.SPLITS}
     assert not queries["train"] & queries["dev"]
