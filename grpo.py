@@ -259,12 +259,26 @@ def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float
             "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
 
 
-def empty_step_cause(metrics: dict, dropped: dict) -> str:
+COLLAPSE_SHARE = 0.9  # samples giving one label at least this often: the policy has collapsed onto it
+
+
+def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] | None:
+    """(label, share) when the policy's own samples went to one label, else None."""
+    share, label = max((metrics[f"label_share_{label}"], label) for label in labels)
+    return (label, share) if share >= COLLAPSE_SHARE else None
+
+
+def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...]) -> str:
     """The likely reason why dynamic sampling dropped every group, and what to do."""
     if metrics["format_rate"] == 0:
         return ("the policy never produced a parseable answer (format rate 0"
                 + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
                 + "): start from an SFT checkpoint (sft.py)")
+    collapse = collapsed_onto(metrics, labels)
+    if collapse:
+        return (f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
+                "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
+                "penalty (--beta) or raise --group-size")
     if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
         return "every group was answered right by all its completions: the prompts are too easy for this policy"
     return (f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
@@ -366,7 +380,7 @@ def main(args: Args) -> dict:
         return groups
 
     # --- training loop -------------------------------------------------------------------------
-    nan_skips, empty_steps = 0, 0
+    nan_skips, empty_steps, stopped = 0, 0, ""
     progress = tqdm(range(step, args.total_steps), desc="grpo", disable=not run.main, initial=step, total=args.total_steps)
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
@@ -501,26 +515,29 @@ def main(args: Args) -> dict:
         )
         run.log(metrics, step=done)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}))
+                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
+                             **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}))
         if empty_steps:
             tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
                        f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
-                       + (f"; likely cause: {empty_step_cause(metrics, dropped)}" if empty_steps == 1 else ""), file=sys.stderr)
-            if empty_steps >= args.max_empty_steps > 0:
-                raise E.RunStopped(f"{empty_steps} steps in a row trained on nothing (--max-empty-steps "
-                                   f"{args.max_empty_steps}); likely cause: {empty_step_cause(metrics, dropped)}")
+                       + (f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""),
+                       file=sys.stderr)
+            if empty_steps >= args.max_empty_steps > 0:  # saved and evaluated below, then reported
+                stopped = (f"{empty_steps} steps in a row trained on nothing (--max-empty-steps {args.max_empty_steps}); "
+                           f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}")
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
                                   completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
 
         # 7. checkpoint
         out_of_budget = 0 < args.generation_budget <= generated
-        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stop.requested:
+        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
             E.save_checkpoint(run.dir, done, model, tokenizer,
                               dict(rng=E.rng_state(), data_position=data_position, generated=generated),
-                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget, accelerator=accelerator,
+                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget or bool(stopped),
+                              accelerator=accelerator,
                               optimizer=optimizer)
-        if out_of_budget:
+        if out_of_budget or stopped:
             break
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
@@ -530,6 +547,8 @@ def main(args: Args) -> dict:
     # --- evaluation on the dev split ------------------------------------------------------------
     metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device))
     run.finish(dict(eval=metrics))
+    if stopped:
+        raise E.RunStopped(stopped)
     return metrics
 
 

@@ -123,6 +123,9 @@ def test_steps_that_train_on_nothing_warn_then_stop(tmp_path):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["empty_steps"], m["groups_kept"], m["loss"]) for m in lines] == [(1, 1, 0, 0.0), (2, 2, 0, 0.0)]
     assert (run_dir / "curves.png").exists()  # drawn for a run that stopped, too
+    # what it has is saved and evaluated before the stop is reported
+    assert (run_dir / "checkpoint" / "config.json").exists()
+    assert json.loads((run_dir / "eval.json").read_text())["n"] == 2
 
 
 def test_agrl_from_a_policy_that_never_parses_stops_too(tmp_path):

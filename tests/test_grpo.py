@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import agrl  # noqa: E402
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
@@ -350,6 +351,23 @@ def test_label_shares_and_entropy():
     # macro-F1 of the samples: Excellent P 2/6 R 2/4 -> F1 0.4; Related never hit -> 0
     assert m["macro_f1"] == pytest.approx(0.2)
     assert grpo.label_shares([dict(labels=["Related"] * 8, gold="Related")], R.TAOBAO4.labels)["label_entropy"] == 0.0
+
+
+def test_a_collapse_is_named_as_the_cause_of_empty_steps():
+    """Samples that all give one label make every group score alike; the message names the label and the levers,
+    not a weak start. Below the collapse share the old causes stand."""
+    labels = R.TAOBAO4.labels
+    shares = lambda top: {f"label_share_{label}": (top if label == "Excellent" else (1 - top) / 3) for label in labels}  # noqa: E731
+    collapsed = dict(format_rate=1.0, truncation_rate=0.0, accuracy=0.6, **shares(1.0))
+    dropped = dict(all_correct=3, all_wrong=1, other=0)
+    assert grpo.collapsed_onto(collapsed, labels) == ("Excellent", 1.0)
+    cause = grpo.empty_step_cause(collapsed, dropped, labels)
+    assert cause.startswith("the policy collapsed onto 'Excellent' (100% of its samples)")
+    assert all(lever in cause for lever in ("--lr", "--temperature", "--prompt-sampling balanced", "--beta"))
+    spread = dict(collapsed, **shares(0.85))
+    assert grpo.collapsed_onto(spread, labels) is None
+    assert grpo.empty_step_cause(spread, dropped, labels).startswith("every group was answered right")
+    assert agrl.empty_step_cause(collapsed, dropped, labels) == cause
 
 
 def test_balanced_prompt_order():
