@@ -823,6 +823,7 @@ def main(args: Args) -> dict:
             adherence_rate=sum(c for g in scored for c in g["adherent"]) / n_all,
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
             low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * len(g["correct"]) for g in scored) / len(scored),
+            all_fail_groups=sum(not any(g["correct"]) for g in scored) / len(scored),
             groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
             groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
             completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
