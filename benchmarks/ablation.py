@@ -207,14 +207,16 @@ def _mean(xs):
 
 
 def _mean_std(xs):
+    """Mean and sample standard deviation (n - 1): the spread of seeds, not of this one set of them."""
+    xs = [x for x in xs if x is not None]
     m = _mean(xs)
-    return dict(mean=m, std=(sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5 if xs else None)
+    return dict(mean=m, std=(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None)
 
 
 def markdown(results: dict, labels: list[str]) -> str:
     fmt = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     lines = [f"Ablation `{results['config']}`: {len(results['seeds'])} seeds, {results['budget_completions']} generated "
-             f"completions per run. Mean ± std over seeds of the dev evaluation at the end; stagnant = groups with "
+             f"completions per run. Mean ± sample std over seeds of the dev evaluation at the end; stagnant = groups with "
              f"accuracy <= 0.25; target = smoothed training accuracy {results['target_accuracy']}.", "",
              f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
              f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 " +
