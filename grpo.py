@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
+from helpers import errors
 
 
 @dataclass
@@ -474,7 +475,7 @@ def main(args: Args) -> dict:
                     update_stats["nan_skipped"] += 1
                     optimizer.zero_grad(set_to_none=True)
                     if nan_skips >= args.max_nan_skips:
-                        raise E.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
+                        raise errors.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
                                            f"stopping at step {step + 1}")
                     continue
                 nan_skips = 0
@@ -549,7 +550,7 @@ def main(args: Args) -> dict:
     metrics = E.final_eval(args, model, tokenizer, run, str(accelerator.device))
     run.finish(dict(eval=metrics))
     if stopped:
-        raise E.RunStopped(stopped)
+        raise errors.RunStopped(stopped)
     return metrics
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
+from helpers import errors
 
 
 @dataclass
@@ -252,7 +253,7 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise E.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise errors.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == args.total_steps):
             metrics = dict(loss=window["loss"] / window["steps"], label_loss=window["label_loss"] / window["steps"],

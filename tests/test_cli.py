@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import eval as E
+from helpers import errors
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED",
@@ -176,7 +177,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         assert expected in line, (script, flags, line)
     # AGRL_DEBUG=1 shows the traceback instead
     monkeypatch.setenv("AGRL_DEBUG", "1")
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(errors.UserError, match="missing"):
         in_process(capsys, monkeypatch, "eval.py", "--compare", "runs/nowhere")
 
 

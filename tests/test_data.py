@@ -278,7 +278,7 @@ def test_parquet_directory_split(tmp_path):
                    tmp_path / "dev.parquet")
     ds = load_dataset("parquet", "dev", path=str(tmp_path))
     assert [e.label for e in ds.examples] == ["Excellent", "Irrelevant"] and ds.examples[1].source_id == "dev.parquet:2"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(data.UserError, match="no train.parquet"):
         load_dataset("parquet", "train", path=str(tmp_path))
 
 

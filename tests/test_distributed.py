@@ -35,6 +35,7 @@ import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
+from helpers import errors  # noqa: E402
 from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
 
 LAUNCH_TIMEOUT = 240
@@ -135,12 +136,11 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device,num_gpus,flag", [("cuda", 1, "--device cuda"), ("auto", 8, "--num-gpus 8"),
                                                   ("cuda:1", 2, "--device cuda:1")])
-def test_cuda_requested_without_cuda_is_one_line_and_exit_2(device, num_gpus, flag, capsys):
-    with pytest.raises(SystemExit) as stop:
+def test_cuda_requested_without_cuda_is_a_one_line_user_error(device, num_gpus, flag):
+    with pytest.raises(errors.UserError) as stop:
         E.launch(SimpleNamespace(device=device, num_gpus=num_gpus, strategy="auto", dry_run=False))
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: {flag} needs CUDA") and "--device cpu" in err
+    err = str(stop.value)
+    assert err.count("\n") == 0 and err.startswith(f"{flag} needs CUDA") and "--device cpu" in err
 
 
 def test_cuda_requested_without_cuda_from_the_command_line_fails_within_seconds(tmp_path):

@@ -20,6 +20,7 @@ import torch
 import data as D
 import eval as E
 import rewards as R
+from helpers import errors
 
 LABELS = ("A", "B", "C", "D")
 
@@ -107,14 +108,14 @@ def _offline(monkeypatch, tmp_path):
 
 def test_load_model_unknown_name_says_what_was_tried(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(errors.UserError) as info:
         E.load_model("no-such-model-xyz", "cpu")
     message = str(info.value)
     assert "no-such-model-xyz" in message
     assert f"local directory {tmp_path / 'no-such-model-xyz'} (not found)" in message
     assert "tiny-random" in message  # the aliases are listed
 
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(errors.UserError) as info:
         E.load_model("Qwen2.5-no-such-xyz", "cpu")
     assert "hub id Qwen/Qwen2.5-no-such-xyz" in str(info.value)  # the resolved name is named too
 
@@ -527,7 +528,7 @@ def test_compare_runs(tmp_path, capsys):
     assert saved["sft"]["balanced"]["accuracy"] == 0.45
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(errors.UserError, match="missing"):
         E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "nowhere")), tmp_path / "cmp2")
 
     # a run scored on 200 examples next to one scored on 10: the n column shows it and a warning says so
@@ -577,15 +578,15 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
 
     # --resume: a changed argument that changes the math is refused with the list of differences; a harmless
     # one is accepted and recorded; a missing folder or another script's run is an error naming the folder
-    with pytest.raises(E.UserError, match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
+    with pytest.raises(errors.UserError, match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
                                           r"limit 200 -> 8"):
         E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, model="tiny-random", limit=8), "eval")
     E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, wandb_project="other"), "eval")
     recorded = json.loads((tmp_path / "r" / "args.json").read_text())
     assert recorded["wandb_project"] == "other" and recorded["resumes"] == [{"wandb_project": ["agrl", "other"]}]
-    with pytest.raises(E.UserError, match=f"--resume: {tmp_path / 'typo'} does not exist"):
+    with pytest.raises(errors.UserError, match=f"--resume: {tmp_path / 'typo'} does not exist"):
         E.Run(E.Args(output_dir=str(tmp_path), run_name="typo", resume=True), "eval")
-    with pytest.raises(E.UserError, match=r"holds a run of eval\.py, not of sft\.py"):
+    with pytest.raises(errors.UserError, match=r"holds a run of eval\.py, not of sft\.py"):
         E.prepare_run_dir(tmp_path / "r", E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "sft")
     # a run that stopped before logging anything (a bad data file, say) left only args.json: nothing to mix with
     (tmp_path / "early").mkdir()
@@ -595,11 +596,11 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["args.json"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(E.UserError, match="not a run folder"):  # never written into, --overwrite or not
+    with pytest.raises(errors.UserError, match="not a run folder"):  # never written into, --overwrite or not
         E.Run(E.Args(output_dir=str(tmp_path), run_name="notes", overwrite=True), "eval")
     assert (tmp_path / "notes" / "todo.txt").exists()
 
-    with pytest.raises(E.UserError, match="holds a previous run .*--resume.*--overwrite"):
+    with pytest.raises(errors.UserError, match="holds a previous run .*--resume.*--overwrite"):
         E.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")  # a used folder is never reused silently
     fresh = E.Run(E.Args(output_dir=str(tmp_path), run_name="r", overwrite=True), "eval")
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "samples.jsonl").exists()
