@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
+from helpers import cpu_decode  # noqa: E402
 
 CONFIGS = {
     # The issue's workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
@@ -168,7 +169,7 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
     a, b = torch.randn(size, size, device=device, dtype=cfg["dtype"]), torch.randn(size, size, device=device, dtype=cfg["dtype"])
     with torch.no_grad():
         logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, device)
-        kv = E.GroupedKV(cache, mask, n, rows, tokens)
+        kv = cpu_decode.GroupedKV(cache, mask, n, rows, tokens)
         position = positions[:, -1].repeat_interleave(n) + 1 + tokens // 2
         step_tokens = torch.randint(100, 40000, (rows,), device=device)
         keys = E.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
@@ -176,8 +177,8 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
         reads = list(model.parameters()) + kv.prompt_k + kv.prompt_v
 
         def step():
-            hidden = E.decode_step(model, step_tokens, position, kv, tokens // 2)
-            E._sample(E.decode_linear(hidden, model.lm_head), 1.0, 1.0, keys, vocab_hash)
+            hidden = cpu_decode.decode_step(model, step_tokens, position, kv, tokens // 2)
+            E._sample(cpu_decode.decode_linear(hidden, model.lm_head), 1.0, 1.0, keys, vocab_hash)
 
         step()
         out = dict(step_s=[], read_s=[], matmul_s=[])
@@ -200,7 +201,7 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
     compiled ops on the real weights and cache (medians of `reps`): the layers' projections, their
     attention, the LM head, sampling; "the rest" is the layers minus projections and attention (norms,
     rotary, SiLU, residual adds, the embedding and the per-layer calls)."""
-    ops, n, tokens = E.cpu_decode_ops(), cfg["n"], cfg["tokens"]
+    ops, n, tokens = cpu_decode.cpu_decode_ops(), cfg["n"], cfg["tokens"]
     rows, t = len(prompts) * n, tokens // 2
 
     def ms(fn):
@@ -209,12 +210,12 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
 
     with torch.no_grad():
         logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
-        kv = E.GroupedKV(cache, mask, n, rows, tokens)
+        kv = cpu_decode.GroupedKV(cache, mask, n, rows, tokens)
         position = positions[:, -1].repeat_interleave(n) + 1 + t
         step_tokens = torch.randint(100, 40000, (rows,))
         keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
         vocab_hash = E._mix32(torch.arange(logits.shape[-1]))
-        hidden = E.decode_step(model, step_tokens, position, kv, t)
+        hidden = cpu_decode.decode_step(model, step_tokens, position, kv, t)
         layers = model.model.layers
         attn = layers[0].self_attn
         q = torch.randn(rows, model.config.num_attention_heads, attn.head_dim)
@@ -223,11 +224,11 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
         x = {width: torch.randn(rows, width) for width in {m.in_features for m in linears}}
         bias = kv.prompt_bias.view(len(kv.prompt_bias), -1)
         parts = dict(
-            layers=ms(lambda: E.decode_step(model, step_tokens, position, kv, t)),
+            layers=ms(lambda: cpu_decode.decode_step(model, step_tokens, position, kv, t)),
             projections=ms(lambda: [ops.skinny_linear(x[m.in_features], m.weight, m.bias) for m in linears]),
             attention=ms(lambda: [ops.grouped_attention(q, kv.prompt_k[i], kv.prompt_v[i], bias, kv.gen_k[i], kv.gen_v[i], t,
                                                         attn.scaling) for i in range(len(layers))]),
-            lm_head=ms(lambda: E.decode_linear(hidden, model.lm_head)),
+            lm_head=ms(lambda: cpu_decode.decode_linear(hidden, model.lm_head)),
             sampling=ms(lambda: E._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)))
     parts["rest"] = parts["layers"] - parts["projections"] - parts["attention"]
     return parts
@@ -285,7 +286,7 @@ def main(args: Args) -> None:
         with profile(activities=activities) as prof:
             ours(tokens)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
-        if device == "cpu" and E.cpu_decode_ops() is not None:
+        if device == "cpu" and cpu_decode.cpu_decode_ops() is not None:
             parts = step_parts(model, tokenizer, prompts, cfg)
             print(f"[step parts, ms, token {tokens // 2}] " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
     paired = paired_decode(model, tokenizer, prompts, cfg, costs, args.pairs)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import eval as E
+from helpers import cpu_decode
 
 
 def with_stop_bias(model, stop_id: int, bias: float):
@@ -84,17 +85,17 @@ def test_fast_decode_equals_hf_forward(stopper, tokenizer, prompts, temperature,
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_fast_decode_other_architectures(tokenizer, prompts, kind):
     model = qwen_model(tokenizer, kind)
-    assert E.fast_decoder_supports(model, 100)
+    assert cpu_decode.fast_decoder_supports(model, 100)
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3, 4])
     assert_same(E.generate(model, tokenizer, prompts, **kw), E.generate(model, tokenizer, prompts, fast_decode=False, **kw))
 
 
 def test_fast_decoder_declines_what_it_cannot_run(lively, tokenizer):
-    assert E.fast_decoder_supports(lively, 100)
-    assert not E.fast_decoder_supports(torch.nn.Sequential(lively), 100)  # a wrapper: decodes through model(...)
+    assert cpu_decode.fast_decoder_supports(lively, 100)
+    assert not cpu_decode.fast_decoder_supports(torch.nn.Sequential(lively), 100)  # a wrapper: decodes through model(...)
     windowed = copy.deepcopy(lively)
     windowed.config.sliding_window = 50
-    assert E.fast_decoder_supports(windowed, 50) and not E.fast_decoder_supports(windowed, 51)
+    assert cpu_decode.fast_decoder_supports(windowed, 50) and not cpu_decode.fast_decoder_supports(windowed, 51)
 
 
 def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
@@ -135,14 +136,14 @@ def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, toke
 
 def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monkeypatch):
     decode_rows = []  # the decode step's LM head goes through decode_linear (the prefill's through the module)
-    decode_linear = E.decode_linear
+    decode_linear = cpu_decode.decode_linear
 
     def counting_decode_linear(x, linear):
         if linear is stopper.lm_head:
             decode_rows.append(x.shape[0])
         return decode_linear(x, linear)
 
-    monkeypatch.setattr(E, "decode_linear", counting_decode_linear)
+    monkeypatch.setattr(cpu_decode, "decode_linear", counting_decode_linear)
     out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
     lengths = [len(c) for c in out.completion_ids]
     # one call per decode step, on the rows whose completion is longer than the step
@@ -151,11 +152,11 @@ def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monk
 
 
 # ==================================================================================================
-# The CPU decode kernels (csrc/cpu_decode.cpp)
+# The CPU decode kernels (helpers/cpu_decode.cpp)
 # ==================================================================================================
 @pytest.fixture(scope="module")
 def ops():
-    ops = E.cpu_decode_ops()
+    ops = cpu_decode.cpu_decode_ops()
     assert ops is not None, "the CPU decode kernels did not build (see the warning above)"
     return ops
 
@@ -199,58 +200,58 @@ def test_grouped_attention_equals_the_torch_step(ops, monkeypatch, group, t):
                          gen_v=[torch.randn(rows, kv_heads, new, dim, generator=gen)])
     q = torch.randn(rows, kv_heads * rep, dim, generator=gen)
     with torch.no_grad():
-        compiled = E._attend(q, kv, 0, t, 0.3)
-        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
-        reference = E._attend(q, kv, 0, t, 0.3)
+        compiled = cpu_decode._attend(q, kv, 0, t, 0.3)
+        monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
+        reference = cpu_decode._attend(q, kv, 0, t, 0.3)
     assert compiled.shape == (rows, kv_heads * rep * dim)
     assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_decode_layer_equals_the_torch_layer(ops, lively, tokenizer, prompts, kind, monkeypatch):
-    """csrc's decode_layer (one call a layer) against decode_step's torch lines: the hidden state and the new
+    """cpu_decode.cpp's decode_layer (one call a layer) against decode_step's torch lines: the hidden state and the new
     token's keys and values written into the cache; Qwen2's q/k/v biases and Qwen3's per-head norms included."""
     model = lively if kind == "llama" else qwen_model(tokenizer, kind)
     rows, n = 2 * len(prompts), 2
     with torch.no_grad():
         _, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
-        kv = E.GroupedKV(cache, mask, n, rows, 4)
+        kv = cpu_decode.GroupedKV(cache, mask, n, rows, 4)
         tokens, position = torch.randint(100, 40000, (rows,)), positions[:, -1].repeat_interleave(n) + 1
-        E.decode_step(model, tokens, position, kv, 0)
-        compiled = E.decode_step(model, tokens, position, kv, 1)
+        cpu_decode.decode_step(model, tokens, position, kv, 0)
+        compiled = cpu_decode.decode_step(model, tokens, position, kv, 1)
         compiled_kv = [x[:, :, :2].clone() for x in kv.gen_k + kv.gen_v]
         assert all(layer is not None for layer in kv.compiled_layers)  # the compiled path ran
-        monkeypatch.setattr(E, "_compiled_layer_weights", lambda model, layer: None)
+        monkeypatch.setattr(cpu_decode, "_compiled_layer_weights", lambda model, layer: None)
         kv.compiled_layers = None
-        E.decode_step(model, tokens, position, kv, 0)
-        reference = E.decode_step(model, tokens, position, kv, 1)
+        cpu_decode.decode_step(model, tokens, position, kv, 0)
+        reference = cpu_decode.decode_step(model, tokens, position, kv, 1)
     assert torch.allclose(compiled, reference, atol=1e-5, rtol=1e-5)
     for a, b in zip(compiled_kv, [x[:, :, :2] for x in kv.gen_k + kv.gen_v]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_layer_declines_what_it_does_not_compute(lively):
-    assert E._compiled_layer_weights(lively, lively.model.layers[0]) is not None
+    assert cpu_decode._compiled_layer_weights(lively, lively.model.layers[0]) is not None
     gelu = copy.deepcopy(lively)
     gelu.config.hidden_act = "gelu"
     wrapped = copy.deepcopy(lively)
     wrapped.model.layers[0].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.up_proj)  # as LoRA wraps it
     half = copy.deepcopy(lively).to(torch.bfloat16)
     for model in (gelu, wrapped, half):
-        assert E._compiled_layer_weights(model, model.model.layers[0]) is None
+        assert cpu_decode._compiled_layer_weights(model, model.model.layers[0]) is None
 
 
 def test_cpu_kernels_used_only_where_they_apply(ops, monkeypatch):
     calls = []
-    monkeypatch.setattr(E, "cpu_decode_ops", lambda: SimpleOps(ops, calls))
+    monkeypatch.setattr(cpu_decode, "cpu_decode_ops", lambda: SimpleOps(ops, calls))
     linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
     with torch.no_grad():
         expected = linear(x)
-        assert torch.allclose(E.decode_linear(x, linear), expected, atol=1e-6) and len(calls) == 1
-        E.decode_linear(x.double(), linear.double())  # not float32
-        E.decode_linear(torch.randn(E.SKINNY_MAX_ROWS + 1, 8), linear.float())  # more rows than it pays for
-        E.decode_linear(x, torch.nn.Sequential(linear))  # not a plain nn.Linear (a LoRA wrapper, say)
-    E.decode_linear(x, linear)  # grad mode: the kernel has no backward
+        assert torch.allclose(cpu_decode.decode_linear(x, linear), expected, atol=1e-6) and len(calls) == 1
+        cpu_decode.decode_linear(x.double(), linear.double())  # not float32
+        cpu_decode.decode_linear(torch.randn(cpu_decode.SKINNY_MAX_ROWS + 1, 8), linear.float())  # more rows than it pays for
+        cpu_decode.decode_linear(x, torch.nn.Sequential(linear))  # not a plain nn.Linear (a LoRA wrapper, say)
+    cpu_decode.decode_linear(x, linear)  # grad mode: the kernel has no backward
     assert len(calls) == 1
 
 
@@ -266,14 +267,14 @@ class SimpleOps:
 
 def test_kernels_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("AGRL_CPU_KERNEL", "0")
-    E.cpu_decode_ops.cache_clear()
+    cpu_decode.cpu_decode_ops.cache_clear()
     try:
-        assert E.cpu_decode_ops() is None
+        assert cpu_decode.cpu_decode_ops() is None
         linear, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
         with torch.no_grad():
-            assert torch.equal(E.decode_linear(x, linear), linear(x))
+            assert torch.equal(cpu_decode.decode_linear(x, linear), linear(x))
     finally:
-        E.cpu_decode_ops.cache_clear()
+        cpu_decode.cpu_decode_ops.cache_clear()
 
 
 # ==================================================================================================
@@ -326,9 +327,9 @@ def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, mo
     """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised:
     the torch sampler, and the compiled one where it applies (CPU, fp32, top-p 1)."""
     if compiled:
-        assert E.cpu_decode_ops() is not None, "the CPU decode kernels did not build (see the warning above)"
+        assert cpu_decode.cpu_decode_ops() is not None, "the CPU decode kernels did not build (see the warning above)"
     else:
-        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
+        monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20_000
     keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
@@ -356,7 +357,7 @@ def test_compiled_sampler_equals_the_torch_sampler(ops, temperature, monkeypatch
     vocab_hash = E._mix32(torch.arange(vocab))
     with torch.no_grad():
         token, logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
-        monkeypatch.setattr(E, "_cpu_ops_for", lambda x: None)
+        monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
         expected_token, expected_logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
     assert torch.equal(token, expected_token)
     assert torch.allclose(logp, expected_logp, atol=1e-5, rtol=0)
