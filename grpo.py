@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors
+from helpers import errors, models
 
 
 @dataclass
@@ -317,10 +317,10 @@ def main(args: Args) -> dict:
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
-        reference = E.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
+        reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
         reference.eval().requires_grad_(False).to(E.compute_dtype(accelerator))  # bf16 on GPUs: it is never updated
     prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
                                          for e in examples))
@@ -439,7 +439,7 @@ def main(args: Args) -> dict:
             for update in range(args.num_updates_per_batch):
                 totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
                 for k, micro in enumerate(micro_batches):
-                    batch = E.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
+                    batch = models.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
                                         tokenizer.pad_token_id, accelerator.device, share_prefix)
                     mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
                                                                    device=accelerator.device)[:, None]
@@ -450,16 +450,16 @@ def main(args: Args) -> dict:
                     temperature = args.temperature if args.temperature > 0 else 1.0
                     if args.recompute_old_logprobs and update == 0:  # stored back for the later updates
                         with torch.no_grad():
-                            old_logp = E.token_logprobs(model, batch, temperature)[0]
+                            old_logp = models.token_logprobs(model, batch, temperature)[0]
                         for i, r in enumerate(micro):
                             r["old_logprobs"] = old_logp[i, :len(r["completion"])].tolist()
                     ref_logp = None
                     if reference is not None:
                         with torch.no_grad():
-                            ref_logp = E.token_logprobs(reference, batch, temperature)[0]
+                            ref_logp = models.token_logprobs(reference, batch, temperature)[0]
                     sync = k == len(micro_batches) - 1
                     with accelerator.no_sync(model) if not sync else torch.enable_grad():
-                        logp, entropy = E.token_logprobs(model, batch, temperature, with_entropy=True)
+                        logp, entropy = models.token_logprobs(model, batch, temperature, with_entropy=True)
                         weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
                         loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
                                                 args.beta, ref_logp)

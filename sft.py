@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import errors
+from helpers import errors, models
 
 
 @dataclass
@@ -165,7 +165,7 @@ def main(args: Args) -> dict:
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = E.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
     starts = [labels.count(-100) for _, labels, _ in encoded]  # labels are -100 over the prompt, then the target
@@ -222,7 +222,7 @@ def main(args: Args) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         step_label_loss = torch.zeros((), device=accelerator.device)
         for k, batch_index in enumerate(micro_batches):
-            batch = E.pad_batch([rows[i][0] for i in batch_index], [rows[i][1] for i in batch_index],
+            batch = models.pad_batch([rows[i][0] for i in batch_index], [rows[i][1] for i in batch_index],
                                 tokenizer.pad_token_id, accelerator.device, args.shared_prefix and world == 1)
             token_weight = torch.zeros_like(batch["completion_mask"])  # [B, C], zero over the padding
             label_mask = torch.zeros_like(batch["completion_mask"])
@@ -231,7 +231,7 @@ def main(args: Args) -> dict:
                 label_mask[row, :len(is_label[i])] = torch.tensor(is_label[i], dtype=torch.float32)
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
-                logp, _ = E.token_logprobs(model, batch)  # logits only at completion positions
+                logp, _ = models.token_logprobs(model, batch)  # logits only at completion positions
                 token_loss = -(logp * token_weight).sum()
                 loss = token_loss / total_weight * world
                 accelerator.backward(loss)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
+from helpers import models  # noqa: E402
 
 ARMS = {  # name -> (script, flags)
     "A": ("grpo.py", []),
@@ -97,7 +98,7 @@ def max_new_tokens(args: Args) -> int:
 
 def answer(model_dir: str, examples, order: str, new_tokens: int) -> list[dict]:
     """Greedy answers of a checkpoint: per example gold, predicted label, correct."""
-    model, tokenizer = E.load_model(model_dir, "cpu")
+    model, tokenizer = models.load_model(model_dir, "cpu")
     _, records = E.evaluate(model, tokenizer, examples, D.TAOBAO4, order, max_new_tokens=new_tokens, batch_size=32)
     return [dict(gold=r["gold"], predicted=r["predicted"], correct=r["correct"]) for r in records]
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
-from helpers import cpu_decode  # noqa: E402
+from helpers import cpu_decode, models  # noqa: E402
 
 CONFIGS = {
     # The workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
@@ -79,10 +79,10 @@ class Args:
 
 def load(cfg: dict):
     if "shape" not in cfg:
-        return E.load_model(cfg["model"], cfg["device"])
+        return models.load_model(cfg["model"], cfg["device"])
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = E.embedded_tokenizer()
+    tokenizer = models.embedded_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg["shape"])
     torch.manual_seed(0)
@@ -327,7 +327,7 @@ def main(args: Args) -> None:
         f"{cfg['model']} ({costs['params'] / 1e6:.1f}M parameters, {str(cfg['dtype']).replace('torch.', '')}) on {device}"
         + (f", {threads} threads" if threads else f", {torch.cuda.get_device_name()}") + f"; torch {torch.__version__}. "
         f"{len(prompts)} prompts ({source}; {', '.join(str(len(p)) for p in prompts)} tokens, common prefix "
-        f"{E.common_prefix_length(prompts)}) x {n} samples x {tokens} forced tokens = {rows} rows, {generated} tokens; "
+        f"{models.common_prefix_length(prompts)}) x {n} samples x {tokens} forced tokens = {rows} rows, {generated} tokens; "
         f"temperature 1, top-p 1. {args.repeats} rounds, medians; load average (1 min) "
         f"{loads}.",
         "",

@@ -122,9 +122,9 @@ def make_gpu_model(folder: Path) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import eval as E
+    from helpers import models
 
-    tokenizer = E.embedded_tokenizer()
+    tokenizer = models.embedded_tokenizer()
     config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          intermediate_size=4864, vocab_size=len(tokenizer), max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -137,10 +137,10 @@ def make_gpu_model(folder: Path) -> None:
 
 def load_tokenizer(args: Args, cfg: dict):
     """The tokenizer alone (the ours-side child must not hold a second copy of the model)."""
-    import eval as E
+    from helpers import models
 
     if cfg["model"] in ("smollm2-135m", "tiny-random"):
-        return E.embedded_tokenizer()
+        return models.embedded_tokenizer()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_name(args, cfg))
@@ -232,10 +232,10 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import eval as E
+    from helpers import models
     import rewards as R
 
-    model, tokenizer = E.load_model(model_name(args, cfg), cfg["device"])
+    model, tokenizer = models.load_model(model_name(args, cfg), cfg["device"])
     dataset, picks, prompt_ids = grpo_prompts(args, cfg, tokenizer)
     examples, rulebook = dataset.examples, dataset.rulebook
     messages = [prompt_messages(tokenizer, examples[i], rulebook) for i in picks]
@@ -355,9 +355,9 @@ def trl_sft(args: Args, cfg: dict) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    import eval as E
+    from helpers import models
 
-    model, tokenizer = E.load_model(model_name(args, cfg), cfg["device"])
+    model, tokenizer = models.load_model(model_name(args, cfg), cfg["device"])
     data = sft_rows(args, cfg, tokenizer)
     B = cfg["sft_batch_size"]
     config = SFTConfig(
@@ -551,9 +551,9 @@ def parent(args: Args) -> None:
     if cfg["model"] == "qwen2.5-0.5b-shaped":
         model_tmp = tempfile.TemporaryDirectory(prefix="bench-qwen-shaped-")
         make_gpu_model(Path(model_tmp.name))
-    import eval as E
+    from helpers import models
 
-    counted = E.load_model(model_name(args, cfg) if model_tmp is None else model_tmp.name, "cpu")[0]
+    counted = models.load_model(model_name(args, cfg) if model_tmp is None else model_tmp.name, "cpu")[0]
     params = param_count(counted)
     del counted
     import torch
@@ -618,9 +618,10 @@ def perflog(args: Args) -> None:
 
     import data as D
     import eval as E
+    from helpers import models
 
     cfg = config_of(args)
-    model, tokenizer = E.load_model(model_name(args, cfg), "cpu")
+    model, tokenizer = models.load_model(model_name(args, cfg), "cpu")
     dataset = D.load_dataset(cfg["dataset"], "train", cfg["data_path"], seed=1)
     # The two shortest of the stream's first 10 prompts (real ESCI prompts, ~330 tokens): keeps each
     # measurement short on a 2-core CPU; a group of 4 and 8 completion tokens for the same reason.
@@ -662,16 +663,16 @@ def perflog(args: Args) -> None:
     # (2)-(4) one GRPO group through the training pass
     def train_pass(share, recompute=False, full_logits=False):
         def run():
-            batch = E.pad_batch([prompt] * G, completions, tokenizer.pad_token_id, "cpu", share)
+            batch = models.pad_batch([prompt] * G, completions, tokenizer.pad_token_id, "cpu", share)
             if recompute:
                 with torch.no_grad():
-                    E.token_logprobs(model, batch)
+                    models.token_logprobs(model, batch)
             if full_logits:  # the plain way: logits (and log-softmax) at every position, then the completion slice
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"]).logits.float()
                 logp = torch.log_softmax(logits, -1)[:, -C - 1:-1].gather(-1, batch["input_ids"][:, -C:, None])
             else:
-                logp = E.token_logprobs(model, batch)[0]
+                logp = models.token_logprobs(model, batch)[0]
             (-logp.sum()).backward()
             model.zero_grad(set_to_none=True)
         return run

@@ -22,6 +22,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
+from helpers import models  # noqa: E402
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Args:
 def main(args: Args) -> None:
     E.launch(args)
     accelerator = E.make_accelerator(args)
-    model, tokenizer = E.load_policy(args.model, accelerator, args)
+    model, tokenizer = models.load_policy(args.model, accelerator, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)
     dataset = D.load_dataset("synthetic", "train", seed=0, limit=args.prompts * accelerator.num_processes)

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
+from helpers import models  # noqa: E402
 
 GiB = 2**30
 
@@ -28,20 +29,20 @@ def report(name: str, **values) -> None:
 def generation() -> None:
     """Greedy `generate` vs transformers' generate; shared prefill on/off; behaviour vs training log-probs."""
     for dtype in (torch.float32, torch.bfloat16):
-        model, tokenizer = E.load_model("smollm2-135m", "cuda", dtype="float32" if dtype == torch.float32 else "bfloat16")
+        model, tokenizer = models.load_model("smollm2-135m", "cuda", dtype="float32" if dtype == torch.float32 else "bfloat16")
         dataset = D.load_dataset("synthetic", "dev", seed=0, limit=8)
         prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook, "label_first", 256)[0] for e in dataset.examples]
         ours = E.generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0)
         same_as_hf = 0
         for p, completion in zip(prompts, ours.completion_ids):
             hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False,
-                                eos_token_id=E.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                                eos_token_id=models.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
             same_as_hf += hf[0, len(p):].tolist()[:len(completion)] == completion
         sampled = [E.generate(model, tokenizer, prompts, n=4, max_new_tokens=32, temperature=1.0, seeds=list(range(8)),
                               shared_prefill=share) for share in (True, False)]
-        batch = E.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, "cuda")
+        batch = models.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, "cuda")
         with torch.no_grad():
-            train_logp = E.token_logprobs(model, batch, temperature=1.0)[0]
+            train_logp = models.token_logprobs(model, batch, temperature=1.0)[0]
         mask = batch["completion_mask"].bool()
         behaviour = torch.zeros_like(train_logp)
         for i, lp in enumerate(sampled[0].logprobs):
@@ -62,7 +63,7 @@ def update() -> None:
     grpo.score_group = lambda texts, example, rulebook, a: (
         [E.R.score_output(t, example.label, example.criteria, rulebook, a.order) for t in texts],
         [float(sum(map(ord, t)) % 3) / 2 for t in texts])
-    before = {k: v.float().clone() for k, v in E.load_model("smollm2-135m", "cpu", dtype="float32")[0].state_dict().items()}
+    before = {k: v.float().clone() for k, v in models.load_model("smollm2-135m", "cpu", dtype="float32")[0].state_dict().items()}
     grpo.main(args)
     from safetensors.torch import load_file
 
@@ -82,7 +83,7 @@ def seven_b() -> None:
     config = Qwen2Config(**shape, max_position_embeddings=4096)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
-    tokenizer = E.embedded_tokenizer()
+    tokenizer = models.embedded_tokenizer()
     prompts = [[int(t) for t in torch.randint(0, 49152, (600,))] for _ in range(16)]
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -99,14 +100,14 @@ def seven_b() -> None:
         with torch.device("cuda"):
             model = Qwen2ForCausalLM(config).train()
         if checkpointing:
-            E.enable_checkpointing(model)
+            models.enable_checkpointing(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        batch = E.pad_batch([[1] * 600] * 8, [[2] * 256] * 8, 0, "cuda")
+        batch = models.pad_batch([[1] * 600] * 8, [[2] * 256] * 8, 0, "cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logp, _ = E.token_logprobs(model, batch)
+            logp, _ = models.token_logprobs(model, batch)
         logp.sum().backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -127,7 +128,7 @@ def make_05b(folder: str) -> None:
     """A random model of Qwen2.5-0.5B's shape with the embedded tokenizer (its chat template), saved to `folder`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = E.embedded_tokenizer()
+    tokenizer = models.embedded_tokenizer()
     shape = dict(zip(E.SHAPE_FIELDS, E.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=len(tokenizer))
     model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                          pad_token_id=tokenizer.pad_token_id))

@@ -27,6 +27,7 @@ import agrl  # noqa: E402
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import rewards as R  # noqa: E402
+from helpers import models  # noqa: E402
 
 
 @dataclass
@@ -60,7 +61,7 @@ def kept(score: R.Score) -> bool:
 def main(args: Args) -> None:
     dataset = D.load_dataset("synthetic", "train", seed=args.seed, limit=args.limit)
     examples, book = dataset.examples, dataset.rulebook
-    model, tokenizer = E.load_model(args.model, args.device)
+    model, tokenizer = models.load_model(args.model, args.device)
     prompts = [D.encode_prompt(tokenizer, e, book, args.order)[0] for e in examples]
     own = E.generate(model, tokenizer, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, seeds=list(range(len(prompts))))

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `pytest tests` without the repository root on s
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """The scripts install SIGINT/SIGTERM handlers (eval.StopFlag); give pytest its own back after each test."""
+    """The scripts install SIGINT/SIGTERM handlers (checkpoints.StopFlag); give pytest its own back after each test."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in saved.items():
@@ -30,10 +30,10 @@ def restore_signal_handlers():
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer) of `eval.load_model("tiny-random", "cpu")`. Tests must not change the weights."""
-    import eval as E
+    """(model, tokenizer) of `models.load_model("tiny-random", "cpu")`. Tests must not change the weights."""
+    from helpers import models
 
-    model, tokenizer = E.load_model("tiny-random", "cpu")
+    model, tokenizer = models.load_model("tiny-random", "cpu")
     model.eval()
     return model, tokenizer
 

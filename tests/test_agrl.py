@@ -28,6 +28,7 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
+from helpers import models  # noqa: E402
 from rewards import TAOBAO4, UNKNOWN  # noqa: E402
 from test_grpo import fake_score_group  # noqa: E402  (the same deterministic text reward)
 
@@ -36,7 +37,7 @@ TIMING = ("time", "seconds", "per_second")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return E.load_model("tiny-random", "cpu")[1]
+    return models.load_model("tiny-random", "cpu")[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -502,7 +503,7 @@ def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
 def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, order):
     args, seen = guided_run(tmp_path, "prefix", order)
     examples = D.load_dataset("synthetic", "train", seed=1, limit=16).examples
-    policy = E.load_model("tiny-random", "cpu")[0]  # the policy that sampled step 1 (seeded init)
+    policy = models.load_model("tiny-random", "cpu")[0]  # the policy that sampled step 1 (seeded init)
     guided = [(g, j) for g in seen["groups"][0] for j in range(len(g["guided"])) if g["guided"][j]]
     assert len(guided) == 2 * args.agr_k  # both groups stagnant, every guided answer kept
     for group, j in guided:
@@ -517,9 +518,9 @@ def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, or
         assert text.endswith(tag) and text.count(tag) == 1
         # the stored behaviour log-probs of every token equal a teacher-forced forward of the policy on
         # the *unguided* prompt + completion: the sampled continuation's are exact, on-policy
-        batch = E.pad_batch([group["prompt"]], [completion], tokenizer.pad_token_id, "cpu")
+        batch = models.pad_batch([group["prompt"]], [completion], tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
-            logp = E.token_logprobs(policy, batch, args.temperature)[0][0, :len(completion)]
+            logp = models.token_logprobs(policy, batch, args.temperature)[0][0, :len(completion)]
         torch.testing.assert_close(torch.tensor(group["old_logprobs"][j]), logp, atol=1e-4, rtol=1e-4)
     for row in seen["rows"][0]:
         assert row["prompt"] in [g["prompt"] for g in seen["groups"][0]]  # trained under the unguided prompt

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-import eval as E
-from helpers import errors
+from helpers import errors, models
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED",
@@ -192,7 +191,7 @@ def test_unreachable_model_fails_fast_in_one_line(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = user_error(in_process(capsys, monkeypatch, "eval.py", "--model", "someorg/judge", "--run-name", "x"))
     assert "HF_HUB_OFFLINE is set" in line
-    assert E.hub_unreachable("Qwen/Qwen2.5-no-such-model") is not None
+    assert models.hub_unreachable("Qwen/Qwen2.5-no-such-model") is not None
 
 
 def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeypatch):

@@ -35,7 +35,7 @@ import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import errors  # noqa: E402
+from helpers import errors, models  # noqa: E402
 from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
 
 LAUNCH_TIMEOUT = 240
@@ -183,7 +183,7 @@ def test_small_lr_moves_the_weights_under_bf16_mixed_precision(tmp_path):
         no_eval(mp)
         grpo.main(grpo.Args(**{**RUN, "lr": 1e-6, "total_steps": 1, "precision": "bf16", "gradient_checkpointing": "on",
                                "output_dir": str(tmp_path), "run_name": "bf16"}))
-    initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    initial = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
     final = state_dict(tmp_path / "bf16" / "checkpoint")
     assert read_metrics(tmp_path / "bf16")[0]["grad_norm"] > 0
     moved = changed = total = 0
@@ -206,12 +206,12 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer,
     completions = [[11, 12, 13], [14], [15, 16]]
     results = []
     for on in (False, True):
-        model = E.tiny_random_model(tokenizer).train()
+        model = models.tiny_random_model(tokenizer).train()
         if on:
-            E.enable_checkpointing(model)
-            assert E.checkpointing(model)
-        batch = E.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu", share_prefix=share_prefix)
-        logp, _ = E.token_logprobs(model, batch)
+            models.enable_checkpointing(model)
+            assert models.checkpointing(model)
+        batch = models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu", share_prefix=share_prefix)
+        logp, _ = models.token_logprobs(model, batch)
         (logp * batch["completion_mask"]).sum().backward()
         results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
@@ -247,7 +247,7 @@ def dump_trained_weights(args, model, tokenizer, run, device):
     """Instead of the evaluation: every rank helps gather the trained weights, rank 0 writes them."""
     from safetensors.torch import save_file
 
-    whole = {{name: E.full_tensor(t).clone() for name, t in E.unwrapped(model).state_dict().items()}}
+    whole = {{name: E.full_tensor(t).clone() for name, t in models.unwrapped(model).state_dict().items()}}
     engine = test_vllm.FakeLLM()  # the vLLM weight sync from FSDP shards, recorded
     E.sync_vllm_weights(engine, model)
     rank = int(os.environ.get("RANK", "0"))
@@ -356,7 +356,7 @@ def test_final_fsdp_checkpoint_loads_with_from_pretrained_and_equals_the_trained
     assert loaded.keys() == trained.keys()
     for name, tensor in trained.items():
         assert loaded[name].shape == tensor.shape and torch.equal(loaded[name], tensor), name
-    initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    initial = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
     assert (grpo_fsdp / "checkpoints" / "step-0000003" / "optimizer.bin").exists()
 
@@ -365,7 +365,7 @@ def test_vllm_sync_from_fsdp_pushes_whole_tensors_under_hf_names(grpo_fsdp):
     """Each FSDP2 shard is gathered whole for its push: the names and shapes the (fake) engine received
     are the Hugging Face state dict's, and the values the trained weights in bf16."""
     pushed = json.loads((grpo_fsdp / "vllm-pushed.json").read_text())
-    hf = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    hf = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
     assert [(name, shape) for name, shape, _ in pushed] == [(n, list(t.shape)) for n, t in hf.items()]
     assert max(error for *_, error in pushed) == 0
 

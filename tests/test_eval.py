@@ -20,7 +20,7 @@ import torch
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors
+from helpers import errors, models
 
 LABELS = ("A", "B", "C", "D")
 
@@ -69,7 +69,7 @@ def dev():
 
 
 def stops_of(tokenizer):
-    return set(E.stop_token_ids(tokenizer))
+    return set(models.stop_token_ids(tokenizer))
 
 
 # ==================================================================================================
@@ -88,14 +88,14 @@ def stops_of(tokenizer):
     ("gpt2", "gpt2"),  # no known organisation: left to the hub
 ])
 def test_resolve_model_name(name, expected):
-    assert E.resolve_model_name(name) == expected
+    assert models.resolve_model_name(name) == expected
 
 
 def test_resolve_model_name_keeps_an_existing_local_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Qwen2.5-mine").mkdir()  # would otherwise be read as a bare Qwen name
-    assert E.resolve_model_name("Qwen2.5-mine") == "Qwen2.5-mine"
-    assert E.resolve_model_name(str(tmp_path / "Qwen2.5-mine")) == str(tmp_path / "Qwen2.5-mine")
+    assert models.resolve_model_name("Qwen2.5-mine") == "Qwen2.5-mine"
+    assert models.resolve_model_name(str(tmp_path / "Qwen2.5-mine")) == str(tmp_path / "Qwen2.5-mine")
 
 
 def _offline(monkeypatch, tmp_path):
@@ -109,14 +109,14 @@ def _offline(monkeypatch, tmp_path):
 def test_load_model_unknown_name_says_what_was_tried(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
     with pytest.raises(errors.UserError) as info:
-        E.load_model("no-such-model-xyz", "cpu")
+        models.load_model("no-such-model-xyz", "cpu")
     message = str(info.value)
     assert "no-such-model-xyz" in message
     assert f"local directory {tmp_path / 'no-such-model-xyz'} (not found)" in message
     assert "tiny-random" in message  # the aliases are listed
 
     with pytest.raises(errors.UserError) as info:
-        E.load_model("Qwen2.5-no-such-xyz", "cpu")
+        models.load_model("Qwen2.5-no-such-xyz", "cpu")
     assert "hub id Qwen/Qwen2.5-no-such-xyz" in str(info.value)  # the resolved name is named too
 
 
@@ -258,9 +258,9 @@ def test_behaviour_logprobs_equal_token_logprobs(lively, tokenizer, prompts, tem
     model = EosBias(lively, tokenizer.eos_token_id, 0.15)  # completions of different lengths
     out = E.generate(model, tokenizer, prompts, n=2, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
     assert len({len(c) for c in out.completion_ids}) > 1
-    batch = E.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu")
+    batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        logp, _ = E.token_logprobs(model, batch, temperature)
+        logp, _ = models.token_logprobs(model, batch, temperature)
     for row, behaviour in enumerate(out.logprobs):
         assert torch.allclose(logp[row, :len(behaviour)], torch.tensor(behaviour), atol=1e-4), row
 
@@ -328,7 +328,7 @@ def test_prefill_keeps_only_last_position_logits(lively, tokenizer, prompts):
 def test_pad_batch_layout():
     prompts = [[5, 6, 7], [8], [9, 10]]
     completions = [[1], [2, 3, 4], []]
-    b = E.pad_batch(prompts, completions, 0, "cpu")
+    b = models.pad_batch(prompts, completions, 0, "cpu")
     assert b["input_ids"].tolist() == [[5, 6, 7, 1, 0, 0],
                                        [0, 0, 8, 2, 3, 4],
                                        [0, 9, 10, 0, 0, 0]]
@@ -343,11 +343,11 @@ def test_pad_batch_layout():
 def test_token_logprobs_ignore_padding(lively, tokenizer, prompts):
     """A row's log-probs do not depend on what it is batched with (left padding, explicit positions)."""
     completions = [[300, 301, 302], [400], [500, 501], [600, 601, 602, 603]]
-    batch = E.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu")
+    batch = models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        together, entropy = E.token_logprobs(lively, batch, 1.0, with_entropy=True)
+        together, entropy = models.token_logprobs(lively, batch, 1.0, with_entropy=True)
         for row, (p, c) in enumerate(zip(prompts, completions)):
-            alone, _ = E.token_logprobs(lively, E.pad_batch([p], [c], tokenizer.pad_token_id, "cpu"))
+            alone, _ = models.token_logprobs(lively, models.pad_batch([p], [c], tokenizer.pad_token_id, "cpu"))
             assert torch.allclose(together[row, :len(c)], alone[0], atol=1e-5), row
     assert entropy.shape == together.shape and bool((entropy[batch["completion_mask"] > 0] > 0).all())
 
@@ -359,9 +359,9 @@ def test_shared_prefix_gives_the_same_logprobs_and_gradients(lively, tokenizer, 
     completions = [[300, 301, 302], [400], [500, 501]]
 
     def run(share):
-        batch = E.pad_batch(rows, completions, tokenizer.pad_token_id, "cpu", share_prefix=share)
+        batch = models.pad_batch(rows, completions, tokenizer.pad_token_id, "cpu", share_prefix=share)
         lively.zero_grad()
-        logp, _ = E.token_logprobs(lively, batch, 0.7)
+        logp, _ = models.token_logprobs(lively, batch, 0.7)
         (logp * batch["completion_mask"]).sum().backward()
         grads = {n: p.grad.clone() for n, p in lively.named_parameters() if p.grad is not None}
         lively.zero_grad(set_to_none=True)

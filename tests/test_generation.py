@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import eval as E
-from helpers import cpu_decode
+from helpers import cpu_decode, models
 
 
 def with_stop_bias(model, stop_id: int, bias: float):
@@ -113,9 +113,9 @@ def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
 def test_behaviour_logprobs_equal_a_training_forward(stopper, tokenizer, prompts, temperature):
     out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
     assert len({len(c) for c in out.completion_ids}) > 2
-    batch = E.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu", share_prefix=True)
+    batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu", share_prefix=True)
     with torch.no_grad():
-        logp, _ = E.token_logprobs(stopper, batch, temperature)
+        logp, _ = models.token_logprobs(stopper, batch, temperature)
     for row, behaviour in enumerate(out.logprobs):
         assert torch.allclose(logp[row, :len(behaviour)], torch.tensor(behaviour), atol=1e-4, rtol=0), row
 

@@ -32,6 +32,7 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
+from helpers import models  # noqa: E402
 
 TIMING = ("time", "seconds", "per_second")
 
@@ -87,7 +88,7 @@ def assert_metrics_close(a: dict, b: dict, rel: float = 1e-6) -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = E.load_model("tiny-random", "cpu")
+    model, tokenizer = models.load_model("tiny-random", "cpu")
     return model, tokenizer
 
 
@@ -230,13 +231,13 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
     model, tokenizer = tiny
     model.train()
     # a shared prompt prefix run once (pad_batch(share_prefix=True)) must give the same gradients too
-    can_share = "share_prefix" in inspect.signature(E.pad_batch).parameters
+    can_share = "share_prefix" in inspect.signature(models.pad_batch).parameters
     share_options = [False] + (["share"] if can_share and agg == "sequence" else [])
     for share in share_options:
         prompts, completions = _model_batches(tokenizer, shared=6 if share else 0)
         B, max_new = len(prompts), 6
         with torch.no_grad():
-            base = E.token_logprobs(model, E.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu"))[0]
+            base = models.token_logprobs(model, models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu"))[0]
         g = torch.Generator().manual_seed(1)
         old_rows = [(base[i, :len(c)] + (torch.rand(len(c), generator=g) - 0.5) * 0.8).tolist()
                     for i, c in enumerate(completions)]
@@ -248,14 +249,14 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
             for rows in splits(B, size):
                 rows = list(rows)
                 kw = dict(share_prefix=True) if share else {}
-                batch = E.pad_batch([prompts[i] for i in rows], [completions[i] for i in rows],
+                batch = models.pad_batch([prompts[i] for i in rows], [completions[i] for i in rows],
                                     tokenizer.pad_token_id, "cpu", **kw)
                 mask = batch["completion_mask"]
                 old, adv = torch.zeros_like(mask), torch.zeros_like(mask)
                 for k, i in enumerate(rows):
                     old[k, :len(completions[i])] = torch.tensor(old_rows[i])
                     adv[k, :len(completions[i])] = advs[i]
-                logp = E.token_logprobs(model, batch)[0]
+                logp = models.token_logprobs(model, batch)[0]
                 w = grpo.token_weights(mask, agg, n_tokens, B, max_new)
                 loss, _ = grpo.grpo_loss(logp, old, adv, w, 0.2, 0.28)
                 loss.backward()
@@ -402,7 +403,7 @@ def test_underfilled_step_scales_the_learning_rate(tmp_path, monkeypatch):
         grpo.main(args)
         assert read_metrics(tmp_path / f"u{scale}")[0]["groups_kept"] == 1
         assert read_metrics(tmp_path / f"u{scale}")[0]["update_scale"] == (0.5 if scale else 1.0)
-        start, end = E.load_model("tiny-random", "cpu")[0].state_dict(), state_dict(tmp_path / f"u{scale}" / "checkpoint")
+        start, end = models.load_model("tiny-random", "cpu")[0].state_dict(), state_dict(tmp_path / f"u{scale}" / "checkpoint")
         moved[scale] = torch.cat([(end[k] - start[k]).abs().flatten() for k in end if k in start and "embed" not in k])
     assert moved[False].max() > 0
     torch.testing.assert_close(moved[True], moved[False] * 0.5, atol=1e-6, rtol=1e-3)
@@ -523,7 +524,7 @@ def test_metrics_files_and_checkpoint(run_a):
     assert any(m["grad_norm"] > 0 for m in metrics)  # the fake reward gives real updates
     assert (run_dir / "samples.jsonl").exists() and (run_dir / "samples.jsonl").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
-    initial = E.tiny_random_model(E.embedded_tokenizer()).state_dict()
+    initial = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
     final = model.state_dict()
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
 

@@ -47,6 +47,7 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
+from helpers import models  # noqa: E402
 import sft  # noqa: E402
 from test_grpo import assert_same_weights, fake_score_group, untimed  # noqa: E402
 from test_grpo import state_dict as weights  # noqa: E402
@@ -361,7 +362,7 @@ def test_grpo_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(grpo_referen
 
 def test_sft_sigint_checkpoints_exits_cleanly_and_resumes_exactly(sft_reference, tmp_path, monkeypatch, capsys):
     calls = []
-    real = E.token_logprobs
+    real = models.token_logprobs
 
     def interrupting(*args, **kwargs):  # Ctrl-C during step 2's forward pass
         calls.append(1)
@@ -370,7 +371,7 @@ def test_sft_sigint_checkpoints_exits_cleanly_and_resumes_exactly(sft_reference,
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(E, "token_logprobs", interrupting)
+        mp.setattr(models, "token_logprobs", interrupting)
         assert run_sft(tmp_path, "run") == {}
     captured = capsys.readouterr()
     assert "[signal 2] checkpointing after this step" in captured.err
@@ -666,5 +667,5 @@ def test_load_model_does_not_trust_remote_code_by_default(grpo_reference, monkey
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", recording)
-    E.load_model(str(grpo_reference / "checkpoint"), "cpu")
+    models.load_model(str(grpo_reference / "checkpoint"), "cpu")
     assert seen == [False, False]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import eval as E
 import rewards as R
 import sft
+from helpers import models
 
 TIMING = ("tokens_per_second", "step_seconds")
 CONTRACT = ("accuracy", "macro_f1", "per_class", "confusion", "format_rate", "adherence_rate", "n")
@@ -24,14 +25,14 @@ CONTRACT = ("accuracy", "macro_f1", "per_class", "confusion", "format_rate", "ad
 def fast(monkeypatch, tiny):
     """No end-of-run evaluation, and `tiny-random` copied from the session model instead of rebuilt."""
     model, tokenizer = tiny
-    load = E.load_model
+    load = models.load_model
 
     def load_model(name, device="auto", *args, **kwargs):
         if name == "tiny-random":
             return copy.deepcopy(model).train(), tokenizer
         return load(name, device, *args, **kwargs)
 
-    monkeypatch.setattr(E, "load_model", load_model)
+    monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], R.TAOBAO4.labels))
 
 
@@ -128,8 +129,8 @@ def resumed(tmp_path_factory, tiny):
     kw = dict(total_steps=4, save_every=2, batch_size=1, limit=4)
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as mp:
-        load = E.load_model
-        mp.setattr(E, "load_model", lambda name, device="auto", **kw: (copy.deepcopy(model).train(), tokenizer)
+        load = models.load_model
+        mp.setattr(models, "load_model", lambda name, device="auto", **kw: (copy.deepcopy(model).train(), tokenizer)
                    if name == "tiny-random" else load(name, device, **kw))
         mp.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], R.TAOBAO4.labels))
         try:
@@ -180,14 +181,14 @@ def test_resume_does_not_duplicate_metric_lines(resumed):
 # ==================================================================================================
 def nan_on_calls(monkeypatch, bad_calls):
     """token_logprobs returns NaN log-probs on the given (1-based) calls: that micro-batch's loss is NaN."""
-    original, calls = E.token_logprobs, []
+    original, calls = models.token_logprobs, []
 
     def token_logprobs(model, batch, *args, **kwargs):
         calls.append(1)
         logp, entropy = original(model, batch, *args, **kwargs)
         return (logp * float("nan") if len(calls) in bad_calls else logp), entropy
 
-    monkeypatch.setattr(sft.E, "token_logprobs", token_logprobs)
+    monkeypatch.setattr(sft.models, "token_logprobs", token_logprobs)
     return calls
 
 
@@ -300,13 +301,13 @@ def test_balanced_training_sees_every_label_equally_often(tmp_path, monkeypatch,
 
     import data as D
 
-    seen, pad_batch, tokenizer = [], E.pad_batch, E.embedded_tokenizer()
+    seen, pad_batch, tokenizer = [], models.pad_batch, models.embedded_tokenizer()
 
     def spy(prompts, completions, *args, **kwargs):  # the gold label of every sequence trained on
         seen.extend(re.search(r"<label>(\w+)</label>", tokenizer.decode(c)).group(1) for c in completions)
         return pad_batch(prompts, completions, *args, **kwargs)
 
-    monkeypatch.setattr(E, "pad_batch", spy)
+    monkeypatch.setattr(models, "pad_batch", spy)
     gold = [e.label for e in D.load_dataset("synthetic", "train", seed=1, limit=16).examples]
     largest = max(gold.count(label) for label in set(gold))
     assert largest > min(gold.count(label) for label in set(gold))  # the sample is skewed

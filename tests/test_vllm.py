@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
-from helpers import errors  # noqa: E402
+from helpers import errors, models  # noqa: E402
 from test_distributed import RUN, fake_score_group, no_eval  # noqa: E402
 from test_grpo import read_metrics  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_generate_vllm_keeps_the_generate_contract(fake_vllm, tokenizer):
     assert [r["prompt_token_ids"] for r in requests] == prompts
     assert [p.kwargs["seed"] for p in params] == [11, 12]
     assert all(p.kwargs["temperature"] == 0.7 and p.kwargs["top_p"] == 0.9 and p.kwargs["min_tokens"] == 1 and
-               p.kwargs["logprobs"] == 0 and p.kwargs["stop_token_ids"] == E.stop_token_ids(tokenizer) for p in params)
+               p.kwargs["logprobs"] == 0 and p.kwargs["stop_token_ids"] == models.stop_token_ids(tokenizer) for p in params)
     assert out.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
     results = engine.generate([{"prompt_token_ids": p} for p in prompts], params)
     expected = [c for r in results for c in r.outputs]
