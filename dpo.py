@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, models
+from helpers import errors, launch, models
 
 
 @dataclass
@@ -315,9 +315,9 @@ def gather_rows(rows: list, key) -> list:
 
 
 def main(args: Args) -> dict:
-    E.launch(args)
+    launch.launch(args)
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = E.make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "dpo")
     E.seed_everything(args.seed)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, models
+from helpers import errors, launch, models
 
 
 @dataclass
@@ -306,9 +306,9 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 
 def main(args: Args) -> dict:
-    E.launch(args)
+    launch.launch(args)
     args.run_name = args.run_name or f"grpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = E.make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "grpo")
     E.seed_everything(args.seed)
@@ -321,7 +321,7 @@ def main(args: Args) -> dict:
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
-        reference.eval().requires_grad_(False).to(E.compute_dtype(accelerator))  # bf16 on GPUs: it is never updated
+        reference.eval().requires_grad_(False).to(launch.compute_dtype(accelerator))  # bf16 on GPUs: it is never updated
     prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
                                          for e in examples))
     if run.main:

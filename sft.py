@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import errors, models
+from helpers import errors, launch, models
 
 
 @dataclass
@@ -155,9 +155,9 @@ def epoch_order(gold: list[str], seed: int, epoch: int, balanced: bool) -> list[
 
 
 def main(args: Args) -> dict:
-    E.launch(args)
+    launch.launch(args)
     args.run_name = args.run_name or f"sft-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = E.make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = E.Run(args, "sft")
     E.seed_everything(args.seed)

@@ -22,7 +22,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import launch, models  # noqa: E402
 
 
 @dataclass
@@ -46,8 +46,8 @@ class Args:
 
 
 def main(args: Args) -> None:
-    E.launch(args)
-    accelerator = E.make_accelerator(args)
+    launch.launch(args)
+    accelerator = launch.make_accelerator(args)
     model, tokenizer = models.load_policy(args.model, accelerator, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)

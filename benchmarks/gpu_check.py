@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import launch, models  # noqa: E402
 
 GiB = 2**30
 
@@ -79,7 +79,7 @@ def seven_b() -> None:
     checkpointing, and one AdamW step."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    shape = dict(zip(E.SHAPE_FIELDS, E.MODEL_SHAPES["qwen2.5-7b"]))
+    shape = dict(zip(launch.SHAPE_FIELDS, launch.MODEL_SHAPES["qwen2.5-7b"]))
     config = Qwen2Config(**shape, max_position_embeddings=4096)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
@@ -115,7 +115,7 @@ def seven_b() -> None:
         optimizer.step()
         torch.cuda.synchronize()
         plan = {item.split(" (")[0]: gib for item, gib, _ in
-                E.memory_plan(SimpleNamespace(micro_batch_size=8, max_new_tokens=256, max_item_tokens=250), shape | dict(num_hidden_layers=8),
+                launch.memory_plan(SimpleNamespace(micro_batch_size=8, max_new_tokens=256, max_item_tokens=250), shape | dict(num_hidden_layers=8),
                               1, "single", "bf16", checkpointing)}
         report("7b_shape_8_layers_fwd_bwd", checkpointing=checkpointing, rows=8, tokens_each=856,
                fwd_bwd_peak_above_weights_gib=peak / GiB, plan_activations_gib=plan["activations"],
@@ -129,7 +129,7 @@ def make_05b(folder: str) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = models.embedded_tokenizer()
-    shape = dict(zip(E.SHAPE_FIELDS, E.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=len(tokenizer))
+    shape = dict(zip(launch.SHAPE_FIELDS, launch.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=len(tokenizer))
     model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                          pad_token_id=tokenizer.pad_token_id))
     model.save_pretrained(folder)

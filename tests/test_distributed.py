@@ -35,7 +35,7 @@ import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import errors, models  # noqa: E402
+from helpers import errors, launch, models  # noqa: E402
 from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
 
 LAUNCH_TIMEOUT = 240
@@ -57,7 +57,7 @@ def accelerate_validate(command: list[str]):
 @pytest.mark.parametrize("num_gpus,strategy", [(8, "auto"), (8, "fsdp"), (8, "ddp"), (1, "fsdp")])
 def test_launch_command_passes_accelerate_validation(num_gpus, strategy):
     script = ["agrl.py", "--model", "Qwen2.5-7B", "--num-gpus", str(num_gpus)]
-    args = accelerate_validate(E.launch_command(num_gpus, "cuda", strategy, "auto", script))
+    args = accelerate_validate(launch.launch_command(num_gpus, "cuda", strategy, "auto", script))
     assert args.num_processes == num_gpus and args.mixed_precision == "bf16"
     assert args.training_script == "agrl.py" and args.training_script_args == script[1:]
     if strategy == "ddp":
@@ -75,7 +75,7 @@ def test_the_old_launch_command_is_what_accelerate_rejects():
 
 
 def test_cpu_launch_is_torchrun_with_n_ranks():
-    command = E.launch_command(2, "cpu", "fsdp", "auto", ["grpo.py", "--device", "cpu"])
+    command = launch.launch_command(2, "cpu", "fsdp", "auto", ["grpo.py", "--device", "cpu"])
     assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", "--device", "cpu"]
 
 
@@ -110,23 +110,23 @@ def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
                                            ("Llama-3.1-70B", 70.6)])
 def test_shape_table_gives_the_published_parameter_counts(name, billions, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shape, source = E.model_shape(name)
+    shape, source = launch.model_shape(name)
     assert "built-in table" in source
-    assert E.parameter_count(shape) / 1e9 == pytest.approx(billions, rel=0.01)
+    assert launch.parameter_count(shape) / 1e9 == pytest.approx(billions, rel=0.01)
 
 
 def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shape = E.model_shape("Qwen2.5-7B")[0]
+    shape = launch.model_shape("Qwen2.5-7B")[0]
     args = grpo.Args(model="Qwen2.5-7B")
     plan = lambda world, strategy, ckpt: {item.split(" (")[0]: gib for item, gib, _ in  # noqa: E731
-                                          E.memory_plan(args, shape, world, strategy, "bf16", ckpt)}
+                                          launch.memory_plan(args, shape, world, strategy, "bf16", ckpt)}
     sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
     assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
     assert whole["AdamW states fp32"] == pytest.approx(7.62e9 * 8 / 2**30, rel=0.01)
     assert plan(8, "fsdp", False)["activations"] > 10 * sharded["activations"]
-    assert E.model_shape("some-org/unknown-model-3b")[0] is None
-    report = E.dry_run_report(SimpleNamespace(**{**vars(args), "model": "some-org/unknown-model-3b", "num_gpus": 8}))
+    assert launch.model_shape("some-org/unknown-model-3b")[0] is None
+    report = launch.dry_run_report(SimpleNamespace(**{**vars(args), "model": "some-org/unknown-model-3b", "num_gpus": 8}))
     assert "memory    unknown: no local config for some-org/unknown-model-3b" in report
 
 
@@ -138,7 +138,7 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
                                                   ("cuda:1", 2, "--device cuda:1")])
 def test_cuda_requested_without_cuda_is_a_one_line_user_error(device, num_gpus, flag):
     with pytest.raises(errors.UserError) as stop:
-        E.launch(SimpleNamespace(device=device, num_gpus=num_gpus, strategy="auto", dry_run=False))
+        launch.launch(SimpleNamespace(device=device, num_gpus=num_gpus, strategy="auto", dry_run=False))
     err = str(stop.value)
     assert err.count("\n") == 0 and err.startswith(f"{flag} needs CUDA") and "--device cpu" in err
 
@@ -229,6 +229,7 @@ sys.path.insert(0, {tests!r})
 import tyro
 import eval as E
 import {script} as script
+from helpers import models
 import test_distributed
 import test_vllm
 

@@ -29,10 +29,9 @@ if str(REPO) not in sys.path:
 
 import agrl  # noqa: E402
 import data as D  # noqa: E402
-import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import launch, models  # noqa: E402
 
 TIMING = ("time", "seconds", "per_second")
 
@@ -559,9 +558,9 @@ def test_relaunch_distributed_cpu_starts_two_ranked_processes(tmp_path, monkeypa
     captured = []
     monkeypatch.setattr(sys, "argv", [str(probe), "--some-flag"])
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(E.subprocess, "call", lambda command, *a, **kw: captured.append(command) or 0)
+    monkeypatch.setattr(launch.subprocess, "call", lambda command, *a, **kw: captured.append(command) or 0)
     with pytest.raises(SystemExit):
-        E.relaunch_distributed(2, "cpu")
+        launch.relaunch_distributed(2, "cpu")
     assert len(captured) == 1 and captured[0][-2:] == [str(probe), "--some-flag"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
     proc = subprocess.run(captured[0], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

@@ -1,0 +1,284 @@
+"""Launch: processes, parallelism and precision for the training scripts, and the --dry-run plan.
+
+`launch` starts every training script: the dry-run report (launch command, parallel plan, per-GPU memory
+estimate, without loading weights), then CUDA honesty, then the relaunch under N processes (accelerate
+on GPUs, torchrun over gloo on CPU). `make_accelerator` builds the Accelerator inside each process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from helpers import models
+from helpers.errors import UserError
+
+
+# The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
+# hidden, intermediate, layers, attention heads, key/value heads, vocabulary, tied embeddings.
+MODEL_SHAPES = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True), "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True), "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False), "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False),
+    "qwen2.5-72b": (8192, 29568, 80, 64, 8, 152064, False), "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "llama-3-70b": (8192, 28672, 80, 64, 8, 128256, False),
+}
+
+
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "tie_word_embeddings")
+
+
+def model_shape(name: str) -> tuple[dict | None, str]:
+    """(shape, where it came from) without loading weights: the local config, else the family table, else None."""
+    import re
+
+    resolved = models.resolve_model_name(name)
+    if resolved == "tiny-random":
+        return dict(zip(SHAPE_FIELDS, (64, 128, 2, 4, 2, 49152, True))), "the built-in tiny-random config"
+    try:
+        from transformers import AutoConfig
+
+        path = models.embedded_model_dir() if resolved == "smollm2-135m" else resolved
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return {f: getattr(config, f) for f in SHAPE_FIELDS}, f"config of {path}"
+    except Exception:  # not local: the table below, never the network (a dry run must answer in seconds)
+        pass
+    key = resolved.split("/")[-1].lower().replace("meta-", "")
+    key = re.sub(r"^llama-?3(\.\d)?-", "llama-3-", key)
+    for family, shape in MODEL_SHAPES.items():
+        if key == family or key.startswith(family + "-"):
+            return dict(zip(SHAPE_FIELDS, shape)), f"built-in table ({family}; no config found locally)"
+    return None, f"no local config for {resolved} and not in the built-in table ({', '.join(MODEL_SHAPES)})"
+
+
+def parameter_count(shape: dict) -> int:
+    h, i, layers, heads, kv_heads, vocab, tied = (shape[f] for f in SHAPE_FIELDS)
+    kv = h // heads * kv_heads
+    block = h * h * 2 + h * kv * 2 + (h + 2 * kv) + 3 * h * i + 2 * h  # q, o; k, v; q/k/v biases (Qwen); MLP; norms
+    return vocab * h * (1 if tied else 2) + layers * block + h
+
+
+# A 80 GB and a 141 GB card (H100, H200) in GiB, the units of the memory plan.
+GPU_GIB = {"80 GB": 79.6, "141 GB": 140.4}
+
+
+def parallel_strategy(strategy: str, device: str, world: int) -> str:
+    """single | ddp | fsdp. auto: FSDP on GPUs (a 7B policy with AdamW does not fit one GPU whole), DDP
+    on CPU; `fsdp` also on CPU over gloo, so the sharded path runs in the tests."""
+    if strategy == "auto":
+        return "single" if world <= 1 else "fsdp" if device.startswith("cuda") else "ddp"
+    return "single" if strategy == "ddp" and world <= 1 else strategy
+
+
+def mixed_precision(args, device: str) -> str:
+    """accelerate's mixed_precision: bf16 compute over fp32 master weights and AdamW states, or no (fp32)."""
+    precision = getattr(args, "precision", "auto")
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.startswith("cuda")) else "no"
+
+
+def fsdp_plugin(precision: str):
+    """FSDP2 through accelerate: every transformer block a unit, fully sharded; whole (rank-0) state dicts."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+                                          state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+                                          mixed_precision_policy=policy)
+
+
+def make_accelerator(args):
+    """The Accelerator of a training script, from --strategy and --precision (inside each launched process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    device = models.pick_device(args.device)
+    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, int(os.environ.get("WORLD_SIZE", "1")))
+    precision = mixed_precision(args, device)
+    plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
+    if plugin is not None and "RANK" not in os.environ:
+        raise UserError("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
+    if "RANK" not in os.environ:  # one process, maybe several runs in it (tests): each gets the precision it asks for
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision, fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate enables FSDP only for GPU process groups; on CPU (gloo) we flip the same switch, so the
+        # tests run accelerate's own FSDP code: wrapping, state dicts, optimizer save and load.
+        from accelerate.state import PartialState
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPUs
+    return accelerator
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def launch_command(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto",
+                   script: list[str] | None = None) -> list[str]:
+    """The command `--num-gpus N` re-executes the script with. On GPUs: `accelerate launch`, FSDP2 or DDP
+    (accelerate takes `--use_fsdp` or `--multi_gpu`, never both). On CPU: `torchrun --standalone` (accelerate
+    runs one CPU process per machine), N gloo ranks; the script builds the same FSDP plugin itself."""
+    script = script if script is not None else [sys.argv[0], *sys.argv[1:]]
+    if device == "cpu":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_gpus), *script]
+    import socket
+
+    with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    precision = "bf16" if precision in ("auto", "bf16") else "no"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus), "--num_machines", "1",
+               "--main_process_port", str(port), "--mixed_precision", precision, "--dynamo_backend", "no"]
+    if parallel_strategy(strategy, "cuda", num_gpus) == "fsdp" or strategy == "fsdp":
+        command += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                    "--fsdp_cpu_ram_efficient_loading", "false"]
+    elif num_gpus > 1:
+        command += ["--multi_gpu"]
+    return command + script
+
+
+def launch(args) -> None:
+    """The start of every script: --dry-run, device honesty, then the relaunch under N processes (once).
+
+    Multi-node: run `accelerate launch` yourself with your cluster's flags (README); a launched process
+    has RANK set and never relaunches."""
+    num_gpus, strategy = args.num_gpus, getattr(args, "strategy", "auto")
+    if getattr(args, "dry_run", False):
+        print(dry_run_report(args))
+        raise SystemExit(0)
+    check_device(args.device, num_gpus)
+    if "RANK" in os.environ or (num_gpus <= 1 and strategy != "fsdp"):
+        return
+    if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
+        raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
+    os.environ["AGRL_LAUNCHED"] = "1"
+    command = launch_command(num_gpus, models.pick_device(args.device), strategy, getattr(args, "precision", "auto"))
+    print("[launch]", " ".join(command), flush=True)
+    sys.exit(subprocess.call(command))
+
+
+def check_device(device: str, num_gpus: int = 1) -> None:
+    """CUDA asked for (`--device cuda`, `--num-gpus N > 1`) where torch sees none: one line, exit 2."""
+    if device != "cpu" and not torch.cuda.is_available() and (device.startswith("cuda") or num_gpus > 1):
+        asked = f"--device {device}" if device.startswith("cuda") else f"--num-gpus {num_gpus}"
+        raise UserError(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
+                        f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
+
+
+def relaunch_distributed(num_gpus: int, device: str, strategy: str = "auto") -> None:
+    """`launch` for callers without an Args object (eval.py's own tests)."""
+    from types import SimpleNamespace
+
+    launch(SimpleNamespace(num_gpus=num_gpus, device=device, strategy=strategy))
+
+
+def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool) -> list[tuple[str, float, str]]:
+    """Estimated GiB per GPU: (item, GiB, phase) with phase static | generation | training. An estimate:
+    activations count the tensors a Llama/Qwen block keeps for backward (bf16), logits in fp32 as
+    token_logprobs makes them; allocator fragmentation and NCCL buffers are a flat 3 GiB."""
+    GiB = 2**30
+    h, i, layers, heads, kv_heads, vocab, tied = (shape[f] for f in SHAPE_FIELDS)
+    kv = h // heads * kv_heads
+    n = parameter_count(shape)
+    shard = world if strategy == "fsdp" else 1
+    compute = 2 if precision == "bf16" else 4
+    rows = getattr(args, "micro_batch_size", getattr(args, "batch_size", 8))
+    completion = getattr(args, "max_new_tokens", 256)
+    seq = 350 + getattr(args, "max_item_tokens", 256) + completion  # system prompt + item budget + completion
+    per_layer = rows * seq * (8 * h + 2 * kv + 4 * i) * compute  # block tensors saved for backward
+    activations = rows * seq * h * compute * layers + per_layer if checkpointing else per_layer * layers
+    plan = [(f"parameters fp32 (1/{shard} shard)" if shard > 1 else "parameters fp32", 4 * n / shard / GiB, "static"),
+            (f"AdamW states fp32 (1/{shard} shard)" if shard > 1 else "AdamW states fp32", 8 * n / shard / GiB, "static")]
+    vllm = getattr(args, "vllm", False)
+    if vllm:
+        plan.append((f"vLLM engine share (--vllm-gpu-memory {args.vllm_gpu_memory}) of an 80 GB card",
+                     args.vllm_gpu_memory * GPU_GIB["80 GB"], "static"))
+    elif strategy == "fsdp" and hasattr(args, "group_size"):
+        plan.append(("rollout inference copy, whole, bf16" if compute == 2 else "rollout inference copy, whole, fp32",
+                     compute * n / GiB, "static"))
+    if getattr(args, "beta", 0) > 0:
+        plan.append(("reference policy, whole (--beta > 0)", compute * n / GiB, "static"))
+    if hasattr(args, "group_size") and not vllm:
+        gen_rows = min(args.gen_batch_size, max(1, args.prompts_per_step // world)) * args.group_size
+        plan.append((f"rollout KV cache ({gen_rows} rows x {seq} tokens)", gen_rows * seq * layers * 2 * kv * compute / GiB,
+                     "generation"))
+        plan.append(("rollout sampling logits fp32", gen_rows * vocab * 4 * 3 / GiB, "generation"))
+    plan.append((f"gradients fp32 (1/{shard} shard)" if shard > 1 else "gradients fp32", 4 * n / shard / GiB, "training"))
+    if strategy == "fsdp":
+        root = vocab * h * (1 if tied else 2) + h
+        plan.append(("FSDP gathered units bf16 (embeddings/head + 2 blocks)" if compute == 2 else
+                     "FSDP gathered units fp32 (embeddings/head + 2 blocks)",
+                     compute * (root + 2 * (n - root) / layers) / GiB, "training"))
+    plan.append((f"activations ({rows} seqs x {seq} tokens, checkpointing {'on' if checkpointing else 'off'})",
+                 activations / GiB, "training"))
+    plan.append((f"completion logits fp32 + grad ({rows} x {completion + 1} x {vocab})",
+                 rows * (completion + 1) * vocab * (compute + 8) / GiB, "training"))
+    plan.append(("CUDA context, NCCL, allocator slack", 3.0, "static"))
+    return plan
+
+
+def dry_run_report(args) -> str:
+    """What `--num-gpus N` would do, without loading weights: model id, launch command, parallel plan, memory."""
+    on_cpu = args.device == "cpu"
+    device = "cpu" if on_cpu else "cuda"
+    world = max(1, args.num_gpus)
+    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, world)
+    precision = mixed_precision(args, device)
+    checkpointing = models.gradient_checkpointing_on(args, device)
+    resolved = models.resolve_model_name(args.model)
+    shape, source = model_shape(args.model)
+    argv = [a for a in sys.argv[1:] if a != "--dry-run"]
+    if world > 1 or strategy == "fsdp":
+        command = " ".join(launch_command(world, device, strategy, getattr(args, "precision", "auto"), [sys.argv[0], *argv]))
+    else:
+        command = " ".join([sys.executable, sys.argv[0], *argv]) + "   (one process: no relaunch)"
+    lines = [f"model     {args.model} -> {resolved}", f"shape     {source}", f"launch    {command}"]
+    how = {"fsdp": "FSDP2 full shard, one unit per transformer block (parameters, gradients and AdamW states split over "
+                   f"{world} ranks)", "ddp": f"DDP, a whole copy of the model on each of {world} processes",
+           "single": "one process"}[strategy]
+    lines.append(f"parallel  {world} x {'CPU' if on_cpu else 'GPU'}: {how}")
+    lines.append(f"precision {'bf16 compute, fp32 master weights, gradients and AdamW states' if precision == 'bf16' else 'fp32'}; "
+                 f"gradient checkpointing {'on' if checkpointing else 'off'}")
+    if hasattr(args, "group_size"):
+        per_rank = -(-args.prompts_per_step // world)
+        backend = ("colocated vLLM engine per rank (external_launcher), weights pushed after each update" if args.vllm else
+                   "HF generation on an unsharded inference copy, gathered once per step (no collective inside "
+                   "generation, so ranks may generate different amounts)" if strategy == "fsdp" else "HF generation on the local model")
+        lines.append(f"rollouts  {args.prompts_per_step} prompts x {args.group_size} completions per step, <= {per_rank} "
+                     f"prompts per rank; {backend}")
+        lines.append(f"training  micro-batches of {args.micro_batch_size} sequences per rank, equal count on every rank")
+    if shape is None:
+        lines.append("memory    unknown: " + source + ". Put the model's config.json in a local folder and pass that folder.")
+        return "\n".join(lines)
+    n = parameter_count(shape)
+    plan = memory_plan(args, shape, world, strategy, precision, checkpointing)
+    lines.append(f"memory    per GPU, estimated GiB ({n / 1e9:.2f}B parameters; {shape['num_hidden_layers']} layers, "
+                 f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):")
+    totals = {phase: sum(g for _, g, p in plan if p == phase) for phase in ("static", "generation", "training")}
+    for phase in ("static", "generation", "training"):
+        for item, gib, p in plan:
+            if p == phase:
+                lines.append(f"  {phase:<10} {item:<66} {gib:7.2f}")
+    peak = totals["static"] + max(totals["generation"], totals["training"])
+    lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<66} {peak:7.2f}")
+    for card, gib in GPU_GIB.items():
+        need = peak + (args.vllm_gpu_memory * (gib - GPU_GIB["80 GB"]) if getattr(args, "vllm", False) else 0)  # vLLM takes a share
+        verdict = "fits" if need < 0.9 * gib else "tight" if need < gib else "does NOT fit"
+        lines.append(f"  on {card} cards ({gib:.1f} GiB): {verdict}, headroom {gib - need:.1f} GiB")
+    return "\n".join(lines)
