@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models
+from helpers import errors, launch, models, rollouts
 
 
 @dataclass
@@ -404,7 +404,7 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
     prompt, the rest sampled, so only the forced tokens are off-policy; hint: K answers sampled from
     the prompt plus the guidance paragraph, all off-policy for pi(. | x); target: the SFT target itself
     (one, no generation). Behaviour log-probs of forced tokens are a teacher-forced forward under x.
-    `sample` generates like `E.generate` without the model argument (default: E.generate on `policy`).
+    `sample` generates like `rollouts.generate` without the model argument (default: rollouts.generate on `policy`).
     """
     temperature = args.temperature if args.temperature > 0 else 1.0
 
@@ -432,7 +432,7 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
                     for t in to_guide]
         prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
     budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
-    gen = (sample or functools.partial(E.generate, policy))(tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
+    gen = (sample or functools.partial(rollouts.generate, policy))(tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
                      top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), batch_size=args.gen_batch_size,
                      seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide])
     for i, (t, prefix) in enumerate(zip(to_guide, prefixes)):
@@ -549,7 +549,7 @@ def main(args: Args) -> dict:
         E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
-        engine = E.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
+        engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
                                     args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
     stop = E.StopFlag()
 
@@ -575,7 +575,7 @@ def main(args: Args) -> dict:
         seeds = [args.seed * 1_000_003 + p for p in mine]
         kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, min_new_tokens=args.min_new_tokens)
-        out = E.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
+        out = rollouts.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
                                  batch_size=args.gen_batch_size, **kwargs)
         t0, groups, G = time.perf_counter(), [], args.group_size
         for i, p in enumerate(mine):
@@ -620,9 +620,9 @@ def main(args: Args) -> dict:
         mine = to_guide[rank::world]
         if not mine:
             return []
-        sample = functools.partial(E.rollout_generate, model, accelerator, engine)  # the rollouts' backend, vLLM included
+        sample = functools.partial(rollouts.rollout_generate, model, accelerator, engine)  # the rollouts' backend, vLLM included
         with accelerator.autocast():
-            return guided_answers(E.rollout_policy(model, engine), tokenizer, mine, examples, rulebook, args, K,
+            return guided_answers(rollouts.rollout_policy(model, engine), tokenizer, mine, examples, rulebook, args, K,
                                   accelerator.device, sample)
 
     def adaptive_guided_replay(groups: list[dict], stats: dict, step: int) -> list[dict]:
@@ -685,7 +685,7 @@ def main(args: Args) -> dict:
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
-        E.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
+        rollouts.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
@@ -716,7 +716,7 @@ def main(args: Args) -> dict:
         # base policy learns nothing of its own this way (measured, README), so such steps count as empty too
         guided_only = args.agr and bool(kept) and not any(ok for g in scored for ok in g["format_ok"])
         empty_steps = 0 if kept and not guided_only else empty_steps + 1
-        E.release_rollout_memory(engine, args.vllm_sleep)
+        rollouts.release_rollout_memory(engine, args.vllm_sleep)
 
         generated += agr_stats["guided_sampled"]  # guided samples count against the generation budget
 

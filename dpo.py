@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models
+from helpers import errors, launch, models, rollouts
 
 
 @dataclass
@@ -353,7 +353,7 @@ def main(args: Args) -> dict:
             mine = indices[rank::world]
             for i in mine:
                 encoded.setdefault(i, D.encode_prompt(tokenizer, examples[i], rulebook, args.order, args.max_item_tokens))
-            out = E.generate(policy, tokenizer, [encoded[i][0] for i in mine], n=N, max_new_tokens=args.max_new_tokens,
+            out = rollouts.generate(policy, tokenizer, [encoded[i][0] for i in mine], n=N, max_new_tokens=args.max_new_tokens,
                              temperature=args.sample_temperature, seeds=[args.seed * 1_000_003 + i for i in mine],
                              batch_size=args.gen_batch_size, desc=f"pass@{N}" if run.main else None)
             groups = []

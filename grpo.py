@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models
+from helpers import errors, launch, models, rollouts
 
 
 @dataclass
@@ -338,7 +338,7 @@ def main(args: Args) -> dict:
         E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
-        engine = E.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
+        engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
                                     args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
     stop = E.StopFlag()
 
@@ -362,7 +362,7 @@ def main(args: Args) -> dict:
         seeds = [args.seed * 1_000_003 + p for p in mine]
         kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, min_new_tokens=args.min_new_tokens)
-        out = E.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
+        out = rollouts.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
                                  batch_size=args.gen_batch_size, **kwargs)
         t0, groups, G = time.perf_counter(), [], args.group_size
         for i, p in enumerate(mine):
@@ -386,7 +386,7 @@ def main(args: Args) -> dict:
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
-        E.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
+        rollouts.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
@@ -408,7 +408,7 @@ def main(args: Args) -> dict:
             if len(kept) >= args.prompts_per_step:
                 break
         empty_steps = 0 if kept else empty_steps + 1  # every group dropped: this step trains on nothing
-        E.release_rollout_memory(engine, args.vllm_sleep)
+        rollouts.release_rollout_memory(engine, args.vllm_sleep)
 
         # 4. advantages: group-normalised rewards, broadcast to every completion token
         t0 = time.perf_counter()

@@ -41,8 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
-import eval as E  # noqa: E402
-from helpers import cpu_decode, models  # noqa: E402
+from helpers import cpu_decode, models, rollouts  # noqa: E402
 
 CONFIGS = {
     # The workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
@@ -168,17 +167,17 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
     size = cfg["matmul"] // 2
     a, b = torch.randn(size, size, device=device, dtype=cfg["dtype"]), torch.randn(size, size, device=device, dtype=cfg["dtype"])
     with torch.no_grad():
-        logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, device)
+        logits, cache, mask, positions = rollouts.prefill(model, prompts, tokenizer.pad_token_id, device)
         kv = cpu_decode.GroupedKV(cache, mask, n, rows, tokens)
         position = positions[:, -1].repeat_interleave(n) + 1 + tokens // 2
         step_tokens = torch.randint(100, 40000, (rows,), device=device)
-        keys = E.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
-        vocab_hash = E._mix32(torch.arange(logits.shape[-1], device=device))
+        keys = rollouts.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+        vocab_hash = rollouts._mix32(torch.arange(logits.shape[-1], device=device))
         reads = list(model.parameters()) + kv.prompt_k + kv.prompt_v
 
         def step():
             hidden = cpu_decode.decode_step(model, step_tokens, position, kv, tokens // 2)
-            E._sample(cpu_decode.decode_linear(hidden, model.lm_head), 1.0, 1.0, keys, vocab_hash)
+            rollouts._sample(cpu_decode.decode_linear(hidden, model.lm_head), 1.0, 1.0, keys, vocab_hash)
 
         step()
         out = dict(step_s=[], read_s=[], matmul_s=[])
@@ -209,12 +208,12 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
         return statistics.median(clock(fn, "cpu") for _ in range(reps)) * 1e3
 
     with torch.no_grad():
-        logits, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
+        logits, cache, mask, positions = rollouts.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
         kv = cpu_decode.GroupedKV(cache, mask, n, rows, tokens)
         position = positions[:, -1].repeat_interleave(n) + 1 + t
         step_tokens = torch.randint(100, 40000, (rows,))
-        keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
-        vocab_hash = E._mix32(torch.arange(logits.shape[-1]))
+        keys = rollouts.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
+        vocab_hash = rollouts._mix32(torch.arange(logits.shape[-1]))
         hidden = cpu_decode.decode_step(model, step_tokens, position, kv, t)
         layers = model.model.layers
         attn = layers[0].self_attn
@@ -229,7 +228,7 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
             attention=ms(lambda: [ops.grouped_attention(q, kv.prompt_k[i], kv.prompt_v[i], bias, kv.gen_k[i], kv.gen_v[i], t,
                                                         attn.scaling) for i in range(len(layers))]),
             lm_head=ms(lambda: cpu_decode.decode_linear(hidden, model.lm_head)),
-            sampling=ms(lambda: E._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)))
+            sampling=ms(lambda: rollouts._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)))
     parts["rest"] = parts["layers"] - parts["projections"] - parts["attention"]
     return parts
 
@@ -246,11 +245,11 @@ def sampling_share(model, cfg: dict, rows: int, step_seconds: float) -> dict:
     device = cfg["device"]
     vocab = model.config.vocab_size
     logits = torch.randn(rows, vocab, device=device, dtype=cfg["dtype"])
-    keys = E.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
-    vocab_hash = E._mix32(torch.arange(vocab, device=device))
+    keys = rollouts.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+    vocab_hash = rollouts._mix32(torch.arange(vocab, device=device))
     generators = [torch.Generator().manual_seed(r) for r in range(rows)]
     with torch.no_grad():  # as in generate: the compiled sampler on CPU
-        new = statistics.median(clock(lambda: E._sample(logits, 1.0, 1.0, keys, vocab_hash), device) for _ in range(20))
+        new = statistics.median(clock(lambda: rollouts._sample(logits, 1.0, 1.0, keys, vocab_hash), device) for _ in range(20))
         old = statistics.median(clock(lambda: old_sample(logits, generators), device) for _ in range(20))
     return dict(sample_s=new, old_sample_s=old, sample_share=new / step_seconds,
                 old_sample_share=old / (step_seconds - new + old))
@@ -275,7 +274,7 @@ def main(args: Args) -> None:
     rows, seeds = costs["rows"], list(range(len(prompts)))
 
     def ours(k: int, fast: bool = True):
-        return E.generate(model, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0,
+        return rollouts.generate(model, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0,
                           seeds=seeds, batch_size=len(prompts), fast_decode=fast)
 
     ours(2), ours(2, fast=False)  # warm-up: threads, allocator, kernels

@@ -618,7 +618,7 @@ def perflog(args: Args) -> None:
 
     import data as D
     import eval as E
-    from helpers import models
+    from helpers import models, rollouts
 
     cfg = config_of(args)
     model, tokenizer = models.load_model(model_name(args, cfg), "cpu")
@@ -647,13 +647,13 @@ def perflog(args: Args) -> None:
     def add(row):
         rows.append(row)
         print(f"[perflog] {row[0]}: without {row[1]:.3f}s, with {row[2]:.3f}s, {row[1] / row[2]:.2f}x ({row[3]})", flush=True)
-    E.generate(model, tokenizer, [prompt], n=2, max_new_tokens=2)  # warm-up (threads, allocator)
+    rollouts.generate(model, tokenizer, [prompt], n=2, max_new_tokens=2)  # warm-up (threads, allocator)
     # (1) shared-prompt prefill in generation
     outs = {}
 
     def gen_fn(shared):
         def run():
-            outs[shared] = E.generate(model, tokenizer, [prompt], n=G, max_new_tokens=C, temperature=0.0,
+            outs[shared] = rollouts.generate(model, tokenizer, [prompt], n=G, max_new_tokens=C, temperature=0.0,
                                       shared_prefill=shared)
         return run
     t_on, t_off = clock(gen_fn(True)), clock(gen_fn(False))

@@ -21,8 +21,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
-import eval as E  # noqa: E402
-from helpers import launch, models  # noqa: E402
+from helpers import launch, models, rollouts  # noqa: E402
 
 
 @dataclass
@@ -58,15 +57,15 @@ def main(args: Args) -> None:
                   temperature=1.0, seeds=list(range(len(prompts))))
     # the sharded model itself: FSDP2 gathers each block in every forward, a collective per layer per token
     start = time.perf_counter()
-    lockstep = E.generate(model, tokenizer, prompts, **kwargs)
+    lockstep = rollouts.generate(model, tokenizer, prompts, **kwargs)
     lockstep_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    E.refresh_rollout_weights(model, accelerator)
+    rollouts.refresh_rollout_weights(model, accelerator)
     gather_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    copied = E.rollout_generate(model, accelerator, None, tokenizer, prompts, **kwargs)
+    copied = rollouts.rollout_generate(model, accelerator, None, tokenizer, prompts, **kwargs)
     copy_seconds = time.perf_counter() - start
-    copy_bytes = sum(p.numel() * p.element_size() for p in E._INFERENCE_COPIES[id(model)].parameters())
+    copy_bytes = sum(p.numel() * p.element_size() for p in rollouts._INFERENCE_COPIES[id(model)].parameters())
     shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) / accelerator.num_processes
     result = dict(model=args.model, world=accelerator.num_processes, device=str(accelerator.device),
                   completions_per_rank=len(prompts) * args.group_size, tokens_each=args.max_new_tokens,

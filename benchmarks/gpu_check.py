@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
-from helpers import launch, models  # noqa: E402
+from helpers import launch, models, rollouts  # noqa: E402
 
 GiB = 2**30
 
@@ -32,13 +32,13 @@ def generation() -> None:
         model, tokenizer = models.load_model("smollm2-135m", "cuda", dtype="float32" if dtype == torch.float32 else "bfloat16")
         dataset = D.load_dataset("synthetic", "dev", seed=0, limit=8)
         prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook, "label_first", 256)[0] for e in dataset.examples]
-        ours = E.generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0)
+        ours = rollouts.generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0)
         same_as_hf = 0
         for p, completion in zip(prompts, ours.completion_ids):
             hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False,
                                 eos_token_id=models.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
             same_as_hf += hf[0, len(p):].tolist()[:len(completion)] == completion
-        sampled = [E.generate(model, tokenizer, prompts, n=4, max_new_tokens=32, temperature=1.0, seeds=list(range(8)),
+        sampled = [rollouts.generate(model, tokenizer, prompts, n=4, max_new_tokens=32, temperature=1.0, seeds=list(range(8)),
                               shared_prefill=share) for share in (True, False)]
         batch = models.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, "cuda")
         with torch.no_grad():
@@ -87,7 +87,7 @@ def seven_b() -> None:
     prompts = [[int(t) for t in torch.randint(0, 49152, (600,))] for _ in range(16)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = E.generate(model, tokenizer, prompts, n=8, max_new_tokens=128, min_new_tokens=128, temperature=1.0,
+    out = rollouts.generate(model, tokenizer, prompts, n=8, max_new_tokens=128, min_new_tokens=128, temperature=1.0,
                      seeds=list(range(16)), batch_size=16)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start

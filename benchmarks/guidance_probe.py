@@ -25,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import agrl  # noqa: E402
 import data as D  # noqa: E402
-import eval as E  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import models, rollouts  # noqa: E402
 
 
 @dataclass
@@ -63,7 +62,7 @@ def main(args: Args) -> None:
     examples, book = dataset.examples, dataset.rulebook
     model, tokenizer = models.load_model(args.model, args.device)
     prompts = [D.encode_prompt(tokenizer, e, book, args.order)[0] for e in examples]
-    own = E.generate(model, tokenizer, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
+    own = rollouts.generate(model, tokenizer, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, seeds=list(range(len(prompts))))
     score = lambda text, e: R.score_output(text, e.label, e.criteria, book, args.order)  # noqa: E731
     groups = []

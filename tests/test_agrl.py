@@ -25,10 +25,9 @@ if str(REPO) not in sys.path:
 
 import agrl  # noqa: E402
 import data as D  # noqa: E402
-import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import models, rollouts  # noqa: E402
 from rewards import TAOBAO4, UNKNOWN  # noqa: E402
 from test_grpo import fake_score_group  # noqa: E402  (the same deterministic text reward)
 
@@ -205,7 +204,7 @@ def escalation_run(tmp_path_factory):
     Expected: 1 level 1 (guided fail), 2 level 2 (guided success, buffer filled), 3 replay from the buffer,
     4 and 5 recovery: the level decays 2 -> 1 -> 0."""
     out = tmp_path_factory.mktemp("agr")
-    real_generate, real_score, real_rows = E.generate, agrl.score_group, agrl.training_rows
+    real_generate, real_score, real_rows = rollouts.generate, agrl.score_group, agrl.training_rows
     seen = dict(guidance=[], rows=[], policy_calls=0)
 
     def generate(model, tokenizer, prompts, *a, **kw):
@@ -240,7 +239,7 @@ def escalation_run(tmp_path_factory):
                      agr_max_level=2, agr_recover=0.5, agr_ema=0.5, save_every=1, keep_last=10, lr=1e-3,
                      warmup_steps=1, seed=1, agr_guide="hint", agr_replay_delay=0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(E, "generate", generate)
+        mp.setattr(rollouts, "generate", generate)
         mp.setattr(agrl, "score_group", score)
         mp.setattr(agrl, "training_rows", rows)
         agrl.main(args)

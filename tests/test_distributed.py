@@ -229,14 +229,14 @@ sys.path.insert(0, {tests!r})
 import tyro
 import eval as E
 import {script} as script
-from helpers import models
+from helpers import models, rollouts
 import test_distributed
 import test_vllm
 
 script.score_group = test_distributed.fake_score_group
 E.run_eval = lambda *a, **k: E.classification_metrics([], [], test_distributed.R.TAOBAO4.labels)
 E.metrics_table = lambda *a, **k: ""
-calls, rollout_generate = [], E.rollout_generate
+calls, rollout_generate = [], rollouts.rollout_generate
 
 
 def counting_rollout_generate(model, accelerator, engine, tokenizer, prompts, **kwargs):
@@ -248,9 +248,9 @@ def dump_trained_weights(args, model, tokenizer, run, device):
     """Instead of the evaluation: every rank helps gather the trained weights, rank 0 writes them."""
     from safetensors.torch import save_file
 
-    whole = {{name: E.full_tensor(t).clone() for name, t in models.unwrapped(model).state_dict().items()}}
+    whole = {{name: rollouts.full_tensor(t).clone() for name, t in models.unwrapped(model).state_dict().items()}}
     engine = test_vllm.FakeLLM()  # the vLLM weight sync from FSDP shards, recorded
-    E.sync_vllm_weights(engine, model)
+    rollouts.sync_vllm_weights(engine, model)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         pushed = [(name, list(shape), (tensor.float() - whole[name].bfloat16().float()).abs().max().item())
@@ -264,7 +264,7 @@ def dump_trained_weights(args, model, tokenizer, run, device):
     return {{}}
 
 
-E.rollout_generate = counting_rollout_generate
+rollouts.rollout_generate = counting_rollout_generate
 E.final_eval = dump_trained_weights
 script.main(tyro.cli(script.Args))
 '''

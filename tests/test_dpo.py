@@ -282,6 +282,7 @@ def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch
     pairs the steps consume (3 steps x 1 pair), far short of the 2000-prompt pool; a policy that makes no
     pair stops after one round of sample_margin x the prompts needed; --sample-all takes every prompt."""
     import eval as E
+    from helpers import rollouts
 
     examples = D.load_dataset("synthetic", "train", seed=1).examples
     calls = []
@@ -289,7 +290,7 @@ def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch
     def fake_generate(model, tokenizer, prompts, n=1, seeds=None, pair_every=3, **_):
         indices = [s - 1 * 1_000_003 for s in seeds] if seeds is not None else [None] * len(prompts)
         calls.append(indices)
-        out = E.Rollouts([], [], [], [], [])
+        out = rollouts.Rollouts([], [], [], [], [])
         for prompt, i in zip(prompts, indices):
             e = examples[i] if i is not None else examples[0]
             wrong = next(label for label in TAOBAO4.labels if label != e.label)
@@ -303,7 +304,7 @@ def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch
                 out.truncated.append(False)
         return out
 
-    monkeypatch.setattr(E, "generate", fake_generate)
+    monkeypatch.setattr(rollouts, "generate", fake_generate)
     monkeypatch.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], TAOBAO4.labels))
     args = dict(COMMON, batch_size=1, grad_accum=1, total_steps=3, n_samples=2, output_dir=str(tmp_path))
     dpo.main(dpo.Args(**args, run_name="sized"))
@@ -317,7 +318,7 @@ def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch
     assert len(set(sampled)) == len(sampled)  # a prompt is sampled once
 
     calls.clear()
-    monkeypatch.setattr(E, "generate", lambda *a, **k: fake_generate(*a, pair_every=10**9, **k))
+    monkeypatch.setattr(rollouts, "generate", lambda *a, **k: fake_generate(*a, pair_every=10**9, **k))
     dpo.main(dpo.Args(**args, run_name="none"))
     assert [len(c) for c in calls] == [6]  # no pair in the first round: no second one
     calls.clear()

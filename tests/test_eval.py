@@ -20,7 +20,7 @@ import torch
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, models
+from helpers import errors, models, rollouts
 
 LABELS = ("A", "B", "C", "D")
 
@@ -231,8 +231,8 @@ def test_sft_targets_put_the_label_token_where_label_only_reads_it(tokenizer, de
 # 5. Generation
 # ==================================================================================================
 def test_shared_prefill_equals_plain_prefill(lively, tokenizer, prompts):
-    a = E.generate(lively, tokenizer, prompts, n=3, max_new_tokens=8, shared_prefill=True)
-    b = E.generate(lively, tokenizer, prompts, n=3, max_new_tokens=8, shared_prefill=False)
+    a = rollouts.generate(lively, tokenizer, prompts, n=3, max_new_tokens=8, shared_prefill=True)
+    b = rollouts.generate(lively, tokenizer, prompts, n=3, max_new_tokens=8, shared_prefill=False)
     assert len(a.completion_ids) == len(b.completion_ids) == 3 * len(prompts)
     assert a.completion_ids == b.completion_ids
     assert len({tuple(c) for c in a.completion_ids}) == len(prompts)  # greedy: one answer per prompt, not all alike
@@ -246,7 +246,7 @@ def test_shared_prefill_equals_plain_prefill(lively, tokenizer, prompts):
 def test_greedy_equals_hf_generate(lively, tokenizer, prompts):
     k = 10
     for prompt in prompts[:2]:
-        ours = E.generate(lively, tokenizer, [prompt], n=1, max_new_tokens=k)
+        ours = rollouts.generate(lively, tokenizer, [prompt], n=1, max_new_tokens=k)
         ids = torch.tensor([prompt])
         hf = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
                              min_new_tokens=k, pad_token_id=tokenizer.pad_token_id)
@@ -256,7 +256,7 @@ def test_greedy_equals_hf_generate(lively, tokenizer, prompts):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_token_logprobs(lively, tokenizer, prompts, temperature):
     model = EosBias(lively, tokenizer.eos_token_id, 0.15)  # completions of different lengths
-    out = E.generate(model, tokenizer, prompts, n=2, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
+    out = rollouts.generate(model, tokenizer, prompts, n=2, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
     assert len({len(c) for c in out.completion_ids}) > 1
     batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -268,19 +268,19 @@ def test_behaviour_logprobs_equal_token_logprobs(lively, tokenizer, prompts, tem
 def test_seeded_sampling_is_reproducible_and_batch_independent(lively, tokenizer, prompts):
     kw = dict(n=2, max_new_tokens=6, temperature=1.0)
     seeds = [11, 12, 13, 14]
-    together = E.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
-    assert E.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw).completion_ids == together.completion_ids
+    together = rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
+    assert rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw).completion_ids == together.completion_ids
     for batch_size in (1, 3):
-        again = E.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw)
+        again = rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw)
         assert again.completion_ids == together.completion_ids, batch_size
-    plain = E.generate(lively, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw)
+    plain = rollouts.generate(lively, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw)
     assert plain.completion_ids == together.completion_ids
-    alone = E.generate(lively, tokenizer, [prompts[2]], seeds=[13], **kw)
+    alone = rollouts.generate(lively, tokenizer, [prompts[2]], seeds=[13], **kw)
     assert alone.completion_ids == together.completion_ids[4:6]
     assert alone.logprobs[0] == pytest.approx(together.logprobs[4], abs=1e-4)
     # and the randomness is real: the two samples of a prompt differ, and another seed changes them
     assert together.completion_ids[4] != together.completion_ids[5]
-    other = E.generate(lively, tokenizer, [prompts[2]], seeds=[99], **kw)
+    other = rollouts.generate(lively, tokenizer, [prompts[2]], seeds=[99], **kw)
     assert other.completion_ids != alone.completion_ids
 
 
@@ -288,7 +288,7 @@ def test_min_new_tokens_and_truncated_flags(lively, tokenizer, prompts):
     stops = stops_of(tokenizer)
     model = EosBias(lively, tokenizer.eos_token_id, 0.4)
     # seeds under which both cases occur (a row runs 6 tokens without stopping with probability 0.6^6 = 5%)
-    free = E.generate(model, tokenizer, prompts, n=3, max_new_tokens=6, temperature=1.0, seeds=[9, 10, 11, 12])
+    free = rollouts.generate(model, tokenizer, prompts, n=3, max_new_tokens=6, temperature=1.0, seeds=[9, 10, 11, 12])
     assert any(free.truncated) and not all(free.truncated)
     for ids, logps, truncated in zip(free.completion_ids, free.logprobs, free.truncated):
         assert len(ids) == len(logps) >= 1
@@ -298,7 +298,7 @@ def test_min_new_tokens_and_truncated_flags(lively, tokenizer, prompts):
         else:
             assert ids[-1] in stops and len(ids) <= 6
 
-    forced = E.generate(model, tokenizer, prompts, n=3, max_new_tokens=5, min_new_tokens=5, temperature=1.0,
+    forced = rollouts.generate(model, tokenizer, prompts, n=3, max_new_tokens=5, min_new_tokens=5, temperature=1.0,
                         seeds=[1, 2, 3, 4])
     assert all(len(ids) == 5 for ids in forced.completion_ids)
     assert not any(t in stops for ids in forced.completion_ids for t in ids)
@@ -309,7 +309,7 @@ def test_min_new_tokens_and_truncated_flags(lively, tokenizer, prompts):
 def test_generate_restores_training_mode(tiny_model, tokenizer, prompts):
     tiny_model.train()
     try:
-        E.generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=2)
+        rollouts.generate(tiny_model, tokenizer, prompts[:1], max_new_tokens=2)
         assert tiny_model.training
     finally:
         tiny_model.eval()
@@ -317,7 +317,7 @@ def test_generate_restores_training_mode(tiny_model, tokenizer, prompts):
 
 def test_prefill_keeps_only_last_position_logits(lively, tokenizer, prompts):
     model = Recorder(lively)
-    E.generate(model, tokenizer, prompts, n=2, max_new_tokens=3)
+    rollouts.generate(model, tokenizer, prompts, n=2, max_new_tokens=3)
     E.label_distribution(model, tokenizer, prompts, R.TAOBAO4)
     assert all(shape[1] == 1 for shape in model.shapes), model.shapes
 

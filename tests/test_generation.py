@@ -16,8 +16,7 @@ import math
 import pytest
 import torch
 
-import eval as E
-from helpers import cpu_decode, models
+from helpers import cpu_decode, models, rollouts
 
 
 def with_stop_bias(model, stop_id: int, bias: float):
@@ -45,7 +44,7 @@ def prompts():
     return [system + torch.randint(100, 40000, (k,), generator=gen).tolist() for k in (3, 11, 7, 1)]
 
 
-def assert_same(a: E.Rollouts, b: E.Rollouts, atol: float = 1e-4):
+def assert_same(a: rollouts.Rollouts, b: rollouts.Rollouts, atol: float = 1e-4):
     assert a.completion_ids == b.completion_ids
     assert a.truncated == b.truncated and a.texts == b.texts and a.prompt_ids == b.prompt_ids
     for x, y in zip(a.logprobs, b.logprobs):
@@ -75,8 +74,8 @@ def qwen_model(tokenizer, kind: str):
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
 def test_fast_decode_equals_hf_forward(stopper, tokenizer, prompts, temperature, top_p):
     kw = dict(n=3, max_new_tokens=7, temperature=temperature, top_p=top_p, seeds=[5, 6, 7, 8])
-    fast = E.generate(stopper, tokenizer, prompts, **kw)
-    reference = E.generate(stopper, tokenizer, prompts, fast_decode=False, **kw)
+    fast = rollouts.generate(stopper, tokenizer, prompts, **kw)
+    reference = rollouts.generate(stopper, tokenizer, prompts, fast_decode=False, **kw)
     assert_same(fast, reference)
     if temperature > 0:  # rows stopped at different steps: the running-rows LM head was exercised
         assert len({len(c) for c in fast.completion_ids}) > 2 and any(fast.truncated) and not all(fast.truncated)
@@ -87,7 +86,7 @@ def test_fast_decode_other_architectures(tokenizer, prompts, kind):
     model = qwen_model(tokenizer, kind)
     assert cpu_decode.fast_decoder_supports(model, 100)
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3, 4])
-    assert_same(E.generate(model, tokenizer, prompts, **kw), E.generate(model, tokenizer, prompts, fast_decode=False, **kw))
+    assert_same(rollouts.generate(model, tokenizer, prompts, **kw), rollouts.generate(model, tokenizer, prompts, fast_decode=False, **kw))
 
 
 def test_fast_decoder_declines_what_it_cannot_run(lively, tokenizer):
@@ -101,7 +100,7 @@ def test_fast_decoder_declines_what_it_cannot_run(lively, tokenizer):
 def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
     """Batched, shared prefix, left padding and n copies: each row equals HF generate on its prompt alone."""
     k = 9
-    ours = E.generate(lively, tokenizer, prompts, n=2, max_new_tokens=k, min_new_tokens=k)
+    ours = rollouts.generate(lively, tokenizer, prompts, n=2, max_new_tokens=k, min_new_tokens=k)
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
         hf = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
@@ -111,7 +110,7 @@ def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_a_training_forward(stopper, tokenizer, prompts, temperature):
-    out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
+    out = rollouts.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
     assert len({len(c) for c in out.completion_ids}) > 2
     batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu", share_prefix=True)
     with torch.no_grad():
@@ -123,15 +122,15 @@ def test_behaviour_logprobs_equal_a_training_forward(stopper, tokenizer, prompts
 def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, tokenizer, prompts):
     kw = dict(n=3, max_new_tokens=7, temperature=1.0, top_p=0.95)
     seeds = [21, 22, 23, 24]
-    together = E.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
+    together = rollouts.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
     for batch_size in (1, 3):
-        assert_same(E.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw), together)
-    assert_same(E.generate(stopper, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw), together)
-    alone = E.generate(stopper, tokenizer, prompts[1:2], seeds=[22], **kw)  # as another rank or a resumed run would
-    assert_same(alone, E.Rollouts(*(field[3:6] for field in (together.prompt_ids, together.completion_ids,
+        assert_same(rollouts.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw), together)
+    assert_same(rollouts.generate(stopper, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw), together)
+    alone = rollouts.generate(stopper, tokenizer, prompts[1:2], seeds=[22], **kw)  # as another rank or a resumed run would
+    assert_same(alone, rollouts.Rollouts(*(field[3:6] for field in (together.prompt_ids, together.completion_ids,
                                                              together.logprobs, together.texts, together.truncated))))
     assert len({tuple(c) for c in together.completion_ids[3:6]}) > 1  # a group's samples differ
-    assert E.generate(stopper, tokenizer, prompts[1:2], seeds=[99], **kw).completion_ids != alone.completion_ids
+    assert rollouts.generate(stopper, tokenizer, prompts[1:2], seeds=[99], **kw).completion_ids != alone.completion_ids
 
 
 def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monkeypatch):
@@ -144,7 +143,7 @@ def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monk
         return decode_linear(x, linear)
 
     monkeypatch.setattr(cpu_decode, "decode_linear", counting_decode_linear)
-    out = E.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
+    out = rollouts.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=1.0, seeds=[3, 4, 5, 6])
     lengths = [len(c) for c in out.completion_ids]
     # one call per decode step, on the rows whose completion is longer than the step
     assert decode_rows == [sum(length > t for length in lengths) for t in range(1, len(decode_rows) + 1)]
@@ -214,7 +213,7 @@ def test_decode_layer_equals_the_torch_layer(ops, lively, tokenizer, prompts, ki
     model = lively if kind == "llama" else qwen_model(tokenizer, kind)
     rows, n = 2 * len(prompts), 2
     with torch.no_grad():
-        _, cache, mask, positions = E.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
+        _, cache, mask, positions = rollouts.prefill(model, prompts, tokenizer.pad_token_id, "cpu")
         kv = cpu_decode.GroupedKV(cache, mask, n, rows, 4)
         tokens, position = torch.randint(100, 40000, (rows,)), positions[:, -1].repeat_interleave(n) + 1
         cpu_decode.decode_step(model, tokens, position, kv, 0)
@@ -293,14 +292,14 @@ def test_sampling_noise_is_exact_integer_arithmetic():
     agrees; the Gumbel transform of 24-bit uniforms is then one float32 formula."""
     seeds = [0, 1, 2**31 - 1, 123_456_789_012, 7 * 1_000_003 + 5]
     samples = [0, 3, 1, 7, 2]
-    keys = E.sampling_keys(torch.tensor(seeds), torch.tensor(samples), 5)
-    vocab_hash = E._mix32(torch.arange(50))
+    keys = rollouts.sampling_keys(torch.tensor(seeds), torch.tensor(samples), 5)
+    vocab_hash = rollouts._mix32(torch.arange(50))
     for r, (seed, j) in enumerate(zip(seeds, samples)):
         key = lowbias32((lowbias32(seed & 0xFFFFFFFF) + 0x9E3779B9 * ((seed >> 32) + 1)) & 0xFFFFFFFF)
         key = lowbias32((key + j) & 0xFFFFFFFF)
         expected = [lowbias32((key * 0x2545F491 + t) & 0xFFFFFFFF) for t in range(5)]
         assert keys[r].tolist() == expected
-    noise = E.gumbel_noise(keys[:, 2], vocab_hash)
+    noise = rollouts.gumbel_noise(keys[:, 2], vocab_hash)
     for r in range(len(seeds)):
         bits = [lowbias32(int(keys[r, 2]) ^ lowbias32(i)) for i in range(50)]
         u = torch.tensor([((b >> 9) + 0.5) / 2**23 for b in bits], dtype=torch.float32)  # exact in float32
@@ -309,14 +308,14 @@ def test_sampling_noise_is_exact_integer_arithmetic():
 
 def test_sampling_noise_looks_gumbel_and_independent():
     rows = 512
-    keys = E.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 4)
-    noise = E.gumbel_noise(keys[:, 1], E._mix32(torch.arange(1000)))
+    keys = rollouts.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 4)
+    noise = rollouts.gumbel_noise(keys[:, 1], rollouts._mix32(torch.arange(1000)))
     u = torch.exp(-torch.exp(-noise.double()))  # back to uniforms
     counts = torch.histc(u.float(), bins=20, min=0, max=1)
     expected = u.numel() / 20
     assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 19 dof: p < 1e-5 beyond 50
     # neighbouring rows (samples of a group, and groups), tokens and steps are uncorrelated
-    other_step = torch.exp(-torch.exp(-E.gumbel_noise(keys[:, 2], E._mix32(torch.arange(1000))).double()))
+    other_step = torch.exp(-torch.exp(-rollouts.gumbel_noise(keys[:, 2], rollouts._mix32(torch.arange(1000))).double()))
     for a, b in ((u[:-1], u[1:]), (u[:, :-1], u[:, 1:]), (u[::8], u[1::8]), (u, other_step)):
         assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.01
 
@@ -332,9 +331,9 @@ def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, mo
         monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20_000
-    keys = E.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
+    keys = rollouts.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
     with torch.no_grad():
-        token, logp = E._sample(logits.expand(rows, -1).clone(), temperature, top_p, keys, E._mix32(torch.arange(len(logits))))
+        token, logp = rollouts._sample(logits.expand(rows, -1).clone(), temperature, top_p, keys, rollouts._mix32(torch.arange(len(logits))))
     probs = torch.softmax(logits / temperature, -1)
     assert torch.allclose(logp, probs.log()[token])  # the behaviour log-prob: the full tempered distribution
     inside = probs.cumsum(-1) - probs < top_p
@@ -353,12 +352,12 @@ def test_compiled_sampler_equals_the_torch_sampler(ops, temperature, monkeypatch
     gen = torch.Generator().manual_seed(int(temperature * 10))
     logits = torch.randn(rows, vocab, generator=gen) * 3
     logits[:, [0, 17, 1002]] = -float("inf")
-    keys = E.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 3)[:, 2]
-    vocab_hash = E._mix32(torch.arange(vocab))
+    keys = rollouts.sampling_keys(torch.arange(rows) // 8, torch.arange(rows) % 8, 3)[:, 2]
+    vocab_hash = rollouts._mix32(torch.arange(vocab))
     with torch.no_grad():
-        token, logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
+        token, logp = rollouts._sample(logits, temperature, 1.0, keys, vocab_hash)
         monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
-        expected_token, expected_logp = E._sample(logits, temperature, 1.0, keys, vocab_hash)
+        expected_token, expected_logp = rollouts._sample(logits, temperature, 1.0, keys, vocab_hash)
     assert torch.equal(token, expected_token)
     assert torch.allclose(logp, expected_logp, atol=1e-5, rtol=0)
     assert len(token.unique()) > 500  # the noise spreads the picks: not one argmax for all rows
@@ -366,6 +365,6 @@ def test_compiled_sampler_equals_the_torch_sampler(ops, temperature, monkeypatch
 
 def test_greedy_sample_and_its_logprob():
     logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 0.0, 4.9]])
-    token, logp = E._sample(logits, 0.0, 1.0, None, None)
+    token, logp = rollouts._sample(logits, 0.0, 1.0, None, None)
     assert token.tolist() == [1, 0]
     assert torch.allclose(logp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])

@@ -23,9 +23,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import agrl  # noqa: E402
-import eval as E  # noqa: E402
 import grpo  # noqa: E402
-from helpers import errors, models  # noqa: E402
+from helpers import errors, models, rollouts  # noqa: E402
 from test_distributed import RUN, fake_score_group, no_eval  # noqa: E402
 from test_grpo import read_metrics  # noqa: E402
 
@@ -89,7 +88,7 @@ def fake_vllm(monkeypatch):
 def test_without_vllm_the_backend_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(errors.UserError) as stop:
-        E.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=1024)
+        rollouts.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=1024)
     assert "\n" not in str(stop.value) and str(stop.value).startswith("--vllm needs vLLM")
 
 
@@ -104,7 +103,7 @@ def test_vllm_is_imported_lazily(tmp_path):
 
 def test_engine_is_colocated_per_rank_with_resolved_id_budgets_and_processed_logprobs(fake_vllm):
     with mock.patch.dict("os.environ", {"LOCAL_RANK": "3"}):
-        engine = E.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=1500, gpu_memory_utilization=0.25, seed=7,
+        engine = rollouts.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=1500, gpu_memory_utilization=0.25, seed=7,
                                     sleep_mode=True)
     kw = engine.kwargs
     assert kw["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and kw["distributed_executor_backend"] == "external_launcher"
@@ -116,7 +115,7 @@ def test_engine_is_colocated_per_rank_with_resolved_id_budgets_and_processed_log
 def test_sync_pushes_every_hf_tensor_by_name_and_shape_then_resets_the_prefix_cache(tiny_model):
     engine = FakeLLM()
     engine.agrl_asleep = True
-    pushed = E.sync_vllm_weights(engine, tiny_model)
+    pushed = rollouts.sync_vllm_weights(engine, tiny_model)
     hf = tiny_model.state_dict()
     loads = [entry for entry in engine.log if entry[0] == "load"]
     assert [(name, shape) for _, name, shape, *_ in loads] == [(n, tuple(t.shape)) for n, t in hf.items()]
@@ -130,7 +129,7 @@ def test_sync_pushes_every_hf_tensor_by_name_and_shape_then_resets_the_prefix_ca
 def test_generate_vllm_keeps_the_generate_contract(fake_vllm, tokenizer):
     engine = FakeLLM()
     prompts = [[1, 2, 3], [4, 5]]
-    out = E.generate_vllm(engine, tokenizer, prompts, n=3, max_new_tokens=4, temperature=0.7, top_p=0.9,
+    out = rollouts.generate_vllm(engine, tokenizer, prompts, n=3, max_new_tokens=4, temperature=0.7, top_p=0.9,
                           min_new_tokens=1, seeds=[11, 12])
     (requests, params), = engine.requests
     assert [r["prompt_token_ids"] for r in requests] == prompts
@@ -151,13 +150,13 @@ def test_training_routes_every_rollout_through_the_engine(module, fake_vllm, tmp
     """One step with --vllm --vllm-sleep: weights pushed once at the step start (woken first), all rollouts
     (and in agrl.py, AGR's guided ones, whose prompts carry the guidance) from the engine, then sleep."""
     engines = []
-    make = E.make_vllm_engine
+    make = rollouts.make_vllm_engine
 
     def recording_engine(*args, **kwargs):
         engines.append(make(*args, **kwargs))
         return engines[-1]
 
-    monkeypatch.setattr(E, "make_vllm_engine", recording_engine)
+    monkeypatch.setattr(rollouts, "make_vllm_engine", recording_engine)
     monkeypatch.setattr(module, "score_group", fake_score_group)
     no_eval(monkeypatch)
     with mock.patch.dict("os.environ"):
