@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models, rollouts
+from helpers import errors, launch, models, rollouts, runs
 
 
 @dataclass
@@ -521,7 +521,7 @@ def main(args: Args) -> dict:
     args.run_name = args.run_name or f"agrl-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run = E.Run(args, "agrl")
+    run = runs.Run(args, "agrl")
     E.seed_everything(args.seed)
 
     # --- data, policy, reference (only when beta > 0), optimizer ----------------------------------
@@ -536,7 +536,7 @@ def main(args: Args) -> dict:
     prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
                                          for e in examples))
     if run.main:
-        E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
+        runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, data_position, generated = 0, 0, 0  # prompts taken from the shuffled stream; completions sampled
     if resume_from is not None:

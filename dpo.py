@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models, rollouts
+from helpers import errors, launch, models, rollouts, runs
 
 
 @dataclass
@@ -319,7 +319,7 @@ def main(args: Args) -> dict:
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run = E.Run(args, "dpo")
+    run = runs.Run(args, "dpo")
     E.seed_everything(args.seed)
     resume_from, state = E.resume_point(run) if args.resume else (None, None)
     model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
@@ -391,7 +391,7 @@ def main(args: Args) -> dict:
         if run.main:
             print(f"pass@{N}: sampled {len(groups)} of {len(pool)} training prompts for {needed} pairs "
                   f"({args.total_steps} steps x {needed // max(1, args.total_steps)}); --sample-all samples them all")
-            E.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_sampled=len(groups),
+            runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_sampled=len(groups),
                                                            prompts_truncated=sum(g["prompt_truncated"] for g in groups)))
         if policy is not model:
             del policy
@@ -408,7 +408,7 @@ def main(args: Args) -> dict:
             completion_len_mean=sum(len(c) for c in flat("completions")) / n_all)
     if run.main and (resume_from is None or not pairs_file.exists()):
         write_pairs(pairs_file, pairs)
-        E.write_json(stats_file, pair_stats)
+        runs.write_json(stats_file, pair_stats)
     if run.main and resume_from is None:  # a resumed run has logged them already
         run.log({f"pairs/{k}": v for k, v in pair_stats.items() if isinstance(v, (int, float))}, step=0)
         run.log_samples([dict(source_id=p["source_id"], gold=p.get("gold"), chosen=p["chosen_text"],
@@ -434,7 +434,7 @@ def main(args: Args) -> dict:
         if policy is not model:
             del policy
         if run.main:
-            E.write_json(ref_file, dict(model=args.model, n_pairs=len(pairs), chosen=ref_chosen, rejected=ref_rejected,
+            runs.write_json(ref_file, dict(model=args.model, n_pairs=len(pairs), chosen=ref_chosen, rejected=ref_rejected,
                                         seconds=time.perf_counter() - started))
     ref_chosen = torch.tensor(ref_chosen, dtype=torch.float32)
     ref_rejected = torch.tensor(ref_rejected, dtype=torch.float32)

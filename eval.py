@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +29,7 @@ import tyro
 
 import data as D
 import rewards as R
-from helpers import launch, models, rollouts
+from helpers import launch, models, rollouts, runs
 from helpers.errors import RunStopped, UserError
 
 
@@ -193,232 +193,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-# Arguments a resumed run may change: how long it runs, how it evaluates, logs and saves, where it runs.
-# Any other difference (model, data, sizes, learning rate, reward weights, ...) would make the resumed run a
-# different run from the one its checkpoint and metrics come from, so `--resume` refuses it.
-RESUME_MAY_CHANGE = frozenset({
-    "total_steps", "generation_budget", "eval_limit", "eval_split", "log_every", "log_samples_every", "save_every",
-    "keep_last", "track", "wandb_project", "wandb_group", "output_dir", "run_name", "resume", "overwrite", "device",
-    "num_gpus", "strategy", "gradient_checkpointing", "dry_run", "gen_batch_size", "max_nan_skips", "max_empty_steps",
-    "vllm_gpu_memory", "vllm_sleep"})
-RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval.json", "checkpoints", "checkpoint", "pairs.jsonl")
-OPEN_RUNS: list[Run] = []  # closed by `cli` however a script ends, so that every run gets its curves.png
-
-
-def _jsonable(args) -> dict:
-    return json.loads(json.dumps(asdict(args), default=str))
-
-
-def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
-    """Make sure a new run never mixes with an old one; returns what args.json should record.
-
-    A folder that holds a previous run is refused unless `--resume` (continue it: same script, and no
-    argument that changes the math may differ) or `--overwrite` (delete it, then start clean).
-    """
-    record = dict(script=script, **_jsonable(args))
-    old_args = run_dir / "args.json"
-    # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
-    used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    if getattr(args, "resume", False):
-        if not old_args.exists():
-            what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
-            raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
-                            f"to start a new run")
-        old = json.loads(old_args.read_text())
-        if old.get("script") != script:
-            raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
-        changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
-        refused = {k: pair for k, pair in changed.items() if k not in RESUME_MAY_CHANGE}
-        if refused:
-            raise UserError(f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
-                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                            + "; resume with the run's values, or start a new run (--run-name, or --overwrite)")
-        record["resumes"] = old.get("resumes", [])
-        accepted = {k: pair for k, pair in changed.items() if k not in ("resume", "overwrite")}
-        if accepted:
-            print(f"[resume] {run_dir}: accepted changes (recorded in args.json): "
-                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()))
-            record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
-        return record
-    if run_dir.exists() and any(run_dir.iterdir()) and not old_args.exists():
-        raise UserError(f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name "
-                        f"or --output-dir")
-    if used:
-        if not getattr(args, "overwrite", False):
-            raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
-                            f"--overwrite to delete it and start clean, or choose another --run-name")
-        shutil.rmtree(run_dir)
-        print(f"[overwrite] deleted the previous run in {run_dir}")
-    elif old_args.exists():  # the leftover of a run that stopped before it logged anything
-        shutil.rmtree(run_dir)
-    return record
-
-
-def describe_run(run_dir: Path) -> str:
-    """'grpo.py, 3 metric lines, checkpoints up to step 3' for messages."""
-    parts = []
-    with contextlib.suppress(Exception):
-        parts.append(f"{json.loads((run_dir / 'args.json').read_text())['script']}.py")
-    if (run_dir / "metrics.jsonl").exists():
-        parts.append(f"{len((run_dir / 'metrics.jsonl').read_text().splitlines())} metric lines")
-    steps = sorted((run_dir / "checkpoints").glob("step-???????"))
-    if steps:
-        parts.append(f"checkpoints up to step {int(steps[-1].name[5:])}")
-    if (run_dir / "eval.json").exists():
-        parts.append("eval.json")
-    return ", ".join(parts) or ", ".join(sorted(p.name for p in run_dir.iterdir())[:5])
-
-
-class Run:
-    """A run folder `<output_dir>/<run_name>/` with args.json and metrics.jsonl, mirrored to wandb.
-
-    The folder belongs to one run (prepare_run_dir); `finish` draws curves.png from metrics.jsonl.
-    """
-
-    def __init__(self, args, script: str):
-        self.dir = Path(args.output_dir) / args.run_name
-        self.main = is_main_process()
-        self.wandb = None
-        self.finished = False
-        if not self.main:
-            return
-        record = prepare_run_dir(self.dir, args, script)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "args.json", record)
-        OPEN_RUNS.append(self)
-        if getattr(args, "track", False):
-            import wandb
-
-            logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
-            os.environ.setdefault("WANDB_MODE", "online" if logged_in else "offline")
-            self.wandb = wandb.init(project=getattr(args, "wandb_project", "agrl"), group=getattr(args, "wandb_group", None),
-                                    name=args.run_name, id=args.run_name.replace("/", "-"), resume="allow",
-                                    config=asdict(args), dir=str(self.dir), job_type=script)
-
-    def rewind(self, step: int) -> None:
-        """On resume: drop the lines logged after the checkpoint's step, so no step appears twice."""
-        if not self.main:
-            return
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            path = self.dir / name
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, path)
-
-    def log(self, metrics: dict, step: int) -> None:
-        if not self.main:
-            return
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(dict(step=step, **metrics), default=float) + "\n")
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-    def log_samples(self, rows: list[dict], step: int) -> None:
-        """Sample completions with their rewards: a JSONL file and a wandb Table."""
-        if not self.main or not rows:
-            return
-        with open(self.dir / "samples.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(dict(step=step, **row)) + "\n")
-        if self.wandb:
-            import wandb
-
-            columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step)
-
-    def finish(self, summary: dict | None = None) -> None:
-        """At the end, or when the run stops early: curves.png, then the wandb summary. Once."""
-        if not self.main or self.finished:
-            return
-        self.finished = True
-        if self in OPEN_RUNS:
-            OPEN_RUNS.remove(self)
-        plot_curves(self.dir)
-        if self.wandb:
-            if summary:
-                self.wandb.summary.update(flatten(summary))
-            self.wandb.finish()
-
-
-# What curves.png shows, one panel each, from the metric lines that have them.
-CURVE_PANELS = {
-    "reward": ("reward_mean",), "accuracy": ("accuracy",), "format / adherence": ("format_rate", "adherence_rate"),
-    "loss": ("loss",), "KL": ("approx_kl", "ref_kl"), "entropy": ("entropy",),
-    "groups kept / dropped": ("groups_kept", "groups_dropped"),
-    "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"), "DPO pair accuracy": ("reward_accuracy",),
-    "grad norm": ("grad_norm",), "predicted label entropy": ("label_entropy",),
-}
-
-
-def plot_curves(run_dir: Path) -> Path | None:
-    """curves.png: every training metric of CURVE_PANELS over steps, and the predicted label shares."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    lines = [m for m in lines if m.get("step", 0) > 0]
-    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share_")))  # rulebook order
-    panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
-    if shares:
-        panels["predicted label shares"] = tuple(shares)
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(4, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels.items()):
-        for key in keys:
-            points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share_"))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(Path(run_dir).name, fontsize=11)
-    fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
-
-
-def _netrc_has(host: str) -> bool:
-    import netrc
-
-    with contextlib.suppress(Exception):
-        return netrc.netrc().authenticators(host) is not None
-    return False
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: written beside the target, then renamed over it."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int = 2,
                     final: bool = False, accelerator=None, optimizer=None) -> Path | None:
     """Hugging Face format plus `train_state.pt` (optimizer, scheduler, RNG, data position), atomically.
@@ -434,7 +208,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     weights = accelerator.get_state_dict(model) if accelerator is not None else None
     folder = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = folder.with_name(folder.name + ".tmp")
-    if is_main_process():
+    if runs.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     if optimizer is not None and launch.is_fsdp(model):
@@ -443,7 +217,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
     elif optimizer is not None:
         train_state = dict(train_state, optimizer=optimizer.state_dict())
-    if not is_main_process():
+    if not runs.is_main_process():
         return None
     if launch.is_fsdp(model):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
         from huggingface_hub import save_torch_state_dict
@@ -460,7 +234,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-    write_json(tmp / "manifest.json", dict(step=step, files=files))
+    runs.write_json(tmp / "manifest.json", dict(step=step, files=files))
     if final:  # before the step folder is in place: a crash in between leaves step-1 newest, and resuming redoes both
         final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
         shutil.rmtree(final_tmp, ignore_errors=True)
@@ -523,7 +297,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict | None]:
     return None, None
 
 
-def resume_point(run: Run) -> tuple[Path | None, dict | None]:
+def resume_point(run: runs.Run) -> tuple[Path | None, dict | None]:
     """`--resume`: the newest valid checkpoint and its train state, with the metric and sample lines logged
     after its step dropped (all of them when none is valid: the run starts over), so no step appears twice."""
     folder, state = latest_checkpoint(run.dir)
@@ -632,7 +406,7 @@ class Args:
     """instead of evaluating: build a comparison table and bar chart from these finished run folders"""
 
 
-def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> dict:
+def run_eval(args: Args, model=None, tokenizer=None, run: runs.Run | None = None) -> dict:
     """Evaluate and write eval.json, eval_samples.jsonl and confusion.png into the run folder."""
     dataset = D.load_for(args)
     if model is None:
@@ -642,11 +416,11 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
     metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}
     metrics["sample"] = dict(dataset=args.dataset, data_path=args.data_path, split=args.split, limit=args.limit,
                              seed=args.seed, label_only=args.label_only, max_new_tokens=args.max_new_tokens)
-    if is_main_process():
+    if runs.is_main_process():
         out_dir = Path(args.output_dir) / args.run_name
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "eval.json", metrics)
-        write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
+        runs.write_json(out_dir / "eval.json", metrics)
+        runs.write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
         with open(out_dir / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         plot_confusion(metrics, dataset.rulebook.labels, out_dir / "confusion.png",
@@ -655,11 +429,11 @@ def run_eval(args: Args, model=None, tokenizer=None, run: Run | None = None) -> 
             import wandb
 
             run.wandb.log({"eval/confusion": wandb.Image(str(out_dir / "confusion.png"))})
-            run.wandb.summary.update(flatten(metrics, "eval/"))
+            run.wandb.summary.update(runs.flatten(metrics, "eval/"))
     return metrics
 
 
-def final_eval(args, model, tokenizer, run: Run, device: str) -> dict:
+def final_eval(args, model, tokenizer, run: runs.Run, device: str) -> dict:
     """A training script's closing evaluation on `args.eval_split`, written into its own run folder
     (main process only; under FSDP the final checkpoint is reloaded, see model_for_eval). The sample is
     drawn with eval.py's default seed whatever the training seed, so every run and stage is scored on
@@ -704,7 +478,7 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
-    write_json(out_dir / "comparison.json", {name: {k: m.get(k) for k in ("accuracy", "macro_f1", "per_class", "format_rate",
+    runs.write_json(out_dir / "comparison.json", {name: {k: m.get(k) for k in ("accuracy", "macro_f1", "per_class", "format_rate",
                                                                           "adherence_rate", "n", "balanced")}
                                              for name, m in rows.items()})
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
@@ -746,7 +520,7 @@ def cli(main, args_class) -> None:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        for run in list(OPEN_RUNS):
+        for run in list(runs.OPEN_RUNS):
             with contextlib.suppress(Exception):
                 run.finish()
 
@@ -759,7 +533,7 @@ def main(args: Args) -> None:
         return
     launch.check_device(args.device)
     args.run_name = args.run_name or f"eval-{Path(args.model).name}-{args.dataset}-{args.split}"
-    run = Run(args, "eval")
+    run = runs.Run(args, "eval")
     metrics = run_eval(args, run=run)
     print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
     print(f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json")

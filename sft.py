@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import errors, launch, models
+from helpers import errors, launch, models, runs
 
 
 @dataclass
@@ -159,7 +159,7 @@ def main(args: Args) -> dict:
     args.run_name = args.run_name or f"sft-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run = E.Run(args, "sft")
+    run = runs.Run(args, "sft")
     E.seed_everything(args.seed)
 
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
@@ -177,7 +177,7 @@ def main(args: Args) -> dict:
         raise RuntimeError("label token mask and completion differ in length: the tokenizer splits the target differently")
     data_stats = dict(dataset.stats, prompts_truncated=sum(t for _, _, t in encoded))
     if run.main:
-        E.write_json(run.dir / "data_stats.json", data_stats)
+        runs.write_json(run.dir / "data_stats.json", data_stats)
     per_step = args.batch_size * args.grad_accum * world
 
     gold = [e.label for e in dataset.examples]

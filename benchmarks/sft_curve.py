@@ -30,6 +30,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import eval as E  # noqa: E402
+from helpers import runs  # noqa: E402
 
 
 @dataclass
@@ -101,7 +102,7 @@ def main(args: Args) -> None:
                                run_name=eval_dir.name)
             evaluation = E.run_eval(eval_args)
         result["points"].append(point(step, evaluation, run_dir))
-        E.write_json(result_path, result)
+        runs.write_json(result_path, result)
         write_table(result, out / f"{args.name}.md")
         plot(result, out / f"{args.name}.png")
         p = result["points"][-1]

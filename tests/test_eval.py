@@ -20,7 +20,7 @@ import torch
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, models, rollouts
+from helpers import errors, models, rollouts, runs
 
 LABELS = ("A", "B", "C", "D")
 
@@ -557,7 +557,7 @@ def test_compare_runs(tmp_path, capsys):
 def test_run_metrics_and_resume(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would now raise ImportError
     args = E.Args(output_dir=str(tmp_path), run_name="r", track=False)
-    run = E.Run(args, "eval")
+    run = runs.Run(args, "eval")
     assert run.wandb is None
     assert json.loads((tmp_path / "r" / "args.json").read_text())["script"] == "eval"
     run.log(dict(loss=1.5), step=1)
@@ -571,7 +571,7 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
     assert lines() == [dict(step=1, loss=1.5), dict(step=2, loss=1.25, grad_norm=0.5)]
     assert json.loads((tmp_path / "r" / "samples.jsonl").read_text()) == dict(step=2, text="x", reward=1.0)
 
-    resumed = E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "eval")
+    resumed = runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "eval")
     resumed.log(dict(loss=1.0), step=3)
     assert [line["step"] for line in lines()] == [1, 2, 3]
     assert (tmp_path / "r" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn by finish()
@@ -580,37 +580,37 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
     # one is accepted and recorded; a missing folder or another script's run is an error naming the folder
     with pytest.raises(errors.UserError, match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
                                           r"limit 200 -> 8"):
-        E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, model="tiny-random", limit=8), "eval")
-    E.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, wandb_project="other"), "eval")
+        runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, model="tiny-random", limit=8), "eval")
+    runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, wandb_project="other"), "eval")
     recorded = json.loads((tmp_path / "r" / "args.json").read_text())
     assert recorded["wandb_project"] == "other" and recorded["resumes"] == [{"wandb_project": ["agrl", "other"]}]
     with pytest.raises(errors.UserError, match=f"--resume: {tmp_path / 'typo'} does not exist"):
-        E.Run(E.Args(output_dir=str(tmp_path), run_name="typo", resume=True), "eval")
+        runs.Run(E.Args(output_dir=str(tmp_path), run_name="typo", resume=True), "eval")
     with pytest.raises(errors.UserError, match=r"holds a run of eval\.py, not of sft\.py"):
-        E.prepare_run_dir(tmp_path / "r", E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "sft")
+        runs.prepare_run_dir(tmp_path / "r", E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "sft")
     # a run that stopped before logging anything (a bad data file, say) left only args.json: nothing to mix with
     (tmp_path / "early").mkdir()
     (tmp_path / "early" / "args.json").write_text(json.dumps(dict(script="eval")))
     (tmp_path / "early" / "data_stats.json").write_text("{}")
-    E.Run(E.Args(output_dir=str(tmp_path), run_name="early"), "eval")
+    runs.Run(E.Args(output_dir=str(tmp_path), run_name="early"), "eval")
     assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["args.json"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(errors.UserError, match="not a run folder"):  # never written into, --overwrite or not
-        E.Run(E.Args(output_dir=str(tmp_path), run_name="notes", overwrite=True), "eval")
+        runs.Run(E.Args(output_dir=str(tmp_path), run_name="notes", overwrite=True), "eval")
     assert (tmp_path / "notes" / "todo.txt").exists()
 
     with pytest.raises(errors.UserError, match="holds a previous run .*--resume.*--overwrite"):
-        E.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")  # a used folder is never reused silently
-    fresh = E.Run(E.Args(output_dir=str(tmp_path), run_name="r", overwrite=True), "eval")
+        runs.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")  # a used folder is never reused silently
+    fresh = runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", overwrite=True), "eval")
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "samples.jsonl").exists()
     fresh.log(dict(loss=2.0), step=1)
     assert lines() == [dict(step=1, loss=2.0)]
 
 
 def test_flatten_and_write_json(tmp_path):
-    assert E.flatten(dict(a=1, b=dict(c=2.5, d=dict(e="x")), f=[1, 2], g=None), "eval/") == \
+    assert runs.flatten(dict(a=1, b=dict(c=2.5, d=dict(e="x")), f=[1, 2], g=None), "eval/") == \
         {"eval/a": 1, "eval/b/c": 2.5, "eval/b/d/e": "x", "eval/g": None}
-    E.write_json(tmp_path / "x.json", dict(a=1))
+    runs.write_json(tmp_path / "x.json", dict(a=1))
     assert json.loads((tmp_path / "x.json").read_text()) == dict(a=1)
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

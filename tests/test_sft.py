@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import eval as E
 import rewards as R
 import sft
-from helpers import models
+from helpers import models, runs
 
 TIMING = ("tokens_per_second", "step_seconds")
 CONTRACT = ("accuracy", "macro_f1", "per_class", "confusion", "format_rate", "adherence_rate", "n")
@@ -136,17 +136,17 @@ def resumed(tmp_path_factory, tiny):
         try:
             sft.main(make_args(tmp_path, "straight", **kw))
 
-            log = E.Run.log
+            log = runs.Run.log
 
             def crashing_log(self, metrics, step):
                 log(self, metrics, step)
                 if step == 3:
                     raise Crash
 
-            mp.setattr(E.Run, "log", crashing_log)
+            mp.setattr(runs.Run, "log", crashing_log)
             with pytest.raises(Crash):
                 sft.main(make_args(tmp_path, "killed", **kw))
-            mp.setattr(E.Run, "log", log)
+            mp.setattr(runs.Run, "log", log)
             assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000002"]
             sft.main(make_args(tmp_path, "killed", resume=True, **kw))
         finally:
