@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models, rollouts, runs
+from helpers import checkpoints, errors, launch, models, rollouts, runs
 
 
 @dataclass
@@ -522,12 +522,12 @@ def main(args: Args) -> dict:
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "agrl")
-    E.seed_everything(args.seed)
+    checkpoints.seed_everything(args.seed)
 
     # --- data, policy, reference (only when beta > 0), optimizer ----------------------------------
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
-    resume_from, state = E.resume_point(run) if args.resume else (None, None)
+    resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
     model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
@@ -540,18 +540,18 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, data_position, generated = 0, 0, 0  # prompts taken from the shuffled stream; completions sampled
     if resume_from is not None:
-        E.set_rng_state(state["rng"])
+        checkpoints.set_rng_state(state["rng"])
         step, data_position, generated = state["step"], state["data_position"], state["generated"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
         engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
                                     args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
-    stop = E.StopFlag()
+    stop = checkpoints.StopFlag()
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch: int) -> list[int]:
@@ -871,8 +871,8 @@ def main(args: Args) -> dict:
         # 7. checkpoint
         out_of_budget = 0 < args.generation_budget <= generated
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
-            E.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(rng=E.rng_state(), data_position=data_position, generated=generated, agr_state=agr_state,
+            checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
+                              dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated, agr_state=agr_state,
                                    replay_queue=replay_queue, replay_count=replay_count),
                               keep_last=args.keep_last, final=done == args.total_steps or out_of_budget or bool(stopped),
                               accelerator=accelerator,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, launch, models, rollouts, runs
+from helpers import checkpoints, errors, launch, models, rollouts, runs
 
 
 @dataclass
@@ -320,8 +320,8 @@ def main(args: Args) -> dict:
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "dpo")
-    E.seed_everything(args.seed)
-    resume_from, state = E.resume_point(run) if args.resume else (None, None)
+    checkpoints.seed_everything(args.seed)
+    resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
     model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     pad_id = tokenizer.pad_token_id
 
@@ -446,14 +446,14 @@ def main(args: Args) -> dict:
         if state.get("n_pairs") != len(pairs):
             raise RuntimeError(f"checkpoint {resume_from} was trained on {state.get('n_pairs')} pairs, the run folder "
                                f"holds {len(pairs)}: refusing an inexact resume")
-        E.set_rng_state(state["rng"])
+        checkpoints.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
-    stop = E.StopFlag()
+        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+    stop = checkpoints.StopFlag()
     per_step = args.batch_size * args.grad_accum * world
 
     @functools.lru_cache(maxsize=2)
@@ -466,8 +466,8 @@ def main(args: Args) -> dict:
         return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
     def checkpoint(done: int, final: bool) -> None:
-        E.save_checkpoint(run.dir, done, model, tokenizer,
-                          dict(rng=E.rng_state(), data_position=data_position, n_pairs=len(pairs)),
+        checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
+                          dict(rng=checkpoints.rng_state(), data_position=data_position, n_pairs=len(pairs)),
                           keep_last=args.keep_last, final=final, accelerator=accelerator, optimizer=optimizer)
 
     # --- 4-5. training loop --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import errors, launch, models, runs
+from helpers import checkpoints, errors, launch, models, runs
 
 
 @dataclass
@@ -160,11 +160,11 @@ def main(args: Args) -> dict:
     accelerator = launch.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "sft")
-    E.seed_everything(args.seed)
+    checkpoints.seed_everything(args.seed)
 
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
-    resume_from, state = E.resume_point(run) if args.resume else (None, None)
+    resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
     model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
@@ -191,14 +191,14 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        E.set_rng_state(state["rng"])
+        checkpoints.set_rng_state(state["rng"])
         start_step = state["step"]
         print(f"[resume] from {resume_from} at step {start_step}")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        E.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
-    stop = E.StopFlag()
+        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+    stop = checkpoints.StopFlag()
 
     # --- training loop -------------------------------------------------------------------------
     nan_skips, window = 0, dict(steps=0, loss=0.0, label_loss=0.0, tokens=0, seconds=0.0)
@@ -264,7 +264,7 @@ def main(args: Args) -> dict:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             window = dict(steps=0, loss=0.0, label_loss=0.0, tokens=0, seconds=0.0)
         if done % args.save_every == 0 or done == args.total_steps or stop.requested:
-            E.save_checkpoint(run.dir, done, model, tokenizer, dict(rng=E.rng_state()), keep_last=args.keep_last,
+            checkpoints.save_checkpoint(run.dir, done, model, tokenizer, dict(rng=checkpoints.rng_state()), keep_last=args.keep_last,
                               final=done == args.total_steps, accelerator=accelerator, optimizer=optimizer)
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")

@@ -30,7 +30,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import eval as E  # noqa: E402
-from helpers import runs  # noqa: E402
+from helpers import checkpoints, runs  # noqa: E402
 
 
 @dataclass
@@ -93,7 +93,7 @@ def main(args: Args) -> None:
             evaluation = json.loads((eval_dir / "eval.json").read_text())
         else:
             model = args_model(args) if step == 0 else str(folder)
-            while step > 0 and E.validate_checkpoint(folder) is not None:
+            while step > 0 and checkpoints.validate_checkpoint(folder) is not None:
                 if process is None or process.poll() is not None:
                     raise SystemExit(f"{folder} missing and sft.py is not running; see {run_dir.parent / f'{run_name}.log'}")
                 time.sleep(args.poll_seconds)

@@ -20,7 +20,7 @@ import torch
 import data as D
 import eval as E
 import rewards as R
-from helpers import errors, models, rollouts, runs
+from helpers import checkpoints, errors, models, rollouts, runs
 
 LABELS = ("A", "B", "C", "D")
 
@@ -432,7 +432,7 @@ def test_run_eval_writes_the_run_folder(tiny_model, tokenizer, tmp_path):
 # ==================================================================================================
 def _train_state(model):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return dict(optimizer=optimizer.state_dict(), rng=E.rng_state())
+    return dict(optimizer=optimizer.state_dict(), rng=checkpoints.rng_state())
 
 
 def _steps(run_dir):
@@ -444,18 +444,18 @@ def test_checkpoints_rotate_and_final(tiny_model, tokenizer, tmp_path):
 
     state = _train_state(tiny_model)
     for step in (1, 2):
-        E.save_checkpoint(tmp_path, step, tiny_model, tokenizer, state, keep_last=2)
+        checkpoints.save_checkpoint(tmp_path, step, tiny_model, tokenizer, state, keep_last=2)
     assert _steps(tmp_path) == ["step-0000001", "step-0000002"]
-    folder = E.save_checkpoint(tmp_path, 3, tiny_model, tokenizer, state, keep_last=2, final=True)
+    folder = checkpoints.save_checkpoint(tmp_path, 3, tiny_model, tokenizer, state, keep_last=2, final=True)
     assert folder == tmp_path / "checkpoints" / "step-0000003"
     assert _steps(tmp_path) == ["step-0000002", "step-0000003"]  # no .tmp folders left either
 
-    found, loaded = E.latest_checkpoint(tmp_path)
+    found, loaded = checkpoints.latest_checkpoint(tmp_path)
     assert found == folder and loaded["step"] == 3
     # train_state.pt holds only plain types: loads with weights_only=True, RNG state round-trips
     raw = torch.load(folder / "train_state.pt", weights_only=True)
     assert raw["step"] == 3 and set(raw) == {"optimizer", "rng", "step"}
-    E.set_rng_state(raw["rng"])
+    checkpoints.set_rng_state(raw["rng"])
 
     final = tmp_path / "checkpoint"
     assert not (final / "train_state.pt").exists()
@@ -469,7 +469,7 @@ def test_checkpoints_rotate_and_final(tiny_model, tokenizer, tmp_path):
 def test_latest_checkpoint_skips_a_broken_one(tiny_model, tokenizer, tmp_path, capsys, damage):
     state = _train_state(tiny_model)
     for step in (4, 5):
-        E.save_checkpoint(tmp_path, step, tiny_model, tokenizer, state, keep_last=3)
+        checkpoints.save_checkpoint(tmp_path, step, tiny_model, tokenizer, state, keep_last=3)
     newest = tmp_path / "checkpoints" / "step-0000005"
     if damage == "truncate_weights":
         weights = newest / "model.safetensors"
@@ -482,13 +482,13 @@ def test_latest_checkpoint_skips_a_broken_one(tiny_model, tokenizer, tmp_path, c
     else:
         (newest / "manifest.json").unlink()
     capsys.readouterr()
-    found, loaded = E.latest_checkpoint(tmp_path)
+    found, loaded = checkpoints.latest_checkpoint(tmp_path)
     assert found == tmp_path / "checkpoints" / "step-0000004" and loaded["step"] == 4
     assert str(newest) in capsys.readouterr().err
 
 
 def test_latest_checkpoint_none(tmp_path):
-    assert E.latest_checkpoint(tmp_path) == (None, None)
+    assert checkpoints.latest_checkpoint(tmp_path) == (None, None)
 
 
 # ==================================================================================================

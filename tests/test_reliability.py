@@ -47,7 +47,7 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import models  # noqa: E402
+from helpers import checkpoints, models  # noqa: E402
 import sft  # noqa: E402
 from test_grpo import assert_same_weights, fake_score_group, untimed  # noqa: E402
 from test_grpo import state_dict as weights  # noqa: E402
@@ -353,7 +353,7 @@ def test_grpo_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(grpo_referen
     assert stopped, output[-3000:]
     step = int(stopped.group(1))
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, step + 1))
-    folder, state = E.latest_checkpoint(run_dir)
+    folder, state = checkpoints.latest_checkpoint(run_dir)
     assert folder.name == f"step-{step:07d}" and state["step"] == step  # the step it was in when signalled
     assert not (run_dir / "eval.json").exists()
     run_grpo(tmp_path, "run", resume=True)
