@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import checkpoints, errors, launch, models, rollouts, runs
+from helpers import checkpoints, cli, errors, launch, models, rollouts, runs
 
 
 @dataclass
@@ -893,4 +893,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    E.cli(main, Args)
+    cli.run(main, Args)

@@ -1,20 +1,18 @@
-"""Evaluate a relevance judge, and the model plumbing every script shares.
+"""Evaluate a relevance judge: accuracy, macro-F1, per-class F1, rule adherence and format rate.
 
     python eval.py --model smollm2-135m --dataset synthetic --split dev
     python eval.py --model runs/sft/checkpoint --dataset esci --data-path data/esci --split dev --label-only
     python eval.py --compare runs/sft runs/grpo runs/agrl
 
-Sections, in the order a training script uses them: models (load by alias, hub id or directory),
-generation (HF backend, shared-prompt prefill, behaviour log-probs; vLLM behind the same interface),
-log-probs of given completions, the label-only serving path, metrics, runs (folders, metrics,
-wandb, checkpoints, multi-process launch), and the `eval.py` command itself.
+In the order of the file: the label-only serving path (one forward pass reads the label distribution),
+metrics (natural and class-balanced), `evaluate` (greedy generation, or the label-only path), the
+comparison of finished runs, and the `eval.py` command, whose `final_eval` closes every training script.
+The plumbing (models, rollouts, runs, checkpoints, launch) is in helpers/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +21,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 
 import data as D
 import rewards as R
-from helpers import launch, models, rollouts, runs
-from helpers.errors import RunStopped, UserError
+from helpers import cli, launch, models, rollouts, runs
+from helpers.errors import UserError
 
 
 # ==================================================================================================
@@ -179,11 +176,6 @@ def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
             lines.append(f"| {name} | {sample} | {mm.get('n', '-')} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
                          f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |")
     return "\n".join(lines)
-
-
-# ==================================================================================================
-# Runs: folders, metrics, wandb, checkpoints, multi-process launch (shared by every script)
-# ==================================================================================================
 
 
 def model_for_eval(model, run_dir: Path, device: str):
@@ -346,30 +338,6 @@ def _sample_text(sample: dict | None) -> str:
         (" label-only" if sample.get("label_only") else "")
 
 
-def cli(main, args_class) -> None:
-    """Every script's command line: flags -> main(args). A user error (flags, data, model, run folder) is one
-    line on stderr and exit 2, a run that had to stop one line and exit 1, without a traceback unless
-    AGRL_DEBUG=1; however the script ends, its open runs get their curves.png."""
-    args = tyro.cli(args_class)
-    debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
-    try:
-        main(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunStopped as e:
-        if debug:
-            raise
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        for run in list(runs.OPEN_RUNS):
-            with contextlib.suppress(Exception):
-                run.finish()
-
-
 def main(args: Args) -> None:
     if args.compare:
         out = Path(args.output_dir) / (args.run_name or "comparison")
@@ -386,4 +354,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    cli.run(main, Args)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import checkpoints, errors, launch, models, runs
+from helpers import checkpoints, cli, errors, launch, models, runs
 
 
 @dataclass
@@ -278,4 +278,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    E.cli(main, Args)
+    cli.run(main, Args)

@@ -5,7 +5,7 @@ Three commands run as real processes (each python start imports torch and transf
 seconds): the literal tiny-random AGRL command with no data flag, the same command again (a refused
 reuse of its folder), and a GRPO run that trains on nothing until `--max-empty-steps` stops it. The
 rest (user errors, `--resume` changes, `--overwrite`) runs the script's `__main__` in this process
-(`runpy`, the same `eval.cli` path as the command line, imports cached): the test asserts exit code 2
+(`runpy`, the same `cli.run` path as the command line, imports cached): the test asserts exit code 2
 and one line on stderr; an exception escaping `cli` would fail the test instead, as it would print a
 traceback on the command line.
 """

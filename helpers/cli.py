@@ -1,0 +1,39 @@
+"""The command line of every script: flags -> main(args), with the one error handler.
+
+A user error (flags, data, model, run folder: `UserError`) is one line on stderr and exit 2, a run that had
+to stop (`RunStopped`) one line and exit 1, without a traceback unless AGRL_DEBUG=1; however the script
+ends, its open runs get their curves.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import tyro
+
+from helpers import runs
+from helpers.errors import RunStopped, UserError
+
+
+def run(main, args_class) -> None:
+    """`main(tyro.cli(args_class))` under the one error handler."""
+    args = tyro.cli(args_class)
+    debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
+    try:
+        main(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        if debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for open_run in list(runs.OPEN_RUNS):
+            with contextlib.suppress(Exception):
+                open_run.finish()
