@@ -587,10 +587,16 @@ def parse_label_map(spec: str, rulebook: Rulebook):
 
 
 def _norm_key(raw) -> str:
-    # 4, 4.0 and "4" are the same key of an explicit label map
-    if isinstance(raw, float) and raw.is_integer():
-        raw = int(raw)
-    return str(raw).strip().lower()
+    """4, 4.0, "4" and "4.0" are the same key of an explicit label map, whatever the file format (a CSV
+    holds strings, and a spreadsheet writes 3 as "3.0")."""
+    text = str(raw).strip().lower()
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(x):
+        return text
+    return str(int(x)) if x.is_integer() else repr(x)
 
 
 def _as_number(raw) -> float:
@@ -666,6 +672,23 @@ def _row_to_example(row: dict, fmap: dict[str, str], to_label, rulebook: Ruleboo
                 raise _RowError(key, f"expected a string, got {type(value).__name__}")
             attributes[key[len("attr_"):]] = " ".join(value.split())
     return Example(label=label, criteria=criteria, attributes=attributes, source_id=source_id, **values)
+
+
+def _field_hints(candidates, fmap: dict[str, str], columns) -> list[tuple[str, str]]:
+    """(our field, column) pairs for fields whose mapped column is absent while a candidate column is
+    named like the field ('product_description' for description)."""
+    return [(ours, column) for ours in _TEXT_FIELDS if fmap[ours] not in columns
+            for column in candidates if ours in column.lower()][:3]
+
+
+def _check_columns(file: str, row: dict, fmap: dict[str, str]) -> None:
+    """A required field whose column the file lacks is the file's problem, not every row's: one error with the
+    file's columns and the --field-map that would fix it."""
+    for ours in _REQUIRED:
+        if fmap[ours] not in row:
+            like = [str(c) for c in row if ours in str(c).lower() and c not in fmap.values()]
+            raise UserError(f"{file} has no column {fmap[ours]!r} for the required field '{ours}'; its columns: "
+                            f"{', '.join(map(str, row))}; map one with --field-map {ours}={like[0] if like else '<column>'}")
 
 
 def _esci_label(raw) -> str:
@@ -808,9 +831,13 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
         raise UserError(f"--split all reads one whole file; {path} is a folder: name one of its files")
     reader, file_path, whole_file = _resolve(name, path, split)
     file = os.path.basename(file_path)
-    examples, skipped, rows_read = [], [], 0
+    examples, skipped, rows_read, columns = [], [], 0, {}
     for row_number, row in reader():
         rows_read += 1
+        if isinstance(row, dict):
+            if not columns:
+                _check_columns(file, row, fmap)
+            columns.update(dict.fromkeys(row))
         try:
             if isinstance(row, _RowError):
                 raise row
@@ -819,8 +846,14 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
             if not skip_bad_rows:
                 raise DataError(file, row_number, e.field, e.reason) from None
             skipped.append({"file": file, "row": row_number, "field": e.field, "reason": e.reason})
+    used = [c for c in columns if c in fmap.values() or c.startswith(("criterion_", "attr_"))]
+    ignored = [c for c in columns if c not in used]
     stats = {"source": file_path, "rows_read": rows_read, "rows_used": len(examples), "rows_skipped": len(skipped),
-             "skipped": skipped}
+             "columns_used": used, "columns_ignored": ignored, "skipped": skipped}
+    if ignored and _main_process():
+        print(f"data: {file}: columns not read (no field maps to them): {', '.join(ignored)}"
+              + "".join(f"; to read it: --field-map {ours}={column}" for ours, column in _field_hints(ignored, fmap, columns)),
+              file=sys.stderr)
     if skipped and _main_process():
         fields = {}
         for s in skipped:

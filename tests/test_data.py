@@ -272,6 +272,57 @@ def test_csv_threshold_label_map_on_means(tmp_path):
         load_dataset("csv", "test", path=str(tmp_path), field_map="qurey=q")
 
 
+RELEVANCE_CSV = ("search_term,product_title,product_description,relevance\n"
+                 "red sofa,Red Sofa,A soft red sofa.,3.0\nred sofa,Blue Lamp,A lamp.,1.0\n"
+                 "oak desk,Oak Desk,Solid oak.,2.0\noak desk,Desk Mat,Felt mat.,1.0\n")
+
+
+def test_unread_columns_are_named_with_the_field_map_that_reads_them(tmp_path, capsys):
+    (tmp_path / "own.csv").write_text(RELEVANCE_CSV, encoding="utf-8")
+    ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
+                      field_map="query=search_term,title=product_title,label=relevance")
+    err = capsys.readouterr().err
+    assert "own.csv: columns not read (no field maps to them): product_description" in err
+    assert "to read it: --field-map description=product_description" in err
+    assert ds.stats["columns_ignored"] == ["product_description"]
+    assert ds.stats["columns_used"] == ["search_term", "product_title", "relevance"]
+    assert all(e.description == "" for e in ds.examples)
+    # mapped, it is read and nothing is named
+    ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
+                      field_map="query=search_term,title=product_title,label=relevance,description=product_description")
+    assert "columns not read" not in capsys.readouterr().err and ds.stats["columns_ignored"] == []
+    assert ds.examples[0].description == "A soft red sofa."
+
+
+def test_explicit_label_map_compares_numbers_as_numbers_in_every_format(tmp_path):
+    """A CSV holds strings: "3.0" is the key 3 of the map, as 3.0 is in JSONL."""
+    (tmp_path / "own.csv").write_text(RELEVANCE_CSV, encoding="utf-8")
+    fmap = "query=search_term,title=product_title,label=relevance"
+    want = ["Excellent", "Irrelevant", "Related", "Irrelevant"]
+    for label_map in ("3=Excellent,2=Related,1=Irrelevant", "3.0=Excellent,2.00=Related,1=Irrelevant"):
+        ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), field_map=fmap, label_map=label_map)
+        assert [e.label for e in ds.examples] == want
+    rows = [{"q": "red sofa", "t": "Red Sofa", "y": y} for y in (3, 3.0, "3", "3.0", " 3 ")]
+    ds = load_dataset("jsonl", "all", path=_write_jsonl(tmp_path / "own.jsonl", rows), field_map="query=q,title=t,label=y",
+                      label_map="3=Excellent")
+    assert [e.label for e in ds.examples] == ["Excellent"] * 5
+    with pytest.raises(DataError, match="unknown label '2.5'"):
+        load_dataset("jsonl", "all", path=_write_jsonl(tmp_path / "bad.jsonl", [{"q": "a", "t": "b", "y": "2.5"}]),
+                     field_map="query=q,title=t,label=y", label_map="3=Excellent")
+
+
+@pytest.mark.parametrize("skip_bad_rows", [False, True])
+def test_a_missing_required_column_names_the_files_columns_and_the_fix(tmp_path, skip_bad_rows):
+    (tmp_path / "own.csv").write_text(RELEVANCE_CSV, encoding="utf-8")
+    with pytest.raises(data.UserError) as e:  # not a row error for each row, not an empty dataset later
+        load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
+                     field_map="query=search_term,label=relevance", skip_bad_rows=skip_bad_rows)
+    assert str(e.value) == ("own.csv has no column 'title' for the required field 'title'; its columns: search_term, "
+                            "product_title, product_description, relevance; map one with --field-map title=product_title")
+    with pytest.raises(data.UserError, match="field 'label'.*--field-map label=<column>"):
+        load_dataset("csv", "all", path=str(tmp_path / "own.csv"), field_map="query=search_term,title=product_title")
+
+
 def test_parquet_directory_split(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query": "desk", "title": "Oak Desk", "label": "Excellent"},
                                          {"query": "desk", "title": "Office Chair", "label": "irrelevant"}]),
