@@ -39,42 +39,13 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import checkpoints, cli, errors, launch, models, rollouts, runs
+from helpers import checkpoints, cli, errors, flags, launch, models, rollouts, runs
 
 
 @dataclass
-class Args:
-    model: str = "smollm2-135m"
-    """policy to train, usually the SFT checkpoint directory (also the frozen reference): alias, hub id, bare name or directory"""
-    dataset: str = "synthetic"
-    """synthetic | esci | jsonl | csv | parquet"""
-    data_path: str | None = None
-    """file or folder of the dataset (not needed for synthetic)"""
-    split: str = "train"
-    """split whose prompts are sampled for pairs"""
-    eval_split: str = "dev"
-    """split evaluated at the end"""
-    field_map: str | None = None
-    """for jsonl/csv: our_field=their_column pairs, comma separated"""
-    label_map: str | None = None
-    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
-    rulebook: str | None = None
-    """label set for jsonl/csv data: taobao4 | esci"""
-    skip_bad_rows: bool = False
-    """skip malformed rows (each reported in the run folder) instead of stopping"""
-    limit: int | None = None
-    """sample pairs from a seeded sample of this many prompts (None: all)"""
-    eval_limit: int | None = 200
-    """examples evaluated at the end (None: the whole split)"""
-    order: Literal["label_first", "think_first"] = "label_first"
-    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
-    max_item_tokens: int = 256
-    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
-    seed: int = 1
-    """seed of sampling, pair choice, pair order and initialisation"""
-    data_seed: int | None = None
-    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
-    total_steps: int = 100
+class Args(flags.TrainFlags):
+    # and the flags every training script shares: helpers/flags.py (model, data, seeds, run folder, processes)
+    total_steps: int = flags.may_change_on_resume(100)
     """optimizer steps"""
     n_samples: int = 8
     """N of pass@N: completions sampled per prompt"""
@@ -82,7 +53,7 @@ class Args:
     """temperature of the pass@N sampling"""
     max_new_tokens: int = 128
     """generation budget per completion (pass@N sampling and the final evaluation)"""
-    gen_batch_size: int = 16
+    gen_batch_size: int = flags.may_change_on_resume(16)
     """prompts per generation forward pass during pass@N sampling"""
     pairs_per_prompt: int = 1
     """most (chosen, rejected) pairs built from one prompt"""
@@ -110,40 +81,10 @@ class Args:
     """gradient clipping"""
     shared_prefix: bool = True
     """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
-    max_nan_skips: int = 10
-    """stop after this many consecutive steps with a NaN/inf loss or gradient"""
-    log_every: int = 5
+    log_every: int = flags.may_change_on_resume(5)
     """steps between metric lines (each line averages the steps since the last one)"""
-    save_every: int = 100
+    save_every: int = flags.may_change_on_resume(100)
     """steps between checkpoints"""
-    keep_last: int = 2
-    """checkpoints kept"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    num_gpus: int = 1
-    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
-    dry_run: bool = False
-    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    run_name: str | None = None
-    """run folder name (default dpo-<model>-<dataset>-s<seed>)"""
-    track: bool = False
-    """log to wandb (offline unless logged in)"""
-    wandb_project: str = "agrl"
-    """wandb project"""
-    wandb_group: str | None = None
-    """wandb group (a pipeline puts its stages in one group)"""
-    resume: bool = False
-    """continue from the run folder's last valid checkpoint (pairs and reference log-probs are reused)"""
-    overwrite: bool = False
-    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 # ==================================================================================================
@@ -315,14 +256,14 @@ def gather_rows(rows: list, key) -> list:
 
 
 def main(args: Args) -> dict:
-    launch.launch(args)
+    launch.launch(args, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0))
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = launch.make_accelerator(args)
+    accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "dpo")
     checkpoints.seed_everything(args.seed)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():

@@ -17,14 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 import data as D
 import rewards as R
-from helpers import cli, launch, models, rollouts, runs
+from helpers import cli, flags, launch, models, rollouts, runs
 from helpers.errors import UserError
 
 
@@ -190,29 +189,14 @@ def model_for_eval(model, run_dir: Path, device: str):
 # The eval.py command
 # ==================================================================================================
 @dataclass
-class Args:
-    model: str = "smollm2-135m"
-    """model to evaluate: alias (smollm2-135m, tiny-random), hub id, bare name, or checkpoint directory"""
-    dataset: str = "synthetic"
-    """synthetic | esci | jsonl | csv | parquet"""
-    data_path: str | None = None
-    """file or folder of the dataset (not needed for synthetic)"""
+class Args(flags.CommonFlags):
+    # eval.py's own defaults of three common flags (helpers/flags.py): the dev split, a 200-example sample, seed 0
     split: str = "dev"
     """split to evaluate: train | dev | test (a single data file has train and dev; all: the whole file)"""
-    field_map: str | None = None
-    """for jsonl/csv: our_field=their_column pairs, comma separated"""
-    label_map: str | None = None
-    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
-    rulebook: str | None = None
-    """label set for jsonl/csv data: taobao4 | esci"""
-    skip_bad_rows: bool = False
-    """skip malformed rows (each reported in the run folder) instead of stopping"""
     limit: int | None = 200
     """evaluate on a seeded sample of this many examples (None: all)"""
-    order: Literal["label_first", "think_first"] = "label_first"
-    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
-    max_item_tokens: int = 256
-    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
+    seed: int = 0
+    """seed of the evaluation sample"""
     max_new_tokens: int = 128
     """generation budget per answer"""
     batch_size: int = 16
@@ -221,24 +205,6 @@ class Args:
     """serving path: one forward pass reads the label distribution (no reasoning generated)"""
     tier_threshold: float = 0.5
     """label-only path: cumulative-probability threshold for tiering"""
-    seed: int = 0
-    """seed of the evaluation sample"""
-    data_seed: int | None = None
-    """seed of the synthetic world and of --limit's sample (None: --seed)"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    run_name: str | None = None
-    """run folder name (default eval-<model>-<dataset>-<split>)"""
-    track: bool = False
-    """log to wandb (offline unless logged in)"""
-    wandb_project: str = "agrl"
-    """wandb project"""
-    resume: bool = False
-    """unused by eval (an evaluation has nothing to continue; --overwrite replaces one)"""
-    overwrite: bool = False
-    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
     compare: tuple[str, ...] = ()
     """instead of evaluating: build a comparison table and bar chart from these finished run folders"""
 

@@ -28,44 +28,15 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import checkpoints, cli, errors, launch, models, rollouts, runs
+from helpers import checkpoints, cli, errors, flags, launch, models, rollouts, runs
 
 
 @dataclass
-class Args:
-    model: str = "smollm2-135m"
-    """policy to train (usually the SFT or DPO checkpoint): alias (smollm2-135m, tiny-random), hub id, bare name or directory"""
-    dataset: str = "synthetic"
-    """synthetic | esci | jsonl | csv | parquet"""
-    data_path: str | None = None
-    """file or folder of the dataset (not needed for synthetic)"""
-    split: str = "train"
-    """training split"""
-    eval_split: str = "dev"
-    """split evaluated at the end"""
-    field_map: str | None = None
-    """for jsonl/csv: our_field=their_column pairs, comma separated"""
-    label_map: str | None = None
-    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
-    rulebook: str | None = None
-    """label set for jsonl/csv data: taobao4 | esci"""
-    skip_bad_rows: bool = False
-    """skip malformed rows (each reported in the run folder) instead of stopping"""
-    limit: int | None = None
-    """train on a seeded sample of this many examples (None: all)"""
-    eval_limit: int | None = 200
-    """examples evaluated at the end (None: the whole split)"""
-    order: Literal["label_first", "think_first"] = "label_first"
-    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
-    max_item_tokens: int = 256
-    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
-    seed: int = 1
-    """seed of data order, sampling and initialisation"""
-    data_seed: int | None = None
-    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
-    total_steps: int = 300
+class Args(flags.TrainFlags):
+    # and the flags every training script shares: helpers/flags.py (model, data, seeds, run folder, processes)
+    total_steps: int = flags.may_change_on_resume(300)
     """generation batches (each followed by num_updates_per_batch optimizer updates)"""
-    generation_budget: int = 0
+    generation_budget: int = flags.may_change_on_resume(0)
     """stop once this many completions were generated, refills and guided samples included (0: no limit)"""
     prompts_per_step: int = 64
     """prompts per generation batch, over all processes"""
@@ -125,48 +96,18 @@ class Args:
     """recompute old log-probs with a training forward pass (use with --vllm, whose numerics differ)"""
     vllm: bool = False
     """generate with a colocated vLLM engine (weights synced after each step); needs vllm installed"""
-    vllm_gpu_memory: float = 0.3
+    vllm_gpu_memory: float = flags.may_change_on_resume(0.3)
     """share of GPU memory given to vLLM"""
-    vllm_sleep: bool = False
+    vllm_sleep: bool = flags.may_change_on_resume(False)
     """put the vLLM engine to sleep (weights and KV cache off the GPU) during each update"""
-    gen_batch_size: int = 16
+    gen_batch_size: int = flags.may_change_on_resume(16)
     """prompts per generation forward pass (HF backend)"""
-    max_nan_skips: int = 10
-    """stop after this many consecutive updates with a NaN/inf loss or gradient"""
-    max_empty_steps: int = 5
+    max_empty_steps: int = flags.may_change_on_resume(5)
     """stop after this many consecutive steps that train on nothing (every group dropped; 0: never stop)"""
-    log_samples_every: int = 10
+    log_samples_every: int = flags.may_change_on_resume(10)
     """steps between tables of sample completions"""
-    save_every: int = 50
+    save_every: int = flags.may_change_on_resume(50)
     """steps between checkpoints"""
-    keep_last: int = 2
-    """checkpoints kept"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    num_gpus: int = 1
-    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
-    dry_run: bool = False
-    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    run_name: str | None = None
-    """run folder name (default grpo-<model>-<dataset>-s<seed>)"""
-    track: bool = False
-    """log to wandb (offline unless logged in)"""
-    wandb_project: str = "agrl"
-    """wandb project"""
-    wandb_group: str | None = None
-    """wandb group (a pipeline puts its stages in one group)"""
-    resume: bool = False
-    """continue from the run folder's last valid checkpoint"""
-    overwrite: bool = False
-    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 # ==================================================================================================
@@ -306,9 +247,11 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 
 def main(args: Args) -> dict:
-    launch.launch(args)
+    launch.launch(args, launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, args.beta > 0,
+                                        args.prompts_per_step, args.group_size, args.gen_batch_size,
+                                        args.vllm_gpu_memory if args.vllm else None))
     args.run_name = args.run_name or f"grpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = launch.make_accelerator(args)
+    accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "grpo")
     checkpoints.seed_everything(args.seed)
@@ -317,7 +260,7 @@ def main(args: Args) -> dict:
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)

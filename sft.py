@@ -18,51 +18,21 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import checkpoints, cli, errors, launch, models, runs
+from helpers import checkpoints, cli, errors, flags, launch, models, runs
 
 
 @dataclass
-class Args:
-    model: str = "smollm2-135m"
-    """policy to fine-tune: alias (smollm2-135m, tiny-random), hub id, bare name or directory"""
-    dataset: str = "synthetic"
-    """synthetic | esci | jsonl | csv | parquet"""
-    data_path: str | None = None
-    """file or folder of the dataset (not needed for synthetic)"""
-    split: str = "train"
-    """training split"""
-    eval_split: str = "dev"
-    """split evaluated at the end"""
-    field_map: str | None = None
-    """for jsonl/csv: our_field=their_column pairs, comma separated"""
-    label_map: str | None = None
-    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
-    rulebook: str | None = None
-    """label set for jsonl/csv data: taobao4 | esci"""
-    skip_bad_rows: bool = False
-    """skip malformed rows (each reported in the run folder) instead of stopping"""
-    limit: int | None = None
-    """train on a seeded sample of this many examples (None: all)"""
-    eval_limit: int | None = 200
-    """examples evaluated at the end (None: the whole split)"""
+class Args(flags.TrainFlags):
+    # and the flags every training script shares: helpers/flags.py (model, data, seeds, run folder, processes)
     max_new_tokens: int = 128
     """generation budget per answer in the final evaluation"""
-    order: Literal["label_first", "think_first"] = "label_first"
-    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
-    max_item_tokens: int = 256
-    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
-    seed: int = 1
-    """seed of data order, initialisation and sampling"""
-    data_seed: int | None = None
-    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
-    total_steps: int = 200
+    total_steps: int = flags.may_change_on_resume(200)
     """optimizer steps"""
     batch_size: int = 8
     """sequences per micro-batch per process"""
@@ -82,40 +52,10 @@ class Args:
     """class-balanced sampling: each epoch draws every gold label as often as the most frequent one"""
     shared_prefix: bool = True
     """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
-    max_nan_skips: int = 10
-    """stop after this many consecutive steps with a NaN/inf loss or gradient"""
-    log_every: int = 5
+    log_every: int = flags.may_change_on_resume(5)
     """steps between metric lines"""
-    save_every: int = 100
+    save_every: int = flags.may_change_on_resume(100)
     """steps between checkpoints"""
-    keep_last: int = 2
-    """checkpoints kept"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    num_gpus: int = 1
-    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
-    dry_run: bool = False
-    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
-    output_dir: str = "runs"
-    """where run folders go"""
-    run_name: str | None = None
-    """run folder name (default sft-<model>-<dataset>-s<seed>)"""
-    track: bool = False
-    """log to wandb (offline unless logged in)"""
-    wandb_project: str = "agrl"
-    """wandb project"""
-    wandb_group: str | None = None
-    """wandb group (a pipeline puts its stages in one group)"""
-    resume: bool = False
-    """continue from the run folder's last valid checkpoint"""
-    overwrite: bool = False
-    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
 
 
 def cosine_lr(step: int, args: Args) -> float:
@@ -155,9 +95,9 @@ def epoch_order(gold: list[str], seed: int, epoch: int, balanced: bool) -> list[
 
 
 def main(args: Args) -> dict:
-    launch.launch(args)
+    launch.launch(args, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens))
     args.run_name = args.run_name or f"sft-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    accelerator = launch.make_accelerator(args)
+    accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, "sft")
     checkpoints.seed_everything(args.seed)
@@ -165,7 +105,7 @@ def main(args: Args) -> dict:
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args)
+    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
     starts = [labels.count(-100) for _, labels, _ in encoded]  # labels are -100 over the prompt, then the target

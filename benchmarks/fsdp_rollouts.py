@@ -45,9 +45,9 @@ class Args:
 
 
 def main(args: Args) -> None:
-    launch.launch(args)
-    accelerator = launch.make_accelerator(args)
-    model, tokenizer = models.load_policy(args.model, accelerator, args)
+    launch.relaunch(args.num_gpus, args.device, args.strategy)
+    accelerator = launch.make_accelerator(args.device, args.strategy)
+    model, tokenizer = models.load_policy(args.model, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)
     dataset = D.load_dataset("synthetic", "train", seed=0, limit=args.prompts * accelerator.num_processes)

@@ -10,7 +10,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -115,7 +114,7 @@ def seven_b() -> None:
         optimizer.step()
         torch.cuda.synchronize()
         plan = {item.split(" (")[0]: gib for item, gib, _ in
-                launch.memory_plan(SimpleNamespace(micro_batch_size=8, max_new_tokens=256, max_item_tokens=250), shape | dict(num_hidden_layers=8),
+                launch.memory_plan(launch.Workload(rows=8, max_new_tokens=256, max_item_tokens=250), shape | dict(num_hidden_layers=8),
                               1, "single", "bf16", checkpointing)}
         report("7b_shape_8_layers_fwd_bwd", checkpointing=checkpointing, rows=8, tokens_each=856,
                fwd_bwd_peak_above_weights_gib=peak / GiB, plan_activations_gib=plan["activations"],

@@ -13,7 +13,9 @@ import sys
 
 import torch
 
-from helpers import models
+from dataclasses import dataclass
+
+from helpers import flags, models
 from helpers.errors import UserError
 
 
@@ -74,9 +76,9 @@ def parallel_strategy(strategy: str, device: str, world: int) -> str:
     return "single" if strategy == "ddp" and world <= 1 else strategy
 
 
-def mixed_precision(args, device: str) -> str:
-    """accelerate's mixed_precision: bf16 compute over fp32 master weights and AdamW states, or no (fp32)."""
-    precision = getattr(args, "precision", "auto")
+def mixed_precision(precision: str, device: str) -> str:
+    """accelerate's mixed_precision for --precision auto | fp32 | bf16: bf16 compute over fp32 master weights
+    and AdamW states, or no (fp32)."""
     return "bf16" if precision == "bf16" or (precision == "auto" and device.startswith("cuda")) else "no"
 
 
@@ -91,14 +93,14 @@ def fsdp_plugin(precision: str):
                                           mixed_precision_policy=policy)
 
 
-def make_accelerator(args):
-    """The Accelerator of a training script, from --strategy and --precision (inside each launched process)."""
+def make_accelerator(device: str, strategy: str = "auto", precision: str = "auto"):
+    """The Accelerator of a training script, from --device, --strategy and --precision (inside each launched process)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    device = models.pick_device(args.device)
-    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, int(os.environ.get("WORLD_SIZE", "1")))
-    precision = mixed_precision(args, device)
+    device = models.pick_device(device)
+    strategy = parallel_strategy(strategy, device, int(os.environ.get("WORLD_SIZE", "1")))
+    precision = mixed_precision(precision, device)
     plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
     if plugin is not None and "RANK" not in os.environ:
         raise UserError("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
@@ -153,22 +155,41 @@ def launch_command(num_gpus: int, device: str, strategy: str = "auto", precision
     return command + script
 
 
-def launch(args) -> None:
-    """The start of every script: --dry-run, device honesty, then the relaunch under N processes (once).
+@dataclass
+class Workload:
+    """What a training script holds in memory besides the model and its optimizer, for the --dry-run plan:
+    each script states its own."""
+
+    rows: int  # sequences per forward/backward pass per process
+    max_new_tokens: int  # completion tokens per sequence
+    max_item_tokens: int  # the item's token budget in the prompt
+    reference: bool = False  # a frozen reference policy is kept whole
+    prompts_per_step: int = 0  # RL: prompts per step, over all processes (0: no rollouts)
+    group_size: int = 0  # RL: completions sampled per prompt
+    gen_batch_size: int = 0  # RL: prompts per generation forward pass
+    vllm_gpu_memory: float | None = None  # RL with --vllm: the engine's share of GPU memory
+
+
+def launch(args: flags.TrainFlags, workload: Workload) -> None:
+    """The start of every training script: --dry-run (the plan, then exit), else `relaunch`."""
+    if args.dry_run:
+        print(dry_run_report(args, workload))
+        raise SystemExit(0)
+    relaunch(args.num_gpus, args.device, args.strategy, args.precision)
+
+
+def relaunch(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto") -> None:
+    """Device honesty, then the relaunch under N processes (once).
 
     Multi-node: run `accelerate launch` yourself with your cluster's flags (README); a launched process
     has RANK set and never relaunches."""
-    num_gpus, strategy = args.num_gpus, getattr(args, "strategy", "auto")
-    if getattr(args, "dry_run", False):
-        print(dry_run_report(args))
-        raise SystemExit(0)
-    check_device(args.device, num_gpus)
+    check_device(device, num_gpus)
     if "RANK" in os.environ or (num_gpus <= 1 and strategy != "fsdp"):
         return
     if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
         raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
     os.environ["AGRL_LAUNCHED"] = "1"
-    command = launch_command(num_gpus, models.pick_device(args.device), strategy, getattr(args, "precision", "auto"))
+    command = launch_command(num_gpus, models.pick_device(device), strategy, precision)
     print("[launch]", " ".join(command), flush=True)
     sys.exit(subprocess.call(command))
 
@@ -181,14 +202,7 @@ def check_device(device: str, num_gpus: int = 1) -> None:
                         f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
 
 
-def relaunch_distributed(num_gpus: int, device: str, strategy: str = "auto") -> None:
-    """`launch` for callers without an Args object (eval.py's own tests)."""
-    from types import SimpleNamespace
-
-    launch(SimpleNamespace(num_gpus=num_gpus, device=device, strategy=strategy))
-
-
-def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool) -> list[tuple[str, float, str]]:
+def memory_plan(workload: Workload, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool) -> list[tuple[str, float, str]]:
     """Estimated GiB per GPU: (item, GiB, phase) with phase static | generation | training. An estimate:
     activations count the tensors a Llama/Qwen block keeps for backward (bf16), logits in fp32 as
     token_logprobs makes them; allocator fragmentation and NCCL buffers are a flat 3 GiB."""
@@ -198,24 +212,23 @@ def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, ch
     n = parameter_count(shape)
     shard = world if strategy == "fsdp" else 1
     compute = 2 if precision == "bf16" else 4
-    rows = getattr(args, "micro_batch_size", getattr(args, "batch_size", 8))
-    completion = getattr(args, "max_new_tokens", 256)
-    seq = 350 + getattr(args, "max_item_tokens", 256) + completion  # system prompt + item budget + completion
+    rows, completion = workload.rows, workload.max_new_tokens
+    seq = 350 + workload.max_item_tokens + completion  # system prompt + item budget + completion
     per_layer = rows * seq * (8 * h + 2 * kv + 4 * i) * compute  # block tensors saved for backward
     activations = rows * seq * h * compute * layers + per_layer if checkpointing else per_layer * layers
     plan = [(f"parameters fp32 (1/{shard} shard)" if shard > 1 else "parameters fp32", 4 * n / shard / GiB, "static"),
             (f"AdamW states fp32 (1/{shard} shard)" if shard > 1 else "AdamW states fp32", 8 * n / shard / GiB, "static")]
-    vllm = getattr(args, "vllm", False)
+    vllm = workload.vllm_gpu_memory is not None
     if vllm:
-        plan.append((f"vLLM engine share (--vllm-gpu-memory {args.vllm_gpu_memory}) of an 80 GB card",
-                     args.vllm_gpu_memory * GPU_GIB["80 GB"], "static"))
-    elif strategy == "fsdp" and hasattr(args, "group_size"):
+        plan.append((f"vLLM engine share (--vllm-gpu-memory {workload.vllm_gpu_memory}) of an 80 GB card",
+                     workload.vllm_gpu_memory * GPU_GIB["80 GB"], "static"))
+    elif strategy == "fsdp" and workload.group_size:
         plan.append(("rollout inference copy, whole, bf16" if compute == 2 else "rollout inference copy, whole, fp32",
                      compute * n / GiB, "static"))
-    if getattr(args, "beta", 0) > 0:
+    if workload.reference:
         plan.append(("reference policy, whole (--beta > 0)", compute * n / GiB, "static"))
-    if hasattr(args, "group_size") and not vllm:
-        gen_rows = min(args.gen_batch_size, max(1, args.prompts_per_step // world)) * args.group_size
+    if workload.group_size and not vllm:
+        gen_rows = min(workload.gen_batch_size, max(1, workload.prompts_per_step // world)) * workload.group_size
         plan.append((f"rollout KV cache ({gen_rows} rows x {seq} tokens)", gen_rows * seq * layers * 2 * kv * compute / GiB,
                      "generation"))
         plan.append(("rollout sampling logits fp32", gen_rows * vocab * 4 * 3 / GiB, "generation"))
@@ -233,19 +246,19 @@ def memory_plan(args, shape: dict, world: int, strategy: str, precision: str, ch
     return plan
 
 
-def dry_run_report(args) -> str:
+def dry_run_report(args: flags.TrainFlags, workload: Workload) -> str:
     """What `--num-gpus N` would do, without loading weights: model id, launch command, parallel plan, memory."""
     on_cpu = args.device == "cpu"
     device = "cpu" if on_cpu else "cuda"
     world = max(1, args.num_gpus)
-    strategy = parallel_strategy(getattr(args, "strategy", "auto"), device, world)
-    precision = mixed_precision(args, device)
-    checkpointing = models.gradient_checkpointing_on(args, device)
+    strategy = parallel_strategy(args.strategy, device, world)
+    precision = mixed_precision(args.precision, device)
+    checkpointing = models.gradient_checkpointing_on(args.gradient_checkpointing, device)
     resolved = models.resolve_model_name(args.model)
     shape, source = model_shape(args.model)
     argv = [a for a in sys.argv[1:] if a != "--dry-run"]
     if world > 1 or strategy == "fsdp":
-        command = " ".join(launch_command(world, device, strategy, getattr(args, "precision", "auto"), [sys.argv[0], *argv]))
+        command = " ".join(launch_command(world, device, strategy, args.precision, [sys.argv[0], *argv]))
     else:
         command = " ".join([sys.executable, sys.argv[0], *argv]) + "   (one process: no relaunch)"
     lines = [f"model     {args.model} -> {resolved}", f"shape     {source}", f"launch    {command}"]
@@ -255,19 +268,20 @@ def dry_run_report(args) -> str:
     lines.append(f"parallel  {world} x {'CPU' if on_cpu else 'GPU'}: {how}")
     lines.append(f"precision {'bf16 compute, fp32 master weights, gradients and AdamW states' if precision == 'bf16' else 'fp32'}; "
                  f"gradient checkpointing {'on' if checkpointing else 'off'}")
-    if hasattr(args, "group_size"):
-        per_rank = -(-args.prompts_per_step // world)
-        backend = ("colocated vLLM engine per rank (external_launcher), weights pushed after each update" if args.vllm else
+    if workload.group_size:
+        per_rank = -(-workload.prompts_per_step // world)
+        vllm = workload.vllm_gpu_memory is not None
+        backend = ("colocated vLLM engine per rank (external_launcher), weights pushed after each update" if vllm else
                    "HF generation on an unsharded inference copy, gathered once per step (no collective inside "
                    "generation, so ranks may generate different amounts)" if strategy == "fsdp" else "HF generation on the local model")
-        lines.append(f"rollouts  {args.prompts_per_step} prompts x {args.group_size} completions per step, <= {per_rank} "
-                     f"prompts per rank; {backend}")
-        lines.append(f"training  micro-batches of {args.micro_batch_size} sequences per rank, equal count on every rank")
+        lines.append(f"rollouts  {workload.prompts_per_step} prompts x {workload.group_size} completions per step, "
+                     f"<= {per_rank} prompts per rank; {backend}")
+        lines.append(f"training  micro-batches of {workload.rows} sequences per rank, equal count on every rank")
     if shape is None:
         lines.append("memory    unknown: " + source + ". Put the model's config.json in a local folder and pass that folder.")
         return "\n".join(lines)
     n = parameter_count(shape)
-    plan = memory_plan(args, shape, world, strategy, precision, checkpointing)
+    plan = memory_plan(workload, shape, world, strategy, precision, checkpointing)
     lines.append(f"memory    per GPU, estimated GiB ({n / 1e9:.2f}B parameters; {shape['num_hidden_layers']} layers, "
                  f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):")
     totals = {phase: sum(g for _, g, p in plan if p == phase) for phase in ("static", "generation", "training")}
@@ -278,7 +292,8 @@ def dry_run_report(args) -> str:
     peak = totals["static"] + max(totals["generation"], totals["training"])
     lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<66} {peak:7.2f}")
     for card, gib in GPU_GIB.items():
-        need = peak + (args.vllm_gpu_memory * (gib - GPU_GIB["80 GB"]) if getattr(args, "vllm", False) else 0)  # vLLM takes a share
+        vllm_share = workload.vllm_gpu_memory or 0.0  # of every card: a larger card gives vLLM more
+        need = peak + vllm_share * (gib - GPU_GIB["80 GB"])
         verdict = "fits" if need < 0.9 * gib else "tight" if need < gib else "does NOT fit"
         lines.append(f"  on {card} cards ({gib:.1f} GiB): {verdict}, headroom {gib - need:.1f} GiB")
     return "\n".join(lines)

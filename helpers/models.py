@@ -176,11 +176,12 @@ def hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
             f"download it where there is a network, or pass a local directory")
 
 
-def load_policy(name: str, accelerator, args):
+def load_policy(name: str, accelerator, gradient_checkpointing: str = "auto"):
     """The policy to train: fp32 master weights (bf16 compute comes from the accelerator's mixed
-    precision: pure-bf16 weights lose most small updates to rounding), gradient checkpointing when asked."""
+    precision: pure-bf16 weights lose most small updates to rounding), gradient checkpointing when asked
+    (--gradient-checkpointing auto | on | off)."""
     model, tokenizer = load_model(name, str(accelerator.device), dtype="float32")
-    if gradient_checkpointing_on(args, str(accelerator.device)):
+    if gradient_checkpointing_on(gradient_checkpointing, str(accelerator.device)):
         enable_checkpointing(model)
     return model, tokenizer
 
@@ -193,8 +194,8 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def gradient_checkpointing_on(args, device: str) -> bool:
-    setting = getattr(args, "gradient_checkpointing", "auto")
+def gradient_checkpointing_on(setting: str, device: str) -> bool:
+    """--gradient-checkpointing: on, off, or auto (on for GPUs)."""
     return setting == "on" or (setting == "auto" and device.startswith("cuda"))
 
 

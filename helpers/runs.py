@@ -13,6 +13,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from helpers import flags
 from helpers.errors import UserError
 
 
@@ -20,37 +21,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-# Arguments a resumed run may change: how long it runs, how it evaluates, logs and saves, where it runs.
-# Any other difference (model, data, sizes, learning rate, reward weights, ...) would make the resumed run a
-# different run from the one its checkpoint and metrics come from, so `--resume` refuses it.
-RESUME_MAY_CHANGE = frozenset({
-    "total_steps", "generation_budget", "eval_limit", "eval_split", "log_every", "log_samples_every", "save_every",
-    "keep_last", "track", "wandb_project", "wandb_group", "output_dir", "run_name", "resume", "overwrite", "device",
-    "num_gpus", "strategy", "gradient_checkpointing", "dry_run", "gen_batch_size", "max_nan_skips", "max_empty_steps",
-    "vllm_gpu_memory", "vllm_sleep"})
-
-
 RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval.json", "checkpoints", "checkpoint", "pairs.jsonl")
-
-
-OPEN_RUNS: list[Run] = []  # closed by `cli` however a script ends, so that every run gets its curves.png
+OPEN_RUNS: list[Run] = []  # closed by `cli.run` however a script ends, so that every run gets its curves.png
 
 
 def _jsonable(args) -> dict:
     return json.loads(json.dumps(asdict(args), default=str))
 
 
-def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
+def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict:
     """Make sure a new run never mixes with an old one; returns what args.json should record.
 
-    A folder that holds a previous run is refused unless `--resume` (continue it: same script, and no
-    argument that changes the math may differ) or `--overwrite` (delete it, then start clean).
+    A folder that holds a previous run is refused unless `--resume` (continue it: same script, and only
+    flags marked `flags.may_change_on_resume` may differ) or `--overwrite` (delete it, then start clean).
     """
     record = dict(script=script, **_jsonable(args))
     old_args = run_dir / "args.json"
     # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
     used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    if getattr(args, "resume", False):
+    if args.resume:
         if not old_args.exists():
             what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
             raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
@@ -59,7 +48,8 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
         if old.get("script") != script:
             raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
         changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
-        refused = {k: pair for k, pair in changed.items() if k not in RESUME_MAY_CHANGE}
+        may_change = flags.changeable_on_resume(args)
+        refused = {k: pair for k, pair in changed.items() if k not in may_change}
         if refused:
             raise UserError(f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -75,7 +65,7 @@ def prepare_run_dir(run_dir: Path, args, script: str) -> dict:
         raise UserError(f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name "
                         f"or --output-dir")
     if used:
-        if not getattr(args, "overwrite", False):
+        if not args.overwrite:
             raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
                             f"--overwrite to delete it and start clean, or choose another --run-name")
         shutil.rmtree(run_dir)
@@ -106,7 +96,7 @@ class Run:
     The folder belongs to one run (prepare_run_dir); `finish` draws curves.png from metrics.jsonl.
     """
 
-    def __init__(self, args, script: str):
+    def __init__(self, args: flags.CommonFlags, script: str):
         self.dir = Path(args.output_dir) / args.run_name
         self.main = is_main_process()
         self.wandb = None
@@ -117,12 +107,12 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "args.json", record)
         OPEN_RUNS.append(self)
-        if getattr(args, "track", False):
+        if args.track:
             import wandb
 
             logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
             os.environ.setdefault("WANDB_MODE", "online" if logged_in else "offline")
-            self.wandb = wandb.init(project=getattr(args, "wandb_project", "agrl"), group=getattr(args, "wandb_group", None),
+            self.wandb = wandb.init(project=args.wandb_project, group=args.wandb_group,
                                     name=args.run_name, id=args.run_name.replace("/", "-"), resume="allow",
                                     config=asdict(args), dir=str(self.dir), job_type=script)
 

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,8 +94,8 @@ def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "Qwen2.5-7B -> Qwen/Qwen2.5-7B" in out and "7.62B parameters" in out
-    launch = next(line for line in out.splitlines() if line.startswith("launch"))
-    args = accelerate_validate(shlex.split(launch.split(maxsplit=1)[1]))
+    launch_line = next(line for line in out.splitlines() if line.startswith("launch"))
+    args = accelerate_validate(shlex.split(launch_line.split(maxsplit=1)[1]))
     assert args.use_fsdp and args.num_processes == 8 and args.training_script_args[-1] == "8"
     assert "--dry-run" not in args.training_script_args
     assert "FSDP2" in out and "bf16 compute, fp32 master weights" in out and "gradient checkpointing on" in out
@@ -119,14 +118,16 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shape = launch.model_shape("Qwen2.5-7B")[0]
     args = grpo.Args(model="Qwen2.5-7B")
+    workload = launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, False,
+                               args.prompts_per_step, args.group_size, args.gen_batch_size)
     plan = lambda world, strategy, ckpt: {item.split(" (")[0]: gib for item, gib, _ in  # noqa: E731
-                                          launch.memory_plan(args, shape, world, strategy, "bf16", ckpt)}
+                                          launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)}
     sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
     assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
     assert whole["AdamW states fp32"] == pytest.approx(7.62e9 * 8 / 2**30, rel=0.01)
     assert plan(8, "fsdp", False)["activations"] > 10 * sharded["activations"]
     assert launch.model_shape("some-org/unknown-model-3b")[0] is None
-    report = launch.dry_run_report(SimpleNamespace(**{**vars(args), "model": "some-org/unknown-model-3b", "num_gpus": 8}))
+    report = launch.dry_run_report(grpo.Args(model="some-org/unknown-model-3b", num_gpus=8), workload)
     assert "memory    unknown: no local config for some-org/unknown-model-3b" in report
 
 
@@ -138,7 +139,7 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
                                                   ("cuda:1", 2, "--device cuda:1")])
 def test_cuda_requested_without_cuda_is_a_one_line_user_error(device, num_gpus, flag):
     with pytest.raises(errors.UserError) as stop:
-        launch.launch(SimpleNamespace(device=device, num_gpus=num_gpus, strategy="auto", dry_run=False))
+        launch.relaunch(num_gpus, device)
     err = str(stop.value)
     assert err.count("\n") == 0 and err.startswith(f"{flag} needs CUDA") and "--device cpu" in err
 

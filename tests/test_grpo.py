@@ -560,7 +560,7 @@ def test_relaunch_distributed_cpu_starts_two_ranked_processes(tmp_path, monkeypa
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(launch.subprocess, "call", lambda command, *a, **kw: captured.append(command) or 0)
     with pytest.raises(SystemExit):
-        launch.relaunch_distributed(2, "cpu")
+        launch.relaunch(2, "cpu")
     assert len(captured) == 1 and captured[0][-2:] == [str(probe), "--some-flag"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
     proc = subprocess.run(captured[0], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

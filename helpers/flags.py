@@ -1,0 +1,95 @@
+"""The flags every script shares, declared once: each script's `Args` extends `CommonFlags` (eval.py) or
+`TrainFlags` (sft, dpo, grpo, agrl) with its own.
+
+Whether a flag may change when a run is resumed is said where the flag is declared: `may_change_on_resume`
+marks how long a run goes, how it evaluates, logs and saves, and where it runs. Any other difference
+(model, data, sizes, learning rate, reward weights, ...) would make the resumed run a different run from
+the one its checkpoint and metrics come from, so `--resume` refuses it (runs.prepare_run_dir).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+
+def may_change_on_resume(default):
+    """The default of a flag that `--resume` accepts a new value of (the change is recorded in args.json)."""
+    return field(default=default, metadata={"may_change_on_resume": True})
+
+
+def changeable_on_resume(args) -> set[str]:
+    """The names of the flags of this Args dataclass that a resumed run may change."""
+    return {f.name for f in fields(args) if f.metadata.get("may_change_on_resume")}
+
+
+@dataclass
+class CommonFlags:
+    """Every script's flags: the model, the data, the seeds, the device and the run folder."""
+
+    model: str = "smollm2-135m"
+    """alias (smollm2-135m, tiny-random), hub id, bare name or directory; a training stage usually starts from the previous stage's checkpoint"""
+    dataset: str = "synthetic"
+    """synthetic | esci | jsonl | csv | parquet"""
+    data_path: str | None = None
+    """file or folder of the dataset (not needed for synthetic)"""
+    split: str = "train"
+    """split to train on: train | dev | test (a single data file has train and dev; all: the whole file)"""
+    field_map: str | None = None
+    """for jsonl/csv: our_field=their_column pairs, comma separated"""
+    label_map: str | None = None
+    """for jsonl/csv: raw=Label pairs or >=threshold:Label rules"""
+    rulebook: str | None = None
+    """label set for jsonl/csv data: taobao4 | esci"""
+    skip_bad_rows: bool = False
+    """skip malformed rows (each reported in the run folder) instead of stopping"""
+    limit: int | None = None
+    """use a seeded sample of this many examples (None: all)"""
+    order: Literal["label_first", "think_first"] = "label_first"
+    """output order: label then reasoning (post-CoT, default) or reasoning then label"""
+    max_item_tokens: int = 256
+    """token budget of the item text in the prompt (longer texts are truncated and counted)"""
+    seed: int = 1
+    """seed of data order, sampling and initialisation"""
+    data_seed: int | None = None
+    """seed of the synthetic world and of --limit's sample (None: --seed); fix it to vary only the RL seed"""
+    device: str = may_change_on_resume("auto")
+    """auto | cpu | cuda"""
+    output_dir: str = may_change_on_resume("runs")
+    """where run folders go"""
+    run_name: str | None = may_change_on_resume(None)
+    """run folder name (default <script>-<model>-<dataset>-s<seed>; eval.py: eval-<model>-<dataset>-<split>)"""
+    track: bool = may_change_on_resume(False)
+    """log to wandb (offline unless logged in)"""
+    wandb_project: str = may_change_on_resume("agrl")
+    """wandb project"""
+    wandb_group: str | None = may_change_on_resume(None)
+    """wandb group (a pipeline puts its stages in one group)"""
+    resume: bool = may_change_on_resume(False)
+    """continue from the run folder's last valid checkpoint"""
+    overwrite: bool = may_change_on_resume(False)
+    """delete a previous run in the run folder and start clean (without it, a used folder is refused)"""
+
+
+@dataclass
+class TrainFlags(CommonFlags):
+    """The training scripts' flags besides: the final evaluation, checkpoints, processes and precision."""
+
+    eval_split: str = may_change_on_resume("dev")
+    """split evaluated at the end"""
+    eval_limit: int | None = may_change_on_resume(200)
+    """examples evaluated at the end (None: the whole split)"""
+    max_nan_skips: int = may_change_on_resume(10)
+    """stop after this many consecutive updates with a NaN/inf loss or gradient"""
+    keep_last: int = may_change_on_resume(2)
+    """checkpoints kept"""
+    num_gpus: int = may_change_on_resume(1)
+    """processes: >1 relaunches under accelerate (FSDP on GPUs, gloo DDP on CPU)"""
+    strategy: Literal["auto", "ddp", "fsdp"] = may_change_on_resume("auto")
+    """with several processes: auto (FSDP on GPUs, DDP on CPU), ddp (a whole model per process), fsdp (sharded; also on CPU)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 compute over fp32 master weights and AdamW states on GPUs, fp32 on CPU; bf16: that mixed precision anywhere"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = may_change_on_resume("auto")
+    """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
+    dry_run: bool = may_change_on_resume(False)
+    """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
