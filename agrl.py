@@ -388,6 +388,115 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
     return results
 
 
+class AGR:
+    """Adaptive Guided Replay's state and decisions over a run.
+
+    Per prompt (example index): its guidance level, running accuracy, whether it was ever stagnant, and a
+    buffer of its successful guided answers. Stagnant prompts are re-queued to come back
+    agr_replay_delay steps later, so escalation, replay and decay act within an epoch. `state()` is what a
+    checkpoint keeps; `stats` counts this step's decisions for the metric line.
+    """
+
+    def __init__(self, args: Args, examples: list[D.Example], rulebook: R.Rulebook, saved: dict | None = None):
+        self.args, self.examples, self.rulebook = args, examples, rulebook
+        saved = saved or {}
+        self.prompts: dict[int, dict] = saved.get("agr_state", {})
+        self.queue: list[tuple[int, int]] = saved.get("replay_queue", [])  # (due step, example index)
+        self.replay_count = saved.get("replay_count", 0)
+        self.returning: dict[int, int] = {}  # this step's returning prompts: stream key -> example index
+        self.stats: dict[str, int] = {}
+
+    def state(self) -> dict:
+        return dict(agr_state=self.prompts, replay_queue=self.queue, replay_count=self.replay_count)
+
+    def new_step(self) -> None:
+        self.stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_tried=0, guided_kept=0, level_1=0,
+                          level_2=0, once_stagnant_correct=0, once_stagnant_total=0, requeued=0, returned=0, recovered=0)
+
+    def take_returning(self, step: int, limit: int) -> list[int]:
+        """Keys of the re-queued prompts due by this step (at most `limit`), oldest first."""
+        self.returning.clear()
+        due = [q for q in self.queue if q[0] <= step][:limit]
+        self.queue = [q for q in self.queue if q not in due]
+        keys = []
+        for _, example_index in due:
+            keys.append(REPLAY_KEY + self.replay_count)
+            self.returning[keys[-1]] = example_index
+            self.replay_count += 1
+        return keys
+
+    def replay_or_guide(self, groups: list[dict], step: int, guide) -> list[dict]:
+        """Detect stagnant groups, re-queue their prompts, replay or guide them, keep the correct, well-formed
+        and adherent guided answers and mix them into the group. Returns new groups; the inputs stay the
+        policy's own. `guide(to_guide, K)` makes this rank's share of the guided answers."""
+        args, stats = self.args, self.stats
+        K = 1 if args.agr_guide == "target" else args.agr_k or max(1, args.group_size // 4)
+        out, to_guide = list(groups), []
+        for i, group in enumerate(groups):
+            st = self.prompts.setdefault(group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False))
+            accuracy = sum(group["correct"]) / len(group["correct"])
+            returned = group["position"] >= REPLAY_KEY
+            stats["returned"] += returned
+            if st["stagnant_ever"]:
+                stats["once_stagnant_correct"] += sum(group["correct"])
+                stats["once_stagnant_total"] += len(group["correct"])
+            st["accuracy"] = accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
+            if accuracy > args.agr_tau:
+                stats["recovered"] += returned
+                if st["level"] > 0 and st["accuracy"] >= args.agr_recover:
+                    st["level"] -= 1  # guidance decays as the prompt recovers
+                continue
+            stats["stagnant"] += 1
+            st["stagnant_ever"] = True
+            waiting = any(q[1] == group["example_index"] for q in self.queue)
+            if args.agr_replay_delay > 0 and not waiting and len(self.queue) < args.agr_replay_queue:
+                self.queue.append((step + args.agr_replay_delay, group["example_index"]))
+                stats["requeued"] += 1
+            if st["buffer"]:  # replay successful guided answers before generating new guidance; all off-policy now
+                out[i] = mix_into(group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix)
+                stats["replayed"] += 1
+                continue
+            st["level"] = min(st["level"] + 1, args.agr_max_level)
+            stats[f"level_{st['level']}"] += 1
+            guidance = guidance_text(self.examples[group["example_index"]], wrong_criteria(group), st["level"])
+            to_guide.append(dict(position=i, group=group, guidance=guidance, level=st["level"]))
+
+        for result in gather_groups(guide(to_guide, K)):  # shared out like the rollouts, then gathered
+            group = groups[result["position"]]
+            scores, guided_rewards = score_group(result["texts"], self.examples[group["example_index"]], self.rulebook, args)
+            selected = [dict(completions=c, old_logprobs=lp, truncated=tr, texts=tx, rewards=r, correct=s.correct,
+                             format_ok=s.format_ok, adherent=s.adherent, labels=s.parsed.label, criteria=s.criteria,
+                             credit=criterion_credit(s), spans=s.parsed.spans, guided=True, forced=f)
+                        for c, lp, tr, tx, r, s, f in zip(result["completions"], result["logprobs"], result["truncated"],
+                                                          result["texts"], guided_rewards, scores, result["forced"])
+                        if s.correct and s.adherent and s.format_ok]
+            stats["guided_sampled"] += len(result["completions"]) if args.agr_guide != "target" else 0
+            stats["guided_tried"] += len(result["completions"])
+            stats["guided_kept"] += len(selected)
+            st = self.prompts[group["example_index"]]
+            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size:]
+            if selected:
+                out[result["position"]] = mix_into(group, selected, args.agr_mix)
+                stats["guided"] += 1
+        return out
+
+    def metrics(self, n_groups: int) -> dict:
+        """This step's AGR line: shares of the step's groups, counts, and the run's totals so far."""
+        stats = self.stats
+        return dict(
+            agr_stagnant_share=stats["stagnant"] / n_groups,
+            agr_guided_share=(stats["guided"] + stats["replayed"]) / n_groups,
+            agr_buffer_hits=stats["replayed"], agr_level_1=stats["level_1"], agr_level_2=stats["level_2"],
+            agr_guided_success_rate=stats["guided_kept"] / max(1, stats["guided_tried"]),
+            agr_rescued_share=stats["guided"] / max(1, stats["stagnant"] - stats["replayed"]),
+            agr_requeued=stats["requeued"], agr_returned=stats["returned"], agr_recovered=stats["recovered"],
+            agr_queue_length=len(self.queue),
+            agr_once_stagnant_accuracy=(stats["once_stagnant_correct"] / stats["once_stagnant_total"]
+                                        if stats["once_stagnant_total"] else None),
+            agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in self.prompts.values()),
+        )
+
+
 def keeps(group: dict, args: Args) -> bool:
     """Dynamic sampling: a group teaches only if its rewards differ (a zero-variance group has zero
     advantage everywhere); TaoSR1's rule keeps groups whose accuracy lies in [ds_low, ds_high]."""
@@ -495,6 +604,7 @@ def main(args: Args) -> dict:
         engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
                                     args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
     stop = checkpoints.StopFlag()
+    agr = AGR(args, examples, rulebook, state if resume_from is not None else None)
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch: int) -> list[int]:
@@ -505,8 +615,8 @@ def main(args: Args) -> dict:
         return order
 
     def stream(position: int) -> int:
-        if position in returning:  # a stagnant prompt that AGR re-queued (below)
-            return returning[position]
+        if position in agr.returning:  # a stagnant prompt that AGR re-queued
+            return agr.returning[position]
         return epoch_order(position // len(examples))[position % len(examples)]
 
     def rollout(positions: list[int], timer: dict) -> list[dict]:
@@ -538,28 +648,8 @@ def main(args: Args) -> dict:
         timer["scoring"] += time.perf_counter() - t0
         return groups
 
-    agr_state: dict[int, dict] = state.get("agr_state", {}) if resume_from is not None else {}
-    # Stagnant prompts come back agr_replay_delay steps later, so escalation, replay and decay act
-    # within an epoch: (due step, example index), and the keys of this step's returning prompts.
-    replay_queue: list[tuple[int, int]] = state.get("replay_queue", []) if resume_from is not None else []
-    replay_count = state.get("replay_count", 0) if resume_from is not None else 0
-    returning: dict[int, int] = {}
-
-    def take_returning(step: int, limit: int) -> list[int]:
-        """Keys of the re-queued prompts due by this step (at most `limit`), oldest first."""
-        nonlocal replay_count, replay_queue
-        returning.clear()
-        due = [q for q in replay_queue if q[0] <= step][:limit]
-        replay_queue = [q for q in replay_queue if q not in due]
-        keys = []
-        for _, example_index in due:
-            keys.append(REPLAY_KEY + replay_count)
-            returning[keys[-1]] = example_index
-            replay_count += 1
-        return keys
-
     def guided_candidates(to_guide: list[dict], K: int) -> list[dict]:
-        """This rank's share of the stagnant groups -> their guided answers (gathered by the caller)."""
+        """This rank's share of the stagnant groups -> their guided answers (gathered by AGR)."""
         mine = to_guide[rank::world]
         if not mine:
             return []
@@ -567,60 +657,6 @@ def main(args: Args) -> dict:
         with accelerator.autocast():
             return guided_answers(rollouts.rollout_policy(model, engine), tokenizer, mine, examples, rulebook, args, K,
                                   accelerator.device, sample)
-
-    def adaptive_guided_replay(groups: list[dict], stats: dict, step: int) -> list[dict]:
-        """Detect stagnant groups, re-queue their prompts, replay or guide them, keep the correct, well-formed
-        and adherent guided answers and mix them into the group. Returns new groups; the inputs stay the
-        policy's own."""
-        K = 1 if args.agr_guide == "target" else args.agr_k or max(1, args.group_size // 4)
-        out, to_guide = list(groups), []
-        for i, group in enumerate(groups):
-            st = agr_state.setdefault(group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False))
-            accuracy = sum(group["correct"]) / len(group["correct"])
-            returned = group["position"] >= REPLAY_KEY
-            stats["returned"] += returned
-            if st["stagnant_ever"]:
-                stats["once_stagnant_correct"] += sum(group["correct"])
-                stats["once_stagnant_total"] += len(group["correct"])
-            st["accuracy"] = accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
-            if accuracy > args.agr_tau:
-                stats["recovered"] += returned
-                if st["level"] > 0 and st["accuracy"] >= args.agr_recover:
-                    st["level"] -= 1  # guidance decays as the prompt recovers
-                continue
-            stats["stagnant"] += 1
-            st["stagnant_ever"] = True
-            waiting = any(q[1] == group["example_index"] for q in replay_queue)
-            if args.agr_replay_delay > 0 and not waiting and len(replay_queue) < args.agr_replay_queue:
-                replay_queue.append((step + args.agr_replay_delay, group["example_index"]))
-                stats["requeued"] += 1
-            if st["buffer"]:  # replay successful guided answers before generating new guidance; all off-policy now
-                out[i] = mix_into(group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix)
-                stats["replayed"] += 1
-                continue
-            st["level"] = min(st["level"] + 1, args.agr_max_level)
-            stats[f"level_{st['level']}"] += 1
-            guidance = guidance_text(examples[group["example_index"]], wrong_criteria(group), st["level"])
-            to_guide.append(dict(position=i, group=group, guidance=guidance, level=st["level"]))
-
-        for result in gather_groups(guided_candidates(to_guide, K)):  # shared out like the rollouts, then gathered
-            group = groups[result["position"]]
-            scores, guided_rewards = score_group(result["texts"], examples[group["example_index"]], rulebook, args)
-            selected = [dict(completions=c, old_logprobs=lp, truncated=tr, texts=tx, rewards=r, correct=s.correct,
-                             format_ok=s.format_ok, adherent=s.adherent, labels=s.parsed.label, criteria=s.criteria,
-                             credit=criterion_credit(s), spans=s.parsed.spans, guided=True, forced=f)
-                        for c, lp, tr, tx, r, s, f in zip(result["completions"], result["logprobs"], result["truncated"],
-                                                          result["texts"], guided_rewards, scores, result["forced"])
-                        if s.correct and s.adherent and s.format_ok]
-            stats["guided_sampled"] += len(result["completions"]) if args.agr_guide != "target" else 0
-            stats["guided_tried"] += len(result["completions"])
-            stats["guided_kept"] += len(selected)
-            st = agr_state[group["example_index"]]
-            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size:]
-            if selected:
-                out[result["position"]] = mix_into(group, selected, args.agr_mix)
-                stats["guided"] += 1
-        return out
 
     # --- training loop -------------------------------------------------------------------------
     nan_skips, empty_steps, stopped = 0, 0, ""
@@ -632,12 +668,11 @@ def main(args: Args) -> dict:
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
-        agr_stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_tried=0, guided_kept=0, level_1=0,
-                         level_2=0, once_stagnant_correct=0, once_stagnant_total=0, requeued=0, returned=0, recovered=0)
+        agr.new_step()
         for attempt in range(1 + (args.ds_max_tries if args.dynamic_sampling else 0)):
             need = args.prompts_per_step - len(kept)
             # re-queued stagnant prompts first, at most half the batch so that the stream keeps moving
-            back = take_returning(step, need // 2) if args.agr and attempt == 0 else []
+            back = agr.take_returning(step, need // 2) if args.agr and attempt == 0 else []
             positions = back + list(range(data_position, data_position + need - len(back)))
             data_position += need - len(back)
             generated += need * args.group_size
@@ -645,7 +680,7 @@ def main(args: Args) -> dict:
             groups = gather_groups(rollout(positions, timer))
             scored += groups
             if args.agr:  # stagnant groups get guided answers; `scored` keeps the policy's own samples
-                groups = adaptive_guided_replay(groups, agr_stats, step)
+                groups = agr.replay_or_guide(groups, step, guided_candidates)
             timer["generation"] += time.perf_counter() - t0 - timer["scoring"] + scoring_before
             for group in groups:
                 accuracy = sum(group["correct"]) / len(group["correct"])
@@ -661,7 +696,7 @@ def main(args: Args) -> dict:
         empty_steps = 0 if kept and not guided_only else empty_steps + 1
         rollouts.release_rollout_memory(engine, args.vllm_sleep)
 
-        generated += agr_stats["guided_sampled"]  # guided samples count against the generation budget
+        generated += agr.stats["guided_sampled"]  # guided samples count against the generation budget
 
         # 4. advantages: group-normalised rewards, broadcast to every completion token
         t0 = time.perf_counter()
@@ -781,18 +816,7 @@ def main(args: Args) -> dict:
             empty_steps=empty_steps, **label_shares(scored, rulebook.labels), **update_stats,
         )
         if args.agr:
-            metrics.update(
-                agr_stagnant_share=agr_stats["stagnant"] / len(scored),
-                agr_guided_share=(agr_stats["guided"] + agr_stats["replayed"]) / len(scored),
-                agr_buffer_hits=agr_stats["replayed"], agr_level_1=agr_stats["level_1"], agr_level_2=agr_stats["level_2"],
-                agr_guided_success_rate=agr_stats["guided_kept"] / max(1, agr_stats["guided_tried"]),
-                agr_rescued_share=agr_stats["guided"] / max(1, agr_stats["stagnant"] - agr_stats["replayed"]),
-                agr_requeued=agr_stats["requeued"], agr_returned=agr_stats["returned"], agr_recovered=agr_stats["recovered"],
-                agr_queue_length=len(replay_queue),
-                agr_once_stagnant_accuracy=(agr_stats["once_stagnant_correct"] / agr_stats["once_stagnant_total"]
-                                            if agr_stats["once_stagnant_total"] else None),
-                agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in agr_state.values()),
-            )
+            metrics.update(agr.metrics(len(scored)))
         run.log(metrics, step=done)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                              **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
@@ -815,8 +839,7 @@ def main(args: Args) -> dict:
         out_of_budget = 0 < args.generation_budget <= generated
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
             checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated, agr_state=agr_state,
-                                   replay_queue=replay_queue, replay_count=replay_count),
+                              dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated, **agr.state()),
                               keep_last=args.keep_last, final=done == args.total_steps or out_of_budget or bool(stopped),
                               accelerator=accelerator,
                               optimizer=optimizer)
