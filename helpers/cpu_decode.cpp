@@ -1,21 +1,21 @@
-// The CPU decode step, as torch operators (torch.ops.agrl.*; eval.py builds this file on first use and
+// The CPU decode step, as torch operators (torch.ops.agrl.*; cpu_decode.py builds this file on first use and
 // falls back to plain torch where it cannot). All are float32 and equal to the torch arithmetic up to
 // rounding (tests/test_generation.py); each row's sums run in the same order whatever batch the row is in.
 //
 // skinny_linear: y = x @ W^T + b for a few rows of x. A decode step multiplies 16-ish rows by every weight
-// matrix; MKL's sgemm packs the weight on each call and runs at 40-60 GFLOP/s at that shape on a 2-core
-// AMD EPYC, a third of its large-matmul rate. Here x is transposed into xt, one 16-wide vector per input
+// matrix; MKL's sgemm packs the weight on each call and runs far below its large-matmul rate at that shape
+// (the measurements: benchmarks/README.md). Here x is transposed into xt, one 16-wide vector per input
 // feature k holding 16 rows of x, and a block of R weight rows accumulates acc[j] += W[n+j, k] * xt[k]
 // over k: one broadcast and one vector FMA per weight entry, R rows of W streamed side by side, x read
 // from cache. Up to 32 rows of x go through one pass over W (two vectors per k); more take more passes.
 //
 // grouped_attention: one new query per row against its prompt's keys (stored once for the prompt's group of
-// rows, eval.GroupedKV) and its own generated keys. For a (prompt, KV head) pair, the group's query heads
+// rows, cpu_decode.GroupedKV) and its own generated keys. For a (prompt, KV head) pair, the group's query heads
 // (group x heads-per-KV-head of them) sit side by side in the 16 lanes of a vector, so the prompt's keys
 // and values are streamed once for all of them, with the same broadcast-FMA loop as skinny_linear.
 //
-// decode_layer: a whole Llama-family decoder layer (eval.decode_step's loop body) in one call, the two
-// above plus the norms, rotary, SiLU and residual adds between them. gumbel_sample: eval._sample at top-p 1.
+// decode_layer: a whole Llama-family decoder layer (cpu_decode.decode_step's loop body) in one call, the two
+// above plus the norms, rotary, SiLU and residual adds between them. gumbel_sample: rollouts._sample at top-p 1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -111,7 +111,7 @@ static inline vec16 exp16(vec16 x) {
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec4 __attribute__((vector_size(16)));
 
-constexpr int64_t AHEAD = 32;  // rows of keys and values grouped_attention prefetches (16 and 48 measured no different)
+constexpr int64_t AHEAD = 32;  // rows of keys and values grouped_attention prefetches ahead of its loops
 
 static inline float sum16(vec16 v) {  // by halves: a few shuffles instead of 15 dependent scalar adds
   vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -228,9 +228,9 @@ torch::Tensor grouped_attention(torch::Tensor q, torch::Tensor prompt_k, torch::
 // ---------------------------------------------------------------------------------------------------
 // decode_layer
 // ---------------------------------------------------------------------------------------------------
-// One Llama-family decoder layer of the decode step, the body of eval.decode_step's loop in one call: the
+// One Llama-family decoder layer of the decode step, the body of cpu_decode.decode_step's loop in one call: the
 // step's small elementwise parts (norms, rotary, SiLU, residual adds, the cache write) cost more in torch
-// op overhead (about 0.4 ms a layer) than in arithmetic, so they run here between the matmuls.
+// op overhead than in arithmetic, so they run here between the matmuls.
 
 // y = w * (x * rsqrt(mean(x^2) + eps)) over each of `rows` rows of `width` (HF's RMSNorm, float32).
 static void rms_norm(const float* x, const float* w, float eps, float* y, int64_t rows, int64_t width) {
@@ -274,7 +274,7 @@ static void silu_mul(float* gate, const float* up, int64_t n) {
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// x [rows, hidden] becomes the layer's output, in place. weights (eval._compiled_layer_weights): input norm,
+// x [rows, hidden] becomes the layer's output, in place. weights (cpu_decode._compiled_layer_weights): input norm,
 // q, q bias, k, k bias, v, v bias, q norm, k norm, o, o bias, post-attention norm, gate, gate bias, up, up
 // bias, down, down bias (the optional ones None); eps: the input, q/k and post-attention norms'. Writes the
 // new token's keys and values at index t of gen_k / gen_v, then attends as grouped_attention.
@@ -332,14 +332,14 @@ void decode_layer(torch::Tensor x, const c10::List<std::optional<torch::Tensor>>
 // ---------------------------------------------------------------------------------------------------
 // gumbel_sample
 // ---------------------------------------------------------------------------------------------------
-// eval._sample at top-p 1: token = argmax(log_softmax(logits / T) + gumbel_noise(key)), and its log-prob,
+// rollouts._sample at top-p 1: token = argmax(log_softmax(logits / T) + gumbel_noise(key)), and its log-prob,
 // row by row in three passes over the row (max, sum of exponentials, scores) with the noise computed in
-// place: torch makes a dozen [rows, vocab] temporaries of it. The noise is eval.gumbel_noise's: the same
+// place: torch makes a dozen [rows, vocab] temporaries of it. The noise is rollouts.gumbel_noise's: the same
 // integer hash, the same 23-bit uniforms, -log(-log u) with the log below (torch's differs in the last bit
 // at times, which moves a sample only at a tie within rounding).
 typedef uint32_t uint16v __attribute__((vector_size(64)));
 
-static inline uint16v lowbias32(uint16v x) {  // eval._mix32
+static inline uint16v lowbias32(uint16v x) {  // rollouts._mix32
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;

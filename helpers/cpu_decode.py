@@ -55,12 +55,17 @@ class GroupedKV:
 
 
 # The CPU decode step's matmuls and attention: a few rows against every weight, a shape at which MKL's
-# sgemm runs at a third of its large-matmul rate, and small batched attention products. cpu_decode.cpp
-# does both at near that rate, and a whole decoder layer and the sampler in one call each, where torch
-# spends more on per-op overhead than on the arithmetic of a 16-row step (benchmarks/bench_generate.py).
-# torch builds it on first use (about 40 s, then cached in ~/.cache/torch_extensions). AGRL_CPU_KERNEL=0
-# turns it off.
-SKINNY_MAX_ROWS = 128  # measured faster than MKL up to here; the kernel makes one pass over W per 32 rows
+# sgemm runs far below its large-matmul rate, and small batched attention products. cpu_decode.cpp does
+# both near that rate, and a whole decoder layer and the sampler in one call each, where torch spends
+# more on per-op overhead than on the arithmetic of a 16-row step (the measurements: benchmarks/README.md).
+# torch builds it on first use, then keeps it in ~/.cache/torch_extensions. AGRL_CPU_KERNEL=0 turns it off;
+# without a C++ compiler it is off too, and the same arithmetic runs as plain torch.
+SKINNY_MAX_ROWS = 128  # faster than MKL up to here (benchmarks/README.md); one pass over W per 32 rows
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch's extension builder would call ($CXX, else c++), or None where there is none."""
+    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 @functools.cache
@@ -68,6 +73,10 @@ def cpu_decode_ops():
     """torch.ops.agrl (`skinny_linear`, `grouped_attention`, `decode_layer`, `gumbel_sample`) compiled, or
     None (said once) where they cannot be."""
     if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
+        return None
+    if cxx_compiler() is None:
+        print(f"warning: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build the CPU decode kernels; "
+              "decoding with plain torch (about a third of the speed)", file=sys.stderr)
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -79,7 +88,7 @@ def cpu_decode_ops():
              sources=[str(Path(__file__).resolve().with_name("cpu_decode.cpp"))],
              extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
         return torch.ops.agrl
-    except Exception as e:  # no compiler, no ninja, a read-only cache: the decode still runs, slower
+    except Exception as e:  # a failed build, no ninja, a read-only cache: the decode still runs, slower
         print(f"warning: the CPU decode kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "decoding with plain torch (about a third of the speed)", file=sys.stderr)
         return None
@@ -180,7 +189,7 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
     rows = tokens.shape[0]
     ops = ops_for(x) if rows <= SKINNY_MAX_ROWS else None
     if ops is not None:
-        if kv.compiled_layers is None:  # once per generation: the module lookups take ms
+        if kv.compiled_layers is None:  # once per generation: the module lookups cost more than a layer's call
             kv.compiled_layers = [_compiled_layer_weights(model, layer) for layer in inner.layers]
         cos_2d, sin_2d, bias_2d = cos.view(rows, -1), sin.view(rows, -1), kv.prompt_bias.view(len(kv.prompt_bias), -1)
     for i, layer in enumerate(inner.layers):

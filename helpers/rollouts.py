@@ -83,7 +83,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.
         token = logits.argmax(dim=-1)
         return token, (logits.gather(-1, token[:, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1))
     ops = cpu_decode.ops_for(logits) if top_p >= 1.0 else None
-    if ops is not None:  # the lines below, compiled (helpers/cpu_decode.cpp): a tenth of their time
+    if ops is not None:  # the lines below, compiled (helpers/cpu_decode.cpp)
         return ops.gumbel_sample(logits, keys, temperature)
     logp = torch.log_softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=-1)
     scores = logp + gumbel_noise(keys, vocab_hash)

@@ -153,11 +153,22 @@ def test_lm_head_runs_only_on_rows_still_going(stopper, tokenizer, prompts, monk
 # ==================================================================================================
 # The CPU decode kernels (helpers/cpu_decode.cpp)
 # ==================================================================================================
+NO_COMPILER = "no C++ compiler ($CXX, else c++, on PATH): the CPU decode kernels cannot be built here (decoding falls back to torch)"
+
+
+def built_kernels():
+    """The compiled ops; skipped, with the reason, where there is no compiler to build them. Where there is
+    one, a failed build is a failure."""
+    if cpu_decode.cxx_compiler() is None:
+        pytest.skip(NO_COMPILER)
+    ops = cpu_decode.cpu_decode_ops()
+    assert ops is not None, "a C++ compiler is there, but the CPU decode kernels did not build (see the warning above)"
+    return ops
+
+
 @pytest.fixture(scope="module")
 def ops():
-    ops = cpu_decode.cpu_decode_ops()
-    assert ops is not None, "the CPU decode kernels did not build (see the warning above)"
-    return ops
+    return built_kernels()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
@@ -276,6 +287,21 @@ def test_kernels_switched_off_by_the_environment(monkeypatch):
         cpu_decode.cpu_decode_ops.cache_clear()
 
 
+def test_without_a_compiler_generation_falls_back_to_torch(stopper, tokenizer, prompts, monkeypatch, capsys):
+    """No C++ compiler: the kernels are not built (one warning naming why), and the fast decode runs its torch
+    lines: the same completions as the HF forward, as with the kernels."""
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    cpu_decode.cpu_decode_ops.cache_clear()
+    try:
+        assert cpu_decode.cxx_compiler() is None and cpu_decode.cpu_decode_ops() is None
+        assert "no C++ compiler (no-such-c++-compiler is not on PATH)" in capsys.readouterr().err
+        kw = dict(n=3, max_new_tokens=7, temperature=1.0, seeds=[5, 6, 7, 8])
+        assert_same(rollouts.generate(stopper, tokenizer, prompts, **kw),
+                    rollouts.generate(stopper, tokenizer, prompts, fast_decode=False, **kw))
+    finally:
+        cpu_decode.cpu_decode_ops.cache_clear()
+
+
 # ==================================================================================================
 # The sampler
 # ==================================================================================================
@@ -326,7 +352,7 @@ def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, mo
     """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised:
     the torch sampler, and the compiled one where it applies (CPU, fp32, top-p 1)."""
     if compiled:
-        assert cpu_decode.cpu_decode_ops() is not None, "the CPU decode kernels did not build (see the warning above)"
+        built_kernels()
     else:
         monkeypatch.setattr(cpu_decode, "ops_for", lambda x: None)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
