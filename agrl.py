@@ -691,7 +691,7 @@ def main(args: Args) -> dict:
             if len(kept) >= args.prompts_per_step:
                 break
         # every group dropped, or kept only for AGR's guided answers while none of the policy's own parsed: a
-        # base policy learns nothing of its own this way (measured, README), so such steps count as empty too
+        # base policy learns nothing of its own this way (measured: results/README.md), so such steps count as empty too
         guided_only = args.agr and bool(kept) and not any(ok for g in scored for ok in g["format_ok"])
         empty_steps = 0 if kept and not guided_only else empty_steps + 1
         rollouts.release_rollout_memory(engine, args.vllm_sleep)

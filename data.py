@@ -953,7 +953,7 @@ def load_for(args, split: str | None = None) -> Dataset:
     global _announced
     if args.dataset == "synthetic" and not _announced and _main_process():
         print("data: the synthetic rule world (the default). ESCI: --dataset esci --data-path DIR; your own file: "
-              "--dataset jsonl --data-path FILE (README, 'Your own data')")
+              "--dataset jsonl --data-path FILE (docs/DATA.md)")
         _announced = True
     seed = args.seed if args.data_seed is None else args.data_seed
     return load_dataset(args.dataset, split or args.split, args.data_path, seed=seed, limit=args.limit,

@@ -181,7 +181,7 @@ def launch(args: flags.TrainFlags, workload: Workload) -> None:
 def relaunch(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto") -> None:
     """Device honesty, then the relaunch under N processes (once).
 
-    Multi-node: run `accelerate launch` yourself with your cluster's flags (README); a launched process
+    Multi-node: run `accelerate launch` yourself with your cluster's flags (docs/SCALING.md); a launched process
     has RANK set and never relaunches."""
     check_device(device, num_gpus)
     if "RANK" in os.environ or (num_gpus <= 1 and strategy != "fsdp"):

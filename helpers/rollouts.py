@@ -309,7 +309,7 @@ def release_rollout_memory(llm, sleep_mode: bool) -> None:
 # Chosen over lockstep generation (every rank making the same number of FSDP forwards, idle ranks running
 # dummy ones): the copy is gathered in one collective per parameter per step, after which generation
 # has no collective at all, so uneven work (refills, AGR, early stops) cannot hang; lockstep gathers
-# every layer again at every decode step. Measured and argued in the README ("Scaling out").
+# every layer again at every decode step. Measured and argued in docs/SCALING.md.
 _INFERENCE_COPIES: dict[int, torch.nn.Module] = {}
 
 
