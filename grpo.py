@@ -181,6 +181,24 @@ def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args
     return scores, [R.grpo_reward(s) for s in scores]
 
 
+def scored_group(out: rollouts.Rollouts, i: int, position: int, example_index: int, prompt: list[int],
+                 example: D.Example, rulebook: R.Rulebook, args: Args) -> dict:
+    """The i-th prompt's group of a rollout batch (its completions i*G .. (i+1)*G), scored: what every later
+    decision of the step reads."""
+    G = args.group_size
+    own = slice(i * G, (i + 1) * G)
+    texts = out.texts[own]
+    scores, group_rewards = score_group(texts, example, rulebook, args)
+    return dict(
+        position=position, example_index=example_index, prompt=prompt, gold=example.label,
+        completions=out.completion_ids[own], old_logprobs=out.logprobs[own],
+        truncated=out.truncated[own], texts=texts, rewards=group_rewards,
+        correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+        labels=[s.parsed.label for s in scores],
+        adherent=[s.adherent for s in scores],
+    )
+
+
 def keeps(group: dict, args: Args) -> bool:
     """Dynamic sampling: a group teaches only if its rewards differ (a zero-variance group has zero
     advantage everywhere); TaoSR1's rule keeps groups whose accuracy lies in [ds_low, ds_high]."""
@@ -237,6 +255,81 @@ def training_rows(groups: list[dict], advantages: list[torch.Tensor]) -> list[di
     return rows
 
 
+NO_UPDATE = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0,
+                 nan_skipped=0)
+
+
+def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int,
+                  nan_skips: int) -> tuple[dict, int]:
+    """Step 5: `num_updates_per_batch` optimizer updates over micro-batches of the step's rows, group-aligned when
+    the prompt prefix is shared, else length-sorted (little padding); every rank runs as many (zero-weight filler
+    rows where short). Returns the updates' statistics and the count of consecutive non-finite updates so far."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
+    share_prefix = args.shared_prefix and world == 1
+    mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+    n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
+    mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
+    micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    for update in range(args.num_updates_per_batch):
+        totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
+        for k, micro in enumerate(micro_batches):
+            batch = models.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
+                                tokenizer.pad_token_id, accelerator.device, share_prefix)
+            mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
+                                                           device=accelerator.device)[:, None]
+            old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
+            for i, r in enumerate(micro):
+                old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
+                adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
+            temperature = args.temperature if args.temperature > 0 else 1.0
+            if args.recompute_old_logprobs and update == 0:  # stored back for the later updates
+                with torch.no_grad():
+                    old_logp = models.token_logprobs(model, batch, temperature)[0]
+                for i, r in enumerate(micro):
+                    r["old_logprobs"] = old_logp[i, :len(r["completion"])].tolist()
+            ref_logp = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp = models.token_logprobs(reference, batch, temperature)[0]
+            sync = k == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not sync else torch.enable_grad():
+                logp, entropy = models.token_logprobs(model, batch, temperature, with_entropy=True)
+                weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
+                loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
+                                        args.beta, ref_logp)
+                accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
+            ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
+            totals += torch.tensor([loss.item(), stats["clip_low"].item(), stats["clip_high"].item(),
+                                    stats["approx_kl"].item(), float(ref_kl), (entropy * mask).sum().item()])
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+        if not torch.isfinite(totals[0]) or not torch.isfinite(grad_norm):
+            nan_skips += 1
+            update_stats["nan_skipped"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            if nan_skips >= args.max_nan_skips:
+                raise errors.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
+                                   f"stopping at step {step + 1}")
+            continue
+        nan_skips = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_stats.update(loss=totals[0].item(), clip_low=totals[1].item() / n_tokens,
+                            clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
+                            ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
+                            grad_norm=grad_norm.item())
+    return update_stats, nan_skips
+
+
+def memory_workload(args: Args) -> launch.Workload:
+    """What a step holds in memory besides the model and its optimizer, for the --dry-run plan."""
+    vllm_share = args.vllm_gpu_memory if args.vllm else None
+    return launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, args.beta > 0,
+                           args.prompts_per_step, args.group_size, args.gen_batch_size, vllm_share)
+
+
 def gather_groups(groups: list[dict]) -> list[dict]:
     """Every process gets every group, in prompt order, so all later decisions are identical on all ranks."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -247,9 +340,7 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 
 def main(args: Args) -> dict:
-    launch.launch(args, launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, args.beta > 0,
-                                        args.prompts_per_step, args.group_size, args.gen_batch_size,
-                                        args.vllm_gpu_memory if args.vllm else None))
+    launch.launch(args, memory_workload(args))
     args.run_name = args.run_name or f"grpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -264,7 +355,8 @@ def main(args: Args) -> dict:
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
-        reference.eval().requires_grad_(False).to(launch.compute_dtype(accelerator))  # bf16 on GPUs: it is never updated
+        # bf16 on GPUs: it is never updated
+        reference.eval().requires_grad_(False).to(launch.compute_dtype(accelerator))
     prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
                                          for e in examples))
     if run.main:
@@ -307,19 +399,9 @@ def main(args: Args) -> dict:
                       top_p=args.top_p, min_new_tokens=args.min_new_tokens)
         out = rollouts.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
                                  batch_size=args.gen_batch_size, **kwargs)
-        t0, groups, G = time.perf_counter(), [], args.group_size
-        for i, p in enumerate(mine):
-            example = examples[stream(p)]
-            texts = out.texts[i * G:(i + 1) * G]
-            scores, group_rewards = score_group(texts, example, rulebook, args)
-            groups.append(dict(
-                position=p, example_index=stream(p), prompt=prompt_ids[stream(p)], gold=example.label,
-                completions=out.completion_ids[i * G:(i + 1) * G], old_logprobs=out.logprobs[i * G:(i + 1) * G],
-                truncated=out.truncated[i * G:(i + 1) * G], texts=texts, rewards=group_rewards,
-                correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
-                labels=[s.parsed.label for s in scores],
-                adherent=[s.adherent for s in scores],
-            ))
+        t0 = time.perf_counter()
+        groups = [scored_group(out, i, p, stream(p), prompt_ids[stream(p)], examples[stream(p)], rulebook, args)
+                  for i, p in enumerate(mine)]
         timer["scoring"] += time.perf_counter() - t0
         return groups
 
@@ -329,7 +411,8 @@ def main(args: Args) -> dict:
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
-        rollouts.refresh_rollout_weights(model, accelerator, engine)  # every rank, once: generation itself has no collective
+        # every rank, once, before any rollout: generation itself has no collective
+        rollouts.refresh_rollout_weights(model, accelerator, engine)
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
@@ -361,73 +444,17 @@ def main(args: Args) -> dict:
             rows = training_rows(kept, advantages)
         timer["scoring"] += time.perf_counter() - t0
 
-        # 5. optimizer updates over micro-batches: group-aligned when the prompt prefix is shared, else
-        #    length-sorted (little padding); every rank runs as many (zero-weight filler rows where short)
+        # 5. optimizer updates over micro-batches (update_policy). An underfilled step (dynamic sampling kept too few
+        #    groups) moves the policy by its share of a full one: the learning rate, not the loss, is scaled (Adam
+        #    would undo a scaled loss)
         t0 = time.perf_counter()
-        update_stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0,
-                            grad_norm=0.0, nan_skipped=0)
-        n_tokens = sum(len(r["completion"]) for r in rows)
-        # an underfilled step (dynamic sampling kept too few groups) moves the policy by its share of a full one:
-        # the learning rate, not the loss, is scaled (Adam would undo a scaled loss)
+        update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
         update_scale = min(1.0, len(kept) / args.prompts_per_step) if args.underfill_scale else 1.0
         if rows:
-            share_prefix = args.shared_prefix and world == 1
-            mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
-            n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
-            mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
-            micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            for update in range(args.num_updates_per_batch):
-                totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
-                for k, micro in enumerate(micro_batches):
-                    batch = models.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
-                                        tokenizer.pad_token_id, accelerator.device, share_prefix)
-                    mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
-                                                                   device=accelerator.device)[:, None]
-                    old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
-                    for i, r in enumerate(micro):
-                        old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
-                        adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
-                    temperature = args.temperature if args.temperature > 0 else 1.0
-                    if args.recompute_old_logprobs and update == 0:  # stored back for the later updates
-                        with torch.no_grad():
-                            old_logp = models.token_logprobs(model, batch, temperature)[0]
-                        for i, r in enumerate(micro):
-                            r["old_logprobs"] = old_logp[i, :len(r["completion"])].tolist()
-                    ref_logp = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref_logp = models.token_logprobs(reference, batch, temperature)[0]
-                    sync = k == len(micro_batches) - 1
-                    with accelerator.no_sync(model) if not sync else torch.enable_grad():
-                        logp, entropy = models.token_logprobs(model, batch, temperature, with_entropy=True)
-                        weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
-                        loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
-                                                args.beta, ref_logp)
-                        accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
-                    ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
-                    totals += torch.tensor([loss.item(), stats["clip_low"].item(), stats["clip_high"].item(),
-                                            stats["approx_kl"].item(), float(ref_kl), (entropy * mask).sum().item()])
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if accelerator.num_processes > 1:
-                    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-                if not torch.isfinite(totals[0]) or not torch.isfinite(grad_norm):
-                    nan_skips += 1
-                    update_stats["nan_skipped"] += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if nan_skips >= args.max_nan_skips:
-                        raise errors.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
-                                           f"stopping at step {step + 1}")
-                    continue
-                nan_skips = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_stats.update(loss=totals[0].item(), clip_low=totals[1].item() / n_tokens,
-                                    clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
-                                    ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
-                                    grad_norm=grad_norm.item())
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
+            update_stats, nan_skips = update_policy(model, reference, optimizer, accelerator, tokenizer, rows, args, step,
+                                                    nan_skips)
         timer["training"] += time.perf_counter() - t0
 
         # 6. log
