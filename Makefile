@@ -1,4 +1,4 @@
-# Quick start: `make demo` (short SFT then AGRL on the embedded model) and `make test`.
+# Quick start: `make demo` (short SFT then AGRL on the embedded model) and `make test` (ruff, then pytest).
 # Each target creates .venv and installs the pinned requirements on first use.
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
@@ -12,6 +12,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -x tests
 
 demo: $(STAMP)

@@ -232,8 +232,8 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from helpers import models
     import rewards as R
+    from helpers import models
 
     model, tokenizer = models.load_model(model_name(args, cfg), cfg["device"])
     dataset, picks, prompt_ids = grpo_prompts(args, cfg, tokenizer)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-
 FAST_DECODE_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from dataclasses import dataclass
-
 from helpers import flags, models
 from helpers.errors import UserError
-
 
 # The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
 # hidden, intermediate, layers, attention heads, key/value heads, vocabulary, tied embeddings.

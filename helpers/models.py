@@ -16,7 +16,6 @@ import torch
 
 from helpers.errors import UserError
 
-
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -234,7 +234,7 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
     logits / temperature, as the trainer computes them; with top_p < 1 vLLM's are also renormalised over
     the nucleus: add --recompute-old-logprobs). Tested here only against a recording fake engine.
     """
-    from vllm import SamplingParams  # noqa: lazy, optional dependency
+    from vllm import SamplingParams  # lazy: an optional dependency
 
     params = [SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
                              top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[i],

@@ -23,13 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from test_grpo import fake_score_group  # noqa: E402  (the same deterministic text reward)
+
 import agrl  # noqa: E402
 import data as D  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
 from helpers import models, rollouts  # noqa: E402
 from rewards import TAOBAO4, UNKNOWN  # noqa: E402
-from test_grpo import fake_score_group  # noqa: E402  (the same deterministic text reward)
 
 TIMING = ("time", "seconds", "per_second")
 

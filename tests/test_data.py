@@ -14,7 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
-from data import DataError, Example, balanced_sample, build_messages, encode_prompt, encode_sft, item_text, load_dataset, sft_target
+from data import (
+    DataError,
+    Example,
+    balanced_sample,
+    build_messages,
+    encode_prompt,
+    encode_sft,
+    item_text,
+    load_dataset,
+    sft_target,
+)
 from rewards import ESCI, ORDERS, TAOBAO4, UNKNOWN, format_output, parse_output, score_output
 
 

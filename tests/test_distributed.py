@@ -30,12 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
+
 import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
 from helpers import errors, launch, models  # noqa: E402
-from test_grpo import assert_same_weights, read_metrics, state_dict, untimed  # noqa: E402
 
 LAUNCH_TIMEOUT = 240
 

@@ -42,15 +42,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from test_grpo import assert_same_weights, fake_score_group, untimed  # noqa: E402
+from test_grpo import state_dict as weights  # noqa: E402
+
 import agrl  # noqa: E402
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import checkpoints, models  # noqa: E402
 import sft  # noqa: E402
-from test_grpo import assert_same_weights, fake_score_group, untimed  # noqa: E402
-from test_grpo import state_dict as weights  # noqa: E402
+from helpers import checkpoints, models  # noqa: E402
 
 LABEL_MAP = "3=Excellent,2=Related,1=Mismatch,0=Irrelevant"
 

@@ -29,10 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 try:
-    import rewards
+    import rewards  # noqa: F401 (is the repository root on sys.path?)
 except ImportError:  # run as `pytest tests` without the repository root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import rewards
 
 from rewards import (
     ESCI,
@@ -48,8 +47,8 @@ from rewards import (
     outcome_reward,
     parse_output,
     rrs_reward,
-    score_parsed,
     score_output,
+    score_parsed,
 )
 
 BOOKS = (TAOBAO4, ESCI)

@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from test_distributed import RUN, fake_score_group, no_eval  # noqa: E402
+from test_grpo import read_metrics  # noqa: E402
+
 import agrl  # noqa: E402
 import grpo  # noqa: E402
 from helpers import errors, models, rollouts  # noqa: E402
-from test_distributed import RUN, fake_score_group, no_eval  # noqa: E402
-from test_grpo import read_metrics  # noqa: E402
 
 
 class FakeEngineModel:
