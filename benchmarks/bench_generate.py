@@ -1,4 +1,4 @@
-"""Rollout speed of eval.generate beside the machine's own limits and plain HF `generate`, in one run.
+"""Rollout speed of rollouts.generate beside the machine's own limits and plain HF `generate`, in one run.
 
     python benchmarks/bench_generate.py --config cpu               # SmolLM2-135M fp32, 2 ESCI prompts x 8 x 64
     python benchmarks/bench_generate.py --config gpu-0.5b          # Qwen2.5-0.5B-shaped random model, bf16, 8 x 8 x 256
@@ -7,7 +7,7 @@
                                                                    # and the CPU decode step's parts timed alone
 
 Not a test: a benchmark. Each round measures, in this order and in the same process: the machine's
-matmul rate and copy bandwidth, `eval.generate` with its fast decoder, `eval.generate` decoding through
+matmul rate and copy bandwidth, `rollouts.generate` with its fast decoder, `rollouts.generate` decoding through
 the HF forward (`fast_decode=False`), and HF `model.generate` (sampling, the same prompts, rows and
 forced length). The table gives medians over the rounds, so a shared machine's load moves the bounds
 and the decoders together. The load average is printed with the result.
@@ -71,7 +71,7 @@ class Args:
     pairs: int = 30
     """decode steps timed each beside a read of the weights and a matmul (the paired measurement)"""
     profile: bool = False
-    """print a torch.profiler table (top ops by self time) of one eval.generate call, and on CPU the step's parts"""
+    """print a torch.profiler table (top ops by self time) of one rollouts.generate call, and on CPU the step's parts"""
     results_dir: str = "results"
     """where bench-generate-<config>.md/.json go (relative to the repo root)"""
 
@@ -338,12 +338,12 @@ def main(args: Args) -> None:
         f"| decode bound, compute ({costs['flops_per_token'] / 1e6:.0f} MFLOP per token) | {compute_bound:.0f} | |",
         f"| (reading this model's weights once per step, measured: {median['weights_read_s'] * 1e3:.0f} ms) | "
         f"{weights_bound:.0f} | |",
-        f"| eval.generate, decode only | {decode['ours']:.0f} | {decode['ours'] / bound:.0%} "
+        f"| rollouts.generate, decode only | {decode['ours']:.0f} | {decode['ours'] / bound:.0%} "
         f"(per round: {shares}) |",
-        f"| eval.generate, end to end (prefill included) | {rate['ours']:.0f} | {rate['ours'] / bound:.0%} |",
-        f"| eval.generate through the HF forward (`fast_decode=False`), decode only | {decode['ours_hf_forward']:.0f} | "
+        f"| rollouts.generate, end to end (prefill included) | {rate['ours']:.0f} | {rate['ours'] / bound:.0%} |",
+        f"| rollouts.generate through the HF forward (`fast_decode=False`), decode only | {decode['ours_hf_forward']:.0f} | "
         f"{decode['ours_hf_forward'] / bound:.0%} |",
-        f"| eval.generate through the HF forward, end to end | {rate['ours_hf_forward']:.0f} | {rate['ours_hf_forward'] / bound:.0%} |",
+        f"| rollouts.generate through the HF forward, end to end | {rate['ours_hf_forward']:.0f} | {rate['ours_hf_forward'] / bound:.0%} |",
     ]
     if "hf_generate" in rate:
         lines.append(f"| HF `model.generate` (sampling), end to end | {rate['hf_generate']:.0f} | {rate['hf_generate'] / bound:.0%} |")

@@ -4,7 +4,7 @@ training under the unguided prompt, off-policy corrections), and equivalence wit
 ideas are off.
 
 Runs use the 2-layer `tiny-random` model on CPU. Its answers never parse, so the runs that need
-successes patch `agrl.score_group` (and mark guided generations through a wrapper of `eval.generate`).
+successes patch `agrl.score_group` (and mark guided generations through a wrapper of `rollouts.generate`).
 """
 
 from __future__ import annotations

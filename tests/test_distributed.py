@@ -2,7 +2,7 @@
 gradient checkpointing, and 2-process FSDP runs (gloo, CPU) of grpo.py and agrl.py.
 
 The FSDP runs use accelerate's own FSDP2 code (wrapping, whole state dicts, optimizer save and load);
-accelerate only turns FSDP on for GPU process groups, eval.make_accelerator flips the same switch on
+accelerate only turns FSDP on for GPU process groups, launch.make_accelerator flips the same switch on
 CPU. Their work is deliberately uneven: with seed 1 and 12 training prompts the first step keeps one
 group of two, and refills one prompt at a time three times, so rank 1 has no prompt to generate in
 three rounds; in agrl.py the stagnant groups of those rounds are guided on rank 0 only. Generation

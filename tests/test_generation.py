@@ -1,4 +1,4 @@
-"""Tests for eval.generate's fast decoder and sampler (issue 13): the grouped, preallocated KV decode step
+"""Tests for rollouts.generate's fast decoder and sampler (issue 13): the grouped, preallocated KV decode step
 against the HF forward, the counter-based sampler's randomness and distribution, and the guarantees the
 RL scripts rely on (seeded samples independent of batching and prefix sharing, exact behaviour log-probs).
 
@@ -193,7 +193,7 @@ def test_skinny_linear_rows_do_not_depend_on_the_batch(ops):
 
 @pytest.mark.parametrize("group,t", [(5, 0), (5, 4), (7, 3), (1, 5)])
 def test_grouped_attention_equals_the_torch_step(ops, monkeypatch, group, t):
-    """The compiled attention against eval._attend's torch arithmetic: 2 prompts, the second left-padded
+    """The compiled attention against cpu_decode._attend's torch arithmetic: 2 prompts, the second left-padded
     (-inf bias), 2 KV heads of 3 query heads each; a group's 15 or 21 query heads fill one or two vectors
     of lanes, and each row attends to its own t + 1 generated tokens."""
     from types import SimpleNamespace
