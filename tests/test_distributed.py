@@ -121,8 +121,10 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     args = grpo.Args(model="Qwen2.5-7B")
     workload = launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, False,
                                args.prompts_per_step, args.group_size, args.gen_batch_size)
-    plan = lambda world, strategy, ckpt: {item.split(" (")[0]: gib for item, gib, _ in  # noqa: E731
-                                          launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)}
+
+    def plan(world, strategy, ckpt):
+        return {item.split(" (")[0]: gib for item, gib, _ in launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)}
+
     sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
     assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
     assert whole["AdamW states fp32"] == pytest.approx(7.62e9 * 8 / 2**30, rel=0.01)
