@@ -244,7 +244,7 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
                 update_scale=sum(m["update_scale"] for m in metrics) / len(metrics),
                 completions=metrics[-1]["completions_generated"], steps=len(metrics),
                 all_fail=[m["all_fail_groups"] for m in metrics], rescued=[m.get("agr_rescued_share") for m in metrics],
-                format=runs_format(run_dir), adherence=runs_adherence(run_dir))
+                format=runs_format(run_dir), adherence=runs_adherence(run_dir), touched=agr_touch(run_dir, hard))
     results = dict(name=args.name, plan=f"results/{args.name}/PLAN.md", start=args.start, data_seed=args.data_seed,
                    pool=args.pool, hard_slice=len(hard), seeds=list(args.seeds), steps=args.steps, rl_flags=args.rl_flags,
                    arms={arm: ARMS[arm] for arm in args.arms}, start_pool=start_pool, start_dev=start_dev,
@@ -269,10 +269,33 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
             dev_macro_f1=mean_std([y["dev"]["macro_f1"] - x["dev"]["macro_f1"] for x, y in zip(a, b)]),
             dev_macro_f1_bootstrap=bootstrap(macro_f1, [x["dev_records"] for x in a], [y["dev_records"] for y in b],
                                              list(range(len(a[0]["dev_records"])))))
+    for arm in args.arms[1:]:  # the hard prompts AGR guided against those it never did, B - A on each part
+        paired = [s for s in args.seeds if ("A", s) in runs and (arm, s) in runs and runs[arm, s]["touched"]]
+        if paired:
+            parts = {}
+            for s in paired:
+                a, b, guided = runs["A", s]["pool_records"], runs[arm, s]["pool_records"], set(runs[arm, s]["touched"]["guided"])
+                for part, where in (("guided", [i for i in hard if i in guided]), ("never_guided", [i for i in hard if i not in guided])):
+                    parts.setdefault(part, []).append(dict(n=len(where), a=accuracy(a, where), b=accuracy(b, where)))
+            results["differences"].setdefault(f"{arm}-A", {})["by_guidance"] = parts
+    results["report_commit"] = commit()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
     plot(runs, args, out / "curves.png", start_pool)
     return results
+
+
+def agr_touch(run_dir: Path, hard: list[int]) -> dict | None:
+    """Which hard prompts AGR acted on by the end (from the last checkpoint's AGR state): ever all-fail
+    (stagnant), and with a kept guided answer in the replay buffer. None for a run without AGR."""
+    import torch
+
+    last = sorted((run_dir / "checkpoints").glob("step-???????"))[-1]
+    state = torch.load(last / "train_state.pt", weights_only=True, map_location="cpu").get("agr_state")
+    if state is None:
+        return None
+    return dict(stagnant=[i for i in hard if state.get(i, {}).get("stagnant_ever")],
+                guided=[i for i in hard if state.get(i, {}).get("buffer")])
 
 
 def runs_format(run_dir: Path) -> float:
@@ -326,6 +349,11 @@ def markdown(results: dict) -> str:
         hp = {k: sum(r["pool"]["hard_predicted"][k] for r in mine) / len(mine) for k in mine[0]["pool"]["hard_predicted"]}
         f1 = {k: sum(r["dev"]["f1"][k] for r in mine) / len(mine) for k in mine[0]["dev"]["f1"]}
         lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in hp.values()) + " | " + " | ".join(f"{v:.3f}" for v in f1.values()) + " |")
+    lines += ["", "The hard prompts AGR guided (a kept guided answer by the end) and those it never did, per seed: "
+              "n, A's and the arm's greedy accuracy on them at the end:", ""]
+    for name, d in results["differences"].items():
+        for part, rows in d.get("by_guidance", {}).items():
+            lines.append(f"- {name}, {part}: " + "; ".join(f"n {r['n']}: A {r['a']:.2f}, {name[0]} {r['b']:.2f}" for r in rows))
     lines += ["", "Commands (each run's commit is in results.json):", ""]
     lines += [f"    {r['command']}" for r in results["runs"].values()]
     return "\n".join(lines) + "\n"
