@@ -161,7 +161,9 @@ class Args(flags.TrainFlags):
 # ==================================================================================================
 # Advantages and the policy loss (METHOD.md section 5)
 # ==================================================================================================
-def group_advantages(rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4) -> list[torch.Tensor]:
+def group_advantages(
+    rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4
+) -> list[torch.Tensor]:
     """Rewards of each group (groups may differ in size) -> advantages of each group.
 
     A zero-variance group gets exactly zero. clamp > 0 scales a group down until no advantage exceeds
@@ -198,8 +200,20 @@ def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int,
     return mask / (n_sequences * max_new_tokens)
 
 
-def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: float, beta: float = 0.0, ref_logp=None,
-              forced=None, correction: str = "shaping", gamma: float = 0.1, is_cap: float = 2.0):
+def grpo_loss(
+    logp,
+    old_logp,
+    advantages,
+    weights,
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    ref_logp=None,
+    forced=None,
+    correction: str = "shaping",
+    gamma: float = 0.1,
+    is_cap: float = 2.0,
+):
     """Clipped token-level policy-gradient loss with an optional k3 KL penalty; all tensors [B, T].
 
     advantages are per token (a sequence's advantage broadcast over its tokens); weights carry the
@@ -224,7 +238,9 @@ def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: flo
         q = ref_logp - logp
         per_token = per_token + beta * (torch.exp(q) - q - 1)
     loss = (per_token * weights).sum()
-    on = (weights > 0) & ~forced if forced is not None and correction != "none" else weights > 0  # tokens the clip applies to
+    on = (
+        (weights > 0) & ~forced if forced is not None and correction != "none" else weights > 0
+    )  # tokens the clip applies to
     stats = dict(
         clip_low=((ratio < 1 - eps_low) & (advantages < 0) & on).sum(),
         clip_high=((ratio > 1 + eps_high) & (advantages > 0) & on).sum(),
@@ -236,8 +252,12 @@ def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: flo
 # ==================================================================================================
 # Rollouts: generate, score, keep
 # ==================================================================================================
-def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args) -> tuple[list[R.Score], list[float]]:
-    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts]
+def score_group(
+    texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args
+) -> tuple[list[R.Score], list[float]]:
+    scores = [
+        R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts
+    ]
     if not args.rrs:
         return scores, [R.grpo_reward(s) for s in scores]
     # In segment credit the criteria earn their own per-line advantages instead of a share of the scalar.
@@ -253,12 +273,16 @@ def criterion_credit(score: R.Score) -> dict[str, float | None]:
     return {name: None if ok is None else float(ok and score.format_ok) for name, ok in score.criteria.items()}
 
 
-def criterion_token_indices(tokenizer, completion: list[int], spans: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+def criterion_token_indices(
+    tokenizer, completion: list[int], spans: dict[str, tuple[int, int]]
+) -> dict[str, list[int]]:
     """Which completion tokens make up each criterion's line (char spans of the decoded text -> tokens)."""
-    ends = [len(tokenizer.decode(completion[:k + 1], skip_special_tokens=True)) for k in range(len(completion))]
+    ends = [len(tokenizer.decode(completion[: k + 1], skip_special_tokens=True)) for k in range(len(completion))]
     starts = [0] + ends[:-1]
-    return {name: [k for k in range(len(completion)) if starts[k] < b and ends[k] > a and ends[k] > starts[k]]
-            for name, (a, b) in spans.items()}
+    return {
+        name: [k for k in range(len(completion)) if starts[k] < b and ends[k] > a and ends[k] > starts[k]]
+        for name, (a, b) in spans.items()
+    }
 
 
 def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer, args: Args) -> list[list[float]]:
@@ -272,8 +296,12 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
         if len(known) < 2:
             continue
         values = torch.tensor([group["credit"][j][name] for j in known])
-        criterion_adv = group_advantages([values.tolist()], args.adv_scale if args.adv_scale != "batch" else "group",
-                                         args.adv_clamp)[0] * args.w_crit
+        criterion_adv = (
+            group_advantages(
+                [values.tolist()], args.adv_scale if args.adv_scale != "batch" else "group", args.adv_clamp
+            )[0]
+            * args.w_crit
+        )
         for j, adv in zip(known, criterion_adv.tolist()):
             for k in line_tokens[j].get(name, []):
                 per_token[j][k] += adv
@@ -283,8 +311,22 @@ def segment_advantages(group: dict, sequence_advantages: torch.Tensor, tokenizer
 # ==================================================================================================
 # Adaptive Guided Replay
 # ==================================================================================================
-GROUP_FIELDS = ("completions", "old_logprobs", "truncated", "texts", "rewards", "correct", "format_ok", "adherent",
-                "labels", "criteria", "credit", "spans", "guided", "forced")
+GROUP_FIELDS = (
+    "completions",
+    "old_logprobs",
+    "truncated",
+    "texts",
+    "rewards",
+    "correct",
+    "format_ok",
+    "adherent",
+    "labels",
+    "criteria",
+    "credit",
+    "spans",
+    "guided",
+    "forced",
+)
 REPLAY_KEY = 1 << 32  # stream keys of re-queued prompts start here (seeds and order stay unique)
 
 
@@ -293,7 +335,9 @@ def guidance_text(example: D.Example, wrong_criteria: list[str], level: int) -> 
     (so does level 1 when no known criterion was wrong: there is nothing else to point at)."""
     parts = []
     if wrong_criteria:
-        parts.append("Check these criteria: " + "; ".join(f"{c} is {example.criteria[c]}" for c in wrong_criteria) + ".")
+        parts.append(
+            "Check these criteria: " + "; ".join(f"{c} is {example.criteria[c]}" for c in wrong_criteria) + "."
+        )
     if level >= 2 or not wrong_criteria:
         parts.append(f"The correct label is {example.label}.")
     return " ".join(parts)
@@ -310,9 +354,11 @@ def gold_segment_ids(tokenizer, example: D.Example, rulebook: R.Rulebook, order:
     """The SFT target's first tokens that spell its first `segments` segments (label_first: the label line,
     then the criteria block; think_first: the criteria block, then the reason), as the policy would say them."""
     target = D.sft_target(example, rulebook, order)
-    ends = [target.index(tag) + len(tag) + 1 for tag in
-            (("</label>", "</criteria>") if order == "label_first" else ("</criteria>", "</reason>"))]
-    segment = target[:ends[min(segments, 2) - 1]]
+    ends = [
+        target.index(tag) + len(tag) + 1
+        for tag in (("</label>", "</criteria>") if order == "label_first" else ("</criteria>", "</reason>"))
+    ]
+    segment = target[: ends[min(segments, 2) - 1]]
     ids = tokenizer.encode(target, add_special_tokens=False)
     k = 1
     while k < len(ids) and len(tokenizer.decode(ids[:k])) < len(segment):
@@ -336,8 +382,17 @@ def mix_into(group: dict, candidates: list[dict], mode: str = "replace") -> dict
     return group
 
 
-def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Example], rulebook: R.Rulebook, args: Args,
-                   K: int, device, sample=None) -> list[dict]:
+def guided_answers(
+    policy,
+    tokenizer,
+    to_guide: list[dict],
+    examples: list[D.Example],
+    rulebook: R.Rulebook,
+    args: Args,
+    K: int,
+    device,
+    sample=None,
+) -> list[dict]:
     """Guided answers for stagnant groups: token ids, behaviour log-probs, texts, and how many leading
     tokens were forced rather than sampled (the off-policy part).
 
@@ -352,39 +407,70 @@ def guided_answers(policy, tokenizer, to_guide: list[dict], examples: list[D.Exa
     def forced_logprobs(prompt: list[int], tokens: list[int]) -> list[float]:
         batch = models.pad_batch([prompt], [tokens], tokenizer.pad_token_id, device)
         with torch.no_grad():
-            return models.token_logprobs(policy, batch, temperature)[0][0, :len(tokens)].tolist()
+            return models.token_logprobs(policy, batch, temperature)[0][0, : len(tokens)].tolist()
 
     results = []
     if args.agr_guide == "target":
         for t in to_guide:
-            _, labels, _ = D.encode_sft(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
-                                        args.max_item_tokens)
+            _, labels, _ = D.encode_sft(
+                tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, args.max_item_tokens
+            )
             target = [tok for tok in labels if tok != -100]
-            results.append(dict(position=t["position"], completions=[target], truncated=[False], forced=[len(target)],
-                                logprobs=[forced_logprobs(t["group"]["prompt"], target)],
-                                texts=[tokenizer.decode(target, skip_special_tokens=True)]))
+            results.append(
+                dict(
+                    position=t["position"],
+                    completions=[target],
+                    truncated=[False],
+                    forced=[len(target)],
+                    logprobs=[forced_logprobs(t["group"]["prompt"], target)],
+                    texts=[tokenizer.decode(target, skip_special_tokens=True)],
+                )
+            )
         return results
     if args.agr_guide == "hint":
-        prompts = [D.encode_prompt(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order,
-                                   args.max_item_tokens, guidance=t["guidance"])[0] for t in to_guide]
+        prompts = [
+            D.encode_prompt(
+                tokenizer,
+                examples[t["group"]["example_index"]],
+                rulebook,
+                args.order,
+                args.max_item_tokens,
+                guidance=t["guidance"],
+            )[0]
+            for t in to_guide
+        ]
         prefixes = [[] for _ in to_guide]
     else:
-        prefixes = [gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, t["level"])
-                    for t in to_guide]
+        prefixes = [
+            gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, t["level"])
+            for t in to_guide
+        ]
         prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
     budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
-    gen = (sample or functools.partial(rollouts.generate, policy))(tokenizer, prompts, n=K, max_new_tokens=budget, temperature=args.temperature,
-                     top_p=args.top_p, min_new_tokens=min(args.min_new_tokens, budget), batch_size=args.gen_batch_size,
-                     seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide])
+    gen = (sample or functools.partial(rollouts.generate, policy))(
+        tokenizer,
+        prompts,
+        n=K,
+        max_new_tokens=budget,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        min_new_tokens=min(args.min_new_tokens, budget),
+        batch_size=args.gen_batch_size,
+        seeds=[args.seed * 1_000_003 + t["group"]["position"] + 987_654_321 for t in to_guide],
+    )
     for i, (t, prefix) in enumerate(zip(to_guide, prefixes)):
         own = slice(i * K, (i + 1) * K)
         forced_logp = forced_logprobs(t["group"]["prompt"], prefix) if prefix else []
-        results.append(dict(
-            position=t["position"], completions=[prefix + c for c in gen.completion_ids[own]],
-            logprobs=[forced_logp + lp for lp in gen.logprobs[own]], truncated=gen.truncated[own],
-            texts=[tokenizer.decode(prefix, skip_special_tokens=True) + text for text in gen.texts[own]],
-            forced=[len(prefix) if prefix else len(c) for c in gen.completion_ids[own]],
-        ))
+        results.append(
+            dict(
+                position=t["position"],
+                completions=[prefix + c for c in gen.completion_ids[own]],
+                logprobs=[forced_logp + lp for lp in gen.logprobs[own]],
+                truncated=gen.truncated[own],
+                texts=[tokenizer.decode(prefix, skip_special_tokens=True) + text for text in gen.texts[own]],
+                forced=[len(prefix) if prefix else len(c) for c in gen.completion_ids[own]],
+            )
+        )
     return results
 
 
@@ -410,8 +496,21 @@ class AGR:
         return dict(agr_state=self.prompts, replay_queue=self.queue, replay_count=self.replay_count)
 
     def new_step(self) -> None:
-        self.stats = dict(stagnant=0, guided=0, replayed=0, guided_sampled=0, guided_tried=0, guided_kept=0, level_1=0,
-                          level_2=0, once_stagnant_correct=0, once_stagnant_total=0, requeued=0, returned=0, recovered=0)
+        self.stats = dict(
+            stagnant=0,
+            guided=0,
+            replayed=0,
+            guided_sampled=0,
+            guided_tried=0,
+            guided_kept=0,
+            level_1=0,
+            level_2=0,
+            once_stagnant_correct=0,
+            once_stagnant_total=0,
+            requeued=0,
+            returned=0,
+            recovered=0,
+        )
 
     def take_returning(self, step: int, limit: int) -> list[int]:
         """Keys of the re-queued prompts due by this step (at most `limit`), oldest first."""
@@ -433,14 +532,18 @@ class AGR:
         K = 1 if args.agr_guide == "target" else args.agr_k or max(1, args.group_size // 4)
         out, to_guide = list(groups), []
         for i, group in enumerate(groups):
-            st = self.prompts.setdefault(group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False))
+            st = self.prompts.setdefault(
+                group["example_index"], dict(level=0, accuracy=None, buffer=[], stagnant_ever=False)
+            )
             accuracy = sum(group["correct"]) / len(group["correct"])
             returned = group["position"] >= REPLAY_KEY
             stats["returned"] += returned
             if st["stagnant_ever"]:
                 stats["once_stagnant_correct"] += sum(group["correct"])
                 stats["once_stagnant_total"] += len(group["correct"])
-            st["accuracy"] = accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
+            st["accuracy"] = (
+                accuracy if st["accuracy"] is None else (1 - args.agr_ema) * st["accuracy"] + args.agr_ema * accuracy
+            )
             if accuracy > args.agr_tau:
                 stats["recovered"] += returned
                 if st["level"] > 0 and st["accuracy"] >= args.agr_recover:
@@ -453,7 +556,9 @@ class AGR:
                 self.queue.append((step + args.agr_replay_delay, group["example_index"]))
                 stats["requeued"] += 1
             if st["buffer"]:  # replay successful guided answers before generating new guidance; all off-policy now
-                out[i] = mix_into(group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix)
+                out[i] = mix_into(
+                    group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix
+                )
                 stats["replayed"] += 1
                 continue
             st["level"] = min(st["level"] + 1, args.agr_max_level)
@@ -463,18 +568,42 @@ class AGR:
 
         for result in gather_groups(guide(to_guide, K)):  # shared out like the rollouts, then gathered
             group = groups[result["position"]]
-            scores, guided_rewards = score_group(result["texts"], self.examples[group["example_index"]], self.rulebook, args)
-            selected = [dict(completions=c, old_logprobs=lp, truncated=tr, texts=tx, rewards=r, correct=s.correct,
-                             format_ok=s.format_ok, adherent=s.adherent, labels=s.parsed.label, criteria=s.criteria,
-                             credit=criterion_credit(s), spans=s.parsed.spans, guided=True, forced=f)
-                        for c, lp, tr, tx, r, s, f in zip(result["completions"], result["logprobs"], result["truncated"],
-                                                          result["texts"], guided_rewards, scores, result["forced"])
-                        if s.correct and s.adherent and s.format_ok]
+            scores, guided_rewards = score_group(
+                result["texts"], self.examples[group["example_index"]], self.rulebook, args
+            )
+            selected = [
+                dict(
+                    completions=c,
+                    old_logprobs=lp,
+                    truncated=tr,
+                    texts=tx,
+                    rewards=r,
+                    correct=s.correct,
+                    format_ok=s.format_ok,
+                    adherent=s.adherent,
+                    labels=s.parsed.label,
+                    criteria=s.criteria,
+                    credit=criterion_credit(s),
+                    spans=s.parsed.spans,
+                    guided=True,
+                    forced=f,
+                )
+                for c, lp, tr, tx, r, s, f in zip(
+                    result["completions"],
+                    result["logprobs"],
+                    result["truncated"],
+                    result["texts"],
+                    guided_rewards,
+                    scores,
+                    result["forced"],
+                )
+                if s.correct and s.adherent and s.format_ok
+            ]
             stats["guided_sampled"] += len(result["completions"]) if args.agr_guide != "target" else 0
             stats["guided_tried"] += len(result["completions"])
             stats["guided_kept"] += len(selected)
             st = self.prompts[group["example_index"]]
-            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size:]
+            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size :]
             if selected:
                 out[result["position"]] = mix_into(group, selected, args.agr_mix)
                 stats["guided"] += 1
@@ -486,19 +615,32 @@ class AGR:
         return dict(
             agr_stagnant_share=stats["stagnant"] / n_groups,
             agr_guided_share=(stats["guided"] + stats["replayed"]) / n_groups,
-            agr_buffer_hits=stats["replayed"], agr_level_1=stats["level_1"], agr_level_2=stats["level_2"],
+            agr_buffer_hits=stats["replayed"],
+            agr_level_1=stats["level_1"],
+            agr_level_2=stats["level_2"],
             agr_guided_success_rate=stats["guided_kept"] / max(1, stats["guided_tried"]),
             agr_rescued_share=stats["guided"] / max(1, stats["stagnant"] - stats["replayed"]),
-            agr_requeued=stats["requeued"], agr_returned=stats["returned"], agr_recovered=stats["recovered"],
+            agr_requeued=stats["requeued"],
+            agr_returned=stats["returned"],
+            agr_recovered=stats["recovered"],
             agr_queue_length=len(self.queue),
-            agr_once_stagnant_accuracy=(stats["once_stagnant_correct"] / stats["once_stagnant_total"]
-                                        if stats["once_stagnant_total"] else None),
+            agr_once_stagnant_accuracy=(
+                stats["once_stagnant_correct"] / stats["once_stagnant_total"] if stats["once_stagnant_total"] else None
+            ),
             agr_prompts_ever_stagnant=sum(st["stagnant_ever"] for st in self.prompts.values()),
         )
 
 
-def scored_group(out: rollouts.Rollouts, i: int, position: int, example_index: int, prompt: list[int],
-                 example: D.Example, rulebook: R.Rulebook, args: Args) -> dict:
+def scored_group(
+    out: rollouts.Rollouts,
+    i: int,
+    position: int,
+    example_index: int,
+    prompt: list[int],
+    example: D.Example,
+    rulebook: R.Rulebook,
+    args: Args,
+) -> dict:
     """The i-th prompt's group of a rollout batch (its completions i*G .. (i+1)*G), scored: what every later
     decision of the step reads."""
     G = args.group_size
@@ -506,13 +648,23 @@ def scored_group(out: rollouts.Rollouts, i: int, position: int, example_index: i
     texts = out.texts[own]
     scores, group_rewards = score_group(texts, example, rulebook, args)
     return dict(
-        position=position, example_index=example_index, prompt=prompt, gold=example.label,
-        completions=out.completion_ids[own], old_logprobs=out.logprobs[own],
-        truncated=out.truncated[own], texts=texts, rewards=group_rewards,
-        correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+        position=position,
+        example_index=example_index,
+        prompt=prompt,
+        gold=example.label,
+        completions=out.completion_ids[own],
+        old_logprobs=out.logprobs[own],
+        truncated=out.truncated[own],
+        texts=texts,
+        rewards=group_rewards,
+        correct=[s.correct for s in scores],
+        format_ok=[s.format_ok for s in scores],
         labels=[s.parsed.label for s in scores],
-        adherent=[s.adherent for s in scores], criteria=[s.criteria for s in scores],
-        credit=[criterion_credit(s) for s in scores], spans=[s.parsed.spans for s in scores], guided=[False] * G,
+        adherent=[s.adherent for s in scores],
+        criteria=[s.criteria for s in scores],
+        credit=[criterion_credit(s) for s in scores],
+        spans=[s.parsed.spans for s in scores],
+        guided=[False] * G,
         forced=[0] * G,
     )
 
@@ -533,8 +685,11 @@ def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float
     shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
     entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
     gold = [g["gold"] for g in groups for _ in g["labels"]]
-    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
-            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
+    return {
+        **{f"label_share_{label or 'invalid'}": p for label, p in shares.items()},
+        "label_entropy": entropy,
+        "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"],
+    }
 
 
 COLLAPSE_SHARE = 0.9  # samples giving one label at least this often: the policy has collapsed onto it
@@ -549,21 +704,29 @@ def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] 
 def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...]) -> str:
     """The likely reason why dynamic sampling dropped every group, and what to do."""
     if metrics["format_rate"] == 0:
-        return ("the policy never produced a parseable answer (format rate 0"
-                + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
-                + "): start from an SFT checkpoint (sft.py)")
+        return (
+            "the policy never produced a parseable answer (format rate 0"
+            + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
+            + "): start from an SFT checkpoint (sft.py)"
+        )
     collapse = collapsed_onto(metrics, labels)
     if collapse:
-        return (f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
-                "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
-                "penalty (--beta) or raise --group-size")
+        return (
+            f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
+            "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
+            "penalty (--beta) or raise --group-size"
+        )
     if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
         return "every group was answered right by all its completions: the prompts are too easy for this policy"
-    return (f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
-            "better SFT checkpoint or raise --group-size")
+    return (
+        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
+        "better SFT checkpoint or raise --group-size"
+    )
 
 
-def training_rows(groups: list[dict], advantages: list[torch.Tensor], token_advantages: list | None = None) -> list[dict]:
+def training_rows(
+    groups: list[dict], advantages: list[torch.Tensor], token_advantages: list | None = None
+) -> list[dict]:
     """One row per completion: the prompt it is trained under, its tokens, old log-probs, per-token advantages.
 
     Guided completions are trained under the group's *unguided* prompt: pi_theta(o | x), not x + guide.
@@ -572,38 +735,57 @@ def training_rows(groups: list[dict], advantages: list[torch.Tensor], token_adva
     for g, group in enumerate(groups):
         for j, completion in enumerate(group["completions"]):
             per_token = token_advantages[g][j] if token_advantages else [advantages[g][j].item()] * len(completion)
-            rows.append(dict(prompt=group["prompt"], completion=completion, old_logprobs=group["old_logprobs"][j],
-                             advantages=per_token, guided=group["guided"][j], forced=group["forced"][j]))
+            rows.append(
+                dict(
+                    prompt=group["prompt"],
+                    completion=completion,
+                    old_logprobs=group["old_logprobs"][j],
+                    advantages=per_token,
+                    guided=group["guided"][j],
+                    forced=group["forced"][j],
+                )
+            )
     return rows
 
 
-NO_UPDATE = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0,
-                 nan_skipped=0)
+NO_UPDATE = dict(
+    loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0, nan_skipped=0
+)
 
 
-def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int,
-                  nan_skips: int) -> tuple[dict, int]:
+def update_policy(
+    model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int, nan_skips: int
+) -> tuple[dict, int]:
     """Step 5: `num_updates_per_batch` optimizer updates over micro-batches of the step's rows, group-aligned when
     the prompt prefix is shared, else length-sorted (little padding); every rank runs as many (zero-weight filler
     rows where short). Returns the updates' statistics and the count of consecutive non-finite updates so far."""
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
     share_prefix = args.shared_prefix and world == 1
-    mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+    mine = (
+        list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+    )
     n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
     mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
-    micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
         for k, micro in enumerate(micro_batches):
-            batch = models.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
-                                tokenizer.pad_token_id, accelerator.device, share_prefix)
-            mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
-                                                           device=accelerator.device)[:, None]
+            batch = models.pad_batch(
+                [r["prompt"] for r in micro],
+                [r["completion"] for r in micro],
+                tokenizer.pad_token_id,
+                accelerator.device,
+                share_prefix,
+            )
+            mask = (
+                batch["completion_mask"]
+                * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro], device=accelerator.device)[:, None]
+            )
             old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
             for i, r in enumerate(micro):
-                old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
-                adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
+                old_logp[i, : len(r["completion"])] = torch.tensor(r["old_logprobs"])
+                adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
             # correction "none" needs pi_old(o | x) for guided rows: stored ones may be under x + guide (hint)
             # or from an older policy (replay)
@@ -613,8 +795,8 @@ def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: lis
                     fresh = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):
                     if recompute[i]:
-                        r["old_logprobs"] = fresh[i, :len(r["completion"])].tolist()
-                        old_logp[i, :len(r["completion"])] = fresh[i, :len(r["completion"])]
+                        r["old_logprobs"] = fresh[i, : len(r["completion"])].tolist()
+                        old_logp[i, : len(r["completion"])] = fresh[i, : len(r["completion"])]
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():
@@ -625,14 +807,35 @@ def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: lis
                 weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
                 forced = torch.zeros_like(mask, dtype=torch.bool)  # AGR's off-policy tokens
                 for i, r in enumerate(micro):
-                    forced[i, :r["forced"]] = True
-                loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
-                                        args.beta, ref_logp, forced, args.agr_correction, args.agr_gamma,
-                                        args.agr_is_cap)
+                    forced[i, : r["forced"]] = True
+                loss, stats = grpo_loss(
+                    logp,
+                    old_logp,
+                    adv,
+                    weights,
+                    args.clip_eps_low,
+                    args.clip_eps_high,
+                    args.beta,
+                    ref_logp,
+                    forced,
+                    args.agr_correction,
+                    args.agr_gamma,
+                    args.agr_is_cap,
+                )
                 accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
-            ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
-            totals += torch.tensor([loss.item(), stats["clip_low"].item(), stats["clip_high"].item(),
-                                    stats["approx_kl"].item(), float(ref_kl), (entropy * mask).sum().item()])
+            ref_kl = (
+                ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
+            )
+            totals += torch.tensor(
+                [
+                    loss.item(),
+                    stats["clip_low"].item(),
+                    stats["clip_high"].item(),
+                    stats["approx_kl"].item(),
+                    float(ref_kl),
+                    (entropy * mask).sum().item(),
+                ]
+            )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
@@ -641,24 +844,38 @@ def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: lis
             update_stats["nan_skipped"] += 1
             optimizer.zero_grad(set_to_none=True)
             if nan_skips >= args.max_nan_skips:
-                raise errors.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
-                                   f"stopping at step {step + 1}")
+                raise errors.RunStopped(
+                    f"{nan_skips} consecutive updates with a non-finite loss or gradient: stopping at step {step + 1}"
+                )
             continue
         nan_skips = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_stats.update(loss=totals[0].item(), clip_low=totals[1].item() / n_tokens,
-                            clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
-                            ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
-                            grad_norm=grad_norm.item())
+        update_stats.update(
+            loss=totals[0].item(),
+            clip_low=totals[1].item() / n_tokens,
+            clip_high=totals[2].item() / n_tokens,
+            approx_kl=totals[3].item() / n_tokens,
+            ref_kl=totals[4].item() / n_tokens,
+            entropy=totals[5].item() / n_tokens,
+            grad_norm=grad_norm.item(),
+        )
     return update_stats, nan_skips
 
 
 def memory_workload(args: Args) -> launch.Workload:
     """What a step holds in memory besides the model and its optimizer, for the --dry-run plan."""
     vllm_share = args.vllm_gpu_memory if args.vllm else None
-    return launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, args.beta > 0,
-                           args.prompts_per_step, args.group_size, args.gen_batch_size, vllm_share)
+    return launch.Workload(
+        args.micro_batch_size,
+        args.max_new_tokens,
+        args.max_item_tokens,
+        args.beta > 0,
+        args.prompts_per_step,
+        args.group_size,
+        args.gen_batch_size,
+        vllm_share,
+    )
 
 
 def gather_groups(groups: list[dict]) -> list[dict]:
@@ -688,8 +905,9 @@ def main(args: Args) -> dict:
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
         # bf16 on GPUs: it is never updated
         reference.eval().requires_grad_(False).to(launch.compute_dtype(accelerator))
-    prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
-                                         for e in examples))
+    prompt_ids, prompt_truncated = zip(
+        *(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens) for e in examples)
+    )
     if run.main:
         runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -704,8 +922,13 @@ def main(args: Args) -> dict:
         checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
-        engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
-                                    args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
+        engine = rollouts.make_vllm_engine(
+            str(resume_from or args.model),
+            max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
+            args.vllm_gpu_memory,
+            args.seed + rank,
+            args.vllm_sleep,
+        )
     stop = checkpoints.StopFlag()
     agr = AGR(args, examples, rulebook, state if resume_from is not None else None)
 
@@ -729,13 +952,28 @@ def main(args: Args) -> dict:
             return []
         # A group's sampling seed depends only on (seed, stream position): any rank, any resume, same tokens.
         seeds = [args.seed * 1_000_003 + p for p in mine]
-        kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, min_new_tokens=args.min_new_tokens)
-        out = rollouts.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
-                                 batch_size=args.gen_batch_size, **kwargs)
+        kwargs = dict(
+            n=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            min_new_tokens=args.min_new_tokens,
+        )
+        out = rollouts.rollout_generate(
+            model,
+            accelerator,
+            engine,
+            tokenizer,
+            [prompt_ids[stream(p)] for p in mine],
+            seeds=seeds,
+            batch_size=args.gen_batch_size,
+            **kwargs,
+        )
         t0 = time.perf_counter()
-        groups = [scored_group(out, i, p, stream(p), prompt_ids[stream(p)], examples[stream(p)], rulebook, args)
-                  for i, p in enumerate(mine)]
+        groups = [
+            scored_group(out, i, p, stream(p), prompt_ids[stream(p)], examples[stream(p)], rulebook, args)
+            for i, p in enumerate(mine)
+        ]
         timer["scoring"] += time.perf_counter() - t0
         return groups
 
@@ -751,7 +989,9 @@ def main(args: Args) -> dict:
 
     # --- training loop -------------------------------------------------------------------------
     nan_skips, empty_steps, stopped = 0, 0, ""
-    progress = tqdm(range(step, args.total_steps), desc="agrl", disable=not run.main, initial=step, total=args.total_steps)
+    progress = tqdm(
+        range(step, args.total_steps), desc="agrl", disable=not run.main, initial=step, total=args.total_steps
+    )
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
@@ -797,7 +1037,9 @@ def main(args: Args) -> dict:
             advantages = group_advantages([g["rewards"] for g in kept], args.adv_scale, args.adv_clamp)
             token_advantages = None
             if args.rrs and args.rrs_credit == "segment":
-                token_advantages = [segment_advantages(group, advantages[g], tokenizer, args) for g, group in enumerate(kept)]
+                token_advantages = [
+                    segment_advantages(group, advantages[g], tokenizer, args) for g, group in enumerate(kept)
+                ]
             rows = training_rows(kept, advantages, token_advantages)
         timer["scoring"] += time.perf_counter() - t0
 
@@ -810,8 +1052,9 @@ def main(args: Args) -> dict:
         if rows:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
-            update_stats, nan_skips = update_policy(model, reference, optimizer, accelerator, tokenizer, rows, args, step,
-                                                    nan_skips)
+            update_stats, nan_skips = update_policy(
+                model, reference, optimizer, accelerator, tokenizer, rows, args, step, nan_skips
+            )
         timer["training"] += time.perf_counter() - t0
 
         # 6. log
@@ -830,46 +1073,86 @@ def main(args: Args) -> dict:
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
             low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * len(g["correct"]) for g in scored) / len(scored),
             all_fail_groups=sum(not any(g["correct"]) for g in scored) / len(scored),
-            groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
-            groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
-            completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
+            groups_kept=len(kept),
+            groups_dropped=sum(dropped.values()),
+            groups_dropped_all_correct=dropped["all_correct"],
+            groups_dropped_all_wrong=dropped["all_wrong"],
+            groups_dropped_other=dropped["other"],
+            completion_len_mean=sum(lengths) / n_all,
+            completion_len_max=max(lengths),
             truncation_rate=sum(t for g in scored for t in g["truncated"]) / n_all,
             generated_tokens_per_second=sum(lengths) / max(timer["generation"], 1e-9),
             trained_tokens_per_second=n_tokens * args.num_updates_per_batch / max(timer["training"], 1e-9),
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
-            time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
-            step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, completions_generated=generated, update_scale=update_scale if rows else 0.0,
-            empty_steps=empty_steps, **label_shares(scored, rulebook.labels), **update_stats,
+            time_generation=timer["generation"],
+            time_scoring=timer["scoring"],
+            time_training=timer["training"],
+            step_seconds=seconds,
+            lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
+            data_position=data_position,
+            completions_generated=generated,
+            update_scale=update_scale if rows else 0.0,
+            empty_steps=empty_steps,
+            **label_shares(scored, rulebook.labels),
+            **update_stats,
         )
         if args.agr:
             metrics.update(agr.metrics(len(scored)))
         run.log(metrics, step=done)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
-                             **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}))
+        progress.set_postfix(
+            reward=f"{metrics['reward_mean']:.3f}",
+            acc=f"{metrics['accuracy']:.3f}",
+            **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
+            **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}),
+        )
         if empty_steps:
             what = "trained on guided answers only" if guided_only else "trained on nothing"
-            detail = (f"none of the policy's own {n_all} answers parsed" if guided_only else f"dynamic sampling dropped "
-                      f"all {len(scored)} groups ({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)")
-            tqdm.write(f"warning: step {done} {what}: {detail}"
-                       + (f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""),
-                       file=sys.stderr)
+            detail = (
+                f"none of the policy's own {n_all} answers parsed"
+                if guided_only
+                else f"dynamic sampling dropped "
+                f"all {len(scored)} groups ({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
+            )
+            tqdm.write(
+                f"warning: step {done} {what}: {detail}"
+                + (
+                    f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""
+                ),
+                file=sys.stderr,
+            )
             if empty_steps >= args.max_empty_steps > 0:  # saved and evaluated below, then reported
-                stopped = (f"{empty_steps} steps in a row {what} (--max-empty-steps {args.max_empty_steps}); "
-                           f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}")
+                stopped = (
+                    f"{empty_steps} steps in a row {what} (--max-empty-steps {args.max_empty_steps}); "
+                    f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}"
+                )
         if done % args.log_samples_every == 0 or done == 1:
-            run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
-                                  completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
+            run.log_samples(
+                [
+                    dict(
+                        query=examples[g["example_index"]].query,
+                        gold=examples[g["example_index"]].label,
+                        completion=g["texts"][0],
+                        reward=g["rewards"][0],
+                    )
+                    for g in scored[:4]
+                ],
+                step=done,
+            )
 
         # 7. checkpoint
         out_of_budget = 0 < args.generation_budget <= generated
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
-            checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated, **agr.state()),
-                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget or bool(stopped),
-                              accelerator=accelerator,
-                              optimizer=optimizer)
+            checkpoints.save_checkpoint(
+                run.dir,
+                done,
+                model,
+                tokenizer,
+                dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated, **agr.state()),
+                keep_last=args.keep_last,
+                final=done == args.total_steps or out_of_budget or bool(stopped),
+                accelerator=accelerator,
+                optimizer=optimizer,
+            )
         if out_of_budget or stopped:
             break
         if stop.requested:

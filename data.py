@@ -146,13 +146,29 @@ _CATALOGUE = [
     ("smartphone", "phones", "", "128GB|256GB|512GB", "5G|dual SIM|unlocked", False, ""),
     ("tablet", "phones", "", "64GB|128GB|256GB", "cellular|stylus support", False, ""),
     ("phone case", "accessories", "silicone|leather|plastic", "", "magnetic|kickstand|card holder", False, "case"),
-    ("screen protector", "accessories", "tempered glass|plastic", "", "privacy filter|matte finish", False, "screen protector"),
+    (
+        "screen protector",
+        "accessories",
+        "tempered glass|plastic",
+        "",
+        "privacy filter|matte finish",
+        False,
+        "screen protector",
+    ),
     ("phone charger", "accessories", "", "", "fast charging|wireless charging|dual port", False, "charger"),
     ("power bank", "accessories", "", "10000mAh|20000mAh", "fast charging|magnetic", False, ""),
     ("laptop", "computers", "", "13 Inch|14 Inch|15 Inch|16 Inch", "touchscreen|backlit keyboard", False, ""),
     ("wireless mouse", "computers", "", "", "silent click|rechargeable", False, "mouse"),
     ("keyboard", "computers", "", "", "mechanical|backlit|bluetooth", False, "keyboard"),
-    ("laptop bag", "computers", "leather|nylon|canvas", "13 Inch|15 Inch|17 Inch", "padded|shoulder strap", False, "bag"),
+    (
+        "laptop bag",
+        "computers",
+        "leather|nylon|canvas",
+        "13 Inch|15 Inch|17 Inch",
+        "padded|shoulder strap",
+        False,
+        "bag",
+    ),
     ("wireless earbuds", "audio", "", "", "noise cancelling|waterproof", False, "earbuds"),
     ("headphones", "audio", "", "", "noise cancelling|foldable|bluetooth", False, "headphones"),
     ("bluetooth speaker", "audio", "", "", "waterproof|party lights", False, ""),
@@ -163,17 +179,73 @@ _CATALOGUE = [
     ("desk", "furniture", "wood|metal|glass", "40 Inch|48 Inch|55 Inch", "standing|drawers", False, ""),
     ("bed sheets", "bedding", "cotton|linen|microfiber|bamboo", _BED_SIZES, "deep pocket|cooling", False, "sheets"),
     ("blanket", "bedding", "fleece|wool|cotton", "Twin|Queen|King", "weighted|reversible", False, ""),
-    ("throw pillow", "bedding", "cotton|velvet|linen", "18x18 Inch|20x20 Inch", "insert included|removable cover", False, "pillows"),
+    (
+        "throw pillow",
+        "bedding",
+        "cotton|velvet|linen",
+        "18x18 Inch|20x20 Inch",
+        "insert included|removable cover",
+        False,
+        "pillows",
+    ),
     ("mattress", "bedding", "memory foam|latex|innerspring", _BED_SIZES, "cooling gel|pillow top", False, ""),
     ("mattress topper", "bedding", "memory foam|latex|down", _BED_SIZES, "cooling gel|hypoallergenic", False, "topper"),
-    ("frying pan", "kitchen", "cast iron|stainless steel|ceramic|aluminum", "8 Inch|10 Inch|12 Inch", "non-stick|oven safe|induction ready", False, ""),
+    (
+        "frying pan",
+        "kitchen",
+        "cast iron|stainless steel|ceramic|aluminum",
+        "8 Inch|10 Inch|12 Inch",
+        "non-stick|oven safe|induction ready",
+        False,
+        "",
+    ),
     ("saucepan", "kitchen", "stainless steel|aluminum|copper", "2 Quart|3 Quart", "non-stick|glass lid", False, ""),
     ("spatula", "kitchen", "silicone|wood|stainless steel", "", "heat resistant|slotted", False, "spatula"),
-    ("kitchen tongs", "kitchen", "silicone|stainless steel", "9 Inch|12 Inch", "locking|heat resistant", False, "tongs"),
-    ("coffee maker", "appliances", "stainless steel|plastic", "4 Cup|12 Cup", "programmable|built-in grinder", False, ""),
-    ("electric kettle", "appliances", "glass|stainless steel|plastic", "", "temperature control|auto shut-off", False, ""),
-    ("coffee mug", "drinkware", "ceramic|glass|stainless steel", "12 oz|16 oz", "insulated|microwave safe", False, "mug"),
-    ("water bottle", "drinkware", "stainless steel|plastic|glass", "20 oz|32 oz|40 oz", "insulated|straw lid", False, ""),
+    (
+        "kitchen tongs",
+        "kitchen",
+        "silicone|stainless steel",
+        "9 Inch|12 Inch",
+        "locking|heat resistant",
+        False,
+        "tongs",
+    ),
+    (
+        "coffee maker",
+        "appliances",
+        "stainless steel|plastic",
+        "4 Cup|12 Cup",
+        "programmable|built-in grinder",
+        False,
+        "",
+    ),
+    (
+        "electric kettle",
+        "appliances",
+        "glass|stainless steel|plastic",
+        "",
+        "temperature control|auto shut-off",
+        False,
+        "",
+    ),
+    (
+        "coffee mug",
+        "drinkware",
+        "ceramic|glass|stainless steel",
+        "12 oz|16 oz",
+        "insulated|microwave safe",
+        False,
+        "mug",
+    ),
+    (
+        "water bottle",
+        "drinkware",
+        "stainless steel|plastic|glass",
+        "20 oz|32 oz|40 oz",
+        "insulated|straw lid",
+        False,
+        "",
+    ),
     ("vacuum cleaner", "cleaning", "", "", "cordless|bagless|HEPA filter", False, ""),
     ("robot vacuum", "cleaning", "", "", "self-emptying|mopping", False, ""),
     ("steam mop", "cleaning", "", "", "swivel head|removable tank", False, ""),
@@ -183,31 +255,66 @@ _CATALOGUE = [
     ("kettlebell", "fitness", "cast iron|vinyl|steel", "15 lb|25 lb|35 lb", "adjustable|wide handle", False, ""),
 ]
 CATEGORIES: tuple[_Category, ...] = tuple(
-    _Category(noun, domain, _split(_DOMAIN_BRANDS[domain]), _split(mats), _split(sizes), _split(feats), aud, short or noun)
+    _Category(
+        noun, domain, _split(_DOMAIN_BRANDS[domain]), _split(mats), _split(sizes), _split(feats), aud, short or noun
+    )
     for noun, domain, mats, sizes, feats, aud, short in _CATALOGUE
 )
 _BY_NOUN = {c.noun: c for c in CATEGORIES}
 
 # Related: another type of the same kind (a human grader would call it "related", not "the same").
 _RELATED_GROUPS = [
-    "running shoes|sneakers|hiking boots", "sandals|slippers", "t-shirt|polo shirt|hoodie",
-    "hoodie|rain jacket|winter coat", "jeans|chinos", "athletic socks|dress socks", "belt|wallet",
-    "smartphone|tablet", "tablet|laptop", "phone case|screen protector", "phone charger|power bank",
-    "wireless mouse|keyboard", "laptop bag|backpack", "wireless earbuds|headphones|bluetooth speaker",
-    "sofa|armchair", "armchair|office chair", "coffee table|desk", "bed sheets|blanket|throw pillow",
-    "blanket|sleeping bag", "mattress|mattress topper", "frying pan|saucepan", "spatula|kitchen tongs",
-    "coffee maker|electric kettle", "coffee mug|water bottle", "vacuum cleaner|robot vacuum|steam mop",
+    "running shoes|sneakers|hiking boots",
+    "sandals|slippers",
+    "t-shirt|polo shirt|hoodie",
+    "hoodie|rain jacket|winter coat",
+    "jeans|chinos",
+    "athletic socks|dress socks",
+    "belt|wallet",
+    "smartphone|tablet",
+    "tablet|laptop",
+    "phone case|screen protector",
+    "phone charger|power bank",
+    "wireless mouse|keyboard",
+    "laptop bag|backpack",
+    "wireless earbuds|headphones|bluetooth speaker",
+    "sofa|armchair",
+    "armchair|office chair",
+    "coffee table|desk",
+    "bed sheets|blanket|throw pillow",
+    "blanket|sleeping bag",
+    "mattress|mattress topper",
+    "frying pan|saucepan",
+    "spatula|kitchen tongs",
+    "coffee maker|electric kettle",
+    "coffee mug|water bottle",
+    "vacuum cleaner|robot vacuum|steam mop",
     "dumbbells|kettlebell",
 ]
 # Complements: (anchor, complement) - the complement is used with the anchor ("case for smartphone").
 _COMPLEMENT_PAIRS = [
-    ("running shoes", "athletic socks"), ("sneakers", "athletic socks"), ("hiking boots", "athletic socks"),
-    ("jeans", "belt"), ("chinos", "belt"), ("smartphone", "phone case"), ("smartphone", "screen protector"),
-    ("smartphone", "phone charger"), ("tablet", "screen protector"), ("laptop", "laptop bag"),
-    ("laptop", "wireless mouse"), ("laptop", "keyboard"), ("sofa", "throw pillow"), ("sofa", "coffee table"),
-    ("desk", "office chair"), ("mattress", "bed sheets"), ("mattress", "mattress topper"),
-    ("frying pan", "spatula"), ("saucepan", "kitchen tongs"), ("coffee maker", "coffee mug"),
-    ("smartphone", "wireless earbuds"), ("laptop", "headphones"),
+    ("running shoes", "athletic socks"),
+    ("sneakers", "athletic socks"),
+    ("hiking boots", "athletic socks"),
+    ("jeans", "belt"),
+    ("chinos", "belt"),
+    ("smartphone", "phone case"),
+    ("smartphone", "screen protector"),
+    ("smartphone", "phone charger"),
+    ("tablet", "screen protector"),
+    ("laptop", "laptop bag"),
+    ("laptop", "wireless mouse"),
+    ("laptop", "keyboard"),
+    ("sofa", "throw pillow"),
+    ("sofa", "coffee table"),
+    ("desk", "office chair"),
+    ("mattress", "bed sheets"),
+    ("mattress", "mattress topper"),
+    ("frying pan", "spatula"),
+    ("saucepan", "kitchen tongs"),
+    ("coffee maker", "coffee mug"),
+    ("smartphone", "wireless earbuds"),
+    ("laptop", "headphones"),
 ]
 
 
@@ -227,18 +334,46 @@ def _build_relations():
 RELATED, COMPLEMENTS = _build_relations()
 
 _MODELS = ("Pro", "Max", "Lite", "Plus", "Ultra", "Air", "Flex", "Prime", "Elite", "Sport", "One", "Go", "Classic")
-_FILLERS = ("Lightweight", "Comfortable", "Durable", "Premium", "Everyday", "Modern", "Soft", "Compact",
-            "Stylish", "Sturdy", "Versatile", "Easy Care")
-_EXTRA_BULLETS = ("Easy to clean", "1-year warranty", "Gift ready packaging", "Ships in recyclable packaging",
-                  "Satisfaction guaranteed", "Tested for daily use")
-_DESCRIPTIONS = ("A {adj} pick for everyday use.", "Built to last, with a {adj} design.",
-                 "{Noun} with a {adj} design at a fair price.", "A {adj} gift for friends and family.")
+_FILLERS = (
+    "Lightweight",
+    "Comfortable",
+    "Durable",
+    "Premium",
+    "Everyday",
+    "Modern",
+    "Soft",
+    "Compact",
+    "Stylish",
+    "Sturdy",
+    "Versatile",
+    "Easy Care",
+)
+_EXTRA_BULLETS = (
+    "Easy to clean",
+    "1-year warranty",
+    "Gift ready packaging",
+    "Ships in recyclable packaging",
+    "Satisfaction guaranteed",
+    "Tested for daily use",
+)
+_DESCRIPTIONS = (
+    "A {adj} pick for everyday use.",
+    "Built to last, with a {adj} design.",
+    "{Noun} with a {adj} design at a fair price.",
+    "A {adj} gift for friends and family.",
+)
 _ADJECTIVES = ("reliable", "practical", "well-made", "popular", "versatile", "simple")
 
 # Family mix and candidate mix (same type / related type / complement / random), tuned so the natural
 # label distribution is roughly Excellent 40%, Related 25%, Mismatch 20%, Irrelevant 15%.
-_FAMILY_WEIGHTS = {"plain": 0.18, "multi_attribute": 0.26, "brand": 0.2, "negation": 0.13, "alternative": 0.1,
-                   "complement": 0.13}
+_FAMILY_WEIGHTS = {
+    "plain": 0.18,
+    "multi_attribute": 0.26,
+    "brand": 0.2,
+    "negation": 0.13,
+    "alternative": 0.1,
+    "complement": 0.13,
+}
 _KIND_WEIGHTS = {"same": 0.62, "related": 0.21, "complement": 0.07, "random": 0.1}
 _P_HIT = 0.72  # an item takes the requested value of a requested attribute with this probability
 _P_STATED = {"brand": 0.9, "color": 0.8, "material": 0.8, "audience": 0.85, "size": 0.8, "feature": 0.9}
@@ -315,8 +450,14 @@ def _sample_query(rng: random.Random) -> _Query:
     else:  # alternative
         q.not_brand = rng.choice(cat.brands[:2])
         b, n = q.not_brand.lower(), cat.noun
-        q.text = rng.choice((f"affordable alternative to {b} {n}", f"cheaper alternative to {b} {n}",
-                             f"{b} {n} alternative", f"{n} like {b} but cheaper"))
+        q.text = rng.choice(
+            (
+                f"affordable alternative to {b} {n}",
+                f"cheaper alternative to {b} {n}",
+                f"{b} {n} alternative",
+                f"{n} like {b} but cheaper",
+            )
+        )
     return q
 
 
@@ -340,8 +481,12 @@ def _sample_item(rng: random.Random, q: _Query) -> dict:
         cat = q.category
     # "alternative to X" candidates carry X itself a third of the time
     wanted_brand = q.brand or q.not_brand
-    item = {"category": cat, "brand": _pick(rng, wanted_brand, cat.brands, _P_HIT if q.brand else 0.35),
-            "color": _pick(rng, q.color, COLORS), "features": []}
+    item = {
+        "category": cat,
+        "brand": _pick(rng, wanted_brand, cat.brands, _P_HIT if q.brand else 0.35),
+        "color": _pick(rng, q.color, COLORS),
+        "features": [],
+    }
     for name, options in _spec_options(cat).items():
         if name == "material" and q.exclude in options:  # "sofa without leather": leather half the time
             item[name] = _pick(rng, q.exclude, options, 0.45)
@@ -452,8 +597,13 @@ def _render_item(rng: random.Random, item: dict) -> dict:
     title = ", ".join([" ".join(words)] + tail)
 
     bullets = []
-    sentences = {"brand": "By {}", "color": "Finished in {}", "material": "Made of {}", "audience": "Designed for {}",
-                 "size": "{}" if item.get("size", "").startswith("Size ") else "Size: {}"}
+    sentences = {
+        "brand": "By {}",
+        "color": "Finished in {}",
+        "material": "Made of {}",
+        "audience": "Designed for {}",
+        "size": "{}" if item.get("size", "").startswith("Size ") else "Size: {}",
+    }
     for name in ("brand", "color", "material", "audience", "size"):
         if where.get(name) == "bullets":
             bullets.append(sentences[name].format(item[name]))
@@ -488,10 +638,17 @@ def generate_synthetic(split: str = "train", seed: int = 0, size: int = 2000) ->
         for _ in range(rng.randint(3, 6)):
             item = _sample_item(rng, q)
             criteria, evidence = _gold(q, item)
-            examples.append(Example(
-                query=q.text, label=TAOBAO4.decide(criteria), criteria=criteria, **_render_item(rng, item),
-                source_id=f"synthetic:{split}:{len(examples)}", family=q.family, evidence=evidence,
-            ))
+            examples.append(
+                Example(
+                    query=q.text,
+                    label=TAOBAO4.decide(criteria),
+                    criteria=criteria,
+                    **_render_item(rng, item),
+                    source_id=f"synthetic:{split}:{len(examples)}",
+                    family=q.family,
+                    evidence=evidence,
+                )
+            )
     return examples[:size]
 
 
@@ -500,9 +657,15 @@ def generate_synthetic(split: str = "train", seed: int = 0, size: int = 2000) ->
 # =====================================================================================================
 _TEXT_FIELDS = ("query", "title", "label", "description", "bullets", "brand", "color", "context")
 _REQUIRED = ("query", "title", "label")
-ESCI_FIELD_MAP = {"query": "query", "title": "product_title", "label": "esci_label",
-                  "description": "product_description", "bullets": "product_bullet_point",
-                  "brand": "product_brand", "color": "product_color"}
+ESCI_FIELD_MAP = {
+    "query": "query",
+    "title": "product_title",
+    "label": "esci_label",
+    "description": "product_description",
+    "bullets": "product_bullet_point",
+    "brand": "product_brand",
+    "color": "product_color",
+}
 _ESCI_LABELS = {"e": "Exact", "s": "Substitute", "c": "Complement", "i": "Irrelevant"}
 ESCI_EXAMPLES = "shopping_queries_dataset_examples.parquet"
 ESCI_PRODUCTS = "shopping_queries_dataset_products.parquet"
@@ -510,7 +673,9 @@ _EXTS = ("jsonl", "csv", "parquet")
 _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape decoding leaves for undecodable bytes
 _TAG = re.compile(r"</?[A-Za-z][^<>]*>")
 _BLOCK_TAG = re.compile(r"<\s*(br|/p|/li|/div|/h\d|/tr)\b[^<>]*>", re.I)
-_BROKEN_TAG = re.compile(r"</?(?:p|br|li|ul|ol|div|span|strong|em|b|i|h\d)(?=[^A-Za-z0-9]|$)", re.I)  # "...off.</p" cut at the '>'
+_BROKEN_TAG = re.compile(
+    r"</?(?:p|br|li|ul|ol|div|span|strong|em|b|i|h\d)(?=[^A-Za-z0-9]|$)", re.I
+)  # "...off.</p" cut at the '>'
 
 
 def clean_html(text: str) -> str:
@@ -537,8 +702,13 @@ def parse_field_map(spec: str | None, defaults: dict[str, str] | None = None) ->
 
 
 _THRESHOLD = re.compile(r"^\s*(>=|<=|==|>|<)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*:\s*(.+?)\s*$")
-_OPS = {">=": lambda x, t: x >= t, ">": lambda x, t: x > t, "<=": lambda x, t: x <= t, "<": lambda x, t: x < t,
-        "==": lambda x, t: x == t}
+_OPS = {
+    ">=": lambda x, t: x >= t,
+    ">": lambda x, t: x > t,
+    "<=": lambda x, t: x <= t,
+    "<": lambda x, t: x < t,
+    "==": lambda x, t: x == t,
+}
 
 
 def _canonical_label(value: str, rulebook: Rulebook) -> str | None:
@@ -631,10 +801,14 @@ def _text(row: dict, column: str, ours: str, required: bool) -> str:
     return value
 
 
-def _row_to_example(row: dict, fmap: dict[str, str], to_label, rulebook: Rulebook, esci: bool, source_id: str) -> Example:
+def _row_to_example(
+    row: dict, fmap: dict[str, str], to_label, rulebook: Rulebook, esci: bool, source_id: str
+) -> Example:
     for key, value in row.items():  # undecodable bytes anywhere in the row are an error of that field
         if isinstance(key, str) and _BAD_UTF8.search(key):
-            raise _RowError(key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "column name is not valid UTF-8")
+            raise _RowError(
+                key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "column name is not valid UTF-8"
+            )
         if isinstance(value, str) and _BAD_UTF8.search(value):
             raise _RowError(key, "not valid UTF-8")
     values = {}
@@ -659,7 +833,7 @@ def _row_to_example(row: dict, fmap: dict[str, str], to_label, rulebook: Ruleboo
     attributes = {}
     for key, value in row.items():
         if key.startswith("criterion_"):
-            name = key[len("criterion_"):]
+            name = key[len("criterion_") :]
             if name not in rulebook.criterion_names:
                 raise _RowError(key, f"{name!r} is not a criterion of {rulebook.name} {rulebook.criterion_names}")
             if value is None or (isinstance(value, str) and value.strip().lower() in ("", UNKNOWN)):
@@ -670,15 +844,20 @@ def _row_to_example(row: dict, fmap: dict[str, str], to_label, rulebook: Ruleboo
         elif key.startswith("attr_") and value not in (None, ""):
             if not isinstance(value, str):
                 raise _RowError(key, f"expected a string, got {type(value).__name__}")
-            attributes[key[len("attr_"):]] = " ".join(value.split())
+            attributes[key[len("attr_") :]] = " ".join(value.split())
     return Example(label=label, criteria=criteria, attributes=attributes, source_id=source_id, **values)
 
 
 def _field_hints(candidates, fmap: dict[str, str], columns) -> list[tuple[str, str]]:
     """(our field, column) pairs for fields whose mapped column is absent while a candidate column is
     named like the field ('product_description' for description)."""
-    return [(ours, column) for ours in _TEXT_FIELDS if fmap[ours] not in columns
-            for column in candidates if ours in column.lower()][:3]
+    return [
+        (ours, column)
+        for ours in _TEXT_FIELDS
+        if fmap[ours] not in columns
+        for column in candidates
+        if ours in column.lower()
+    ][:3]
 
 
 def _check_columns(file: str, row: dict, fmap: dict[str, str]) -> None:
@@ -687,8 +866,10 @@ def _check_columns(file: str, row: dict, fmap: dict[str, str]) -> None:
     for ours in _REQUIRED:
         if fmap[ours] not in row:
             like = [str(c) for c in row if ours in str(c).lower() and c not in fmap.values()]
-            raise UserError(f"{file} has no column {fmap[ours]!r} for the required field '{ours}'; its columns: "
-                            f"{', '.join(map(str, row))}; map one with --field-map {ours}={like[0] if like else '<column>'}")
+            raise UserError(
+                f"{file} has no column {fmap[ours]!r} for the required field '{ours}'; its columns: "
+                f"{', '.join(map(str, row))}; map one with --field-map {ours}={like[0] if like else '<column>'}"
+            )
 
 
 def _esci_label(raw) -> str:
@@ -768,15 +949,19 @@ def _read_esci_official(dirpath: str, split: str):
 
     if split not in SPLITS:
         raise UserError(f"esci split must be one of {SPLITS}, got {split!r}")
+
     def read(name):  # an all-null column has Arrow type null, which join() refuses: make it string
         table = pq.read_table(os.path.join(dirpath, name))
-        return table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f
-                                     for f in table.schema]))
+        return table.cast(
+            pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema])
+        )
 
     examples = read(ESCI_EXAMPLES)
     examples = examples.append_column("_row", pa.array(range(1, examples.num_rows + 1), pa.int64()))
     official = "test" if split == "test" else "train"
-    examples = examples.filter(pc.and_(pc.equal(examples["product_locale"], "us"), pc.equal(examples["split"], official)))
+    examples = examples.filter(
+        pc.and_(pc.equal(examples["product_locale"], "us"), pc.equal(examples["split"], official))
+    )
     products = read(ESCI_PRODUCTS)
     joined = examples.join(products, keys=["product_id", "product_locale"], join_type="left outer").sort_by("_row")
     for row in joined.to_pylist():
@@ -818,7 +1003,7 @@ DEV_FRACTION = 0.1
 def dev_queries(queries: set[str], fraction: float = DEV_FRACTION) -> set[str]:
     """The dev share of a single file's distinct queries: the ones with the smallest hash (file order does not matter)."""
     ranked = sorted(queries, key=lambda q: (zlib.crc32(f"agrl-dev:{q}".encode("utf-8")), q))
-    return set(ranked[:max(1, round(fraction * len(ranked)))]) if len(ranked) > 1 else set()
+    return set(ranked[: max(1, round(fraction * len(ranked)))]) if len(ranked) > 1 else set()
 
 
 def _main_process() -> bool:
@@ -848,39 +1033,67 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
             skipped.append({"file": file, "row": row_number, "field": e.field, "reason": e.reason})
     used = [c for c in columns if c in fmap.values() or c.startswith(("criterion_", "attr_"))]
     ignored = [c for c in columns if c not in used]
-    stats = {"source": file_path, "rows_read": rows_read, "rows_used": len(examples), "rows_skipped": len(skipped),
-             "columns_used": used, "columns_ignored": ignored, "skipped": skipped}
+    stats = {
+        "source": file_path,
+        "rows_read": rows_read,
+        "rows_used": len(examples),
+        "rows_skipped": len(skipped),
+        "columns_used": used,
+        "columns_ignored": ignored,
+        "skipped": skipped,
+    }
     if ignored and _main_process():
-        print(f"data: {file}: columns not read (no field maps to them): {', '.join(ignored)}"
-              + "".join(f"; to read it: --field-map {ours}={column}" for ours, column in _field_hints(ignored, fmap, columns)),
-              file=sys.stderr)
+        print(
+            f"data: {file}: columns not read (no field maps to them): {', '.join(ignored)}"
+            + "".join(
+                f"; to read it: --field-map {ours}={column}" for ours, column in _field_hints(ignored, fmap, columns)
+            ),
+            file=sys.stderr,
+        )
     if skipped and _main_process():
         fields = {}
         for s in skipped:
             fields[s["field"]] = fields.get(s["field"], 0) + 1
         first = skipped[0]
-        print(f"data: skipped {len(skipped)} of {rows_read} rows of {file} (--skip-bad-rows; by field: "
-              + ", ".join(f"{k} {v}" for k, v in fields.items()) + f"; first: row {first['row']} field "
-              f"'{first['field']}': {first['reason'][:80]}); every one is listed in the run folder's "
-              "data_stats.json (eval_data_stats.json for the evaluation)",
-              file=sys.stderr)
+        print(
+            f"data: skipped {len(skipped)} of {rows_read} rows of {file} (--skip-bad-rows; by field: "
+            + ", ".join(f"{k} {v}" for k, v in fields.items())
+            + f"; first: row {first['row']} field "
+            f"'{first['field']}': {first['reason'][:80]}); every one is listed in the run folder's "
+            "data_stats.json (eval_data_stats.json for the evaluation)",
+            file=sys.stderr,
+        )
     if whole_file and split != "all":
         if split not in ("train", "dev"):
-            raise UserError(f"{file_path} is one file: it is split into train and dev only (or read whole with "
-                            f"--split all), not {split!r}")
+            raise UserError(
+                f"{file_path} is one file: it is split into train and dev only (or read whole with "
+                f"--split all), not {split!r}"
+            )
         queries = {e.query for e in examples}
         dev = dev_queries(queries)
         if len(queries) < 2:
-            raise UserError(f"{file_path} holds {len(queries)} distinct query: a single file is split by query into "
-                            f"train and dev, which needs two or more (or give a folder with train and dev files)")
+            raise UserError(
+                f"{file_path} holds {len(queries)} distinct query: a single file is split by query into "
+                f"train and dev, which needs two or more (or give a folder with train and dev files)"
+            )
         in_split = [e for e in examples if (e.query in dev) == (split == "dev")]
-        stats.update(rows_used=len(in_split), rows_other_split=len(examples) - len(in_split),
-                     file_split=dict(split=split, dev_fraction=DEV_FRACTION, queries=len(queries), dev_queries=len(dev),
-                                     rule="queries with the smallest crc32('agrl-dev:' + query) are dev"))
+        stats.update(
+            rows_used=len(in_split),
+            rows_other_split=len(examples) - len(in_split),
+            file_split=dict(
+                split=split,
+                dev_fraction=DEV_FRACTION,
+                queries=len(queries),
+                dev_queries=len(dev),
+                rule="queries with the smallest crc32('agrl-dev:' + query) are dev",
+            ),
+        )
         if _main_process():
-            print(f"data: {file} is one file, split by query with a fixed hash: {len(dev)} of {len(queries)} queries "
-                  f"({DEV_FRACTION:.0%}, at least one) are dev, the rest train; the {split} split has {len(in_split)} of "
-                  f"{len(examples)} rows (a folder with train and dev files sets the split yourself)")
+            print(
+                f"data: {file} is one file, split by query with a fixed hash: {len(dev)} of {len(queries)} queries "
+                f"({DEV_FRACTION:.0%}, at least one) are dev, the rest train; the {split} split has {len(in_split)} of "
+                f"{len(examples)} rows (a folder with train and dev files sets the split yourself)"
+            )
         examples = in_split
     return examples, stats
 
@@ -888,9 +1101,19 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
 # =====================================================================================================
 # The entry point
 # =====================================================================================================
-def load_dataset(name: str, split: str = "train", path: str | None = None, seed: int = 0, limit: int | None = None,
-                 balanced: bool = False, field_map: str | None = None, label_map: str | None = None,
-                 rulebook: str | None = None, skip_bad_rows: bool = False, synthetic_size: int = 2000) -> Dataset:
+def load_dataset(
+    name: str,
+    split: str = "train",
+    path: str | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    balanced: bool = False,
+    field_map: str | None = None,
+    label_map: str | None = None,
+    rulebook: str | None = None,
+    skip_bad_rows: bool = False,
+    synthetic_size: int = 2000,
+) -> Dataset:
     """Load one split of a dataset.
 
     name: synthetic | esci | jsonl | csv | parquet. esci: `path` is a directory with {split}.jsonl (or
@@ -906,8 +1129,13 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
     if name == "synthetic":
         book = TAOBAO4
         examples = generate_synthetic(split, seed, synthetic_size if split == "train" else synthetic_size // 5)
-        stats = {"source": "synthetic", "rows_read": len(examples), "rows_used": len(examples), "rows_skipped": 0,
-                 "skipped": []}
+        stats = {
+            "source": "synthetic",
+            "rows_read": len(examples),
+            "rows_used": len(examples),
+            "rows_skipped": 0,
+            "skipped": [],
+        }
     elif name == "esci":
         book = ESCI
         fmap = parse_field_map(field_map, ESCI_FIELD_MAP)
@@ -922,11 +1150,15 @@ def load_dataset(name: str, split: str = "train", path: str | None = None, seed:
         if label_map:
             to_label = parse_label_map(label_map, book)
         else:
+
             def to_label(raw, book=book):
                 label = _canonical_label(raw, book) if isinstance(raw, str) else None
                 if label is None:
-                    raise _RowError("label", f"unknown label {raw!r} (expected one of {book.labels}, or give a label_map)")
+                    raise _RowError(
+                        "label", f"unknown label {raw!r} (expected one of {book.labels}, or give a label_map)"
+                    )
                 return label
+
         examples, stats = _load_rows(name, path, split, fmap, to_label, book, skip_bad_rows)
     else:
         raise UserError(f"unknown dataset {name!r}: expected synthetic, esci, jsonl, csv or parquet")
@@ -952,13 +1184,23 @@ def load_for(args, split: str | None = None) -> Dataset:
     label_map, rulebook, skip_bad_rows). The default data, the synthetic world, is announced once."""
     global _announced
     if args.dataset == "synthetic" and not _announced and _main_process():
-        print("data: the synthetic rule world (the default). ESCI: --dataset esci --data-path DIR; your own file: "
-              "--dataset jsonl --data-path FILE (docs/DATA.md)")
+        print(
+            "data: the synthetic rule world (the default). ESCI: --dataset esci --data-path DIR; your own file: "
+            "--dataset jsonl --data-path FILE (docs/DATA.md)"
+        )
         _announced = True
     seed = args.seed if args.data_seed is None else args.data_seed
-    return load_dataset(args.dataset, split or args.split, args.data_path, seed=seed, limit=args.limit,
-                        field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook,
-                        skip_bad_rows=args.skip_bad_rows)
+    return load_dataset(
+        args.dataset,
+        split or args.split,
+        args.data_path,
+        seed=seed,
+        limit=args.limit,
+        field_map=args.field_map,
+        label_map=args.label_map,
+        rulebook=args.rulebook,
+        skip_bad_rows=args.skip_bad_rows,
+    )
 
 
 def balanced_sample(examples: list[Example], labels: tuple[str, ...], seed: int) -> list[Example]:
@@ -994,7 +1236,7 @@ def balanced_order(examples: list[Example], labels: tuple[str, ...], seed: int) 
                 queues[label] = list(pools[label])
                 rng.shuffle(queues[label])
             order.append(queues[label].pop())
-    return order[:len(examples)]
+    return order[: len(examples)]
 
 
 def item_text(example: Example) -> str:
@@ -1022,8 +1264,10 @@ _item_text = item_text  # build_messages has a parameter of the same name
 def system_prompt(rulebook: Rulebook, order: str = "label_first") -> str:
     """Task, labels best first, criteria with their questions, rules, and the format with the allowed
     values as placeholders (each value list is shown once, to keep the prompt short for CPU training)."""
-    lines = [f"Judge a shopping item's relevance to a search query. Labels, best first: {', '.join(rulebook.labels)}.",
-             "Criteria:"]
+    lines = [
+        f"Judge a shopping item's relevance to a search query. Labels, best first: {', '.join(rulebook.labels)}.",
+        "Criteria:",
+    ]
     lines += [f"- {c.name}: {c.question}" for c in rulebook.criteria]
     values = {v for c in rulebook.criteria for v in c.values}
     if "unstated" in values:
@@ -1032,14 +1276,20 @@ def system_prompt(rulebook: Rulebook, order: str = "label_first") -> str:
         lines.append("n/a: the query does not ask.")
     lines.append("Rules, first match wins:")
     lines += [f"{i}. {rule}" for i, rule in enumerate(rulebook.rules, 1)]
-    placeholder = format_output("LABEL", {c.name: "|".join(c.values) for c in rulebook.criteria},
-                                "a short reason", rulebook, order)
+    placeholder = format_output(
+        "LABEL", {c.name: "|".join(c.values) for c in rulebook.criteria}, "a short reason", rulebook, order
+    )
     lines.append("Answer exactly in this format, one value each:\n" + placeholder)
     return "\n".join(lines)
 
 
-def build_messages(example: Example, rulebook: Rulebook, order: str = "label_first", item_text: str | None = None,
-                   guidance: str | None = None) -> list[dict]:
+def build_messages(
+    example: Example,
+    rulebook: Rulebook,
+    order: str = "label_first",
+    item_text: str | None = None,
+    guidance: str | None = None,
+) -> list[dict]:
     text = item_text if item_text is not None else _item_text(example)
     user = f"Query: {example.query}\nItem: {text}"
     if example.context:
@@ -1060,8 +1310,14 @@ def _cut(tokenizer, text: str, budget: int) -> tuple[str, bool]:
     return tokenizer.decode(ids[:budget]) + " ...", True
 
 
-def encode_prompt(tokenizer, example: Example, rulebook: Rulebook, order: str = "label_first",
-                  max_item_tokens: int = 256, guidance: str | None = None) -> tuple[list[int], bool]:
+def encode_prompt(
+    tokenizer,
+    example: Example,
+    rulebook: Rulebook,
+    order: str = "label_first",
+    max_item_tokens: int = 256,
+    guidance: str | None = None,
+) -> tuple[list[int], bool]:
     """Chat-template prompt ids and whether anything was cut. The explicit truncation rule: the item text
     and the context are each cut at `max_item_tokens` tokens, the query at MAX_QUERY_TOKENS."""
     text, cut_item = _cut(tokenizer, item_text(example), max_item_tokens)
@@ -1083,17 +1339,30 @@ def encode_prompt(tokenizer, example: Example, rulebook: Rulebook, order: str = 
 # the cheapest combination (sum of ranks) that the rulebook decides as the gold label.
 _PREFERENCES = {
     "taobao4": {
-        "category": {"Excellent": ("match",), "Related": ("related", "match"), "Mismatch": ("match", "related"),
-                     "Irrelevant": ("mismatch",)},
+        "category": {
+            "Excellent": ("match",),
+            "Related": ("related", "match"),
+            "Mismatch": ("match", "related"),
+            "Irrelevant": ("mismatch",),
+        },
         "brand": {"Related": ("n/a", "match", "unstated"), "Mismatch": ("n/a", "conflict", "match")},
         "color": {"Related": ("n/a", "match", "unstated"), "Mismatch": ("n/a", "conflict", "match")},
         "specs": {"Related": ("n/a", "match", "unstated"), "Mismatch": ("n/a", "conflict", "match")},
         "negation": {"Mismatch": ("n/a", "satisfied", "violated")},
     },
     "esci": {
-        "product_type": {"Exact": ("same",), "Substitute": ("same", "substitute"), "Complement": ("complement",),
-                         "Irrelevant": ("different",)},
-        "specs": {"Exact": ("met",), "Substitute": ("unmet", "met"), "Complement": ("unmet",), "Irrelevant": ("unmet",)},
+        "product_type": {
+            "Exact": ("same",),
+            "Substitute": ("same", "substitute"),
+            "Complement": ("complement",),
+            "Irrelevant": ("different",),
+        },
+        "specs": {
+            "Exact": ("met",),
+            "Substitute": ("unmet", "met"),
+            "Complement": ("unmet",),
+            "Irrelevant": ("unmet",),
+        },
         "brand": {},
     },
 }
@@ -1148,7 +1417,9 @@ def _agree(names: list[str], singular: str, plural: str) -> str:
 def _reason_taobao4(c: dict[str, str], ev: dict[str, str]) -> str:
     if c["category"] == "mismatch":
         return f"A different product type{_paren(ev.get('category'))}, so it does not serve the query."
-    lead = "Same product type" if c["category"] == "match" else f"Only a related product type{_paren(ev.get('category'))}"
+    lead = (
+        "Same product type" if c["category"] == "match" else f"Only a related product type{_paren(ev.get('category'))}"
+    )
     attrs = ("brand", "color", "specs")
 
     def evidence(names):
@@ -1157,8 +1428,9 @@ def _reason_taobao4(c: dict[str, str], ev: dict[str, str]) -> str:
     conflicts = [a for a in attrs if c[a] == "conflict"]
     problems = []
     if conflicts:
-        problems.append(f"the {_join(conflicts)} {_agree(conflicts, 'conflicts', 'conflict')} with the query"
-                        f"{evidence(conflicts)}")
+        problems.append(
+            f"the {_join(conflicts)} {_agree(conflicts, 'conflicts', 'conflict')} with the query{evidence(conflicts)}"
+        )
     if c["negation"] == "violated":
         problems.append(f"it has what the query excludes{_paren(ev.get('negation'))}")
     if problems:
@@ -1189,8 +1461,11 @@ def _reason_esci(c: dict[str, str], ev: dict[str, str]) -> str:
         problems.append("a specification in the query is not met")
     if c["brand"] == "conflict":
         problems.append("the brand differs from the one in the query")
-    text = f"{lead}, but {' and '.join(problems)}." if problems else (
-        f"{lead}, and every specification in the query is met." if kind == "same" else f"{lead}.")
+    text = (
+        f"{lead}, but {' and '.join(problems)}."
+        if problems
+        else (f"{lead}, and every specification in the query is met." if kind == "same" else f"{lead}.")
+    )
     if c["brand"] == "match":
         text += f" The brand matches the query{_paren(ev.get('brand'))}."
     return text
@@ -1213,8 +1488,9 @@ def sft_target(example: Example, rulebook: Rulebook, order: str = "label_first")
     return format_output(example.label, criteria, sft_reason(example, criteria, rulebook), rulebook, order)
 
 
-def encode_sft(tokenizer, example: Example, rulebook: Rulebook, order: str = "label_first",
-               max_item_tokens: int = 256) -> tuple[list[int], list[int], bool]:
+def encode_sft(
+    tokenizer, example: Example, rulebook: Rulebook, order: str = "label_first", max_item_tokens: int = 256
+) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are -100 over the prompt and the target ids over the completion."""
     prompt_ids, truncated = encode_prompt(tokenizer, example, rulebook, order, max_item_tokens)
     target_ids = tokenizer.encode(sft_target(example, rulebook, order), add_special_tokens=False)

@@ -112,8 +112,15 @@ def build_pairs(groups: list[dict], max_pairs_per_prompt: int = 1, seed: int = 0
     if max_pairs_per_prompt < 1:
         raise ValueError(f"max_pairs_per_prompt must be >= 1, got {max_pairs_per_prompt}")
     pairs: list[dict] = []
-    stats = dict(prompts=len(groups), prompts_with_pairs=0, pairs=0, duplicates=0, chosen_candidates=0,
-                 rejected_candidates=0, **{reason: 0 for reason in SKIP_REASONS})
+    stats = dict(
+        prompts=len(groups),
+        prompts_with_pairs=0,
+        pairs=0,
+        duplicates=0,
+        chosen_candidates=0,
+        rejected_candidates=0,
+        **{reason: 0 for reason in SKIP_REASONS},
+    )
     for g, group in enumerate(groups):
         completions = group["completions"]
         truncated = group.get("truncated") or [False] * len(completions)
@@ -152,10 +159,18 @@ def build_pairs(groups: list[dict], max_pairs_per_prompt: int = 1, seed: int = 0
                     used_c.add(c)
                     used_r.add(r)
         for c, r in picked:
-            pairs.append(dict(source_id=group.get("source_id", ""), example_index=group.get("example_index", g),
-                              gold=group.get("gold"), prompt_ids=list(group["prompt_ids"]),
-                              chosen_ids=list(completions[c]), rejected_ids=list(completions[r]),
-                              chosen_text=group["texts"][c], rejected_text=group["texts"][r]))
+            pairs.append(
+                dict(
+                    source_id=group.get("source_id", ""),
+                    example_index=group.get("example_index", g),
+                    gold=group.get("gold"),
+                    prompt_ids=list(group["prompt_ids"]),
+                    chosen_ids=list(completions[c]),
+                    rejected_ids=list(completions[r]),
+                    chosen_text=group["texts"][c],
+                    rejected_text=group["texts"][r],
+                )
+            )
         stats["prompts_with_pairs"] += bool(picked)
         stats["pairs"] += len(picked)
     return pairs, stats
@@ -183,8 +198,10 @@ def read_pairs(path: str | Path, vocab_size: int | None = None) -> list[dict]:
                 if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
                     raise ValueError(f"{path}:{line_no}: {key} must be a non-empty list of token ids")
                 if vocab_size is not None and max(ids) >= vocab_size:
-                    raise ValueError(f"{path}:{line_no}: {key} has token id {max(ids)} >= vocabulary size "
-                                     f"{vocab_size}: pairs made with another tokenizer?")
+                    raise ValueError(
+                        f"{path}:{line_no}: {key} has token id {max(ids)} >= vocabulary size "
+                        f"{vocab_size}: pairs made with another tokenizer?"
+                    )
             pairs.append(row)
     return pairs
 
@@ -209,24 +226,31 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int = 8,
-                    share_prefix: bool = False) -> tuple[list[float], list[float]]:
+def reference_logps(
+    model, pairs: list[dict], pad_id: int, batch_size: int = 8, share_prefix: bool = False
+) -> tuple[list[float], list[float]]:
     """Summed completion log-probs of every pair's chosen and rejected completion under `model` (eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         logps = sequence_logps(model, pair_batch(chunk, pad_id, device, share_prefix)).double().cpu()
-        chosen += logps[:len(chunk)].tolist()
-        rejected += logps[len(chunk):].tolist()
+        chosen += logps[: len(chunk)].tolist()
+        rejected += logps[len(chunk) :].tolist()
     model.train(was_training)
     return chosen, rejected
 
 
-def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
-             ref_rejected_logp: torch.Tensor, beta: float, loss_type: str = "sigmoid"):
+def dpo_loss(
+    policy_chosen_logp: torch.Tensor,
+    policy_rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+):
     """Per-pair DPO loss and implicit rewards; inputs are summed completion log-probs, all [B].
 
     margin = (pi_c - ref_c) - (pi_r - ref_r)
@@ -256,7 +280,9 @@ def gather_rows(rows: list, key) -> list:
 
 
 def main(args: Args) -> dict:
-    launch.launch(args, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0))
+    launch.launch(
+        args, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0)
+    )
     args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -293,19 +319,39 @@ def main(args: Args) -> dict:
         def sample(indices: list[int]) -> list[dict]:
             mine = indices[rank::world]
             for i in mine:
-                encoded.setdefault(i, D.encode_prompt(tokenizer, examples[i], rulebook, args.order, args.max_item_tokens))
-            out = rollouts.generate(policy, tokenizer, [encoded[i][0] for i in mine], n=N, max_new_tokens=args.max_new_tokens,
-                             temperature=args.sample_temperature, seeds=[args.seed * 1_000_003 + i for i in mine],
-                             batch_size=args.gen_batch_size, desc=f"pass@{N}" if run.main else None)
+                encoded.setdefault(
+                    i, D.encode_prompt(tokenizer, examples[i], rulebook, args.order, args.max_item_tokens)
+                )
+            out = rollouts.generate(
+                policy,
+                tokenizer,
+                [encoded[i][0] for i in mine],
+                n=N,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.sample_temperature,
+                seeds=[args.seed * 1_000_003 + i for i in mine],
+                batch_size=args.gen_batch_size,
+                desc=f"pass@{N}" if run.main else None,
+            )
             groups = []
             for k, i in enumerate(mine):
-                e, texts = examples[i], out.texts[k * N:(k + 1) * N]
+                e, texts = examples[i], out.texts[k * N : (k + 1) * N]
                 scores = [R.score_output(t, e.label, e.criteria, rulebook, args.order) for t in texts]
-                groups.append(dict(example_index=i, source_id=e.source_id, gold=e.label, prompt_ids=encoded[i][0],
-                                   prompt_truncated=encoded[i][1],
-                                   completions=out.completion_ids[k * N:(k + 1) * N], texts=texts,
-                                   truncated=out.truncated[k * N:(k + 1) * N], correct=[s.correct for s in scores],
-                                   adherent=[s.adherent for s in scores], format_ok=[s.format_ok for s in scores]))
+                groups.append(
+                    dict(
+                        example_index=i,
+                        source_id=e.source_id,
+                        gold=e.label,
+                        prompt_ids=encoded[i][0],
+                        prompt_truncated=encoded[i][1],
+                        completions=out.completion_ids[k * N : (k + 1) * N],
+                        texts=texts,
+                        truncated=out.truncated[k * N : (k + 1) * N],
+                        correct=[s.correct for s in scores],
+                        adherent=[s.adherent for s in scores],
+                        format_ok=[s.format_ok for s in scores],
+                    )
+                )
             order = {i: position for position, i in enumerate(indices)}
             return gather_rows(groups, key=lambda g: order[g["example_index"]])
 
@@ -326,38 +372,65 @@ def main(args: Args) -> dict:
                 break
             else:
                 size = math.ceil((needed - len(pairs)) * len(groups) / len(pairs) * 1.25)
-            groups += sample(pool[taken:taken + size])
+            groups += sample(pool[taken : taken + size])
             taken += size
             pairs = build_pairs(groups, args.pairs_per_prompt, args.seed)[0]
         if run.main:
-            print(f"pass@{N}: sampled {len(groups)} of {len(pool)} training prompts for {needed} pairs "
-                  f"({args.total_steps} steps x {needed // max(1, args.total_steps)}); --sample-all samples them all")
-            runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_sampled=len(groups),
-                                                           prompts_truncated=sum(g["prompt_truncated"] for g in groups)))
+            print(
+                f"pass@{N}: sampled {len(groups)} of {len(pool)} training prompts for {needed} pairs "
+                f"({args.total_steps} steps x {needed // max(1, args.total_steps)}); --sample-all samples them all"
+            )
+            runs.write_json(
+                run.dir / "data_stats.json",
+                dict(
+                    dataset.stats,
+                    prompts_sampled=len(groups),
+                    prompts_truncated=sum(g["prompt_truncated"] for g in groups),
+                ),
+            )
         if policy is not model:
             del policy
         pairs, pair_stats = build_pairs(groups, args.pairs_per_prompt, args.seed)
         flat = lambda key: [x for g in groups for x in g[key]]  # noqa: E731
         n_all = max(1, len(flat("correct")))
-        eligible = [any(c and a and f and not t for c, a, f, t in zip(g["correct"], g["adherent"], g["format_ok"], g["truncated"]))
-                    for g in groups]
+        eligible = [
+            any(
+                c and a and f and not t
+                for c, a, f, t in zip(g["correct"], g["adherent"], g["format_ok"], g["truncated"])
+            )
+            for g in groups
+        ]
         pair_stats.update(
-            sample_accuracy=sum(flat("correct")) / n_all, sample_format_rate=sum(flat("format_ok")) / n_all,
-            sample_adherence_rate=sum(flat("adherent")) / n_all, sample_truncation_rate=sum(flat("truncated")) / n_all,
-            pass_at_n=sum(eligible) / max(1, len(groups)), sampling_seconds=time.perf_counter() - started,
-            prompts_sampled=len(groups), prompts_in_pool=len(pool), pairs_needed=needed,
-            completion_len_mean=sum(len(c) for c in flat("completions")) / n_all)
+            sample_accuracy=sum(flat("correct")) / n_all,
+            sample_format_rate=sum(flat("format_ok")) / n_all,
+            sample_adherence_rate=sum(flat("adherent")) / n_all,
+            sample_truncation_rate=sum(flat("truncated")) / n_all,
+            pass_at_n=sum(eligible) / max(1, len(groups)),
+            sampling_seconds=time.perf_counter() - started,
+            prompts_sampled=len(groups),
+            prompts_in_pool=len(pool),
+            pairs_needed=needed,
+            completion_len_mean=sum(len(c) for c in flat("completions")) / n_all,
+        )
     if run.main and (resume_from is None or not pairs_file.exists()):
         write_pairs(pairs_file, pairs)
         runs.write_json(stats_file, pair_stats)
     if run.main and resume_from is None:  # a resumed run has logged them already
         run.log({f"pairs/{k}": v for k, v in pair_stats.items() if isinstance(v, (int, float))}, step=0)
-        run.log_samples([dict(source_id=p["source_id"], gold=p.get("gold"), chosen=p["chosen_text"],
-                              rejected=p["rejected_text"]) for p in pairs[:4]], step=0)
+        run.log_samples(
+            [
+                dict(source_id=p["source_id"], gold=p.get("gold"), chosen=p["chosen_text"], rejected=p["rejected_text"])
+                for p in pairs[:4]
+            ],
+            step=0,
+        )
     print("pairs: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in pair_stats.items()))
     if not pairs:
-        print("WARNING: no preference pair (see pair_stats.json): the policy is saved unchanged, no DPO step is taken",
-              file=sys.stderr, flush=True)
+        print(
+            "WARNING: no preference pair (see pair_stats.json): the policy is saved unchanged, no DPO step is taken",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # --- 3. reference log-probs, once, with the frozen SFT policy ------------------------------------
     ref_file = run.dir / "reference_logps.json"
@@ -369,14 +442,24 @@ def main(args: Args) -> dict:
         policy = sft_policy()
         mine = list(range(rank, len(pairs), world))
         # the unwrapped model (not yet prepared), so the shared prefix is exact with any number of processes
-        chosen, rejected = reference_logps(policy, [pairs[i] for i in mine], pad_id, args.batch_size, args.shared_prefix)
+        chosen, rejected = reference_logps(
+            policy, [pairs[i] for i in mine], pad_id, args.batch_size, args.shared_prefix
+        )
         rows = gather_rows(list(zip(mine, chosen, rejected)), key=lambda r: r[0])
         ref_chosen, ref_rejected = [r[1] for r in rows], [r[2] for r in rows]
         if policy is not model:
             del policy
         if run.main:
-            runs.write_json(ref_file, dict(model=args.model, n_pairs=len(pairs), chosen=ref_chosen, rejected=ref_rejected,
-                                        seconds=time.perf_counter() - started))
+            runs.write_json(
+                ref_file,
+                dict(
+                    model=args.model,
+                    n_pairs=len(pairs),
+                    chosen=ref_chosen,
+                    rejected=ref_rejected,
+                    seconds=time.perf_counter() - started,
+                ),
+            )
     ref_chosen = torch.tensor(ref_chosen, dtype=torch.float32)
     ref_rejected = torch.tensor(ref_rejected, dtype=torch.float32)
 
@@ -385,8 +468,10 @@ def main(args: Args) -> dict:
     step, data_position = 0, 0  # data_position: pairs taken from the shuffled stream so far
     if resume_from is not None:
         if state.get("n_pairs") != len(pairs):
-            raise RuntimeError(f"checkpoint {resume_from} was trained on {state.get('n_pairs')} pairs, the run folder "
-                               f"holds {len(pairs)}: refusing an inexact resume")
+            raise RuntimeError(
+                f"checkpoint {resume_from} was trained on {state.get('n_pairs')} pairs, the run folder "
+                f"holds {len(pairs)}: refusing an inexact resume"
+            )
         checkpoints.set_rng_state(state["rng"])
         step, data_position = state["step"], state["data_position"]
         print(f"[resume] from {resume_from} at step {step}, data position {data_position}")
@@ -407,9 +492,17 @@ def main(args: Args) -> dict:
         return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
     def checkpoint(done: int, final: bool) -> None:
-        checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
-                          dict(rng=checkpoints.rng_state(), data_position=data_position, n_pairs=len(pairs)),
-                          keep_last=args.keep_last, final=final, accelerator=accelerator, optimizer=optimizer)
+        checkpoints.save_checkpoint(
+            run.dir,
+            done,
+            model,
+            tokenizer,
+            dict(rng=checkpoints.rng_state(), data_position=data_position, n_pairs=len(pairs)),
+            keep_last=args.keep_last,
+            final=final,
+            accelerator=accelerator,
+            optimizer=optimizer,
+        )
 
     # --- 4-5. training loop --------------------------------------------------------------------------
     keys = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "logp_chosen", "logp_rejected")
@@ -424,10 +517,12 @@ def main(args: Args) -> dict:
             group["lr"] = lr_at(step)
         # This step's pairs: the next per_step positions of the endless shuffled stream; each rank takes
         # its own slice, so the global batch is the same for any number of processes.
-        stream = [pair_order((data_position + i) // len(pairs))[(data_position + i) % len(pairs)] for i in range(per_step)]
+        stream = [
+            pair_order((data_position + i) // len(pairs))[(data_position + i) % len(pairs)] for i in range(per_step)
+        ]
         data_position += per_step
         mine = stream[rank::world]
-        micro_batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        micro_batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
         # Mean over the pairs of the global batch: each micro-batch contributes its sum / per_step
         # (DDP averages gradients over ranks, hence * world).
         totals = torch.zeros(len(keys), dtype=torch.float64)
@@ -436,15 +531,27 @@ def main(args: Args) -> dict:
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
                 logps = sequence_logps(model, batch)
-                policy_chosen, policy_rejected = logps[:len(index)], logps[len(index):]
+                policy_chosen, policy_rejected = logps[: len(index)], logps[len(index) :]
                 loss_per_pair, reward_chosen, reward_rejected = dpo_loss(
-                    policy_chosen, policy_rejected, ref_chosen[index].to(logps.device),
-                    ref_rejected[index].to(logps.device), args.beta, args.loss)
+                    policy_chosen,
+                    policy_rejected,
+                    ref_chosen[index].to(logps.device),
+                    ref_rejected[index].to(logps.device),
+                    args.beta,
+                    args.loss,
+                )
                 accelerator.backward(loss_per_pair.sum() / per_step * world)
-            totals += torch.tensor([loss_per_pair.detach().sum().item(), reward_chosen.sum().item(),
-                                    reward_rejected.sum().item(), (reward_chosen > reward_rejected).sum().item(),
-                                    policy_chosen.detach().sum().item(), policy_rejected.detach().sum().item()],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [
+                    loss_per_pair.detach().sum().item(),
+                    reward_chosen.sum().item(),
+                    reward_rejected.sum().item(),
+                    (reward_chosen > reward_rejected).sum().item(),
+                    policy_chosen.detach().sum().item(),
+                    policy_rejected.detach().sum().item(),
+                ],
+                dtype=torch.float64,
+            )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if world > 1:
             totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
@@ -460,14 +567,20 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise errors.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise errors.RunStopped(
+                    f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}"
+                )
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == total_steps):
             metrics = {key: window[key] / window["steps"] for key in keys}
-            metrics.update(reward_margin=metrics["reward_chosen"] - metrics["reward_rejected"], lr=lr_at(step),
-                           grad_norm=grad_norm.item(), epoch=data_position / len(pairs),
-                           step_seconds=window["seconds"] / window["steps"],
-                           pairs_per_second=per_step * window["steps"] / window["seconds"])
+            metrics.update(
+                reward_margin=metrics["reward_chosen"] - metrics["reward_rejected"],
+                lr=lr_at(step),
+                grad_norm=grad_norm.item(),
+                epoch=data_position / len(pairs),
+                step_seconds=window["seconds"] / window["steps"],
+                pairs_per_second=per_step * window["steps"] / window["seconds"],
+            )
             run.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}")
             window = dict(steps=0, seconds=0.0, **{k: 0.0 for k in keys})

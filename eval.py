@@ -43,7 +43,9 @@ def label_token_ids(tokenizer, rulebook: R.Rulebook) -> tuple[list[int], list[in
 
 
 @torch.no_grad()
-def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.Rulebook, batch_size: int = 32) -> torch.Tensor:
+def label_distribution(
+    model, tokenizer, prompts: list[list[int]], rulebook: R.Rulebook, batch_size: int = 32
+) -> torch.Tensor:
     """P(label | prompt) renormalised over the labels, read at the label position: [len(prompts), n_labels]."""
     prefix, first = label_token_ids(tokenizer, rulebook)
     device = next(model.parameters()).device
@@ -51,7 +53,9 @@ def label_distribution(model, tokenizer, prompts: list[list[int]], rulebook: R.R
     model.eval()
     probs = []
     for start in range(0, len(prompts), batch_size):
-        logits = rollouts.prefill(model, [p + prefix for p in prompts[start:start + batch_size]], tokenizer.pad_token_id, device)[0]
+        logits = rollouts.prefill(
+            model, [p + prefix for p in prompts[start : start + batch_size]], tokenizer.pad_token_id, device
+        )[0]
         probs.append(torch.softmax(logits[:, first].float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(probs)
@@ -70,8 +74,13 @@ def tier(probs: torch.Tensor, labels: tuple[str, ...], threshold: float = 0.5) -
 INVALID = "(invalid)"
 
 
-def classification_metrics(gold: list[str], predicted: list[str | None], labels: tuple[str, ...],
-                           format_ok: list[bool] | None = None, adherent: list[bool] | None = None) -> dict:
+def classification_metrics(
+    gold: list[str],
+    predicted: list[str | None],
+    labels: tuple[str, ...],
+    format_ok: list[bool] | None = None,
+    adherent: list[bool] | None = None,
+) -> dict:
     """Accuracy, macro-F1, per-class P/R/F1, confusion (rows gold, columns predicted + invalid)."""
     n = len(gold)
     pred = [p if p in labels else INVALID for p in predicted]
@@ -99,44 +108,84 @@ def classification_metrics(gold: list[str], predicted: list[str | None], labels:
     )
 
 
-def natural_and_balanced(examples: list[D.Example], predicted, rulebook: R.Rulebook, format_ok=None, adherent=None,
-                         seed: int = 0) -> dict:
+def natural_and_balanced(
+    examples: list[D.Example], predicted, rulebook: R.Rulebook, format_ok=None, adherent=None, seed: int = 0
+) -> dict:
     """Metrics on the natural distribution (top level) and on a class-balanced resample of it."""
     gold = [e.label for e in examples]
     metrics = classification_metrics(gold, predicted, rulebook.labels, format_ok, adherent)
     index = {id(e): i for i, e in enumerate(examples)}
     chosen = [index[id(e)] for e in D.balanced_sample(examples, rulebook.labels, seed)]
     pick = lambda xs: None if xs is None else [xs[i] for i in chosen]  # noqa: E731
-    metrics["balanced"] = classification_metrics(pick(gold), pick(predicted), rulebook.labels, pick(format_ok), pick(adherent))
+    metrics["balanced"] = classification_metrics(
+        pick(gold), pick(predicted), rulebook.labels, pick(format_ok), pick(adherent)
+    )
     return metrics
 
 
-def evaluate(model, tokenizer, examples: list[D.Example], rulebook: R.Rulebook, order: str = "label_first",
-             max_item_tokens: int = 256, max_new_tokens: int = 128, batch_size: int = 16, label_only: bool = False,
-             tier_threshold: float = 0.5, backend=None, seed: int = 0) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[D.Example],
+    rulebook: R.Rulebook,
+    order: str = "label_first",
+    max_item_tokens: int = 256,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    label_only: bool = False,
+    tier_threshold: float = 0.5,
+    backend=None,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
     """Greedy generation (or the label-only path) over `examples`: (metrics, per-example records)."""
     prompts, truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, order, max_item_tokens) for e in examples))
     start = time.perf_counter()
     if label_only:
         probs = label_distribution(model, tokenizer, list(prompts), rulebook, batch_size=batch_size)
         predicted = tier(probs, rulebook.labels, tier_threshold)
-        records = [dict(source_id=e.source_id, gold=e.label, predicted=p, probs=[round(x, 4) for x in pr.tolist()])
-                   for e, p, pr in zip(examples, predicted, probs)]
+        records = [
+            dict(source_id=e.source_id, gold=e.label, predicted=p, probs=[round(x, 4) for x in pr.tolist()])
+            for e, p, pr in zip(examples, predicted, probs)
+        ]
         metrics = natural_and_balanced(examples, predicted, rulebook, seed=seed)
     else:
         gen = backend or rollouts.generate
-        out = gen(model, tokenizer, list(prompts), n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                  batch_size=batch_size, desc="eval")
+        out = gen(
+            model,
+            tokenizer,
+            list(prompts),
+            n=1,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            batch_size=batch_size,
+            desc="eval",
+        )
         scores = [R.score_output(t, e.label, e.criteria, rulebook, order) for t, e in zip(out.texts, examples)]
         predicted = [s.parsed.label for s in scores]
-        records = [dict(source_id=e.source_id, query=e.query, gold=e.label, predicted=s.parsed.label, correct=s.correct,
-                        format_ok=s.format_ok, adherent=s.adherent, errors=s.parsed.errors[:3], output=t)
-                   for e, s, t in zip(examples, scores, out.texts)]
-        metrics = natural_and_balanced(examples, predicted, rulebook, [s.format_ok for s in scores],
-                                       [s.adherent for s in scores], seed=seed)
+        records = [
+            dict(
+                source_id=e.source_id,
+                query=e.query,
+                gold=e.label,
+                predicted=s.parsed.label,
+                correct=s.correct,
+                format_ok=s.format_ok,
+                adherent=s.adherent,
+                errors=s.parsed.errors[:3],
+                output=t,
+            )
+            for e, s, t in zip(examples, scores, out.texts)
+        ]
+        metrics = natural_and_balanced(
+            examples, predicted, rulebook, [s.format_ok for s in scores], [s.adherent for s in scores], seed=seed
+        )
     seconds = time.perf_counter() - start
-    metrics.update(examples_per_second=len(examples) / seconds, seconds=seconds, prompts_truncated=sum(truncated),
-                   mode="label_only" if label_only else "generate")
+    metrics.update(
+        examples_per_second=len(examples) / seconds,
+        seconds=seconds,
+        prompts_truncated=sum(truncated),
+        mode="label_only" if label_only else "generate",
+    )
     return metrics, records
 
 
@@ -164,7 +213,11 @@ def plot_confusion(metrics: dict, labels: tuple[str, ...], path: Path, title: st
 def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
     """Markdown table in the layout of the papers: per-class F1, macro-F1, accuracy, adherence, format rate,
     and n, the examples each row was scored on."""
-    head = "| run | sample | n | " + " | ".join(f"F1 {label}" for label in labels) + " | macro-F1 | accuracy | adherence | format |"
+    head = (
+        "| run | sample | n | "
+        + " | ".join(f"F1 {label}" for label in labels)
+        + " | macro-F1 | accuracy | adherence | format |"
+    )
     lines = [head, "|" + "---|" * (len(labels) + 7)]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for name, m in rows.items():
@@ -172,8 +225,10 @@ def metrics_table(rows: dict[str, dict], labels: tuple[str, ...]) -> str:
             if mm is None:
                 continue
             f1s = " | ".join(fmt(mm["per_class"].get(label, {}).get("f1")) for label in labels)
-            lines.append(f"| {name} | {sample} | {mm.get('n', '-')} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
-                         f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |")
+            lines.append(
+                f"| {name} | {sample} | {mm.get('n', '-')} | {f1s} | {fmt(mm['macro_f1'])} | {fmt(mm['accuracy'])} | "
+                f"{fmt(mm.get('adherence_rate'))} | {fmt(mm.get('format_rate'))} |"
+            )
     return "\n".join(lines)
 
 
@@ -214,11 +269,29 @@ def run_eval(args: Args, model=None, tokenizer=None, run: runs.Run | None = None
     dataset = D.load_for(args)
     if model is None:
         model, tokenizer = models.load_model(args.model, args.device)
-    metrics, records = evaluate(model, tokenizer, dataset.examples, dataset.rulebook, args.order, args.max_item_tokens,
-                                args.max_new_tokens, args.batch_size, args.label_only, args.tier_threshold, seed=args.seed)
+    metrics, records = evaluate(
+        model,
+        tokenizer,
+        dataset.examples,
+        dataset.rulebook,
+        args.order,
+        args.max_item_tokens,
+        args.max_new_tokens,
+        args.batch_size,
+        args.label_only,
+        args.tier_threshold,
+        seed=args.seed,
+    )
     metrics["data"] = {k: v for k, v in dataset.stats.items() if k != "skipped"}
-    metrics["sample"] = dict(dataset=args.dataset, data_path=args.data_path, split=args.split, limit=args.limit,
-                             seed=args.seed, label_only=args.label_only, max_new_tokens=args.max_new_tokens)
+    metrics["sample"] = dict(
+        dataset=args.dataset,
+        data_path=args.data_path,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        label_only=args.label_only,
+        max_new_tokens=args.max_new_tokens,
+    )
     if runs.is_main_process():
         out_dir = Path(args.output_dir) / args.run_name
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +299,12 @@ def run_eval(args: Args, model=None, tokenizer=None, run: runs.Run | None = None
         runs.write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
         with open(out_dir / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        plot_confusion(metrics, dataset.rulebook.labels, out_dir / "confusion.png",
-                       f"{args.model} on {args.dataset}/{args.split}: acc {metrics['accuracy']:.3f}")
+        plot_confusion(
+            metrics,
+            dataset.rulebook.labels,
+            out_dir / "confusion.png",
+            f"{args.model} on {args.dataset}/{args.split}: acc {metrics['accuracy']:.3f}",
+        )
         if run is not None and run.wandb:
             import wandb
 
@@ -243,10 +320,23 @@ def final_eval(args, model, tokenizer, run: runs.Run, device: str) -> dict:
     the same examples as `python eval.py` scores a base model."""
     if not run.main:
         return {}
-    eval_args = Args(model=args.model, dataset=args.dataset, data_path=args.data_path, split=args.eval_split,
-                     field_map=args.field_map, label_map=args.label_map, rulebook=args.rulebook, limit=args.eval_limit,
-                     order=args.order, max_item_tokens=args.max_item_tokens, max_new_tokens=args.max_new_tokens,
-                     seed=Args.seed, output_dir=args.output_dir, run_name=args.run_name, skip_bad_rows=args.skip_bad_rows)
+    eval_args = Args(
+        model=args.model,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        split=args.eval_split,
+        field_map=args.field_map,
+        label_map=args.label_map,
+        rulebook=args.rulebook,
+        limit=args.eval_limit,
+        order=args.order,
+        max_item_tokens=args.max_item_tokens,
+        max_new_tokens=args.max_new_tokens,
+        seed=Args.seed,
+        output_dir=args.output_dir,
+        run_name=args.run_name,
+        skip_bad_rows=args.skip_bad_rows,
+    )
     metrics = run_eval(eval_args, model_for_eval(model, run.dir, device), tokenizer, run)
     if "per_class" in metrics:
         print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
@@ -272,18 +362,30 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     if len(set(samples.values())) > 1:
         if unrecorded and len({n for n, _ in samples.values()}) == 1:
             # an eval.json written before runs recorded their sample: the check cannot be made, which is not a mismatch
-            print(f"warning: cannot check that these runs were scored on the same examples: {', '.join(unrecorded)} "
-                  "do not record their sample (written by an older version; rerun eval.py on them to check)", file=sys.stderr)
+            print(
+                f"warning: cannot check that these runs were scored on the same examples: {', '.join(unrecorded)} "
+                "do not record their sample (written by an older version; rerun eval.py on them to check)",
+                file=sys.stderr,
+            )
         else:
-            print("warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
-                  + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
-                  file=sys.stderr)
+            print(
+                "warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
+                + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
+                file=sys.stderr,
+            )
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
-    runs.write_json(out_dir / "comparison.json", {name: {k: m.get(k) for k in ("accuracy", "macro_f1", "per_class", "format_rate",
-                                                                          "adherence_rate", "n", "balanced")}
-                                             for name, m in rows.items()})
+    runs.write_json(
+        out_dir / "comparison.json",
+        {
+            name: {
+                k: m.get(k)
+                for k in ("accuracy", "macro_f1", "per_class", "format_rate", "adherence_rate", "n", "balanced")
+            }
+            for name, m in rows.items()
+        },
+    )
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
     keys = ("accuracy", "macro_f1", "adherence_rate", "format_rate")
     for i, key in enumerate(keys):
@@ -300,8 +402,9 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
 def _sample_text(sample: dict | None) -> str:
     if not sample:
         return "(sample not recorded)"
-    return f"{sample['dataset']}/{sample['split']} limit {sample['limit']} seed {sample['seed']}" + \
-        (" label-only" if sample.get("label_only") else "")
+    return f"{sample['dataset']}/{sample['split']} limit {sample['limit']} seed {sample['seed']}" + (
+        " label-only" if sample.get("label_only") else ""
+    )
 
 
 def main(args: Args) -> None:
@@ -315,7 +418,9 @@ def main(args: Args) -> None:
     run = runs.Run(args, "eval")
     metrics = run_eval(args, run=run)
     print(metrics_table({args.run_name: metrics}, tuple(metrics["per_class"])))
-    print(f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json")
+    print(
+        f"{metrics['examples_per_second']:.2f} examples/s ({metrics['mode']}); wrote {Path(args.output_dir) / args.run_name}/eval.json"
+    )
     run.finish()
 
 

@@ -113,7 +113,9 @@ class Args(flags.TrainFlags):
 # ==================================================================================================
 # Advantages and the policy loss (METHOD.md section 5)
 # ==================================================================================================
-def group_advantages(rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4) -> list[torch.Tensor]:
+def group_advantages(
+    rewards: list[list[float]], scale: str = "group", clamp: float = 0.0, eps: float = 1e-4
+) -> list[torch.Tensor]:
     """Rewards of each group (groups may differ in size) -> advantages of each group.
 
     A zero-variance group gets exactly zero. clamp > 0 scales a group down until no advantage exceeds
@@ -176,13 +178,25 @@ def grpo_loss(logp, old_logp, advantages, weights, eps_low: float, eps_high: flo
 # ==================================================================================================
 # Rollouts: generate, score, keep
 # ==================================================================================================
-def score_group(texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args) -> tuple[list[R.Score], list[float]]:
-    scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts]
+def score_group(
+    texts: list[str], example: D.Example, rulebook: R.Rulebook, args: Args
+) -> tuple[list[R.Score], list[float]]:
+    scores = [
+        R.score_output(t, example.label, example.criteria, rulebook, args.order, args.ordinal_reward) for t in texts
+    ]
     return scores, [R.grpo_reward(s) for s in scores]
 
 
-def scored_group(out: rollouts.Rollouts, i: int, position: int, example_index: int, prompt: list[int],
-                 example: D.Example, rulebook: R.Rulebook, args: Args) -> dict:
+def scored_group(
+    out: rollouts.Rollouts,
+    i: int,
+    position: int,
+    example_index: int,
+    prompt: list[int],
+    example: D.Example,
+    rulebook: R.Rulebook,
+    args: Args,
+) -> dict:
     """The i-th prompt's group of a rollout batch (its completions i*G .. (i+1)*G), scored: what every later
     decision of the step reads."""
     G = args.group_size
@@ -190,10 +204,17 @@ def scored_group(out: rollouts.Rollouts, i: int, position: int, example_index: i
     texts = out.texts[own]
     scores, group_rewards = score_group(texts, example, rulebook, args)
     return dict(
-        position=position, example_index=example_index, prompt=prompt, gold=example.label,
-        completions=out.completion_ids[own], old_logprobs=out.logprobs[own],
-        truncated=out.truncated[own], texts=texts, rewards=group_rewards,
-        correct=[s.correct for s in scores], format_ok=[s.format_ok for s in scores],
+        position=position,
+        example_index=example_index,
+        prompt=prompt,
+        gold=example.label,
+        completions=out.completion_ids[own],
+        old_logprobs=out.logprobs[own],
+        truncated=out.truncated[own],
+        texts=texts,
+        rewards=group_rewards,
+        correct=[s.correct for s in scores],
+        format_ok=[s.format_ok for s in scores],
         labels=[s.parsed.label for s in scores],
         adherent=[s.adherent for s in scores],
     )
@@ -215,8 +236,11 @@ def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float
     shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
     entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
     gold = [g["gold"] for g in groups for _ in g["labels"]]
-    return {**{f"label_share_{label or 'invalid'}": p for label, p in shares.items()}, "label_entropy": entropy,
-            "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"]}
+    return {
+        **{f"label_share_{label or 'invalid'}": p for label, p in shares.items()},
+        "label_entropy": entropy,
+        "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"],
+    }
 
 
 COLLAPSE_SHARE = 0.9  # samples giving one label at least this often: the policy has collapsed onto it
@@ -231,18 +255,24 @@ def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] 
 def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...]) -> str:
     """The likely reason why dynamic sampling dropped every group, and what to do."""
     if metrics["format_rate"] == 0:
-        return ("the policy never produced a parseable answer (format rate 0"
-                + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
-                + "): start from an SFT checkpoint (sft.py)")
+        return (
+            "the policy never produced a parseable answer (format rate 0"
+            + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
+            + "): start from an SFT checkpoint (sft.py)"
+        )
     collapse = collapsed_onto(metrics, labels)
     if collapse:
-        return (f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
-                "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
-                "penalty (--beta) or raise --group-size")
+        return (
+            f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
+            "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
+            "penalty (--beta) or raise --group-size"
+        )
     if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
         return "every group was answered right by all its completions: the prompts are too easy for this policy"
-    return (f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
-            "better SFT checkpoint or raise --group-size")
+    return (
+        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
+        "better SFT checkpoint or raise --group-size"
+    )
 
 
 def training_rows(groups: list[dict], advantages: list[torch.Tensor]) -> list[dict]:
@@ -250,44 +280,61 @@ def training_rows(groups: list[dict], advantages: list[torch.Tensor]) -> list[di
     rows = []
     for g, group in enumerate(groups):
         for j, completion in enumerate(group["completions"]):
-            rows.append(dict(prompt=group["prompt"], completion=completion, old_logprobs=group["old_logprobs"][j],
-                             advantages=[advantages[g][j].item()] * len(completion)))
+            rows.append(
+                dict(
+                    prompt=group["prompt"],
+                    completion=completion,
+                    old_logprobs=group["old_logprobs"][j],
+                    advantages=[advantages[g][j].item()] * len(completion),
+                )
+            )
     return rows
 
 
-NO_UPDATE = dict(loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0,
-                 nan_skipped=0)
+NO_UPDATE = dict(
+    loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0, nan_skipped=0
+)
 
 
-def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int,
-                  nan_skips: int) -> tuple[dict, int]:
+def update_policy(
+    model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int, nan_skips: int
+) -> tuple[dict, int]:
     """Step 5: `num_updates_per_batch` optimizer updates over micro-batches of the step's rows, group-aligned when
     the prompt prefix is shared, else length-sorted (little padding); every rank runs as many (zero-weight filler
     rows where short). Returns the updates' statistics and the count of consecutive non-finite updates so far."""
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
     share_prefix = args.shared_prefix and world == 1
-    mine = list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+    mine = (
+        list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
+    )
     n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
     mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
-    micro_batches = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
         for k, micro in enumerate(micro_batches):
-            batch = models.pad_batch([r["prompt"] for r in micro], [r["completion"] for r in micro],
-                                tokenizer.pad_token_id, accelerator.device, share_prefix)
-            mask = batch["completion_mask"] * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro],
-                                                           device=accelerator.device)[:, None]
+            batch = models.pad_batch(
+                [r["prompt"] for r in micro],
+                [r["completion"] for r in micro],
+                tokenizer.pad_token_id,
+                accelerator.device,
+                share_prefix,
+            )
+            mask = (
+                batch["completion_mask"]
+                * torch.tensor([0.0 if r.get("filler") else 1.0 for r in micro], device=accelerator.device)[:, None]
+            )
             old_logp, adv = torch.zeros_like(mask), torch.zeros_like(mask)
             for i, r in enumerate(micro):
-                old_logp[i, :len(r["completion"])] = torch.tensor(r["old_logprobs"])
-                adv[i, :len(r["completion"])] = torch.tensor(r["advantages"])
+                old_logp[i, : len(r["completion"])] = torch.tensor(r["old_logprobs"])
+                adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
             if args.recompute_old_logprobs and update == 0:  # stored back for the later updates
                 with torch.no_grad():
                     old_logp = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):
-                    r["old_logprobs"] = old_logp[i, :len(r["completion"])].tolist()
+                    r["old_logprobs"] = old_logp[i, : len(r["completion"])].tolist()
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():
@@ -296,12 +343,23 @@ def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: lis
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
                 logp, entropy = models.token_logprobs(model, batch, temperature, with_entropy=True)
                 weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
-                loss, stats = grpo_loss(logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high,
-                                        args.beta, ref_logp)
+                loss, stats = grpo_loss(
+                    logp, old_logp, adv, weights, args.clip_eps_low, args.clip_eps_high, args.beta, ref_logp
+                )
                 accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
-            ref_kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
-            totals += torch.tensor([loss.item(), stats["clip_low"].item(), stats["clip_high"].item(),
-                                    stats["approx_kl"].item(), float(ref_kl), (entropy * mask).sum().item()])
+            ref_kl = (
+                ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum() if ref_logp is not None else 0.0
+            )
+            totals += torch.tensor(
+                [
+                    loss.item(),
+                    stats["clip_low"].item(),
+                    stats["clip_high"].item(),
+                    stats["approx_kl"].item(),
+                    float(ref_kl),
+                    (entropy * mask).sum().item(),
+                ]
+            )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
@@ -310,24 +368,38 @@ def update_policy(model, reference, optimizer, accelerator, tokenizer, rows: lis
             update_stats["nan_skipped"] += 1
             optimizer.zero_grad(set_to_none=True)
             if nan_skips >= args.max_nan_skips:
-                raise errors.RunStopped(f"{nan_skips} consecutive updates with a non-finite loss or gradient: "
-                                   f"stopping at step {step + 1}")
+                raise errors.RunStopped(
+                    f"{nan_skips} consecutive updates with a non-finite loss or gradient: stopping at step {step + 1}"
+                )
             continue
         nan_skips = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_stats.update(loss=totals[0].item(), clip_low=totals[1].item() / n_tokens,
-                            clip_high=totals[2].item() / n_tokens, approx_kl=totals[3].item() / n_tokens,
-                            ref_kl=totals[4].item() / n_tokens, entropy=totals[5].item() / n_tokens,
-                            grad_norm=grad_norm.item())
+        update_stats.update(
+            loss=totals[0].item(),
+            clip_low=totals[1].item() / n_tokens,
+            clip_high=totals[2].item() / n_tokens,
+            approx_kl=totals[3].item() / n_tokens,
+            ref_kl=totals[4].item() / n_tokens,
+            entropy=totals[5].item() / n_tokens,
+            grad_norm=grad_norm.item(),
+        )
     return update_stats, nan_skips
 
 
 def memory_workload(args: Args) -> launch.Workload:
     """What a step holds in memory besides the model and its optimizer, for the --dry-run plan."""
     vllm_share = args.vllm_gpu_memory if args.vllm else None
-    return launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, args.beta > 0,
-                           args.prompts_per_step, args.group_size, args.gen_batch_size, vllm_share)
+    return launch.Workload(
+        args.micro_batch_size,
+        args.max_new_tokens,
+        args.max_item_tokens,
+        args.beta > 0,
+        args.prompts_per_step,
+        args.group_size,
+        args.gen_batch_size,
+        vllm_share,
+    )
 
 
 def gather_groups(groups: list[dict]) -> list[dict]:
@@ -357,8 +429,9 @@ def main(args: Args) -> dict:
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
         # bf16 on GPUs: it is never updated
         reference.eval().requires_grad_(False).to(launch.compute_dtype(accelerator))
-    prompt_ids, prompt_truncated = zip(*(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens)
-                                         for e in examples))
+    prompt_ids, prompt_truncated = zip(
+        *(D.encode_prompt(tokenizer, e, rulebook, args.order, args.max_item_tokens) for e in examples)
+    )
     if run.main:
         runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -373,8 +446,13 @@ def main(args: Args) -> dict:
         checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
-        engine = rollouts.make_vllm_engine(str(resume_from or args.model), max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
-                                    args.vllm_gpu_memory, args.seed + rank, args.vllm_sleep)
+        engine = rollouts.make_vllm_engine(
+            str(resume_from or args.model),
+            max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
+            args.vllm_gpu_memory,
+            args.seed + rank,
+            args.vllm_sleep,
+        )
     stop = checkpoints.StopFlag()
 
     @functools.lru_cache(maxsize=2)
@@ -395,19 +473,36 @@ def main(args: Args) -> dict:
             return []
         # A group's sampling seed depends only on (seed, stream position): any rank, any resume, same tokens.
         seeds = [args.seed * 1_000_003 + p for p in mine]
-        kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, min_new_tokens=args.min_new_tokens)
-        out = rollouts.rollout_generate(model, accelerator, engine, tokenizer, [prompt_ids[stream(p)] for p in mine], seeds=seeds,
-                                 batch_size=args.gen_batch_size, **kwargs)
+        kwargs = dict(
+            n=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            min_new_tokens=args.min_new_tokens,
+        )
+        out = rollouts.rollout_generate(
+            model,
+            accelerator,
+            engine,
+            tokenizer,
+            [prompt_ids[stream(p)] for p in mine],
+            seeds=seeds,
+            batch_size=args.gen_batch_size,
+            **kwargs,
+        )
         t0 = time.perf_counter()
-        groups = [scored_group(out, i, p, stream(p), prompt_ids[stream(p)], examples[stream(p)], rulebook, args)
-                  for i, p in enumerate(mine)]
+        groups = [
+            scored_group(out, i, p, stream(p), prompt_ids[stream(p)], examples[stream(p)], rulebook, args)
+            for i, p in enumerate(mine)
+        ]
         timer["scoring"] += time.perf_counter() - t0
         return groups
 
     # --- training loop -------------------------------------------------------------------------
     nan_skips, empty_steps, stopped = 0, 0, ""
-    progress = tqdm(range(step, args.total_steps), desc="grpo", disable=not run.main, initial=step, total=args.total_steps)
+    progress = tqdm(
+        range(step, args.total_steps), desc="grpo", disable=not run.main, initial=step, total=args.total_steps
+    )
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
@@ -453,8 +548,9 @@ def main(args: Args) -> dict:
         if rows:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale
-            update_stats, nan_skips = update_policy(model, reference, optimizer, accelerator, tokenizer, rows, args, step,
-                                                    nan_skips)
+            update_stats, nan_skips = update_policy(
+                model, reference, optimizer, accelerator, tokenizer, rows, args, step, nan_skips
+            )
         timer["training"] += time.perf_counter() - t0
 
         # 6. log
@@ -473,42 +569,78 @@ def main(args: Args) -> dict:
             zero_variance_groups=sum(len(set(g["rewards"])) == 1 for g in scored) / len(scored),
             low_accuracy_groups=sum(sum(g["correct"]) <= 0.25 * len(g["correct"]) for g in scored) / len(scored),
             all_fail_groups=sum(not any(g["correct"]) for g in scored) / len(scored),
-            groups_kept=len(kept), groups_dropped=sum(dropped.values()), groups_dropped_all_correct=dropped["all_correct"],
-            groups_dropped_all_wrong=dropped["all_wrong"], groups_dropped_other=dropped["other"],
-            completion_len_mean=sum(lengths) / n_all, completion_len_max=max(lengths),
+            groups_kept=len(kept),
+            groups_dropped=sum(dropped.values()),
+            groups_dropped_all_correct=dropped["all_correct"],
+            groups_dropped_all_wrong=dropped["all_wrong"],
+            groups_dropped_other=dropped["other"],
+            completion_len_mean=sum(lengths) / n_all,
+            completion_len_max=max(lengths),
             truncation_rate=sum(t for g in scored for t in g["truncated"]) / n_all,
             generated_tokens_per_second=sum(lengths) / max(timer["generation"], 1e-9),
             trained_tokens_per_second=n_tokens * args.num_updates_per_batch / max(timer["training"], 1e-9),
             tokens_per_second=(sum(lengths) + n_tokens * args.num_updates_per_batch) / seconds,
-            time_generation=timer["generation"], time_scoring=timer["scoring"], time_training=timer["training"],
-            step_seconds=seconds, lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
-            data_position=data_position, completions_generated=generated, update_scale=update_scale if rows else 0.0,
-            empty_steps=empty_steps, **label_shares(scored, rulebook.labels), **update_stats,
+            time_generation=timer["generation"],
+            time_scoring=timer["scoring"],
+            time_training=timer["training"],
+            step_seconds=seconds,
+            lr=args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)),
+            data_position=data_position,
+            completions_generated=generated,
+            update_scale=update_scale if rows else 0.0,
+            empty_steps=empty_steps,
+            **label_shares(scored, rulebook.labels),
+            **update_stats,
         )
         run.log(metrics, step=done)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
-                             **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}))
+        progress.set_postfix(
+            reward=f"{metrics['reward_mean']:.3f}",
+            acc=f"{metrics['accuracy']:.3f}",
+            **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
+            **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}),
+        )
         if empty_steps:
-            tqdm.write(f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
-                       f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
-                       + (f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""),
-                       file=sys.stderr)
+            tqdm.write(
+                f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
+                f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
+                + (
+                    f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""
+                ),
+                file=sys.stderr,
+            )
             if empty_steps >= args.max_empty_steps > 0:  # saved and evaluated below, then reported
-                stopped = (f"{empty_steps} steps in a row trained on nothing (--max-empty-steps {args.max_empty_steps}); "
-                           f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}")
+                stopped = (
+                    f"{empty_steps} steps in a row trained on nothing (--max-empty-steps {args.max_empty_steps}); "
+                    f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}"
+                )
         if done % args.log_samples_every == 0 or done == 1:
-            run.log_samples([dict(query=examples[g["example_index"]].query, gold=examples[g["example_index"]].label,
-                                  completion=g["texts"][0], reward=g["rewards"][0]) for g in scored[:4]], step=done)
+            run.log_samples(
+                [
+                    dict(
+                        query=examples[g["example_index"]].query,
+                        gold=examples[g["example_index"]].label,
+                        completion=g["texts"][0],
+                        reward=g["rewards"][0],
+                    )
+                    for g in scored[:4]
+                ],
+                step=done,
+            )
 
         # 7. checkpoint
         out_of_budget = 0 < args.generation_budget <= generated
         if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
-            checkpoints.save_checkpoint(run.dir, done, model, tokenizer,
-                              dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated),
-                              keep_last=args.keep_last, final=done == args.total_steps or out_of_budget or bool(stopped),
-                              accelerator=accelerator,
-                              optimizer=optimizer)
+            checkpoints.save_checkpoint(
+                run.dir,
+                done,
+                model,
+                tokenizer,
+                dict(rng=checkpoints.rng_state(), data_position=data_position, generated=generated),
+                keep_last=args.keep_last,
+                final=done == args.total_steps or out_of_budget or bool(stopped),
+                accelerator=accelerator,
+                optimizer=optimizer,
+            )
         if out_of_budget or stopped:
             break
         if stop.requested:

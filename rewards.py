@@ -55,10 +55,16 @@ TAOBAO4 = Rulebook(
     labels=("Excellent", "Related", "Mismatch", "Irrelevant"),
     criteria=(
         Criterion("category", ("match", "related", "mismatch"), "is the item the product type the query asks for?"),
-        Criterion("brand", ("match", "conflict", "unstated", "n/a"), "does the item meet the query's brand requirement?"),
+        Criterion(
+            "brand", ("match", "conflict", "unstated", "n/a"), "does the item meet the query's brand requirement?"
+        ),
         Criterion("color", ("match", "conflict", "unstated", "n/a"), "does the item have the requested color?"),
-        Criterion("specs", ("match", "conflict", "unstated", "n/a"), "does it meet the requested material, audience and size?"),
-        Criterion("negation", ("satisfied", "violated", "n/a"), "does it avoid what the query excludes (\"without ...\")?"),
+        Criterion(
+            "specs", ("match", "conflict", "unstated", "n/a"), "does it meet the requested material, audience and size?"
+        ),
+        Criterion(
+            "negation", ("satisfied", "violated", "n/a"), 'does it avoid what the query excludes ("without ...")?'
+        ),
     ),
     rules=(
         "category mismatch -> Irrelevant",
@@ -85,8 +91,11 @@ ESCI = Rulebook(
     name="esci",
     labels=("Exact", "Substitute", "Complement", "Irrelevant"),
     criteria=(
-        Criterion("product_type", ("same", "substitute", "complement", "different"),
-                  "is the item the queried product type, a functional substitute, something used with it, or unrelated?"),
+        Criterion(
+            "product_type",
+            ("same", "substitute", "complement", "different"),
+            "is the item the queried product type, a functional substitute, something used with it, or unrelated?",
+        ),
         Criterion("specs", ("met", "unmet"), "does the item satisfy every specification stated in the query?"),
         Criterion("brand", ("match", "conflict", "n/a"), "does the item's brand match a brand named in the query?"),
     ),
@@ -126,7 +135,9 @@ def infer_esci_criteria(label: str, query: str, brand: str) -> dict[str, str]:
 ORDERS = ("label_first", "think_first")  # respond-then-think (the papers' post-CoT) or think-then-respond
 
 
-def format_output(label: str, criteria: dict[str, str], reason: str, rulebook: Rulebook, order: str = "label_first") -> str:
+def format_output(
+    label: str, criteria: dict[str, str], reason: str, rulebook: Rulebook, order: str = "label_first"
+) -> str:
     """The exact text a well-formed answer has; SFT targets and guidance are built with it."""
     label_part = f"<label>{label}</label>"
     criteria_lines = "\n".join(f"{name}: {criteria[name]}" for name in rulebook.criterion_names)
@@ -187,7 +198,7 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
             found[name] = matches[0]
 
     if "label" in found:
-        raw_label = text[found["label"][1]:found["label"][2]].strip()
+        raw_label = text[found["label"][1] : found["label"][2]].strip()
         if raw_label in rulebook.labels:
             out.label = raw_label
         else:
@@ -196,7 +207,7 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
     if "criteria" in found:
         block_start = found["criteria"][1]
         offset = 0
-        for line in text[block_start:found["criteria"][2]].split("\n"):
+        for line in text[block_start : found["criteria"][2]].split("\n"):
             start, end = block_start + offset, block_start + offset + len(line)
             offset += len(line) + 1
             if not line.strip():
@@ -221,7 +232,7 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
             out.errors.append(f"criteria missing: {', '.join(missing)}")
 
     if "reason" in found:
-        out.reason = text[found["reason"][1]:found["reason"][2]].strip()
+        out.reason = text[found["reason"][1] : found["reason"][2]].strip()
         if not out.reason:
             out.errors.append("empty <reason>")
 
@@ -232,8 +243,8 @@ def parse_output(text: object, rulebook: Rulebook, order: str = "label_first") -
             out.errors.append(f"tags in order {spans}, expected {list(expected)}")
         else:
             pieces = [text[: found[expected[0]][0]]]
-            pieces += [text[found[a][3]: found[b][0]] for a, b in zip(expected, expected[1:])]
-            pieces.append(text[found[expected[-1]][3]:])
+            pieces += [text[found[a][3] : found[b][0]] for a, b in zip(expected, expected[1:])]
+            pieces.append(text[found[expected[-1]][3] :])
             if any(p.strip() for p in pieces):
                 out.errors.append("text outside the tags")
     return out
@@ -267,13 +278,20 @@ def outcome_reward(label: str | None, gold: str, rulebook: Rulebook, ordinal: bo
     return 1.0 - distance / (len(rulebook.labels) - 1)
 
 
-def score_output(text: object, gold_label: str, gold_criteria: dict[str, str], rulebook: Rulebook,
-                 order: str = "label_first", ordinal: bool = False) -> Score:
+def score_output(
+    text: object,
+    gold_label: str,
+    gold_criteria: dict[str, str],
+    rulebook: Rulebook,
+    order: str = "label_first",
+    ordinal: bool = False,
+) -> Score:
     return score_parsed(parse_output(text, rulebook, order), gold_label, gold_criteria, rulebook, ordinal)
 
 
-def score_parsed(parsed: Parsed, gold_label: str, gold_criteria: dict[str, str], rulebook: Rulebook,
-                 ordinal: bool = False) -> Score:
+def score_parsed(
+    parsed: Parsed, gold_label: str, gold_criteria: dict[str, str], rulebook: Rulebook, ordinal: bool = False
+) -> Score:
     per_criterion: dict[str, bool | None] = {}
     for name in rulebook.criterion_names:
         gold = gold_criteria.get(name, UNKNOWN)
@@ -296,8 +314,9 @@ def grpo_reward(score: Score) -> float:
     return score.outcome if score.format_ok else 0.0
 
 
-def rrs_reward(score: Score, w_out: float = 1.0, w_crit: float = 0.5, w_rule: float = 0.5,
-               format_penalty: float = -0.5) -> float:
+def rrs_reward(
+    score: Score, w_out: float = 1.0, w_crit: float = 0.5, w_rule: float = 0.5, format_penalty: float = -0.5
+) -> float:
     """Rule-aware Reward Shaping with its hard gate (METHOD.md section 4).
 
     An output that does not parse gets the format penalty and nothing else. Criterion credit needs

@@ -114,7 +114,9 @@ def main(args: Args) -> dict:
     is_label = [label_token_mask(tokenizer, e, dataset.rulebook, args.order) for e in dataset.examples]
     weights = [[args.label_weight if flag else 1.0 for flag in flags] for flags in is_label]
     if any(len(flags) != len(completion) for flags, (_, completion) in zip(is_label, rows)):
-        raise RuntimeError("label token mask and completion differ in length: the tokenizer splits the target differently")
+        raise RuntimeError(
+            "label token mask and completion differ in length: the tokenizer splits the target differently"
+        )
     data_stats = dict(dataset.stats, prompts_truncated=sum(t for _, _, t in encoded))
     if run.main:
         runs.write_json(run.dir / "data_stats.json", data_stats)
@@ -142,8 +144,13 @@ def main(args: Args) -> dict:
 
     # --- training loop -------------------------------------------------------------------------
     nan_skips, window = 0, dict(steps=0, loss=0.0, label_loss=0.0, tokens=0, seconds=0.0)
-    progress = tqdm(range(start_step, args.total_steps), desc="sft", disable=not run.main, initial=start_step,
-                    total=args.total_steps)
+    progress = tqdm(
+        range(start_step, args.total_steps),
+        desc="sft",
+        disable=not run.main,
+        initial=start_step,
+        total=args.total_steps,
+    )
     for step in progress:
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -153,7 +160,7 @@ def main(args: Args) -> dict:
         first = step * per_step
         stream = [example_order((first + i) // epoch_size)[(first + i) % epoch_size] for i in range(per_step)]
         mine = stream[rank::world]
-        micro_batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        micro_batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
         # Weighted mean over the completion tokens of the whole global batch: each micro-batch contributes
         # its weighted token-sum divided by the global weight (DDP averages over ranks, hence * world).
         total_tokens = sum(len(rows[i][1]) for i in stream)
@@ -162,13 +169,18 @@ def main(args: Args) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         step_label_loss = torch.zeros((), device=accelerator.device)
         for k, batch_index in enumerate(micro_batches):
-            batch = models.pad_batch([rows[i][0] for i in batch_index], [rows[i][1] for i in batch_index],
-                                tokenizer.pad_token_id, accelerator.device, args.shared_prefix and world == 1)
+            batch = models.pad_batch(
+                [rows[i][0] for i in batch_index],
+                [rows[i][1] for i in batch_index],
+                tokenizer.pad_token_id,
+                accelerator.device,
+                args.shared_prefix and world == 1,
+            )
             token_weight = torch.zeros_like(batch["completion_mask"])  # [B, C], zero over the padding
             label_mask = torch.zeros_like(batch["completion_mask"])
             for row, i in enumerate(batch_index):
-                token_weight[row, :len(weights[i])] = torch.tensor(weights[i])
-                label_mask[row, :len(is_label[i])] = torch.tensor(is_label[i], dtype=torch.float32)
+                token_weight[row, : len(weights[i])] = torch.tensor(weights[i])
+                label_mask[row, : len(is_label[i])] = torch.tensor(is_label[i], dtype=torch.float32)
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(model) if not sync else torch.enable_grad():
                 logp, _ = models.token_logprobs(model, batch)  # logits only at completion positions
@@ -193,19 +205,35 @@ def main(args: Args) -> dict:
             nan_skips += 1
             run.log(dict(nan_skipped=1, nan_skips_consecutive=nan_skips), step=done)
             if nan_skips >= args.max_nan_skips:
-                raise errors.RunStopped(f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}")
+                raise errors.RunStopped(
+                    f"{nan_skips} consecutive steps with a non-finite loss or gradient: stopping at step {done}"
+                )
         optimizer.zero_grad(set_to_none=True)
         if window["steps"] and (done % args.log_every == 0 or done == args.total_steps):
-            metrics = dict(loss=window["loss"] / window["steps"], label_loss=window["label_loss"] / window["steps"],
-                           lr=cosine_lr(step, args), grad_norm=grad_norm.item(),
-                           epoch=first / len(rows), tokens_per_second=window["tokens"] / window["seconds"],
-                           step_seconds=window["seconds"] / window["steps"])
+            metrics = dict(
+                loss=window["loss"] / window["steps"],
+                label_loss=window["label_loss"] / window["steps"],
+                lr=cosine_lr(step, args),
+                grad_norm=grad_norm.item(),
+                epoch=first / len(rows),
+                tokens_per_second=window["tokens"] / window["seconds"],
+                step_seconds=window["seconds"] / window["steps"],
+            )
             run.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             window = dict(steps=0, loss=0.0, label_loss=0.0, tokens=0, seconds=0.0)
         if done % args.save_every == 0 or done == args.total_steps or stop.requested:
-            checkpoints.save_checkpoint(run.dir, done, model, tokenizer, dict(rng=checkpoints.rng_state()), keep_last=args.keep_last,
-                              final=done == args.total_steps, accelerator=accelerator, optimizer=optimizer)
+            checkpoints.save_checkpoint(
+                run.dir,
+                done,
+                model,
+                tokenizer,
+                dict(rng=checkpoints.rng_state()),
+                keep_last=args.keep_last,
+                final=done == args.total_steps,
+                accelerator=accelerator,
+                optimizer=optimizer,
+            )
         if stop.requested:
             print(f"stopped at step {done}; continue with --resume")
             return {}

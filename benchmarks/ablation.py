@@ -39,29 +39,114 @@ VARIANTS = {  # name -> (script, flags): GRPO is grpo.py itself, the others are 
 
 
 def run_name_of(variant: str, seed: int) -> str:
-    return "".join(c for c in variant.lower().replace("+", "-").replace(" ", "-") if c.isalnum() or c == "-") + f"-s{seed}"
+    return (
+        "".join(c for c in variant.lower().replace("+", "-").replace(" ", "-") if c.isalnum() or c == "-") + f"-s{seed}"
+    )
+
+
 CONFIGS = {
     # A 2-layer model trained from scratch by SFT on the synthetic rule world: small enough that 15 RL
     # runs finish on a 2-core CPU, and far from perfect after SFT, so RL has something to fix. The SFT
     # is results/sft-start/'s think_first run (criteria, reason, then the label: the order whose start
     # is not degenerate); 96 new tokens hold the longest target (82).
     "cpu-synthetic": dict(
-        sft=["--model", "tiny-random", "--dataset", "synthetic", "--order", "think_first", "--total-steps", "1000",
-             "--batch-size", "16", "--grad-accum", "1", "--lr", "3e-3", "--warmup-steps", "10", "--label-weight", "5",
-             "--balanced", "--eval-limit", "200", "--device", "cpu"],
-        rl=["--dataset", "synthetic", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96",
-            "--micro-batch-size", "8", "--lr", "2e-4", "--warmup-steps", "2", "--total-steps", "1000",
-            "--prompt-sampling", "balanced", "--ds-max-tries", "1", "--eval-limit", "200", "--device", "cpu",
-            "--save-every", "2"],
-        budget=4 * 8 * 20, seeds=(1, 2, 3), target=0.5),
+        sft=[
+            "--model",
+            "tiny-random",
+            "--dataset",
+            "synthetic",
+            "--order",
+            "think_first",
+            "--total-steps",
+            "1000",
+            "--batch-size",
+            "16",
+            "--grad-accum",
+            "1",
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "10",
+            "--label-weight",
+            "5",
+            "--balanced",
+            "--eval-limit",
+            "200",
+            "--device",
+            "cpu",
+        ],
+        rl=[
+            "--dataset",
+            "synthetic",
+            "--prompts-per-step",
+            "4",
+            "--group-size",
+            "8",
+            "--max-new-tokens",
+            "96",
+            "--micro-batch-size",
+            "8",
+            "--lr",
+            "2e-4",
+            "--warmup-steps",
+            "2",
+            "--total-steps",
+            "1000",
+            "--prompt-sampling",
+            "balanced",
+            "--ds-max-tries",
+            "1",
+            "--eval-limit",
+            "200",
+            "--device",
+            "cpu",
+            "--save-every",
+            "2",
+        ],
+        budget=4 * 8 * 20,
+        seeds=(1, 2, 3),
+        target=0.5,
+    ),
     # ESCI on one GPU per run, from an SFT checkpoint of an instruct model (not run here: no GPU in this session).
     "gpu-esci": dict(
-        sft=["--dataset", "esci", "--total-steps", "400", "--batch-size", "16", "--grad-accum", "2", "--lr", "1e-5",
-             "--eval-limit", "571"],
-        rl=["--dataset", "esci", "--prompts-per-step", "32", "--group-size", "8", "--max-new-tokens", "192",
-            "--micro-batch-size", "8", "--lr", "1e-6", "--total-steps", "100000", "--eval-limit", "571",
-            "--save-every", "50"],
-        budget=32 * 8 * 200, seeds=(1, 2, 3), target=0.7),
+        sft=[
+            "--dataset",
+            "esci",
+            "--total-steps",
+            "400",
+            "--batch-size",
+            "16",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-5",
+            "--eval-limit",
+            "571",
+        ],
+        rl=[
+            "--dataset",
+            "esci",
+            "--prompts-per-step",
+            "32",
+            "--group-size",
+            "8",
+            "--max-new-tokens",
+            "192",
+            "--micro-batch-size",
+            "8",
+            "--lr",
+            "1e-6",
+            "--total-steps",
+            "100000",
+            "--eval-limit",
+            "571",
+            "--save-every",
+            "50",
+        ],
+        budget=32 * 8 * 200,
+        seeds=(1, 2, 3),
+        target=0.7,
+    ),
 }
 
 
@@ -109,7 +194,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def smoothed(values: list[float], window: int = 5) -> list[float]:
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 def resume_flag(run_dir: Path) -> list[str]:
@@ -131,8 +219,22 @@ def main(args: Args) -> None:
     else:
         sft_dir = base / "sft"
         if not (sft_dir / "eval.json").exists():
-            run([sys.executable, "sft.py", *config["sft"], *data, "--model", args.sft_model, "--output-dir", str(base),
-                 "--run-name", "sft", *resume_flag(sft_dir)], base / "sft.log")
+            run(
+                [
+                    sys.executable,
+                    "sft.py",
+                    *config["sft"],
+                    *data,
+                    "--model",
+                    args.sft_model,
+                    "--output-dir",
+                    str(base),
+                    "--run-name",
+                    "sft",
+                    *resume_flag(sft_dir),
+                ],
+                base / "sft.log",
+            )
         start = str(sft_dir / "checkpoint")
     # RL answers in the output order the start was trained with
     sft_args = json.loads((sft_dir / "args.json").read_text()) if (sft_dir / "args.json").exists() else None
@@ -145,10 +247,30 @@ def main(args: Args) -> None:
             script, flags = VARIANTS[name]
             run_name = run_name_of(name, seed)
             if not (base / run_name / "eval.json").exists():
-                todo.append(([sys.executable, script, *config["rl"], *data, *order, *flags, "--model", start, "--seed", str(seed),
-                              "--generation-budget", str(budget), "--output-dir", str(base), "--run-name", run_name,
-                              *resume_flag(base / run_name)],
-                             base / f"{run_name}.log"))
+                todo.append(
+                    (
+                        [
+                            sys.executable,
+                            script,
+                            *config["rl"],
+                            *data,
+                            *order,
+                            *flags,
+                            "--model",
+                            start,
+                            "--seed",
+                            str(seed),
+                            "--generation-budget",
+                            str(budget),
+                            "--output-dir",
+                            str(base),
+                            "--run-name",
+                            run_name,
+                            *resume_flag(base / run_name),
+                        ],
+                        base / f"{run_name}.log",
+                    )
+                )
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run(*job, threads=threads), todo))
@@ -156,11 +278,19 @@ def main(args: Args) -> None:
     # 3. the table and the curves
     sft_eval = json.loads((sft_dir / "eval.json").read_text())
     labels = list(sft_eval["per_class"])
-    results = {"config": args.config, "budget_completions": budget, "seeds": list(seeds), "target_accuracy": config["target"],
-               "rl_flags": config["rl"], "variant_flags": {name: VARIANTS[name] for name in args.variants},
-               "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},
-               "sft_f1": {label: sft_eval["per_class"][label]["f1"] for label in labels},
-               "sft_checkpoint": start, "sft_args": sft_args, "variants": {}}
+    results = {
+        "config": args.config,
+        "budget_completions": budget,
+        "seeds": list(seeds),
+        "target_accuracy": config["target"],
+        "rl_flags": config["rl"],
+        "variant_flags": {name: VARIANTS[name] for name in args.variants},
+        "sft": {k: sft_eval[k] for k in ("accuracy", "macro_f1", "adherence_rate", "format_rate")},
+        "sft_f1": {label: sft_eval["per_class"][label]["f1"] for label in labels},
+        "sft_checkpoint": start,
+        "sft_args": sft_args,
+        "variants": {},
+    }
     curves, missing = {}, []
     for name in args.variants:
         runs = []
@@ -172,23 +302,48 @@ def main(args: Args) -> None:
             evaluation = json.loads((run_dir / "eval.json").read_text())
             metrics = read_metrics(run_dir)
             accuracy = smoothed([m["accuracy"] for m in metrics])
-            reached = next((m["completions_generated"] for m, a in zip(metrics, accuracy) if a >= config["target"]), None)
-            runs.append(dict(seed=seed, accuracy=evaluation["accuracy"], macro_f1=evaluation["macro_f1"],
-                             adherence=evaluation["adherence_rate"], format_rate=evaluation["format_rate"],
-                             f1={label: evaluation["per_class"][label]["f1"] for label in labels},
-                             completions_to_target=reached,
-                             stagnant_share_first_quarter=_mean([m["low_accuracy_groups"] for m in metrics[:max(1, len(metrics) // 4)]]),
-                             stagnant_share_last_quarter=_mean([m["low_accuracy_groups"] for m in metrics[-max(1, len(metrics) // 4):]])))
+            reached = next(
+                (m["completions_generated"] for m, a in zip(metrics, accuracy) if a >= config["target"]), None
+            )
+            runs.append(
+                dict(
+                    seed=seed,
+                    accuracy=evaluation["accuracy"],
+                    macro_f1=evaluation["macro_f1"],
+                    adherence=evaluation["adherence_rate"],
+                    format_rate=evaluation["format_rate"],
+                    f1={label: evaluation["per_class"][label]["f1"] for label in labels},
+                    completions_to_target=reached,
+                    stagnant_share_first_quarter=_mean(
+                        [m["low_accuracy_groups"] for m in metrics[: max(1, len(metrics) // 4)]]
+                    ),
+                    stagnant_share_last_quarter=_mean(
+                        [m["low_accuracy_groups"] for m in metrics[-max(1, len(metrics) // 4) :]]
+                    ),
+                )
+            )
             curves.setdefault(name, []).append(metrics)
         if not runs:
             continue
-        results["variants"][name] = dict(runs=runs, **{key: _mean_std([r[key] for r in runs]) for key in
-                                                        ("accuracy", "macro_f1", "adherence", "format_rate",
-                                                         "stagnant_share_first_quarter", "stagnant_share_last_quarter")},
-                                         f1={label: _mean_std([r["f1"][label] for r in runs]) for label in labels},
-                                         reached_target=sum(r["completions_to_target"] is not None for r in runs),
-                                         completions_to_target=_mean([r["completions_to_target"] for r in runs
-                                                                      if r["completions_to_target"] is not None]))
+        results["variants"][name] = dict(
+            runs=runs,
+            **{
+                key: _mean_std([r[key] for r in runs])
+                for key in (
+                    "accuracy",
+                    "macro_f1",
+                    "adherence",
+                    "format_rate",
+                    "stagnant_share_first_quarter",
+                    "stagnant_share_last_quarter",
+                )
+            },
+            f1={label: _mean_std([r["f1"][label] for r in runs]) for label in labels},
+            reached_target=sum(r["completions_to_target"] is not None for r in runs),
+            completions_to_target=_mean(
+                [r["completions_to_target"] for r in runs if r["completions_to_target"] is not None]
+            ),
+        )
     results["missing_runs"] = missing
     out = Path(args.results_dir) / f"ablation-{args.config}"
     out.mkdir(parents=True, exist_ok=True)
@@ -215,23 +370,34 @@ def _mean_std(xs):
 
 def markdown(results: dict, labels: list[str]) -> str:
     fmt = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
-    lines = [f"Ablation `{results['config']}`: {len(results['seeds'])} seeds, {results['budget_completions']} generated "
-             f"completions per run. Mean ± sample std over seeds of the dev evaluation at the end; stagnant = groups with "
-             f"accuracy <= 0.25; target = smoothed training accuracy {results['target_accuracy']}.", "",
-             f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
-             f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 " +
-             ", ".join(f"{label} {f1:.3f}" for label, f1 in results["sft_f1"].items()) + f" (`{results['sft_checkpoint']}`)", "",
-             *([f"**Partial table**: not finished yet: {', '.join(results['missing_runs'])}.", ""]
-               if results.get("missing_runs") else []),
-             "| variant | seeds | accuracy | macro-F1 | " + " | ".join(f"F1 {label}" for label in labels) +
-             " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
-             "|---" * (10 + len(labels)) + "|"]
+    lines = [
+        f"Ablation `{results['config']}`: {len(results['seeds'])} seeds, {results['budget_completions']} generated "
+        f"completions per run. Mean ± sample std over seeds of the dev evaluation at the end; stagnant = groups with "
+        f"accuracy <= 0.25; target = smoothed training accuracy {results['target_accuracy']}.",
+        "",
+        f"SFT start: accuracy {results['sft']['accuracy']:.3f}, macro-F1 {results['sft']['macro_f1']:.3f}, "
+        f"adherence {results['sft']['adherence_rate']:.3f}, format {results['sft']['format_rate']:.3f}; per-class F1 "
+        + ", ".join(f"{label} {f1:.3f}" for label, f1 in results["sft_f1"].items())
+        + f" (`{results['sft_checkpoint']}`)",
+        "",
+        *(
+            [f"**Partial table**: not finished yet: {', '.join(results['missing_runs'])}.", ""]
+            if results.get("missing_runs")
+            else []
+        ),
+        "| variant | seeds | accuracy | macro-F1 | "
+        + " | ".join(f"F1 {label}" for label in labels)
+        + " | adherence | format | runs reaching target | completions to target | stagnant (first quarter) | stagnant (last quarter) |",
+        "|---" * (10 + len(labels)) + "|",
+    ]
     for name, v in results["variants"].items():
         to_target = f"{v['completions_to_target']:.0f}" if v["completions_to_target"] is not None else "-"
-        lines.append(f"| {name} | {len(v['runs'])} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | " +
-                     " | ".join(fmt(v["f1"][label]) for label in labels) +
-                     f" | {fmt(v['adherence'])} | {fmt(v['format_rate'])} | {v['reached_target']}/{len(v['runs'])} | {to_target} | "
-                     f"{fmt(v['stagnant_share_first_quarter'])} | {fmt(v['stagnant_share_last_quarter'])} |")
+        lines.append(
+            f"| {name} | {len(v['runs'])} | {fmt(v['accuracy'])} | {fmt(v['macro_f1'])} | "
+            + " | ".join(fmt(v["f1"][label]) for label in labels)
+            + f" | {fmt(v['adherence'])} | {fmt(v['format_rate'])} | {v['reached_target']}/{len(v['runs'])} | {to_target} | "
+            f"{fmt(v['stagnant_share_first_quarter'])} | {fmt(v['stagnant_share_last_quarter'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -241,8 +407,11 @@ def plot(curves: dict[str, list[list[dict]]], path: Path, target: float) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", "training accuracy (own samples, smoothed)"), ("adherence_rate", "rule adherence (own samples)"),
-              ("low_accuracy_groups", "share of stagnant groups (acc <= 0.25)")]
+    panels = [
+        ("accuracy", "training accuracy (own samples, smoothed)"),
+        ("adherence_rate", "rule adherence (own samples)"),
+        ("low_accuracy_groups", "share of stagnant groups (acc <= 0.25)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for name, runs in curves.items():

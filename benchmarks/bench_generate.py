@@ -47,12 +47,40 @@ CONFIGS = {
     # The workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
     "cpu": dict(model="smollm2-135m", device="cpu", dtype=torch.float32, prompts=2, n=8, tokens=64, matmul=2048),
     # Random models of two real shapes (SmolLM2 tokenizer: vocabulary 49152), bf16 on one GPU. Not run here.
-    "gpu-0.5b": dict(model="qwen2.5-0.5b-shaped", device="cuda", dtype=torch.bfloat16, prompts=8, n=8, tokens=256, matmul=8192,
-                     shape=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                intermediate_size=4864, tie_word_embeddings=True)),
-    "gpu-7b": dict(model="qwen2.5-7b-shaped", device="cuda", dtype=torch.bfloat16, prompts=8, n=8, tokens=256, matmul=8192,
-                   shape=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                              intermediate_size=18944, tie_word_embeddings=False)),
+    "gpu-0.5b": dict(
+        model="qwen2.5-0.5b-shaped",
+        device="cuda",
+        dtype=torch.bfloat16,
+        prompts=8,
+        n=8,
+        tokens=256,
+        matmul=8192,
+        shape=dict(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gpu-7b": dict(
+        model="qwen2.5-7b-shaped",
+        device="cuda",
+        dtype=torch.bfloat16,
+        prompts=8,
+        n=8,
+        tokens=256,
+        matmul=8192,
+        shape=dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            tie_word_embeddings=False,
+        ),
+    ),
     # Smoke configuration: the plumbing in seconds.
     "tiny": dict(model="tiny-random", device="cpu", dtype=torch.float32, prompts=2, n=4, tokens=16, matmul=512),
 }
@@ -82,8 +110,14 @@ def load(cfg: dict):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = models.embedded_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg["shape"])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg["shape"],
+    )
     torch.manual_seed(0)
     with torch.device(cfg["device"]):
         model = Qwen2ForCausalLM(config).to(cfg["dtype"])
@@ -103,7 +137,7 @@ def workload_prompts(cfg: dict, tokenizer, data_path: str) -> tuple[list[list[in
     prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook)[0] for e in dataset.examples]
     filler = tokenizer.encode(" the product page lists size, colour and material.", add_special_tokens=False)
     # pad the item text to an ESCI prompt's ~523 tokens, keeping the chat template's tail (the last 8 tokens)
-    return [p[:-8] + (filler * 60)[:max(0, 523 - len(p))] + p[-8:] for p in prompts], "synthetic, padded to 523 tokens"
+    return [p[:-8] + (filler * 60)[: max(0, 523 - len(p))] + p[-8:] for p in prompts], "synthetic, padded to 523 tokens"
 
 
 def sync(device: str) -> None:
@@ -165,13 +199,18 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
     device, n, tokens = cfg["device"], cfg["n"], cfg["tokens"]
     rows = len(prompts) * n
     size = cfg["matmul"] // 2
-    a, b = torch.randn(size, size, device=device, dtype=cfg["dtype"]), torch.randn(size, size, device=device, dtype=cfg["dtype"])
+    a, b = (
+        torch.randn(size, size, device=device, dtype=cfg["dtype"]),
+        torch.randn(size, size, device=device, dtype=cfg["dtype"]),
+    )
     with torch.no_grad():
         logits, cache, mask, positions = rollouts.prefill(model, prompts, tokenizer.pad_token_id, device)
         kv = cpu_decode.GroupedKV(cache, mask, n, rows, tokens)
         position = positions[:, -1].repeat_interleave(n) + 1 + tokens // 2
         step_tokens = torch.randint(100, 40000, (rows,), device=device)
-        keys = rollouts.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+        keys = rollouts.sampling_keys(
+            torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1
+        )[:, 0]
         vocab_hash = rollouts._mix32(torch.arange(logits.shape[-1], device=device))
         reads = list(model.parameters()) + kv.prompt_k + kv.prompt_v
 
@@ -186,13 +225,20 @@ def paired_decode(model, tokenizer, prompts: list[list[int]], cfg: dict, costs: 
             out["read_s"].append(clock(lambda: [x.sum() for x in reads], device))
             out["matmul_s"].append(clock(lambda: a @ b, device))
     flops_step = costs["flops_per_token"] * rows
-    ratios = [max(r, flops_step / (2 * size**3 / m)) / st for st, r, m in zip(out["step_s"], out["read_s"], out["matmul_s"])]
+    ratios = [
+        max(r, flops_step / (2 * size**3 / m)) / st for st, r, m in zip(out["step_s"], out["read_s"], out["matmul_s"])
+    ]
     read_bytes = sum(x.numel() * x.element_size() for x in reads)
-    return dict(step_s=statistics.median(out["step_s"]), read_s=statistics.median(out["read_s"]),
-                read_gbps=read_bytes / statistics.median(out["read_s"]) / 1e9, read_bytes=read_bytes,
-                matmul_gflops=statistics.median(2 * size**3 / m / 1e9 for m in out["matmul_s"]),
-                share_of_bound=statistics.median(ratios), share_quartiles=statistics.quantiles(ratios, n=4)[::2],
-                pairs=pairs)
+    return dict(
+        step_s=statistics.median(out["step_s"]),
+        read_s=statistics.median(out["read_s"]),
+        read_gbps=read_bytes / statistics.median(out["read_s"]) / 1e9,
+        read_bytes=read_bytes,
+        matmul_gflops=statistics.median(2 * size**3 / m / 1e9 for m in out["matmul_s"]),
+        share_of_bound=statistics.median(ratios),
+        share_quartiles=statistics.quantiles(ratios, n=4)[::2],
+        pairs=pairs,
+    )
 
 
 def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int = 20) -> dict:
@@ -218,17 +264,35 @@ def step_parts(model, tokenizer, prompts: list[list[int]], cfg: dict, reps: int 
         layers = model.model.layers
         attn = layers[0].self_attn
         q = torch.randn(rows, model.config.num_attention_heads, attn.head_dim)
-        linears = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        linears = [
+            m
+            for layer in layers
+            for m in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
         x = {width: torch.randn(rows, width) for width in {m.in_features for m in linears}}
         bias = kv.prompt_bias.view(len(kv.prompt_bias), -1)
         parts = dict(
             layers=ms(lambda: cpu_decode.decode_step(model, step_tokens, position, kv, t)),
             projections=ms(lambda: [ops.skinny_linear(x[m.in_features], m.weight, m.bias) for m in linears]),
-            attention=ms(lambda: [ops.grouped_attention(q, kv.prompt_k[i], kv.prompt_v[i], bias, kv.gen_k[i], kv.gen_v[i], t,
-                                                        attn.scaling) for i in range(len(layers))]),
+            attention=ms(
+                lambda: [
+                    ops.grouped_attention(
+                        q, kv.prompt_k[i], kv.prompt_v[i], bias, kv.gen_k[i], kv.gen_v[i], t, attn.scaling
+                    )
+                    for i in range(len(layers))
+                ]
+            ),
             lm_head=ms(lambda: cpu_decode.decode_linear(hidden, model.lm_head)),
-            sampling=ms(lambda: rollouts._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)))
+            sampling=ms(lambda: rollouts._sample(logits.repeat_interleave(n, 0), 1.0, 1.0, keys, vocab_hash)),
+        )
     parts["rest"] = parts["layers"] - parts["projections"] - parts["attention"]
     return parts
 
@@ -245,14 +309,22 @@ def sampling_share(model, cfg: dict, rows: int, step_seconds: float) -> dict:
     device = cfg["device"]
     vocab = model.config.vocab_size
     logits = torch.randn(rows, vocab, device=device, dtype=cfg["dtype"])
-    keys = rollouts.sampling_keys(torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1)[:, 0]
+    keys = rollouts.sampling_keys(
+        torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device), 1
+    )[:, 0]
     vocab_hash = rollouts._mix32(torch.arange(vocab, device=device))
     generators = [torch.Generator().manual_seed(r) for r in range(rows)]
     with torch.no_grad():  # as in generate: the compiled sampler on CPU
-        new = statistics.median(clock(lambda: rollouts._sample(logits, 1.0, 1.0, keys, vocab_hash), device) for _ in range(20))
+        new = statistics.median(
+            clock(lambda: rollouts._sample(logits, 1.0, 1.0, keys, vocab_hash), device) for _ in range(20)
+        )
         old = statistics.median(clock(lambda: old_sample(logits, generators), device) for _ in range(20))
-    return dict(sample_s=new, old_sample_s=old, sample_share=new / step_seconds,
-                old_sample_share=old / (step_seconds - new + old))
+    return dict(
+        sample_s=new,
+        old_sample_s=old,
+        sample_share=new / step_seconds,
+        old_sample_share=old / (step_seconds - new + old),
+    )
 
 
 def hf_generate(model, tokenizer, prompts: list[list[int]], n: int, tokens: int, device: str):
@@ -260,8 +332,17 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], n: int, tokens: int,
     width = max(map(len, rows))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in rows], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)
-    return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
-                          min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        min_new_tokens=tokens,
+        max_new_tokens=tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def main(args: Args) -> None:
@@ -274,8 +355,18 @@ def main(args: Args) -> None:
     rows, seeds = costs["rows"], list(range(len(prompts)))
 
     def ours(k: int, fast: bool = True):
-        return rollouts.generate(model, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0,
-                          seeds=seeds, batch_size=len(prompts), fast_decode=fast)
+        return rollouts.generate(
+            model,
+            tokenizer,
+            prompts,
+            n=n,
+            max_new_tokens=k,
+            min_new_tokens=k,
+            temperature=1.0,
+            seeds=seeds,
+            batch_size=len(prompts),
+            fast_decode=fast,
+        )
 
     ours(2), ours(2, fast=False)  # warm-up: threads, allocator, kernels
     if args.profile:
@@ -287,7 +378,10 @@ def main(args: Args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
         if device == "cpu" and cpu_decode.cpu_decode_ops() is not None:
             parts = step_parts(model, tokenizer, prompts, cfg)
-            print(f"[step parts, ms, token {tokens // 2}] " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
+            print(
+                f"[step parts, ms, token {tokens // 2}] " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
+                flush=True,
+            )
     paired = paired_decode(model, tokenizer, prompts, cfg, costs, args.pairs)
     print(f"[paired] {paired}", flush=True)
     rounds = []
@@ -304,8 +398,10 @@ def main(args: Args) -> None:
         # the machine's figures before and after the decoders, averaged: a shared machine's load drifts
         after = dict(machine_bounds(cfg), weights_read_s=weights_read_seconds(model, device))
         row.update({k: (before[k] + after[k]) / 2 for k in before})
-        row["decode_bound"] = min(rows / (costs["bytes_per_step"] / (row["copy_gbps"] / 2 * 1e9)),
-                                  row["matmul_gflops"] * 1e9 / costs["flops_per_token"])
+        row["decode_bound"] = min(
+            rows / (costs["bytes_per_step"] / (row["copy_gbps"] / 2 * 1e9)),
+            row["matmul_gflops"] * 1e9 / costs["flops_per_token"],
+        )
         row["ours_decode_share"] = rows / row["ours_decode_step_s"] / row["decode_bound"]
         rounds.append(row)
         print(f"[round {r}] " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
@@ -315,7 +411,11 @@ def main(args: Args) -> None:
     bound = min(bandwidth_bound, compute_bound)
     weights_bound = rows / median["weights_read_s"]
     generated = rows * tokens
-    rate = {name: generated / median[f"{name}_s"] for name in ("ours", "ours_hf_forward", "hf_generate") if f"{name}_s" in median}
+    rate = {
+        name: generated / median[f"{name}_s"]
+        for name in ("ours", "ours_hf_forward", "hf_generate")
+        if f"{name}_s" in median
+    }
     decode = {name: rows / median[f"{name}_decode_step_s"] for name in ("ours", "ours_hf_forward")}
     threads = torch.get_num_threads() if device == "cpu" else None
     loads = ", ".join(f"{r['load_average']:.1f}" for r in rounds)
@@ -324,7 +424,8 @@ def main(args: Args) -> None:
         f"## Generation, config `{args.config}`",
         "",
         f"{cfg['model']} ({costs['params'] / 1e6:.1f}M parameters, {str(cfg['dtype']).replace('torch.', '')}) on {device}"
-        + (f", {threads} threads" if threads else f", {torch.cuda.get_device_name()}") + f"; torch {torch.__version__}. "
+        + (f", {threads} threads" if threads else f", {torch.cuda.get_device_name()}")
+        + f"; torch {torch.__version__}. "
         f"{len(prompts)} prompts ({source}; {', '.join(str(len(p)) for p in prompts)} tokens, common prefix "
         f"{models.common_prefix_length(prompts)}) x {n} samples x {tokens} forced tokens = {rows} rows, {generated} tokens; "
         f"temperature 1, top-p 1. {args.repeats} rounds, medians; load average (1 min) "
@@ -346,7 +447,9 @@ def main(args: Args) -> None:
         f"| rollouts.generate through the HF forward, end to end | {rate['ours_hf_forward']:.0f} | {rate['ours_hf_forward'] / bound:.0%} |",
     ]
     if "hf_generate" in rate:
-        lines.append(f"| HF `model.generate` (sampling), end to end | {rate['hf_generate']:.0f} | {rate['hf_generate'] / bound:.0%} |")
+        lines.append(
+            f"| HF `model.generate` (sampling), end to end | {rate['hf_generate']:.0f} | {rate['hf_generate'] / bound:.0%} |"
+        )
     lines += [
         "",
         f"**Paired measurement** ({paired['pairs']} decode steps of the fast decoder at token {tokens // 2}, each timed "
@@ -366,10 +469,25 @@ def main(args: Args) -> None:
     out = ROOT / args.results_dir / f"bench-generate-{args.config}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(dict(
-        args=asdict(args), prompt_lengths=list(map(len, prompts)), source=source, threads=threads, costs=costs,
-        rounds=rounds, median=median, bounds=dict(bandwidth=bandwidth_bound, compute=compute_bound), paired=paired,
-        end_to_end_tok_s=rate, decode_tok_s=decode), indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            dict(
+                args=asdict(args),
+                prompt_lengths=list(map(len, prompts)),
+                source=source,
+                threads=threads,
+                costs=costs,
+                rounds=rounds,
+                median=median,
+                bounds=dict(bandwidth=bandwidth_bound, compute=compute_bound),
+                paired=paired,
+                end_to_end_tok_s=rate,
+                decode_tok_s=decode,
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}.md and .json")
 
 

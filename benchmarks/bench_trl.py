@@ -39,14 +39,41 @@ MARK = "BENCH_RESULT "
 
 CONFIGS = {
     # The acceptance configuration: the embedded model on a 2-core CPU, ESCI-length prompts (~520 tokens).
-    "cpu": dict(model="smollm2-135m", device="cpu", dataset="esci", prompts_per_step=2, group_size=8,
-                max_new_tokens=64, micro_batch_size=8, sft_batch_size=8, matmul_size=2048),
+    "cpu": dict(
+        model="smollm2-135m",
+        device="cpu",
+        dataset="esci",
+        prompts_per_step=2,
+        group_size=8,
+        max_new_tokens=64,
+        micro_batch_size=8,
+        sft_batch_size=8,
+        matmul_size=2048,
+    ),
     # A Qwen2.5-0.5B-shaped random model (SmolLM2 tokenizer: no Qwen tokenizer offline) on one GPU, bf16.
-    "gpu": dict(model="qwen2.5-0.5b-shaped", device="cuda", dataset="esci", prompts_per_step=8, group_size=8,
-                max_new_tokens=256, micro_batch_size=8, sft_batch_size=8, matmul_size=8192),
+    "gpu": dict(
+        model="qwen2.5-0.5b-shaped",
+        device="cuda",
+        dataset="esci",
+        prompts_per_step=8,
+        group_size=8,
+        max_new_tokens=256,
+        micro_batch_size=8,
+        sft_batch_size=8,
+        matmul_size=8192,
+    ),
     # Smoke configuration: the plumbing in seconds (tiny-random model, synthetic data). Numbers mean little.
-    "tiny": dict(model="tiny-random", device="cpu", dataset="synthetic", prompts_per_step=2, group_size=4,
-                 max_new_tokens=16, micro_batch_size=4, sft_batch_size=4, matmul_size=512),
+    "tiny": dict(
+        model="tiny-random",
+        device="cpu",
+        dataset="synthetic",
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=16,
+        micro_batch_size=4,
+        sft_batch_size=4,
+        matmul_size=512,
+    ),
 }
 
 
@@ -125,10 +152,19 @@ def make_gpu_model(folder: Path) -> None:
     from helpers import models
 
     tokenizer = models.embedded_tokenizer()
-    config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
@@ -198,13 +234,31 @@ def ours_grpo(args: Args, cfg: dict) -> dict:
     import grpo
 
     work = Path(args.work_dir)
-    run = grpo.Args(model=model_name(args, cfg), dataset=cfg["dataset"], data_path=cfg["data_path"],
-                    prompts_per_step=cfg["prompts_per_step"], group_size=cfg["group_size"],
-                    max_new_tokens=cfg["max_new_tokens"], min_new_tokens=cfg["max_new_tokens"], beta=0.0,
-                    num_updates_per_batch=1, dynamic_sampling=False, temperature=1.0, top_p=1.0, lr=1e-6,
-                    micro_batch_size=cfg["micro_batch_size"], gen_batch_size=16, total_steps=args.steps, eval_limit=1,
-                    device=cfg["device"], seed=1, output_dir=str(work), run_name="ours", save_every=10**9,
-                    log_samples_every=10**9)
+    run = grpo.Args(
+        model=model_name(args, cfg),
+        dataset=cfg["dataset"],
+        data_path=cfg["data_path"],
+        prompts_per_step=cfg["prompts_per_step"],
+        group_size=cfg["group_size"],
+        max_new_tokens=cfg["max_new_tokens"],
+        min_new_tokens=cfg["max_new_tokens"],
+        beta=0.0,
+        num_updates_per_batch=1,
+        dynamic_sampling=False,
+        temperature=1.0,
+        top_p=1.0,
+        lr=1e-6,
+        micro_batch_size=cfg["micro_batch_size"],
+        gen_batch_size=16,
+        total_steps=args.steps,
+        eval_limit=1,
+        device=cfg["device"],
+        seed=1,
+        output_dir=str(work),
+        run_name="ours",
+        save_every=10**9,
+        log_samples_every=10**9,
+    )
     sampler = RssSampler()
     grpo.main(run)
     sampler.stop.set()
@@ -216,13 +270,20 @@ def ours_grpo(args: Args, cfg: dict) -> dict:
     steps = []
     for k, r in enumerate(rows):
         completion_tokens = round(r["completion_len_mean"] * P * G)
-        prompts = prompt_ids[k * P:(k + 1) * P]
-        steps.append(dict(step_seconds=r["step_seconds"], generation_seconds=r["time_generation"] + r["time_scoring"],
-                          training_seconds=r["time_training"], generated_tokens=completion_tokens,
-                          trained_tokens=completion_tokens, sequence_tokens=G * sum(map(len, prompts)) + completion_tokens,
-                          # what grpo.py executes with a group's prompt run once (shared prefix, group = micro-batch)
-                          executed_tokens=sum(len(p) - 1 + G * (1 + T) for p in prompts),
-                          groups=r["groups_kept"]))
+        prompts = prompt_ids[k * P : (k + 1) * P]
+        steps.append(
+            dict(
+                step_seconds=r["step_seconds"],
+                generation_seconds=r["time_generation"] + r["time_scoring"],
+                training_seconds=r["time_training"],
+                generated_tokens=completion_tokens,
+                trained_tokens=completion_tokens,
+                sequence_tokens=G * sum(map(len, prompts)) + completion_tokens,
+                # what grpo.py executes with a group's prompt run once (shared prefix, group = micro-batch)
+                executed_tokens=sum(len(p) - 1 + G * (1 + T) for p in prompts),
+                groups=r["groups_kept"],
+            )
+        )
     return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, steps_end))
 
 
@@ -243,18 +304,41 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
 
     def outcome(prompts, completions, example_index, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [R.score_output(t, examples[i].label, examples[i].criteria, rulebook).outcome
-                for t, i in zip(texts, example_index)]
+        return [
+            R.score_output(t, examples[i].label, examples[i].criteria, rulebook).outcome
+            for t, i in zip(texts, example_index)
+        ]
 
     config = GRPOConfig(
-        output_dir=str(Path(args.work_dir) / "trl"), num_generations=G, per_device_train_batch_size=mb,
+        output_dir=str(Path(args.work_dir) / "trl"),
+        num_generations=G,
+        per_device_train_batch_size=mb,
         gradient_accumulation_steps=P * G // mb,  # -> generation_batch_size = P*G, steps_per_generation = P*G/mb
-        max_completion_length=T, generation_kwargs={"min_new_tokens": T}, beta=0.0, num_iterations=1,
-        temperature=1.0, top_p=1.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
-        learning_rate=1e-6, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=args.steps,
-        use_cpu=cfg["device"] == "cpu", bf16=False, gradient_checkpointing=args.trl_gradient_checkpointing,
-        shuffle_dataset=False, seed=1, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-        dataloader_pin_memory=False)
+        max_completion_length=T,
+        generation_kwargs={"min_new_tokens": T},
+        beta=0.0,
+        num_iterations=1,
+        temperature=1.0,
+        top_p=1.0,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dapo",
+        scale_rewards="group",
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        use_cpu=cfg["device"] == "cpu",
+        bf16=False,
+        gradient_checkpointing=args.trl_gradient_checkpointing,
+        shuffle_dataset=False,
+        seed=1,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
     train = Dataset.from_list([dict(prompt=m, example_index=i) for m, i in zip(messages, picks)])
     timing = dict(steps=[], generation=[], tokens=[], prompts=[])
 
@@ -273,8 +357,14 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
             timing["last_end"] = time.time()
 
     device_sync = torch.cuda.synchronize if cfg["device"].startswith("cuda") else None
-    trainer = GRPOTrainer(model=model, reward_funcs=[outcome], args=config, train_dataset=train,
-                          processing_class=tokenizer, callbacks=[Timer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[outcome],
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     generate_and_score, tokenize = trainer._generate_and_score_completions, trainer._tokenize_prompts
 
     def timed_generate_and_score(inputs):  # generation + decoding + rewards (grpo.py's time_generation covers the same)
@@ -298,18 +388,29 @@ def trl_grpo(args: Args, cfg: dict) -> dict:
     sampler.stop.set()
     # equal work: TRL saw exactly grpo.py's prompt token ids, G copies each, and generated P*G*T tokens per step
     for k, seen in enumerate(timing["prompts"]):
-        expected = [ids for ids in prompt_ids[k * P:(k + 1) * P] for _ in range(G)]
+        expected = [ids for ids in prompt_ids[k * P : (k + 1) * P] for _ in range(G)]
         if seen != expected:
             raise AssertionError(f"step {k + 1}: TRL's prompt token ids differ from grpo.py's")
     steps = []
     for k, (seconds, gen, tokens) in enumerate(zip(timing["steps"], timing["generation"], timing["tokens"])):
-        prompts = prompt_ids[k * P:(k + 1) * P]
-        steps.append(dict(step_seconds=seconds, generation_seconds=gen, training_seconds=seconds - gen,
-                          generated_tokens=tokens, trained_tokens=tokens,
-                          sequence_tokens=G * sum(map(len, prompts)) + tokens,
-                          executed_tokens=G * sum(map(len, prompts)) + tokens, groups=P))
-    return dict(steps=steps, prompt_ids_checked=len(timing["prompts"]),
-                rss_steps_gib=sampler.peak_between(steps_start, timing["last_end"]))
+        prompts = prompt_ids[k * P : (k + 1) * P]
+        steps.append(
+            dict(
+                step_seconds=seconds,
+                generation_seconds=gen,
+                training_seconds=seconds - gen,
+                generated_tokens=tokens,
+                trained_tokens=tokens,
+                sequence_tokens=G * sum(map(len, prompts)) + tokens,
+                executed_tokens=G * sum(map(len, prompts)) + tokens,
+                groups=P,
+            )
+        )
+    return dict(
+        steps=steps,
+        prompt_ids_checked=len(timing["prompts"]),
+        rss_steps_gib=sampler.peak_between(steps_start, timing["last_end"]),
+    )
 
 
 # ==================================================================================================
@@ -328,9 +429,22 @@ def ours_sft(args: Args, cfg: dict) -> dict:
     import sft
 
     work = Path(args.work_dir)
-    run = sft.Args(model=model_name(args, cfg), dataset=cfg["dataset"], data_path=cfg["data_path"],
-                   batch_size=cfg["sft_batch_size"], grad_accum=1, total_steps=args.steps, lr=5e-5, log_every=1,
-                   eval_limit=1, device=cfg["device"], seed=1, output_dir=str(work), run_name="ours", save_every=10**9)
+    run = sft.Args(
+        model=model_name(args, cfg),
+        dataset=cfg["dataset"],
+        data_path=cfg["data_path"],
+        batch_size=cfg["sft_batch_size"],
+        grad_accum=1,
+        total_steps=args.steps,
+        lr=5e-5,
+        log_every=1,
+        eval_limit=1,
+        device=cfg["device"],
+        seed=1,
+        output_dir=str(work),
+        run_name="ours",
+        save_every=10**9,
+    )
     sampler = RssSampler()
     sft.main(run)
     sampler.stop.set()
@@ -341,11 +455,17 @@ def ours_sft(args: Args, cfg: dict) -> dict:
     B = cfg["sft_batch_size"]
     steps = []
     for k, r in enumerate(rows):
-        batch = data[k * B:(k + 1) * B]
+        batch = data[k * B : (k + 1) * B]
         trained = sum(sum(mask) for _, mask in batch)
-        steps.append(dict(step_seconds=r["step_seconds"], training_seconds=r["step_seconds"], trained_tokens=trained,
-                          logged_tokens_per_second=r["tokens_per_second"],
-                          sequence_tokens=sum(len(ids) for ids, _ in batch)))
+        steps.append(
+            dict(
+                step_seconds=r["step_seconds"],
+                training_seconds=r["step_seconds"],
+                trained_tokens=trained,
+                logged_tokens_per_second=r["tokens_per_second"],
+                sequence_tokens=sum(len(ids) for ids, _ in batch),
+            )
+        )
     return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, steps_end))
 
 
@@ -361,12 +481,29 @@ def trl_sft(args: Args, cfg: dict) -> dict:
     data = sft_rows(args, cfg, tokenizer)
     B = cfg["sft_batch_size"]
     config = SFTConfig(
-        output_dir=str(Path(args.work_dir) / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=1,
-        completion_only_loss=True, packing=False, padding_free=False, max_length=None, learning_rate=5e-5,
-        lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=args.steps, use_cpu=cfg["device"] == "cpu",
-        bf16=False, gradient_checkpointing=args.trl_gradient_checkpointing, shuffle_dataset=False,
-        train_sampling_strategy="sequential", seed=1, report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, dataloader_pin_memory=False)
+        output_dir=str(Path(args.work_dir) / "trl"),
+        per_device_train_batch_size=B,
+        gradient_accumulation_steps=1,
+        completion_only_loss=True,
+        packing=False,
+        padding_free=False,
+        max_length=None,
+        learning_rate=5e-5,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        use_cpu=cfg["device"] == "cpu",
+        bf16=False,
+        gradient_checkpointing=args.trl_gradient_checkpointing,
+        shuffle_dataset=False,
+        train_sampling_strategy="sequential",
+        seed=1,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
     # already tokenized: TRL skips its own templating and builds labels (-100 off the completion) from the mask
     train = Dataset.from_dict(dict(input_ids=[ids for ids, _ in data], completion_mask=[m for _, m in data]))
     times, last_end = [], [0.0]
@@ -399,8 +536,14 @@ def trl_sft(args: Args, cfg: dict) -> dict:
         trained = sum(sum(1 for x in labels[i] if x != -100) for i in batch)
         if trained != sum(sum(data[i][1]) for i in batch):
             raise AssertionError("TRL's SFT labels cover other tokens than sft.py's completion")
-        steps.append(dict(step_seconds=seconds, training_seconds=seconds, trained_tokens=trained,
-                          sequence_tokens=sum(len(data[i][0]) for i in batch)))
+        steps.append(
+            dict(
+                step_seconds=seconds,
+                training_seconds=seconds,
+                trained_tokens=trained,
+                sequence_tokens=sum(len(data[i][0]) for i in batch),
+            )
+        )
     return dict(steps=steps, rss_steps_gib=sampler.peak_between(steps_start, last_end[0]))
 
 
@@ -423,14 +566,32 @@ def matmul_rate(device: str, size: int, repeats: int = 5) -> dict:
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return dict(gflops=2 * size**3 / best / 1e9, size=size, dtype=str(dtype).replace("torch.", ""),
-                threads=torch.get_num_threads())
+    return dict(
+        gflops=2 * size**3 / best / 1e9,
+        size=size,
+        dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+    )
 
 
 def run_child(args: Args, task: str, side: str, model_dir: str | None, log_dir: Path, round_: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{task}-{side}-") as work:
-        command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--task", task, "--config", args.config,
-                   "--steps", str(args.steps), "--data-path", args.data_path, "--work-dir", work]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--side",
+            side,
+            "--task",
+            task,
+            "--config",
+            args.config,
+            "--steps",
+            str(args.steps),
+            "--data-path",
+            args.data_path,
+            "--work-dir",
+            work,
+        ]
         if model_dir:
             command += ["--model-dir", model_dir]
         if args.trl_gradient_checkpointing:
@@ -440,18 +601,23 @@ def run_child(args: Args, task: str, side: str, model_dir: str | None, log_dir: 
         started = time.time()
         with open(log, "w") as f:
             try:
-                code = subprocess.call(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=args.child_timeout)
+                code = subprocess.call(
+                    command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=args.child_timeout
+                )
             except subprocess.TimeoutExpired:
                 code = "timeout"
         lines = log.read_text(errors="replace").splitlines()
-        found = [json.loads(line[len(MARK):]) for line in lines if line.startswith(MARK)]
+        found = [json.loads(line[len(MARK) :]) for line in lines if line.startswith(MARK)]
         if code != 0 or not found:
             reason = "killed (out of memory?)" if code in (-9, 137) else f"exit {code}"
             print(f"[bench]   failed: {reason}; last lines of {log}:\n" + "\n".join(lines[-15:]), flush=True)
             return dict(failed=reason)
         result = found[-1]
-        print(f"[bench]   {time.time() - started:.0f}s wall, steps {[round(s['step_seconds'], 2) for s in result['steps']]}, "
-              f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"[bench]   {time.time() - started:.0f}s wall, steps {[round(s['step_seconds'], 2) for s in result['steps']]}, "
+            f"peak RSS {result['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
         return result
 
 
@@ -462,14 +628,22 @@ def summarise(results: list[dict], params: int) -> dict:
         return dict(failed=results[0]["failed"] if results else "not run")
     measured = [s for r in ok for s in r["steps"][1:]] or [s for r in ok for s in r["steps"]]
     med = lambda key: statistics.median(s[key] for s in measured) if key in measured[0] else None  # noqa: E731
-    out = dict(step_seconds=med("step_seconds"), training_seconds=med("training_seconds"),
-               generation_seconds=med("generation_seconds"), generated_tokens=med("generated_tokens"),
-               trained_tokens=med("trained_tokens"), sequence_tokens=med("sequence_tokens"),
-               executed_tokens=med("executed_tokens"), params=params,
-               peak_rss_gib=max(r["peak_rss_gib"] for r in ok), peak_rss_each=[r["peak_rss_gib"] for r in ok],
-               rss_steps_gib=max((r["rss_steps_gib"] for r in ok if r.get("rss_steps_gib")), default=None),
-               step_seconds_all=[round(s["step_seconds"], 3) for r in ok for s in r["steps"]],
-               measured_steps=len(measured), rounds_failed=len(results) - len(ok))
+    out = dict(
+        step_seconds=med("step_seconds"),
+        training_seconds=med("training_seconds"),
+        generation_seconds=med("generation_seconds"),
+        generated_tokens=med("generated_tokens"),
+        trained_tokens=med("trained_tokens"),
+        sequence_tokens=med("sequence_tokens"),
+        executed_tokens=med("executed_tokens"),
+        params=params,
+        peak_rss_gib=max(r["peak_rss_gib"] for r in ok),
+        peak_rss_each=[r["peak_rss_gib"] for r in ok],
+        rss_steps_gib=max((r["rss_steps_gib"] for r in ok if r.get("rss_steps_gib")), default=None),
+        step_seconds_all=[round(s["step_seconds"], 3) for r in ok for s in r["steps"]],
+        measured_steps=len(measured),
+        rounds_failed=len(results) - len(ok),
+    )
     if out["generation_seconds"] is not None:
         out["generated_tokens_per_second"] = out["generated_tokens"] / out["generation_seconds"]
     out["trained_tokens_per_second"] = out["trained_tokens"] / out["training_seconds"]
@@ -486,17 +660,21 @@ def table(task: str, summary: dict, matmul: dict) -> str:
     ours, trl = summary.get("ours", {}), summary.get("trl", {})
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
-    rows = [("median step time (s)", "step_seconds", ".2f", lambda o, t: ratio(t, o)),
-            ("generated tok/s (generation + scoring phase)", "generated_tokens_per_second", ".1f", ratio),
-            ("trained tok/s (completion tokens / training phase)", "trained_tokens_per_second", ".1f", ratio),
-            ("end-to-end tok/s (completion tokens / step)", "step_tokens_per_second", ".1f", ratio),
-            ("peak RSS of the process (GiB)", "peak_rss_gib", ".2f", lambda o, t: ratio(o, t)),
-            ("peak RSS during the steps (GiB, sampled every 0.2 s)", "rss_steps_gib", ".2f", lambda o, t: ratio(o, t))]
+    rows = [
+        ("median step time (s)", "step_seconds", ".2f", lambda o, t: ratio(t, o)),
+        ("generated tok/s (generation + scoring phase)", "generated_tokens_per_second", ".1f", ratio),
+        ("trained tok/s (completion tokens / training phase)", "trained_tokens_per_second", ".1f", ratio),
+        ("end-to-end tok/s (completion tokens / step)", "step_tokens_per_second", ".1f", ratio),
+        ("peak RSS of the process (GiB)", "peak_rss_gib", ".2f", lambda o, t: ratio(o, t)),
+        ("peak RSS during the steps (GiB, sampled every 0.2 s)", "rss_steps_gib", ".2f", lambda o, t: ratio(o, t)),
+    ]
     lines = [f"### {task.upper()}", "", "| metric | ours | TRL | ours / TRL |", "|---|---|---|---|"]
     for name, key, spec, r in rows:
         if ours.get(key) is None and trl.get(key) is None:
             continue
-        lines.append(f"| {name} | {f(ours.get(key), spec)} | {f(trl.get(key), spec)} | {r(ours.get(key), trl.get(key))} |")
+        lines.append(
+            f"| {name} | {f(ours.get(key), spec)} | {f(trl.get(key), spec)} | {r(ours.get(key), trl.get(key))} |"
+        )
     for side, s in (("ours", ours), ("TRL", trl)):
         if "failed" in s:
             lines.append(f"| {side} failed | {s['failed']} | | |")
@@ -505,10 +683,14 @@ def table(task: str, summary: dict, matmul: dict) -> str:
         if s.get("train_flops_per_second"):
             extra = ""
             if side == "ours" and s.get("executed_flops_per_second") and s["executed_tokens"] != s["sequence_tokens"]:
-                extra = (f"; executed (prompt run once per group): {s['executed_flops_per_second'] / 1e9:.1f} GFLOP/s = "
-                         f"{s['executed_flops_per_second'] / rate:.0%}")
-            lines.append(f"| training FLOP rate, {side} (6·N·T/t) | {s['train_flops_per_second'] / 1e9:.1f} GFLOP/s | "
-                         f"{s['train_flops_per_second'] / rate:.0%} of matmul{extra} | |")
+                extra = (
+                    f"; executed (prompt run once per group): {s['executed_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+                    f"{s['executed_flops_per_second'] / rate:.0%}"
+                )
+            lines.append(
+                f"| training FLOP rate, {side} (6·N·T/t) | {s['train_flops_per_second'] / 1e9:.1f} GFLOP/s | "
+                f"{s['train_flops_per_second'] / rate:.0%} of matmul{extra} | |"
+            )
     return "\n".join(lines)
 
 
@@ -520,8 +702,10 @@ def acceptance(summary: dict) -> str:
         o, t = grpo["ours"], grpo["trl"]
         speed = t["step_seconds"] / o["step_seconds"]
         lines.append(f"- GRPO throughput ours / TRL = {speed:.2f}x (bar: >= 2x): {'met' if speed >= 2 else 'NOT met'}")
-        lines.append(f"- GRPO peak RSS ours {o['peak_rss_gib']:.2f} GiB vs TRL {t['peak_rss_gib']:.2f} GiB (bar: <=): "
-                     f"{'met' if o['peak_rss_gib'] <= t['peak_rss_gib'] else 'NOT met'}")
+        lines.append(
+            f"- GRPO peak RSS ours {o['peak_rss_gib']:.2f} GiB vs TRL {t['peak_rss_gib']:.2f} GiB (bar: <=): "
+            f"{'met' if o['peak_rss_gib'] <= t['peak_rss_gib'] else 'NOT met'}"
+        )
     if sft.get("ours", {}).get("step_seconds") and sft.get("trl", {}).get("step_seconds"):
         speed = sft["trl"]["step_seconds"] / sft["ours"]["step_seconds"]
         lines.append(f"- SFT throughput ours / TRL = {speed:.2f}x (bar: >= 1x): {'met' if speed >= 1 else 'NOT met'}")
@@ -545,8 +729,11 @@ def parent(args: Args) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-trl-{args.config}-logs-"))
     load_start = os.getloadavg()
     matmul = matmul_rate(cfg["device"], cfg["matmul_size"])
-    print(f"[bench] matmul {matmul['size']}^3 {matmul['dtype']}: {matmul['gflops']:.1f} GFLOP/s "
-          f"({matmul['threads']} threads); child logs in {log_dir}", flush=True)
+    print(
+        f"[bench] matmul {matmul['size']}^3 {matmul['dtype']}: {matmul['gflops']:.1f} GFLOP/s "
+        f"({matmul['threads']} threads); child logs in {log_dir}",
+        flush=True,
+    )
     model_tmp = None
     if cfg["model"] == "qwen2.5-0.5b-shaped":
         model_tmp = tempfile.TemporaryDirectory(prefix="bench-qwen-shaped-")
@@ -570,31 +757,50 @@ def parent(args: Args) -> None:
 
     def write(final: bool) -> str:
         """The table and JSON from the rounds finished so far (rewritten after every child: a killed run keeps them)."""
-        summary = {task: {side: summarise(rs, params) for side, rs in raw[task].items()} for task in tasks
-                   if any(raw[task].values())}
+        summary = {
+            task: {side: summarise(rs, params) for side, rs in raw[task].items()}
+            for task in tasks
+            if any(raw[task].values())
+        }
         done = {task: {side: len(rs) for side, rs in raw[task].items()} for task in tasks}
-        head = [f"## TRL comparison, config `{args.config}`" + ("" if final else " (PARTIAL: run still going or killed)"), "",
-                f"Model {cfg['model']} ({params / 1e6:.1f}M parameters, tied embeddings counted once) on {cfg['device']}, "
-                f"{cfg['dataset']} prompts; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
-                f"{matmul['threads']} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
-                f"GRPO: {P} prompts x {G} completions x {T} tokens (min = max), beta 0, one update per generation batch, "
-                f"micro-batch {cfg['micro_batch_size']} on both sides; SFT: one step of {cfg['sft_batch_size']} sequences. "
-                f"{args.repeats} rounds alternating ours/TRL, {args.steps} steps each, first step of each round excluded; "
-                f"medians over the measured steps. TRL gradient checkpointing: {args.trl_gradient_checkpointing}. "
-                f"Rounds finished: {done}.",
-                f"Matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['size']}^3 {matmul['dtype']}, best of 5). "
-                "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time. "
-                f"Machine load average (1 min) at start {load_start[0]:.1f}, now {os.getloadavg()[0]:.1f} "
-                f"on {os.cpu_count()} CPUs.", ""]
+        head = [
+            f"## TRL comparison, config `{args.config}`" + ("" if final else " (PARTIAL: run still going or killed)"),
+            "",
+            f"Model {cfg['model']} ({params / 1e6:.1f}M parameters, tied embeddings counted once) on {cfg['device']}, "
+            f"{cfg['dataset']} prompts; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
+            f"{matmul['threads']} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
+            f"GRPO: {P} prompts x {G} completions x {T} tokens (min = max), beta 0, one update per generation batch, "
+            f"micro-batch {cfg['micro_batch_size']} on both sides; SFT: one step of {cfg['sft_batch_size']} sequences. "
+            f"{args.repeats} rounds alternating ours/TRL, {args.steps} steps each, first step of each round excluded; "
+            f"medians over the measured steps. TRL gradient checkpointing: {args.trl_gradient_checkpointing}. "
+            f"Rounds finished: {done}.",
+            f"Matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['size']}^3 {matmul['dtype']}, best of 5). "
+            "FLOP rate = 6 x N x (prompt + completion tokens of the trained sequences) / training time. "
+            f"Machine load average (1 min) at start {load_start[0]:.1f}, now {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs.",
+            "",
+        ]
         body = [table(task, summary[task], matmul) + "\n" for task in summary]
         body.append(acceptance(summary))
         text = "\n".join(head + body)
         (out_dir / f"bench-trl-{args.config}.md").write_text(text + "\n")
-        (out_dir / f"bench-trl-{args.config}.json").write_text(json.dumps(
-            dict(config=args.config, final=final, settings=cfg, args=asdict(args), matmul=matmul, results=summary,
-                 rounds=raw, load_average=dict(start=load_start, now=os.getloadavg()), cpus=os.cpu_count(),
-                 versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl_version)),
-            indent=2))
+        (out_dir / f"bench-trl-{args.config}.json").write_text(
+            json.dumps(
+                dict(
+                    config=args.config,
+                    final=final,
+                    settings=cfg,
+                    args=asdict(args),
+                    matmul=matmul,
+                    results=summary,
+                    rounds=raw,
+                    load_average=dict(start=load_start, now=os.getloadavg()),
+                    cpus=os.cpu_count(),
+                    versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl_version),
+                ),
+                indent=2,
+            )
+        )
         return text
 
     try:
@@ -625,8 +831,10 @@ def perflog(args: Args) -> None:
     dataset = D.load_dataset(cfg["dataset"], "train", cfg["data_path"], seed=1)
     # The two shortest of the stream's first 10 prompts (real ESCI prompts, ~330 tokens): keeps each
     # measurement short on a 2-core CPU; a group of 4 and 8 completion tokens for the same reason.
-    first = [D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0]
-             for i in stream_indices(len(dataset.examples), 10)]
+    first = [
+        D.encode_prompt(tokenizer, dataset.examples[i], dataset.rulebook)[0]
+        for i in stream_indices(len(dataset.examples), 10)
+    ]
     pair = sorted(first, key=len)[:2]
     prompt = pair[0]
     G, C = 4, 8
@@ -646,16 +854,23 @@ def perflog(args: Args) -> None:
 
     def add(row):
         rows.append(row)
-        print(f"[perflog] {row[0]}: without {row[1]:.3f}s, with {row[2]:.3f}s, {row[1] / row[2]:.2f}x ({row[3]})", flush=True)
+        print(
+            f"[perflog] {row[0]}: without {row[1]:.3f}s, with {row[2]:.3f}s, {row[1] / row[2]:.2f}x ({row[3]})",
+            flush=True,
+        )
+
     rollouts.generate(model, tokenizer, [prompt], n=2, max_new_tokens=2)  # warm-up (threads, allocator)
     # (1) shared-prompt prefill in generation
     outs = {}
 
     def gen_fn(shared):
         def run():
-            outs[shared] = rollouts.generate(model, tokenizer, [prompt], n=G, max_new_tokens=C, temperature=0.0,
-                                      shared_prefill=shared)
+            outs[shared] = rollouts.generate(
+                model, tokenizer, [prompt], n=G, max_new_tokens=C, temperature=0.0, shared_prefill=shared
+            )
+
         return run
+
     t_on, t_off = clock(gen_fn(True)), clock(gen_fn(False))
     same = outs[True].completion_ids == outs[False].completion_ids
     add(("shared-prompt prefill in generation", t_off, t_on, f"greedy tokens identical: {same}"))
@@ -668,23 +883,40 @@ def perflog(args: Args) -> None:
                 with torch.no_grad():
                     models.token_logprobs(model, batch)
             if full_logits:  # the plain way: logits (and log-softmax) at every position, then the completion slice
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"]).logits.float()
-                logp = torch.log_softmax(logits, -1)[:, -C - 1:-1].gather(-1, batch["input_ids"][:, -C:, None])
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                ).logits.float()
+                logp = torch.log_softmax(logits, -1)[:, -C - 1 : -1].gather(-1, batch["input_ids"][:, -C:, None])
             else:
                 logp = models.token_logprobs(model, batch)[0]
             (-logp.sum()).backward()
             model.zero_grad(set_to_none=True)
+
         return run
+
     model.train()
     train_pass(True)()  # warm-up
     base = clock(train_pass(True))
-    add(("behaviour log-probs reused as old log-probs", clock(train_pass(True, recompute=True)), base,
-                 "recompute_old_logprobs=True adds one no-grad forward"))
+    add(
+        (
+            "behaviour log-probs reused as old log-probs",
+            clock(train_pass(True, recompute=True)),
+            base,
+            "recompute_old_logprobs=True adds one no-grad forward",
+        )
+    )
     plain = clock(train_pass(False))
     add(("shared-prefix training pass (fwd+bwd)", plain, base, f"group of {G}, prompt {len(prompt)} tokens"))
-    add(("completion-only logits (logits_to_keep)", clock(train_pass(False, full_logits=True)), plain,
-                 "no shared prefix on either side"))
+    add(
+        (
+            "completion-only logits (logits_to_keep)",
+            clock(train_pass(False, full_logits=True)),
+            plain,
+            "no shared prefix on either side",
+        )
+    )
     # (6) not in eval.py (a proposed change): the generation prefill asks for the last position's logits only
     width = max(map(len, pair))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in pair])
@@ -694,13 +926,22 @@ def perflog(args: Args) -> None:
     def prefill(keep):
         def run():
             with torch.no_grad():
-                return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=keep).logits[:, -1]
+                return model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep
+                ).logits[:, -1]
+
         return run
+
     model.eval()
-    add(("(proposed) prefill logits of the last position only", clock(prefill(0)), clock(prefill(1)),
-                 f"2 prompts of {list(map(len, pair))} tokens, as grpo.py's prefill; last logits equal: "
-                 f"{torch.allclose(prefill(0)(), prefill(1)(), atol=1e-4)}"))
+    add(
+        (
+            "(proposed) prefill logits of the last position only",
+            clock(prefill(0)),
+            clock(prefill(1)),
+            f"2 prompts of {list(map(len, pair))} tokens, as grpo.py's prefill; last logits equal: "
+            f"{torch.allclose(prefill(0)(), prefill(1)(), atol=1e-4)}",
+        )
+    )
     model.train()
     # (5) label-only eval vs full generation
     dev = D.load_dataset(cfg["dataset"], "dev", cfg["data_path"], seed=0, limit=4)
@@ -708,13 +949,21 @@ def perflog(args: Args) -> None:
     for label_only in (True, False):
         metrics, _ = E.evaluate(model, tokenizer, dev.examples, dev.rulebook, max_new_tokens=64, label_only=label_only)
         per_s[label_only] = metrics["examples_per_second"]
-    add(("label-only eval vs generation (64 new tokens max)", 1 / per_s[False], 1 / per_s[True],
-                 f"{per_s[True]:.2f} vs {per_s[False]:.2f} examples/s"))
+    add(
+        (
+            "label-only eval vs generation (64 new tokens max)",
+            1 / per_s[False],
+            1 / per_s[True],
+            f"{per_s[True]:.2f} vs {per_s[False]:.2f} examples/s",
+        )
+    )
     lines = ["| change | without (s) | with (s) | measured gain | note |", "|---|---|---|---|---|"]
     for name, without, with_, note in rows:
         lines.append(f"| {name} | {without:.3f} | {with_:.3f} | {without / with_:.2f}x | {note} |")
-    text = (f"Performance log micro-measurements: {cfg['model']}, {torch.get_num_threads()} threads, prompt "
-            f"{len(prompt)} tokens, group {G}, {C} completion tokens\n\n" + "\n".join(lines))
+    text = (
+        f"Performance log micro-measurements: {cfg['model']}, {torch.get_num_threads()} threads, prompt "
+        f"{len(prompt)} tokens, group {G}, {C} completion tokens\n\n" + "\n".join(lines)
+    )
     print(text)
     out = ROOT / args.results_dir / f"bench-perflog-{args.config}-{torch.get_num_threads()}t.md"
     out.parent.mkdir(parents=True, exist_ok=True)

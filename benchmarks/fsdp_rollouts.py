@@ -51,10 +51,15 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)
     dataset = D.load_dataset("synthetic", "train", seed=0, limit=args.prompts * accelerator.num_processes)
-    mine = dataset.examples[accelerator.process_index::accelerator.num_processes]
+    mine = dataset.examples[accelerator.process_index :: accelerator.num_processes]
     prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook, "label_first", 256)[0] for e in mine]
-    kwargs = dict(n=args.group_size, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                  temperature=1.0, seeds=list(range(len(prompts))))
+    kwargs = dict(
+        n=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        seeds=list(range(len(prompts))),
+    )
     # the sharded model itself: FSDP2 gathers each block in every forward, a collective per layer per token
     start = time.perf_counter()
     lockstep = rollouts.generate(model, tokenizer, prompts, **kwargs)
@@ -67,12 +72,21 @@ def main(args: Args) -> None:
     copy_seconds = time.perf_counter() - start
     copy_bytes = sum(p.numel() * p.element_size() for p in rollouts._INFERENCE_COPIES[id(model)].parameters())
     shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) / accelerator.num_processes
-    result = dict(model=args.model, world=accelerator.num_processes, device=str(accelerator.device),
-                  completions_per_rank=len(prompts) * args.group_size, tokens_each=args.max_new_tokens,
-                  lockstep_generation_s=round(lockstep_seconds, 2), copy_gather_s=round(gather_seconds, 2),
-                  copy_generation_s=round(copy_seconds, 2), copy_mib=round(copy_bytes / 2**20, 1),
-                  shard_mib=round(shard_bytes / 2**20, 1), same_tokens=lockstep.completion_ids == copied.completion_ids,
-                  threads=torch.get_num_threads(), torch=torch.__version__)
+    result = dict(
+        model=args.model,
+        world=accelerator.num_processes,
+        device=str(accelerator.device),
+        completions_per_rank=len(prompts) * args.group_size,
+        tokens_each=args.max_new_tokens,
+        lockstep_generation_s=round(lockstep_seconds, 2),
+        copy_gather_s=round(gather_seconds, 2),
+        copy_generation_s=round(copy_seconds, 2),
+        copy_mib=round(copy_bytes / 2**20, 1),
+        shard_mib=round(shard_bytes / 2**20, 1),
+        same_tokens=lockstep.completion_ids == copied.completion_ids,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

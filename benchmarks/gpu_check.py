@@ -28,41 +28,81 @@ def report(name: str, **values) -> None:
 def generation() -> None:
     """Greedy `generate` vs transformers' generate; shared prefill on/off; behaviour vs training log-probs."""
     for dtype in (torch.float32, torch.bfloat16):
-        model, tokenizer = models.load_model("smollm2-135m", "cuda", dtype="float32" if dtype == torch.float32 else "bfloat16")
+        model, tokenizer = models.load_model(
+            "smollm2-135m", "cuda", dtype="float32" if dtype == torch.float32 else "bfloat16"
+        )
         dataset = D.load_dataset("synthetic", "dev", seed=0, limit=8)
         prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook, "label_first", 256)[0] for e in dataset.examples]
         ours = rollouts.generate(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0)
         same_as_hf = 0
         for p, completion in zip(prompts, ours.completion_ids):
-            hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False,
-                                eos_token_id=models.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-            same_as_hf += hf[0, len(p):].tolist()[:len(completion)] == completion
-        sampled = [rollouts.generate(model, tokenizer, prompts, n=4, max_new_tokens=32, temperature=1.0, seeds=list(range(8)),
-                              shared_prefill=share) for share in (True, False)]
+            hf = model.generate(
+                torch.tensor([p], device="cuda"),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=models.stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            same_as_hf += hf[0, len(p) :].tolist()[: len(completion)] == completion
+        sampled = [
+            rollouts.generate(
+                model,
+                tokenizer,
+                prompts,
+                n=4,
+                max_new_tokens=32,
+                temperature=1.0,
+                seeds=list(range(8)),
+                shared_prefill=share,
+            )
+            for share in (True, False)
+        ]
         batch = models.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, "cuda")
         with torch.no_grad():
             train_logp = models.token_logprobs(model, batch, temperature=1.0)[0]
         mask = batch["completion_mask"].bool()
         behaviour = torch.zeros_like(train_logp)
         for i, lp in enumerate(sampled[0].logprobs):
-            behaviour[i, :len(lp)] = torch.tensor(lp)
+            behaviour[i, : len(lp)] = torch.tensor(lp)
         gap = (train_logp - behaviour)[mask].abs()
-        report("generation", dtype=str(dtype), greedy_equal_hf=f"{same_as_hf}/{len(prompts)}",
-               shared_prefill_same_tokens=sampled[0].completion_ids == sampled[1].completion_ids,
-               behaviour_vs_training_logprob_max_abs=gap.max().item(), mean_abs=gap.mean().item())
+        report(
+            "generation",
+            dtype=str(dtype),
+            greedy_equal_hf=f"{same_as_hf}/{len(prompts)}",
+            shared_prefill_same_tokens=sampled[0].completion_ids == sampled[1].completion_ids,
+            behaviour_vs_training_logprob_max_abs=gap.max().item(),
+            mean_abs=gap.mean().item(),
+        )
 
 
 def update() -> None:
     """lr 1e-6 on the real path (accelerate bf16 mixed precision, fp32 master weights): share of weights moved."""
     import grpo
 
-    args = grpo.Args(model="smollm2-135m", dataset="synthetic", limit=16, total_steps=1, prompts_per_step=4, group_size=4,
-                     max_new_tokens=16, lr=1e-6, warmup_steps=1, device="cuda", dynamic_sampling=False, eval_limit=4,
-                     output_dir="/tmp/gpu_check_runs", run_name="update")
+    args = grpo.Args(
+        model="smollm2-135m",
+        dataset="synthetic",
+        limit=16,
+        total_steps=1,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=16,
+        lr=1e-6,
+        warmup_steps=1,
+        device="cuda",
+        dynamic_sampling=False,
+        eval_limit=4,
+        output_dir="/tmp/gpu_check_runs",
+        run_name="update",
+    )
     grpo.score_group = lambda texts, example, rulebook, a: (
         [E.R.score_output(t, example.label, example.criteria, rulebook, a.order) for t in texts],
-        [float(sum(map(ord, t)) % 3) / 2 for t in texts])
-    before = {k: v.float().clone() for k, v in models.load_model("smollm2-135m", "cpu", dtype="float32")[0].state_dict().items()}
+        [float(sum(map(ord, t)) % 3) / 2 for t in texts],
+    )
+    before = {
+        k: v.float().clone()
+        for k, v in models.load_model("smollm2-135m", "cpu", dtype="float32")[0].state_dict().items()
+    }
     grpo.main(args)
     from safetensors.torch import load_file
 
@@ -86,12 +126,27 @@ def seven_b() -> None:
     prompts = [[int(t) for t in torch.randint(0, 49152, (600,))] for _ in range(16)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = rollouts.generate(model, tokenizer, prompts, n=8, max_new_tokens=128, min_new_tokens=128, temperature=1.0,
-                     seeds=list(range(16)), batch_size=16)
+    out = rollouts.generate(
+        model,
+        tokenizer,
+        prompts,
+        n=8,
+        max_new_tokens=128,
+        min_new_tokens=128,
+        temperature=1.0,
+        seeds=list(range(16)),
+        batch_size=16,
+    )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    report("7b_generation", rows=16 * 8, tokens=sum(map(len, out.completion_ids)), seconds=seconds,
-           tokens_per_second=sum(map(len, out.completion_ids)) / seconds, peak_gib=torch.cuda.max_memory_allocated() / GiB)
+    report(
+        "7b_generation",
+        rows=16 * 8,
+        tokens=sum(map(len, out.completion_ids)),
+        seconds=seconds,
+        tokens_per_second=sum(map(len, out.completion_ids)) / seconds,
+        peak_gib=torch.cuda.max_memory_allocated() / GiB,
+    )
     del model, out
     torch.cuda.empty_cache()
     config.num_hidden_layers = 8
@@ -113,12 +168,27 @@ def seven_b() -> None:
         start = time.perf_counter()
         optimizer.step()
         torch.cuda.synchronize()
-        plan = {item.split(" (")[0]: gib for item, gib, _ in
-                launch.memory_plan(launch.Workload(rows=8, max_new_tokens=256, max_item_tokens=250), shape | dict(num_hidden_layers=8),
-                              1, "single", "bf16", checkpointing)}
-        report("7b_shape_8_layers_fwd_bwd", checkpointing=checkpointing, rows=8, tokens_each=856,
-               fwd_bwd_peak_above_weights_gib=peak / GiB, plan_activations_gib=plan["activations"],
-               plan_logits_gib=plan["completion logits fp32 + grad"], adamw_step_seconds=time.perf_counter() - start)
+        plan = {
+            item.split(" (")[0]: gib
+            for item, gib, _ in launch.memory_plan(
+                launch.Workload(rows=8, max_new_tokens=256, max_item_tokens=250),
+                shape | dict(num_hidden_layers=8),
+                1,
+                "single",
+                "bf16",
+                checkpointing,
+            )
+        }
+        report(
+            "7b_shape_8_layers_fwd_bwd",
+            checkpointing=checkpointing,
+            rows=8,
+            tokens_each=856,
+            fwd_bwd_peak_above_weights_gib=peak / GiB,
+            plan_activations_gib=plan["activations"],
+            plan_logits_gib=plan["completion logits fp32 + grad"],
+            adamw_step_seconds=time.perf_counter() - start,
+        )
         del model, optimizer, logp
         torch.cuda.empty_cache()
 
@@ -129,8 +199,14 @@ def make_05b(folder: str) -> None:
 
     tokenizer = models.embedded_tokenizer()
     shape = dict(zip(launch.SHAPE_FIELDS, launch.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=len(tokenizer))
-    model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            **shape,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     report("made_05b_shape", folder=folder, parameters=sum(p.numel() for p in model.parameters()))

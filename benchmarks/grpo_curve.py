@@ -71,11 +71,29 @@ def start_order(checkpoint: str) -> list[str]:
 
 def main(args: Args) -> None:
     run_name = f"{Path(args.script).stem}-curve-{args.name}"
-    data = ["--dataset", args.dataset, *(["--data-path", args.data_path] if args.data_path else []), *start_order(args.sft)]
+    data = [
+        "--dataset",
+        args.dataset,
+        *(["--data-path", args.data_path] if args.data_path else []),
+        *start_order(args.sft),
+    ]
     # The start, scored on the same seeded dev sample and generation budget as grpo.py's closing eval;
     # once per distinct evaluation (the curves of several scripts and seeds from one start share it).
-    start_command = [sys.executable, "eval.py", "--model", args.sft, *data, "--split", "dev",
-                     "--limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device]
+    start_command = [
+        sys.executable,
+        "eval.py",
+        "--model",
+        args.sft,
+        *data,
+        "--split",
+        "dev",
+        "--limit",
+        str(args.eval_limit),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--device",
+        args.device,
+    ]
     start_name = "curve-start-" + hashlib.sha1(" ".join(start_command[1:]).encode()).hexdigest()[:10]
     start_dir = ROOT / "runs" / start_name
     start_command += ["--run-name", start_name, *(["--overwrite"] if start_dir.exists() else [])]
@@ -85,18 +103,46 @@ def main(args: Args) -> None:
     start_eval = json.loads((start_dir / "eval.json").read_text())
     run_dir = ROOT / "runs" / run_name
     again = ["--resume"] if (run_dir / "checkpoints").exists() else ["--overwrite"] if run_dir.exists() else []
-    command = [sys.executable, args.script, "--model", args.sft, *data, "--total-steps", str(args.steps),
-               "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
-               "--micro-batch-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
-               "--lr", str(args.lr), "--warmup-steps", "2", "--eval-limit", str(args.eval_limit), "--device", args.device,
-               "--run-name", run_name, "--save-every", str(args.save_every), "--seed", str(args.seed),
-               *shlex.split(args.extra)]
+    command = [
+        sys.executable,
+        args.script,
+        "--model",
+        args.sft,
+        *data,
+        "--total-steps",
+        str(args.steps),
+        "--prompts-per-step",
+        str(args.prompts_per_step),
+        "--group-size",
+        str(args.group_size),
+        "--micro-batch-size",
+        str(args.group_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        "2",
+        "--eval-limit",
+        str(args.eval_limit),
+        "--device",
+        args.device,
+        "--run-name",
+        run_name,
+        "--save-every",
+        str(args.save_every),
+        "--seed",
+        str(args.seed),
+        *shlex.split(args.extra),
+    ]
     started = time.time()
     stopped = None
     if not (run_dir / "eval.json").exists():
         print("$", " ".join(command + again), flush=True)
         code = subprocess.run(command + again, cwd=ROOT).returncode
-        if code == 1 and (run_dir / "metrics.jsonl").exists():  # the run stopped itself (e.g. steps that trained nothing)
+        if (
+            code == 1 and (run_dir / "metrics.jsonl").exists()
+        ):  # the run stopped itself (e.g. steps that trained nothing)
             stopped = f"the run stopped itself with exit code 1 after {len(open(run_dir / 'metrics.jsonl').readlines())} steps"
         elif code != 0:
             raise SystemExit(f"{args.script} failed with exit code {code}")
@@ -105,26 +151,66 @@ def main(args: Args) -> None:
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
-    budget = dict(steps=len(metrics), completions=metrics[-1]["completions_generated"],
-                  # every rollout of every step, dynamic sampling's refills included (agrl.py's guided samples are not)
-                  rollout_tokens=round(sum(m["generated_tokens_per_second"] * m["time_generation"] for m in metrics)),
-                  wall_seconds=wall, train_seconds=sum(m["step_seconds"] for m in metrics),
-                  mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
-                  device=args.device, machine=platform.processor() or platform.machine())
-    (out / f"{run_name}.json").write_text(json.dumps(dict(
-        command=command, budget=budget,
-        dev_eval_start={k: start_eval[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")},
-        dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")} if evaluation else None,
-        stopped=stopped,
-        seed=args.seed, start=args.sft,
-        steps=[{k: m.get(k) for k in ("step", "reward_mean", "accuracy", "macro_f1", "format_rate", "adherence_rate",
-                                       "label_entropy", "groups_kept", "completions_generated", "update_scale",
-                                       "step_seconds", "time_generation", "time_training", "completion_len_mean")}
-               | {k: v for k, v in m.items() if k.startswith(("agr_", "label_share_"))} for m in metrics]), indent=2))
+    budget = dict(
+        steps=len(metrics),
+        completions=metrics[-1]["completions_generated"],
+        # every rollout of every step, dynamic sampling's refills included (agrl.py's guided samples are not)
+        rollout_tokens=round(sum(m["generated_tokens_per_second"] * m["time_generation"] for m in metrics)),
+        wall_seconds=wall,
+        train_seconds=sum(m["step_seconds"] for m in metrics),
+        mean_step_seconds=sum(m["step_seconds"] for m in metrics) / len(metrics),
+        device=args.device,
+        machine=platform.processor() or platform.machine(),
+    )
+    (out / f"{run_name}.json").write_text(
+        json.dumps(
+            dict(
+                command=command,
+                budget=budget,
+                dev_eval_start={
+                    k: start_eval[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")
+                },
+                dev_eval={k: evaluation[k] for k in ("accuracy", "macro_f1", "format_rate", "adherence_rate", "n")}
+                if evaluation
+                else None,
+                stopped=stopped,
+                seed=args.seed,
+                start=args.sft,
+                steps=[
+                    {
+                        k: m.get(k)
+                        for k in (
+                            "step",
+                            "reward_mean",
+                            "accuracy",
+                            "macro_f1",
+                            "format_rate",
+                            "adherence_rate",
+                            "label_entropy",
+                            "groups_kept",
+                            "completions_generated",
+                            "update_scale",
+                            "step_seconds",
+                            "time_generation",
+                            "time_training",
+                            "completion_len_mean",
+                        )
+                    }
+                    | {k: v for k, v in m.items() if k.startswith(("agr_", "label_share_"))}
+                    for m in metrics
+                ],
+            ),
+            indent=2,
+        )
+    )
 
     result = json.loads((out / f"{run_name}.json").read_text())
-    plot(result, f"{Path(args.script).stem} from {Path(args.sft).name} ({args.prompts_per_step}x{args.group_size} per step, "
-                 f"seed {args.seed})", out / f"{run_name}.png")
+    plot(
+        result,
+        f"{Path(args.script).stem} from {Path(args.sft).name} ({args.prompts_per_step}x{args.group_size} per step, "
+        f"seed {args.seed})",
+        out / f"{run_name}.png",
+    )
     print(json.dumps(budget, indent=2))
     print(f"wrote results/{run_name}.png and .json")
 
@@ -138,25 +224,38 @@ def plot(result: dict, title: str, path: Path, window: int = 4) -> None:
 
     steps = [m["step"] for m in result["steps"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color in (("reward_mean", "C0"), ("accuracy", "C1"), ("format_rate", "C2"), ("adherence_rate", "C3"),
-                       ("macro_f1", "C4")):
+    for key, color in (
+        ("reward_mean", "C0"),
+        ("accuracy", "C1"),
+        ("format_rate", "C2"),
+        ("adherence_rate", "C3"),
+        ("macro_f1", "C4"),
+    ):
         if any(m.get(key) is None for m in result["steps"]):
             continue
         values = [m[key] for m in result["steps"]]
-        recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+        recent = [values[max(0, i - window + 1) : i + 1] for i in range(len(values))]
         smooth = [sum(r) / len(r) for r in recent]
         ax.plot(steps, values, color=color, alpha=0.3, marker=".", linewidth=0.8)
         ax.plot(steps, smooth, color=color, label=f"{key} (mean of {window})")
     ax.set_xlabel("step")
-    ax.set_ylim(0, max(1.02, max(m["reward_mean"] for m in result["steps"]) + 0.05))  # agrl.py's shaped reward can pass 1
+    ax.set_ylim(
+        0, max(1.02, max(m["reward_mean"] for m in result["steps"]) + 0.05)
+    )  # agrl.py's shaped reward can pass 1
     start, end = result["dev_eval_start"], result["dev_eval"]
     if end is None:
-        ax.set_title(f"{title}\ndev (n={start['n']}) start: accuracy {start['accuracy']:.3f}, format "
-                     f"{start['format_rate']:.2f}; {result['stopped']}", fontsize=9)
+        ax.set_title(
+            f"{title}\ndev (n={start['n']}) start: accuracy {start['accuracy']:.3f}, format "
+            f"{start['format_rate']:.2f}; {result['stopped']}",
+            fontsize=9,
+        )
     else:
-        ax.set_title(f"{title}\ndev (n={end['n']}) accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f}, macro-F1 "
-                     f"{start['macro_f1']:.3f} -> {end['macro_f1']:.3f}, format {start['format_rate']:.2f} -> "
-                     f"{end['format_rate']:.2f}", fontsize=9)
+        ax.set_title(
+            f"{title}\ndev (n={end['n']}) accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f}, macro-F1 "
+            f"{start['macro_f1']:.3f} -> {end['macro_f1']:.3f}, format {start['format_rate']:.2f} -> "
+            f"{end['format_rate']:.2f}",
+            fontsize=9,
+        )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

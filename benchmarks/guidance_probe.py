@@ -62,39 +62,81 @@ def main(args: Args) -> None:
     examples, book = dataset.examples, dataset.rulebook
     model, tokenizer = models.load_model(args.model, args.device)
     prompts = [D.encode_prompt(tokenizer, e, book, args.order)[0] for e in examples]
-    own = rollouts.generate(model, tokenizer, prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, seeds=list(range(len(prompts))))
+    own = rollouts.generate(
+        model,
+        tokenizer,
+        prompts,
+        n=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seeds=list(range(len(prompts))),
+    )
     score = lambda text, e: R.score_output(text, e.label, e.criteria, book, args.order)  # noqa: E731
     groups = []
     for i, e in enumerate(examples):
-        scores = [score(t, e) for t in own.texts[i * args.samples:(i + 1) * args.samples]]
-        groups.append(dict(position=i, example_index=i, prompt=prompts[i], correct=[s.correct for s in scores],
-                           criteria=[s.criteria for s in scores]))
+        scores = [score(t, e) for t in own.texts[i * args.samples : (i + 1) * args.samples]]
+        groups.append(
+            dict(
+                position=i,
+                example_index=i,
+                prompt=prompts[i],
+                correct=[s.correct for s in scores],
+                criteria=[s.criteria for s in scores],
+            )
+        )
     stagnant = [g for g in groups if sum(g["correct"]) / args.samples <= args.tau]
-    table = dict(own=dict(stagnant_prompts=len(stagnant), prompts=len(groups),
-                          kept_per_answer=sum(g["correct"].count(True) for g in groups) / (len(groups) * args.samples)))
+    table = dict(
+        own=dict(
+            stagnant_prompts=len(stagnant),
+            prompts=len(groups),
+            kept_per_answer=sum(g["correct"].count(True) for g in groups) / (len(groups) * args.samples),
+        )
+    )
     modes = [("hint", 1), ("hint", 2), ("prefix", 1), ("prefix", 2), ("target", 1)]
     for mode, level in modes:
-        run_args = agrl.Args(agr_guide=mode, order=args.order, temperature=args.temperature,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)
-        to_guide = [dict(position=k, group=g, level=level,
-                         guidance=agrl.guidance_text(examples[g["example_index"]], agrl.wrong_criteria(g), level))
-                    for k, g in enumerate(stagnant)]
+        run_args = agrl.Args(
+            agr_guide=mode,
+            order=args.order,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        to_guide = [
+            dict(
+                position=k,
+                group=g,
+                level=level,
+                guidance=agrl.guidance_text(examples[g["example_index"]], agrl.wrong_criteria(g), level),
+            )
+            for k, g in enumerate(stagnant)
+        ]
         K = 1 if mode == "target" else args.samples
-        answers = agrl.guided_answers(model, tokenizer, to_guide, examples, book, run_args, K, model.device) if stagnant else []
-        per_prompt = [[kept(score(t, examples[stagnant[a["position"]]["example_index"]])) for t in a["texts"]] for a in answers]
+        answers = (
+            agrl.guided_answers(model, tokenizer, to_guide, examples, book, run_args, K, model.device)
+            if stagnant
+            else []
+        )
+        per_prompt = [
+            [kept(score(t, examples[stagnant[a["position"]]["example_index"]])) for t in a["texts"]] for a in answers
+        ]
         n_answers = sum(len(p) for p in per_prompt)
         table[f"{mode} level {level}"] = dict(
             kept_per_answer=sum(map(sum, per_prompt)) / max(1, n_answers),
             stagnant_with_a_kept_answer=sum(any(p) for p in per_prompt) / max(1, len(per_prompt)),
             forced_tokens_mean=sum(f for a in answers for f in a["forced"]) / max(1, n_answers),
-            answers=n_answers, example=answers[0]["texts"][0] if answers else None)
+            answers=n_answers,
+            example=answers[0]["texts"][0] if answers else None,
+        )
     print(f"{len(stagnant)} of {len(groups)} prompts stagnant (own accuracy <= {args.tau} over {args.samples} samples)")
-    print("| guidance | kept per answer | stagnant prompts with >= 1 kept answer | forced tokens | answers |\n|---|---|---|---|---|")
+    print(
+        "| guidance | kept per answer | stagnant prompts with >= 1 kept answer | forced tokens | answers |\n|---|---|---|---|---|"
+    )
     for name, row in table.items():
         if name != "own":
-            print(f"| {name} | {row['kept_per_answer']:.3f} | {row['stagnant_with_a_kept_answer']:.3f} | "
-                  f"{row['forced_tokens_mean']:.1f} | {row['answers']} |")
+            print(
+                f"| {name} | {row['kept_per_answer']:.3f} | {row['stagnant_with_a_kept_answer']:.3f} | "
+                f"{row['forced_tokens_mean']:.1f} | {row['answers']} |"
+            )
     out_path = ROOT / "results" / f"guidance-probe-{args.name}.json"
     out_path.write_text(json.dumps(dict(args=vars(args), table=table), indent=2))
     print(f"wrote {out_path.relative_to(ROOT)}")

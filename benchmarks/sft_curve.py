@@ -63,17 +63,45 @@ def main(args: Args) -> None:
     every = math.gcd(*[s for s in steps if s > 0])  # a checkpoint at every asked step, none deleted before it is scored
     run_name = f"sft-curve-{args.name}"
     run_dir = ROOT / args.output_dir / run_name
-    command = [sys.executable, "sft.py", "--dataset", "synthetic", *shlex.split(args.sft_flags), "--order", args.order,
-               "--total-steps", str(last), "--save-every", str(every), "--keep-last", str(last // every),
-               "--eval-limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
-               "--output-dir", str(ROOT / args.output_dir), "--run-name", run_name]
+    command = [
+        sys.executable,
+        "sft.py",
+        "--dataset",
+        "synthetic",
+        *shlex.split(args.sft_flags),
+        "--order",
+        args.order,
+        "--total-steps",
+        str(last),
+        "--save-every",
+        str(every),
+        "--keep-last",
+        str(last // every),
+        "--eval-limit",
+        str(args.eval_limit),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--device",
+        args.device,
+        "--output-dir",
+        str(ROOT / args.output_dir),
+        "--run-name",
+        run_name,
+    ]
     if (run_dir / "args.json").exists():  # rerunning the same command continues the run
         command.append("--resume")
     out = ROOT / args.results_dir
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / f"{args.name}.json"
-    result = dict(name=args.name, sft_command=command, curve_command=sys.argv, eval_limit=args.eval_limit,
-                  max_new_tokens=args.max_new_tokens, order=args.order, points=[])
+    result = dict(
+        name=args.name,
+        sft_command=command,
+        curve_command=sys.argv,
+        eval_limit=args.eval_limit,
+        max_new_tokens=args.max_new_tokens,
+        order=args.order,
+        points=[],
+    )
 
     process = None
     if not (run_dir / "eval.json").exists():
@@ -95,19 +123,31 @@ def main(args: Args) -> None:
             model = args_model(args) if step == 0 else str(folder)
             while step > 0 and checkpoints.validate_checkpoint(folder) is not None:
                 if process is None or process.poll() is not None:
-                    raise SystemExit(f"{folder} missing and sft.py is not running; see {run_dir.parent / f'{run_name}.log'}")
+                    raise SystemExit(
+                        f"{folder} missing and sft.py is not running; see {run_dir.parent / f'{run_name}.log'}"
+                    )
                 time.sleep(args.poll_seconds)
-            eval_args = E.Args(model=model, dataset="synthetic", split="dev", limit=args.eval_limit, order=args.order,
-                               max_new_tokens=args.max_new_tokens, device=args.device, output_dir=str(eval_dir.parent),
-                               run_name=eval_dir.name)
+            eval_args = E.Args(
+                model=model,
+                dataset="synthetic",
+                split="dev",
+                limit=args.eval_limit,
+                order=args.order,
+                max_new_tokens=args.max_new_tokens,
+                device=args.device,
+                output_dir=str(eval_dir.parent),
+                run_name=eval_dir.name,
+            )
             evaluation = E.run_eval(eval_args)
         result["points"].append(point(step, evaluation, run_dir))
         runs.write_json(result_path, result)
         write_table(result, out / f"{args.name}.md")
         plot(result, out / f"{args.name}.png")
         p = result["points"][-1]
-        print(f"step {step}: macro-F1 {p['macro_f1']:.3f} accuracy {p['accuracy']:.3f} F1 {p['f1']} shares {p['predicted_share']}",
-              flush=True)
+        print(
+            f"step {step}: macro-F1 {p['macro_f1']:.3f} accuracy {p['accuracy']:.3f} F1 {p['f1']} shares {p['predicted_share']}",
+            flush=True,
+        )
     print(f"wrote {result_path} and .md, .png")
 
 
@@ -127,31 +167,52 @@ def point(step: int, evaluation: dict, run_dir: Path) -> dict:
         lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
         logged = max((m for m in lines if m["step"] <= step and "loss" in m), key=lambda m: m["step"], default={})
     f1 = {label: round(m["f1"], 4) for label, m in evaluation["per_class"].items()}
-    return dict(step=step, n=n, macro_f1=evaluation["macro_f1"], accuracy=evaluation["accuracy"], f1=f1,
-                classes_with_f1=sum(v > 0 for v in f1.values()), format_rate=evaluation["format_rate"],
-                adherence_rate=evaluation["adherence_rate"],
-                predicted_share={label: round(c / n, 4) for label, c in zip(labels, predicted)},
-                gold_share={label: round(m["support"] / n, 4) for label, m in evaluation["per_class"].items()},
-                balanced_macro_f1=evaluation["balanced"]["macro_f1"],
-                train_loss=logged.get("loss"), train_label_loss=logged.get("label_loss"))
+    return dict(
+        step=step,
+        n=n,
+        macro_f1=evaluation["macro_f1"],
+        accuracy=evaluation["accuracy"],
+        f1=f1,
+        classes_with_f1=sum(v > 0 for v in f1.values()),
+        format_rate=evaluation["format_rate"],
+        adherence_rate=evaluation["adherence_rate"],
+        predicted_share={label: round(c / n, 4) for label, c in zip(labels, predicted)},
+        gold_share={label: round(m["support"] / n, 4) for label, m in evaluation["per_class"].items()},
+        balanced_macro_f1=evaluation["balanced"]["macro_f1"],
+        train_loss=logged.get("loss"),
+        train_label_loss=logged.get("label_loss"),
+    )
 
 
 def write_table(result: dict, path: Path) -> None:
     labels = list(result["points"][0]["f1"])
     shares = list(result["points"][0]["predicted_share"])
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = [f"SFT curve `{result['name']}` ({result['order']}): greedy dev evaluation on {result['points'][0]['n']} "
-             f"seeded examples, {result['max_new_tokens']} new tokens.", "",
-             "    " + " ".join(shlex.quote(c) for c in result["sft_command"]), "",
-             "| step | macro-F1 | accuracy | " + " | ".join(f"F1 {label}" for label in labels) + " | classes F1>0 | format | adherence | "
-             + " | ".join(f"pred {label}" for label in shares) + " | train loss | label loss |",
-             "|" + "---|" * (8 + len(labels) + len(shares))]
+    lines = [
+        f"SFT curve `{result['name']}` ({result['order']}): greedy dev evaluation on {result['points'][0]['n']} "
+        f"seeded examples, {result['max_new_tokens']} new tokens.",
+        "",
+        "    " + " ".join(shlex.quote(c) for c in result["sft_command"]),
+        "",
+        "| step | macro-F1 | accuracy | "
+        + " | ".join(f"F1 {label}" for label in labels)
+        + " | classes F1>0 | format | adherence | "
+        + " | ".join(f"pred {label}" for label in shares)
+        + " | train loss | label loss |",
+        "|" + "---|" * (8 + len(labels) + len(shares)),
+    ]
     for p in result["points"]:
-        lines.append(f"| {p['step']} | {fmt(p['macro_f1'])} | {fmt(p['accuracy'])} | " + " | ".join(fmt(p["f1"][k]) for k in labels)
-                     + f" | {p['classes_with_f1']} | {fmt(p['format_rate'])} | {fmt(p['adherence_rate'])} | "
-                     + " | ".join(fmt(p["predicted_share"][k]) for k in shares)
-                     + f" | {fmt(p['train_loss'])} | {fmt(p['train_label_loss'])} |")
-    lines += ["", "Gold shares of the sample: " + ", ".join(f"{k} {v:.3f}" for k, v in result["points"][0]["gold_share"].items())]
+        lines.append(
+            f"| {p['step']} | {fmt(p['macro_f1'])} | {fmt(p['accuracy'])} | "
+            + " | ".join(fmt(p["f1"][k]) for k in labels)
+            + f" | {p['classes_with_f1']} | {fmt(p['format_rate'])} | {fmt(p['adherence_rate'])} | "
+            + " | ".join(fmt(p["predicted_share"][k]) for k in shares)
+            + f" | {fmt(p['train_loss'])} | {fmt(p['train_label_loss'])} |"
+        )
+    lines += [
+        "",
+        "Gold shares of the sample: " + ", ".join(f"{k} {v:.3f}" for k, v in result["points"][0]["gold_share"].items()),
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -174,8 +235,13 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=7)
     left.set_title(f"{result['name']}: dev (n={points[0]['n']})", fontsize=9)
     for i, label in enumerate(points[0]["predicted_share"]):
-        right.plot(steps, [p["predicted_share"][label] for p in points], "-o", color=f"C{i}" if label in points[0]["f1"] else "grey",
-                   label=label)
+        right.plot(
+            steps,
+            [p["predicted_share"][label] for p in points],
+            "-o",
+            color=f"C{i}" if label in points[0]["f1"] else "grey",
+            label=label,
+        )
     right.set_ylim(-0.02, 1.02)
     right.set_xlabel("SFT step")
     right.set_title("predicted-label shares", fontsize=9)

@@ -28,8 +28,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int = 2,
-                    final: bool = False, accelerator=None, optimizer=None) -> Path | None:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    train_state: dict,
+    keep_last: int = 2,
+    final: bool = False,
+    accelerator=None,
+    optimizer=None,
+) -> Path | None:
     """Hugging Face format plus `train_state.pt` (optimizer, scheduler, RNG, data position), atomically.
 
     Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
@@ -54,7 +63,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         train_state = dict(train_state, optimizer=optimizer.state_dict())
     if not runs.is_main_process():
         return None
-    if launch.is_fsdp(model):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
+    if launch.is_fsdp(
+        model
+    ):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
         from huggingface_hub import save_torch_state_dict
 
         module = models.unwrapped(model)
@@ -62,7 +73,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         if module.generation_config is not None:
             module.generation_config.save_pretrained(tmp)
         tied = getattr(module, "all_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed_tokens.weight"}
-        weights = {k: v for k, v in weights.items() if k not in tied or k == tied[k]}  # stored once, as save_pretrained does
+        weights = {
+            k: v for k, v in weights.items() if k not in tied or k == tied[k]
+        }  # stored once, as save_pretrained does
         save_torch_state_dict(weights, tmp, max_shard_size="5GB")
     else:
         models.unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
@@ -78,7 +91,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         os.replace(final_tmp, final_dir)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    for old in sorted((run_dir / "checkpoints").glob("step-???????"))[:-max(1, keep_last)]:
+    for old in sorted((run_dir / "checkpoints").glob("step-???????"))[: -max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -90,7 +103,9 @@ def load_optimizer_state(optimizer, model, accelerator, folder: Path, state: dic
         from accelerate.utils import load_fsdp_optimizer
 
         if not (folder / "optimizer.bin").exists():
-            raise UserError(f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with")
+            raise UserError(
+                f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with"
+            )
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
     elif "optimizer" not in state:
         raise UserError(f"{folder} holds a sharded (FSDP) optimizer state: resume it with --strategy fsdp")

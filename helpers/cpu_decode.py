@@ -27,9 +27,11 @@ def fast_decoder_supports(model, length: int) -> bool:
         return False
     config, layers = model.config, model.model.layers
     window = getattr(config, "sliding_window", None)
-    return (all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
-            and (window is None or window >= length)
-            and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])))
+    return (
+        all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
+        and (window is None or window >= length)
+        and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
+    )
 
 
 class GroupedKV:
@@ -46,7 +48,9 @@ class GroupedKV:
         self.prompt_k = [layer.keys for layer in cache.layers]
         self.prompt_v = [layer.values for layer in cache.layers]
         k = self.prompt_k[0]
-        self.prompt_bias = torch.zeros(mask.shape, dtype=torch.float32, device=k.device).masked_fill_(mask == 0, -float("inf"))[:, None, None, :]
+        self.prompt_bias = torch.zeros(mask.shape, dtype=torch.float32, device=k.device).masked_fill_(
+            mask == 0, -float("inf")
+        )[:, None, None, :]
         shape = (rows, k.shape[1], max_new_tokens, k.shape[3])
         self.gen_k = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
         self.gen_v = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in self.prompt_k]
@@ -74,22 +78,34 @@ def cpu_decode_ops():
     if os.environ.get("AGRL_CPU_KERNEL", "1") == "0":
         return None
     if cxx_compiler() is None:
-        print(f"warning: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build the CPU decode kernels; "
-              "decoding with plain torch (about a third of the speed)", file=sys.stderr)
+        print(
+            f"warning: no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH) to build the CPU decode kernels; "
+            "decoding with plain torch (about a third of the speed)",
+            file=sys.stderr,
+        )
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        if shutil.which("ninja") is None:  # pip's ninja (requirements.txt) sits beside the interpreter of a venv not activated
+        if (
+            shutil.which("ninja") is None
+        ):  # pip's ninja (requirements.txt) sits beside the interpreter of a venv not activated
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
-        load(name=f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}",
-             sources=[str(Path(__file__).resolve().with_name("cpu_decode.cpp"))],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
+        load(
+            name=f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}",
+            sources=[str(Path(__file__).resolve().with_name("cpu_decode.cpp"))],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
         return torch.ops.agrl
     except Exception as e:  # a failed build, no ninja, a read-only cache: the decode still runs, slower
-        print(f"warning: the CPU decode kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "decoding with plain torch (about a third of the speed)", file=sys.stderr)
+        print(
+            f"warning: the CPU decode kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "decoding with plain torch (about a third of the speed)",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -119,22 +135,35 @@ def _attend(q: torch.Tensor, kv: GroupedKV, layer: int, t: int, scaling: float) 
     rows, heads, dim = q.shape
     ops = ops_for(q) if dim % 16 == 0 else None
     if ops is not None:  # the same arithmetic, compiled (cpu_decode.cpp)
-        return ops.grouped_attention(q, kv.prompt_k[layer], kv.prompt_v[layer], kv.prompt_bias.view(len(kv.prompt_bias), -1),
-                                     kv.gen_k[layer], kv.gen_v[layer], t, scaling)
+        return ops.grouped_attention(
+            q,
+            kv.prompt_k[layer],
+            kv.prompt_v[layer],
+            kv.prompt_bias.view(len(kv.prompt_bias), -1),
+            kv.gen_k[layer],
+            kv.gen_v[layer],
+            t,
+            scaling,
+        )
     prompts, kv_heads = kv.prompt_k[layer].shape[:2]
     rep, group = heads // kv_heads, kv.group
     # [prompts, kv_heads, group * rep, dim]: the group's rows side by side for each KV head
     stacked = q.view(prompts, group, kv_heads, rep, dim).transpose(1, 2).reshape(prompts, kv_heads, group * rep, dim)
     s_prompt = torch.matmul(stacked, kv.prompt_k[layer].transpose(-1, -2)).float() * scaling + kv.prompt_bias
     per_row = q.view(rows, kv_heads, rep, dim)
-    s_new = torch.matmul(per_row, kv.gen_k[layer][:, :, :t + 1].transpose(-1, -2)).float() * scaling
+    s_new = torch.matmul(per_row, kv.gen_k[layer][:, :, : t + 1].transpose(-1, -2)).float() * scaling
     # one softmax over [prompt | new tokens], the prompt part back in the stacked layout
     s_prompt = s_prompt.view(prompts, kv_heads, group, rep, -1).transpose(1, 2).reshape(rows, kv_heads, rep, -1)
     probs = torch.softmax(torch.cat([s_prompt, s_new], -1), dim=-1).to(q.dtype)
     width = s_prompt.shape[-1]
-    p_prompt = probs[..., :width].view(prompts, group, kv_heads, rep, width).transpose(1, 2).reshape(prompts, kv_heads, group * rep, width)
+    p_prompt = (
+        probs[..., :width]
+        .view(prompts, group, kv_heads, rep, width)
+        .transpose(1, 2)
+        .reshape(prompts, kv_heads, group * rep, width)
+    )
     out = torch.matmul(p_prompt, kv.prompt_v[layer]).view(prompts, kv_heads, group, rep, dim).transpose(1, 2)
-    out = out.reshape(rows, kv_heads, rep, dim) + torch.matmul(probs[..., width:], kv.gen_v[layer][:, :, :t + 1])
+    out = out.reshape(rows, kv_heads, rep, dim) + torch.matmul(probs[..., width:], kv.gen_v[layer][:, :, : t + 1])
     return out.reshape(rows, heads * dim)
 
 
@@ -158,17 +187,39 @@ def _compiled_layer_weights(model, layer) -> tuple[list, list[float]] | None:
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else ()  # Qwen3
     norms = (layer.input_layernorm, layer.post_attention_layernorm) + qk_norms
-    if (getattr(model.config, "hidden_act", None) != "silu" or attn.head_dim % 16
-            or any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears)
-            or any(not type(m).__name__.endswith("RMSNorm") or not hasattr(m, "variance_epsilon") for m in norms)):
+    if (
+        getattr(model.config, "hidden_act", None) != "silu"
+        or attn.head_dim % 16
+        or any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears)
+        or any(not type(m).__name__.endswith("RMSNorm") or not hasattr(m, "variance_epsilon") for m in norms)
+    ):
         return None
     q_norm, k_norm = (m.weight for m in qk_norms) if qk_norms else (None, None)
-    weights = [layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
-               attn.v_proj.weight, attn.v_proj.bias, q_norm, k_norm, attn.o_proj.weight, attn.o_proj.bias,
-               layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-               mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
-    eps = [layer.input_layernorm.variance_epsilon, qk_norms[0].variance_epsilon if qk_norms else 0.0,
-           layer.post_attention_layernorm.variance_epsilon]
+    weights = [
+        layer.input_layernorm.weight,
+        attn.q_proj.weight,
+        attn.q_proj.bias,
+        attn.k_proj.weight,
+        attn.k_proj.bias,
+        attn.v_proj.weight,
+        attn.v_proj.bias,
+        q_norm,
+        k_norm,
+        attn.o_proj.weight,
+        attn.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.gate_proj.bias,
+        mlp.up_proj.weight,
+        mlp.up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
+    ]
+    eps = [
+        layer.input_layernorm.variance_epsilon,
+        qk_norms[0].variance_epsilon if qk_norms else 0.0,
+        layer.post_attention_layernorm.variance_epsilon,
+    ]
     return weights, eps
 
 
@@ -194,8 +245,19 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: Groupe
     for i, layer in enumerate(inner.layers):
         compiled = kv.compiled_layers[i] if ops is not None else None
         if compiled is not None:  # x updated in place
-            ops.decode_layer(x, *compiled, cos_2d, sin_2d, kv.prompt_k[i], kv.prompt_v[i], bias_2d, kv.gen_k[i], kv.gen_v[i],
-                             t, layer.self_attn.scaling)
+            ops.decode_layer(
+                x,
+                *compiled,
+                cos_2d,
+                sin_2d,
+                kv.prompt_k[i],
+                kv.prompt_v[i],
+                bias_2d,
+                kv.gen_k[i],
+                kv.gen_v[i],
+                t,
+                layer.self_attn.scaling,
+            )
             continue
         attn = layer.self_attn
         h = layer.input_layernorm(x)

@@ -20,16 +20,27 @@ from helpers.errors import UserError
 # The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
 # hidden, intermediate, layers, attention heads, key/value heads, vocabulary, tied embeddings.
 MODEL_SHAPES = {
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True), "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
-    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True), "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
-    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False), "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False),
-    "qwen2.5-72b": (8192, 29568, 80, 64, 8, 152064, False), "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False),
+    "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False),
+    "qwen2.5-72b": (8192, 29568, 80, 64, 8, 152064, False),
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, False),
     "llama-3-70b": (8192, 28672, 80, 64, 8, 128256, False),
 }
 
 
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "tie_word_embeddings")
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 
 
 def model_shape(name: str) -> tuple[dict | None, str]:
@@ -85,10 +96,17 @@ def fsdp_plugin(precision: str):
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
-    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-                                          state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
-                                          mixed_precision_policy=policy)
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    )
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        mixed_precision_policy=policy,
+    )
 
 
 def make_accelerator(device: str, strategy: str = "auto", precision: str = "auto"):
@@ -101,7 +119,9 @@ def make_accelerator(device: str, strategy: str = "auto", precision: str = "auto
     precision = mixed_precision(precision, device)
     plugin = fsdp_plugin(precision) if strategy == "fsdp" else None
     if plugin is not None and "RANK" not in os.environ:
-        raise UserError("--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)")
+        raise UserError(
+            "--strategy fsdp needs a process group: start the script with --num-gpus (it relaunches itself)"
+        )
     if "RANK" not in os.environ:  # one process, maybe several runs in it (tests): each gets the precision it asks for
         from accelerate.state import AcceleratorState
 
@@ -128,26 +148,58 @@ def is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def launch_command(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto",
-                   script: list[str] | None = None) -> list[str]:
+def launch_command(
+    num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto", script: list[str] | None = None
+) -> list[str]:
     """The command `--num-gpus N` re-executes the script with. On GPUs: `accelerate launch`, FSDP2 or DDP
     (accelerate takes `--use_fsdp` or `--multi_gpu`, never both). On CPU: `torchrun --standalone` (accelerate
     runs one CPU process per machine), N gloo ranks; the script builds the same FSDP plugin itself."""
     script = script if script is not None else [sys.argv[0], *sys.argv[1:]]
     if device == "cpu":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_gpus), *script]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(num_gpus),
+            *script,
+        ]
     import socket
 
     with socket.socket() as s:  # a free port: two launches on one machine must not share a rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     precision = "bf16" if precision in ("auto", "bf16") else "no"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus), "--num_machines", "1",
-               "--main_process_port", str(port), "--mixed_precision", precision, "--dynamo_backend", "no"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_gpus),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        precision,
+        "--dynamo_backend",
+        "no",
+    ]
     if parallel_strategy(strategy, "cuda", num_gpus) == "fsdp" or strategy == "fsdp":
-        command += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
-                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                    "--fsdp_cpu_ram_efficient_loading", "false"]
+        command += [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_reshard_after_forward",
+            "true",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+            "--fsdp_cpu_ram_efficient_loading",
+            "false",
+        ]
     elif num_gpus > 1:
         command += ["--multi_gpu"]
     return command + script
@@ -196,11 +248,15 @@ def check_device(device: str, num_gpus: int = 1) -> None:
     """CUDA asked for (`--device cuda`, `--num-gpus N > 1`) where torch sees none: one line, exit 2."""
     if device != "cpu" and not torch.cuda.is_available() and (device.startswith("cuda") or num_gpus > 1):
         asked = f"--device {device}" if device.startswith("cuda") else f"--num-gpus {num_gpus}"
-        raise UserError(f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
-                        f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan")
+        raise UserError(
+            f"{asked} needs CUDA, but torch {torch.__version__} sees no GPU on this machine; "
+            f"add --device cpu to run {num_gpus} CPU process(es) instead, or --dry-run to see the GPU plan"
+        )
 
 
-def memory_plan(workload: Workload, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool) -> list[tuple[str, float, str]]:
+def memory_plan(
+    workload: Workload, shape: dict, world: int, strategy: str, precision: str, checkpointing: bool
+) -> list[tuple[str, float, str]]:
     """Estimated GiB per GPU: (item, GiB, phase) with phase static | generation | training. An estimate:
     activations count the tensors a Llama/Qwen block keeps for backward (bf16), logits in fp32 as
     token_logprobs makes them; allocator fragmentation and NCCL buffers are a flat 3 GiB."""
@@ -214,32 +270,67 @@ def memory_plan(workload: Workload, shape: dict, world: int, strategy: str, prec
     seq = 350 + workload.max_item_tokens + completion  # system prompt + item budget + completion
     per_layer = rows * seq * (8 * h + 2 * kv + 4 * i) * compute  # block tensors saved for backward
     activations = rows * seq * h * compute * layers + per_layer if checkpointing else per_layer * layers
-    plan = [(f"parameters fp32 (1/{shard} shard)" if shard > 1 else "parameters fp32", 4 * n / shard / GiB, "static"),
-            (f"AdamW states fp32 (1/{shard} shard)" if shard > 1 else "AdamW states fp32", 8 * n / shard / GiB, "static")]
+    plan = [
+        (f"parameters fp32 (1/{shard} shard)" if shard > 1 else "parameters fp32", 4 * n / shard / GiB, "static"),
+        (f"AdamW states fp32 (1/{shard} shard)" if shard > 1 else "AdamW states fp32", 8 * n / shard / GiB, "static"),
+    ]
     vllm = workload.vllm_gpu_memory is not None
     if vllm:
-        plan.append((f"vLLM engine share (--vllm-gpu-memory {workload.vllm_gpu_memory}) of an 80 GB card",
-                     workload.vllm_gpu_memory * GPU_GIB["80 GB"], "static"))
+        plan.append(
+            (
+                f"vLLM engine share (--vllm-gpu-memory {workload.vllm_gpu_memory}) of an 80 GB card",
+                workload.vllm_gpu_memory * GPU_GIB["80 GB"],
+                "static",
+            )
+        )
     elif strategy == "fsdp" and workload.group_size:
-        plan.append(("rollout inference copy, whole, bf16" if compute == 2 else "rollout inference copy, whole, fp32",
-                     compute * n / GiB, "static"))
+        plan.append(
+            (
+                "rollout inference copy, whole, bf16" if compute == 2 else "rollout inference copy, whole, fp32",
+                compute * n / GiB,
+                "static",
+            )
+        )
     if workload.reference:
         plan.append(("reference policy, whole (--beta > 0)", compute * n / GiB, "static"))
     if workload.group_size and not vllm:
         gen_rows = min(workload.gen_batch_size, max(1, workload.prompts_per_step // world)) * workload.group_size
-        plan.append((f"rollout KV cache ({gen_rows} rows x {seq} tokens)", gen_rows * seq * layers * 2 * kv * compute / GiB,
-                     "generation"))
+        plan.append(
+            (
+                f"rollout KV cache ({gen_rows} rows x {seq} tokens)",
+                gen_rows * seq * layers * 2 * kv * compute / GiB,
+                "generation",
+            )
+        )
         plan.append(("rollout sampling logits fp32", gen_rows * vocab * 4 * 3 / GiB, "generation"))
-    plan.append((f"gradients fp32 (1/{shard} shard)" if shard > 1 else "gradients fp32", 4 * n / shard / GiB, "training"))
+    plan.append(
+        (f"gradients fp32 (1/{shard} shard)" if shard > 1 else "gradients fp32", 4 * n / shard / GiB, "training")
+    )
     if strategy == "fsdp":
         root = vocab * h * (1 if tied else 2) + h
-        plan.append(("FSDP gathered units bf16 (embeddings/head + 2 blocks)" if compute == 2 else
-                     "FSDP gathered units fp32 (embeddings/head + 2 blocks)",
-                     compute * (root + 2 * (n - root) / layers) / GiB, "training"))
-    plan.append((f"activations ({rows} seqs x {seq} tokens, checkpointing {'on' if checkpointing else 'off'})",
-                 activations / GiB, "training"))
-    plan.append((f"completion logits fp32 + grad ({rows} x {completion + 1} x {vocab})",
-                 rows * (completion + 1) * vocab * (compute + 8) / GiB, "training"))
+        plan.append(
+            (
+                "FSDP gathered units bf16 (embeddings/head + 2 blocks)"
+                if compute == 2
+                else "FSDP gathered units fp32 (embeddings/head + 2 blocks)",
+                compute * (root + 2 * (n - root) / layers) / GiB,
+                "training",
+            )
+        )
+    plan.append(
+        (
+            f"activations ({rows} seqs x {seq} tokens, checkpointing {'on' if checkpointing else 'off'})",
+            activations / GiB,
+            "training",
+        )
+    )
+    plan.append(
+        (
+            f"completion logits fp32 + grad ({rows} x {completion + 1} x {vocab})",
+            rows * (completion + 1) * vocab * (compute + 8) / GiB,
+            "training",
+        )
+    )
     plan.append(("CUDA context, NCCL, allocator slack", 3.0, "static"))
     return plan
 
@@ -260,28 +351,44 @@ def dry_run_report(args: flags.TrainFlags, workload: Workload) -> str:
     else:
         command = " ".join([sys.executable, sys.argv[0], *argv]) + "   (one process: no relaunch)"
     lines = [f"model     {args.model} -> {resolved}", f"shape     {source}", f"launch    {command}"]
-    how = {"fsdp": "FSDP2 full shard, one unit per transformer block (parameters, gradients and AdamW states split over "
-                   f"{world} ranks)", "ddp": f"DDP, a whole copy of the model on each of {world} processes",
-           "single": "one process"}[strategy]
+    how = {
+        "fsdp": "FSDP2 full shard, one unit per transformer block (parameters, gradients and AdamW states split over "
+        f"{world} ranks)",
+        "ddp": f"DDP, a whole copy of the model on each of {world} processes",
+        "single": "one process",
+    }[strategy]
     lines.append(f"parallel  {world} x {'CPU' if on_cpu else 'GPU'}: {how}")
-    lines.append(f"precision {'bf16 compute, fp32 master weights, gradients and AdamW states' if precision == 'bf16' else 'fp32'}; "
-                 f"gradient checkpointing {'on' if checkpointing else 'off'}")
+    lines.append(
+        f"precision {'bf16 compute, fp32 master weights, gradients and AdamW states' if precision == 'bf16' else 'fp32'}; "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}"
+    )
     if workload.group_size:
         per_rank = -(-workload.prompts_per_step // world)
         vllm = workload.vllm_gpu_memory is not None
-        backend = ("colocated vLLM engine per rank (external_launcher), weights pushed after each update" if vllm else
-                   "HF generation on an unsharded inference copy, gathered once per step (no collective inside "
-                   "generation, so ranks may generate different amounts)" if strategy == "fsdp" else "HF generation on the local model")
-        lines.append(f"rollouts  {workload.prompts_per_step} prompts x {workload.group_size} completions per step, "
-                     f"<= {per_rank} prompts per rank; {backend}")
+        backend = (
+            "colocated vLLM engine per rank (external_launcher), weights pushed after each update"
+            if vllm
+            else "HF generation on an unsharded inference copy, gathered once per step (no collective inside "
+            "generation, so ranks may generate different amounts)"
+            if strategy == "fsdp"
+            else "HF generation on the local model"
+        )
+        lines.append(
+            f"rollouts  {workload.prompts_per_step} prompts x {workload.group_size} completions per step, "
+            f"<= {per_rank} prompts per rank; {backend}"
+        )
         lines.append(f"training  micro-batches of {workload.rows} sequences per rank, equal count on every rank")
     if shape is None:
-        lines.append("memory    unknown: " + source + ". Put the model's config.json in a local folder and pass that folder.")
+        lines.append(
+            "memory    unknown: " + source + ". Put the model's config.json in a local folder and pass that folder."
+        )
         return "\n".join(lines)
     n = parameter_count(shape)
     plan = memory_plan(workload, shape, world, strategy, precision, checkpointing)
-    lines.append(f"memory    per GPU, estimated GiB ({n / 1e9:.2f}B parameters; {shape['num_hidden_layers']} layers, "
-                 f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):")
+    lines.append(
+        f"memory    per GPU, estimated GiB ({n / 1e9:.2f}B parameters; {shape['num_hidden_layers']} layers, "
+        f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):"
+    )
     totals = {phase: sum(g for _, g, p in plan if p == phase) for phase in ("static", "generation", "training")}
     for phase in ("static", "generation", "training"):
         for item, gib, p in plan:

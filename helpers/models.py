@@ -23,9 +23,18 @@ CACHE_DIR = Path(os.environ.get("AGRL_CACHE", Path.home() / ".cache" / "agrl"))
 
 
 # Bare names researchers type, resolved to their hub organisation ("Qwen2.5-7B" -> "Qwen/Qwen2.5-7B").
-HUB_ORGS = {"qwen": "Qwen", "llama": "meta-llama", "meta-llama": "meta-llama", "smollm": "HuggingFaceTB",
-            "mistral": "mistralai", "mixtral": "mistralai", "gemma": "google", "phi": "microsoft",
-            "deepseek": "deepseek-ai", "olmo": "allenai"}
+HUB_ORGS = {
+    "qwen": "Qwen",
+    "llama": "meta-llama",
+    "meta-llama": "meta-llama",
+    "smollm": "HuggingFaceTB",
+    "mistral": "mistralai",
+    "mixtral": "mistralai",
+    "gemma": "google",
+    "phi": "microsoft",
+    "deepseek": "deepseek-ai",
+    "olmo": "allenai",
+}
 
 
 def resolve_model_name(name: str) -> str:
@@ -94,10 +103,19 @@ def tiny_random_model(tokenizer, seed: int = 0):
     """A 2-layer random Llama with the SmolLM2 tokenizer: for tests and smoke runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
@@ -109,14 +127,22 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
 
     resolved = resolve_model_name(name)
     device = pick_device(device)
-    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = {
+        "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
     if resolved == "tiny-random":
         tokenizer = embedded_tokenizer()
         model = tiny_random_model(tokenizer).to(torch_dtype)
     else:
         path = embedded_model_dir() if resolved == "smollm2-135m" else resolved
-        tried = [f"local directory {Path(name).resolve()} (not found)" if not Path(name).exists() else f"local directory {name}"]
+        tried = [
+            f"local directory {Path(name).resolve()} (not found)"
+            if not Path(name).exists()
+            else f"local directory {name}"
+        ]
         if resolved != name:
             tried.append(f"hub id {resolved} (resolved from the bare name {name!r})")
         elif "/" in name:
@@ -131,7 +157,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
         except (OSError, ValueError) as e:
             raise UserError(f"{tried} Cause: {type(e).__name__}: {str(e)[:300]}") from e
     if tokenizer.chat_template is None:
-        raise UserError(f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one.")
+        raise UserError(
+            f"Model {name!r} has no chat template: use an instruct/chat model or a directory whose tokenizer has one."
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -171,8 +199,10 @@ def hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
     if outcome and outcome[0] is None:
         return None
     why = outcome[0] if outcome else f"no answer within {timeout + 1:.0f} s"
-    return (f"the hub id {repo_id} is not in the local Hugging Face cache and {host} cannot be reached ({why}); "
-            f"download it where there is a network, or pass a local directory")
+    return (
+        f"the hub id {repo_id} is not in the local Hugging Face cache and {host} cannot be reached ({why}); "
+        f"download it where there is a network, or pass a local directory"
+    )
 
 
 def load_policy(name: str, accelerator, gradient_checkpointing: str = "auto"):
@@ -225,8 +255,9 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
     return shared
 
 
-def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
-              share_prefix: bool = False) -> dict[str, torch.Tensor]:
+def pad_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device, share_prefix: bool = False
+) -> dict[str, torch.Tensor]:
     """Prompts left-padded to one width P, completions right-padded after them: [pad.. prompt | completion ..pad].
 
     Every completion starts at column P, so the policy's logits are needed only for the last C+1
@@ -243,18 +274,27 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     attention_mask[:, :shared] = 1
     completion_mask = torch.zeros((len(prompts), C), dtype=torch.float32)
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attention_mask[row, shared + P - len(p):shared + P + len(c)] = 1
-        completion_mask[row, :len(c)] = 1
+        input_ids[row, P - len(p) : P + len(c)] = torch.tensor(p + c)
+        attention_mask[row, shared + P - len(p) : shared + P + len(c)] = 1
+        completion_mask[row, : len(c)] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 completion_mask=completion_mask, prefix_ids=torch.tensor([prefix], dtype=torch.long))
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        completion_mask=completion_mask,
+        prefix_ids=torch.tensor([prefix], dtype=torch.long),
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
 def checkpointing(model) -> bool:
     module = unwrapped(model)
-    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(module), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(module, name, False))
 
 
@@ -269,16 +309,30 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
     if batch["prefix_ids"].shape[1] > 0 and model.training and checkpointing(model):
         # checkpointed layers recompute without a KV cache (transformers drops it): run the prefix inline
         rows, mask = batch["input_ids"].shape[0], batch["attention_mask"]
-        batch = dict(batch, input_ids=torch.cat([batch["prefix_ids"].expand(rows, -1), batch["input_ids"]], 1),
-                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), prefix_ids=batch["prefix_ids"][:, :0])
+        batch = dict(
+            batch,
+            input_ids=torch.cat([batch["prefix_ids"].expand(rows, -1), batch["input_ids"]], 1),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            prefix_ids=batch["prefix_ids"][:, :0],
+        )
     if batch["prefix_ids"].shape[1] > 0:
         from transformers import DynamicCache
 
         cache = DynamicCache()
         model(input_ids=batch["prefix_ids"], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(batch["input_ids"].shape[0])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   past_key_values=cache, use_cache=cache is not None, logits_to_keep=C + 1).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=C + 1,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     # gather - logsumexp: no [B, C, vocab] log-softmax tensor is materialised

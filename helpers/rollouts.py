@@ -22,6 +22,7 @@ from helpers.errors import UserError
 @dataclass
 class Rollouts:
     """`n` completions for each prompt, flattened prompt-major: completion j of prompt i is at i*n + j."""
+
     prompt_ids: list[list[int]]  # one per completion (shared lists for a group)
     completion_ids: list[list[int]]  # sampled tokens, the stop token included when one was sampled
     logprobs: list[list[float]]  # behaviour log-prob of each sampled token (logits / temperature)
@@ -57,6 +58,7 @@ def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     the memory traffic of int64, the same bits); 23-bit uniforms (m + 1/2) / 2^23, exact in float32 and
     strictly inside (0, 1), so the noise is finite.
     """
+
     def as_int32(v):  # the same 32 bits, as a signed int32
         return (v - ((v >> 31) << 32)).to(torch.int32)
 
@@ -70,8 +72,9 @@ def gumbel_noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     return uniform.log_().neg_().log_().neg_()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor | None,
-            vocab_hash: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor | None, vocab_hash: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the sampling distribution (logits / temperature).
 
     Gumbel-max with the noise of `gumbel_noise(keys, vocab_hash)`: a completion's randomness depends only
@@ -105,16 +108,26 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
 
     cache, shared = DynamicCache(), models.common_prefix_length(prompts) if share_prefix else 0
     if shared:
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(
+            input_ids=torch.tensor([prompts[0][:shared]], device=device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache.batch_repeat_interleave(len(prompts))
     rests = [p[shared:] for p in prompts]
     width = max(len(r) for r in rests)
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rests], device=device)
     mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     return logits, cache, mask, positions
 
 
@@ -122,10 +135,21 @@ SYNC_EVERY = 8  # tokens between finished-row checks on an accelerator (each che
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
-             batch_size: int = 16, shared_prefill: bool = True, desc: str | None = None,
-             fast_decode: bool = True) -> Rollouts:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    n: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+    seeds: list[int] | None = None,
+    batch_size: int = 16,
+    shared_prefill: bool = True,
+    desc: str | None = None,
+    fast_decode: bool = True,
+) -> Rollouts:
     """Sample `n` completions per prompt with a KV cache; returns token ids and behaviour log-probs.
 
     `seeds` (one per prompt) fix the randomness: completion j of prompt i is a function of seeds[i] and
@@ -154,8 +178,8 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
     out = Rollouts([], [], [], [], [])
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        chunk = prompts[start:start + batch_size]
-        row_seeds = torch.tensor([s for s in seeds[start:start + batch_size] for _ in range(n)], device=device)
+        chunk = prompts[start : start + batch_size]
+        row_seeds = torch.tensor([s for s in seeds[start : start + batch_size] for _ in range(n)], device=device)
         samples = torch.arange(n, device=device).repeat(len(chunk))
         keys = sampling_keys(row_seeds, samples, max_new_tokens) if temperature > 0 else None
         if not shared_prefill:  # the plain way: every completion prefills its own copy of the prompt
@@ -205,9 +229,16 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
                 hidden = cpu_decode.decode_step(model, step_tokens, next_position, kv, t)
             else:
                 mask = F.pad(mask, (0, 1), value=1)  # finished rows keep decoding pads; they are cut below
-                hidden, logits = None, model(input_ids=step_tokens[:, None], attention_mask=mask,
-                                             position_ids=next_position[:, None], past_key_values=cache,
-                                             use_cache=True).logits[:, -1]
+                hidden, logits = (
+                    None,
+                    model(
+                        input_ids=step_tokens[:, None],
+                        attention_mask=mask,
+                        position_ids=next_position[:, None],
+                        past_key_values=cache,
+                        use_cache=True,
+                    ).logits[:, -1],
+                )
                 if running is not None:
                     logits = logits[running]
             next_position = next_position + 1
@@ -225,9 +256,18 @@ def generate(model, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tok
     return out
 
 
-def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_p: float = 1.0, min_new_tokens: int = 0, seeds: list[int] | None = None,
-                  **_) -> Rollouts:
+def generate_vllm(
+    llm,
+    tokenizer,
+    prompts: list[list[int]],
+    n: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+    seeds: list[int] | None = None,
+    **_,
+) -> Rollouts:
     """The same contract as `generate`, served by this rank's colocated vLLM engine (`make_vllm_engine`).
 
     vLLM shares each prompt's prefill across its `n` samples. The engine returns processed log-probs (of
@@ -236,10 +276,20 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
     """
     from vllm import SamplingParams  # lazy: an optional dependency
 
-    params = [SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature,
-                             top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[i],
-                             stop_token_ids=models.stop_token_ids(tokenizer), skip_special_tokens=False)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            n=n,
+            max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=0,
+            seed=None if seeds is None else seeds[i],
+            stop_token_ids=models.stop_token_ids(tokenizer),
+            skip_special_tokens=False,
+        )
+        for i in range(len(prompts))
+    ]
     if not prompts:
         return Rollouts([], [], [], [], [])
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -255,8 +305,9 @@ def generate_vllm(llm, tokenizer, prompts: list[list[int]], n: int = 1, max_new_
     return out
 
 
-def make_vllm_engine(model_name: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                     sleep_mode: bool = False):
+def make_vllm_engine(
+    model_name: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0, sleep_mode: bool = False
+):
     """This rank's colocated vLLM engine, the way TRL's colocate mode and verl run it: one engine per
     training process on that process's GPU (`external_launcher`: vLLM joins the launcher's ranks instead
     of spawning workers), context sized to the prompt and generation budgets, log-probs after temperature,
@@ -264,17 +315,32 @@ def make_vllm_engine(model_name: str, max_model_len: int, gpu_memory_utilization
     try:
         import vllm
     except ImportError:
-        raise UserError("--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in "
-                        "requirements.txt)") from None
+        raise UserError(
+            "--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in requirements.txt)"
+        ) from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29533")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29533"),
+    ):
         os.environ.setdefault(key, value)  # a single process: external_launcher still reads the torch.distributed env
-    return vllm.LLM(model=models.resolve_model_name(model_name), distributed_executor_backend="external_launcher",
-                    tensor_parallel_size=1, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                    seed=seed, enable_prefix_caching=True, dtype="bfloat16", enable_sleep_mode=sleep_mode,
-                    logprobs_mode="processed_logprobs", max_logprobs=0)
+    return vllm.LLM(
+        model=models.resolve_model_name(model_name),
+        distributed_executor_backend="external_launcher",
+        tensor_parallel_size=1,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        seed=seed,
+        enable_prefix_caching=True,
+        dtype="bfloat16",
+        enable_sleep_mode=sleep_mode,
+        logprobs_mode="processed_logprobs",
+        max_logprobs=0,
+    )
 
 
 def vllm_model(llm):
@@ -326,7 +392,9 @@ def refresh_rollout_weights(model, accelerator, engine=None) -> None:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            copy = AutoModelForCausalLM.from_config(models.unwrapped(model).config, dtype=launch.compute_dtype(accelerator))
+            copy = AutoModelForCausalLM.from_config(
+                models.unwrapped(model).config, dtype=launch.compute_dtype(accelerator)
+            )
         copy.to_empty(device=accelerator.device)
         copy.tie_weights()
         with torch.no_grad():
@@ -363,5 +431,7 @@ def rollout_policy(model, engine=None):
     if not launch.is_fsdp(model):
         return models.unwrapped(model)
     if engine is not None:  # the weights went to vLLM: no HF copy is kept
-        raise UserError("--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint")
+        raise UserError(
+            "--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint"
+        )
     return _INFERENCE_COPIES[id(model)]

@@ -42,8 +42,10 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
     if args.resume:
         if not old_args.exists():
             what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"
-            raise UserError(f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
-                            f"to start a new run")
+            raise UserError(
+                f"--resume: {run_dir} {what}: check --output-dir and --run-name, or leave out --resume "
+                f"to start a new run"
+            )
         old = json.loads(old_args.read_text())
         if old.get("script") != script:
             raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
@@ -51,23 +53,30 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
         may_change = flags.changeable_on_resume(args)
         refused = {k: pair for k, pair in changed.items() if k not in may_change}
         if refused:
-            raise UserError(f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
-                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                            + "; resume with the run's values, or start a new run (--run-name, or --overwrite)")
+            raise UserError(
+                f"--resume {run_dir}: these arguments differ from the run's and change what it computes: "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                + "; resume with the run's values, or start a new run (--run-name, or --overwrite)"
+            )
         record["resumes"] = old.get("resumes", [])
         accepted = {k: pair for k, pair in changed.items() if k not in ("resume", "overwrite")}
         if accepted:
-            print(f"[resume] {run_dir}: accepted changes (recorded in args.json): "
-                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()))
+            print(
+                f"[resume] {run_dir}: accepted changes (recorded in args.json): "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items())
+            )
             record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
         return record
     if run_dir.exists() and any(run_dir.iterdir()) and not old_args.exists():
-        raise UserError(f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name "
-                        f"or --output-dir")
+        raise UserError(
+            f"{run_dir} is not empty and not a run folder (no args.json): choose another --run-name or --output-dir"
+        )
     if used:
         if not args.overwrite:
-            raise UserError(f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
-                            f"--overwrite to delete it and start clean, or choose another --run-name")
+            raise UserError(
+                f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
+                f"--overwrite to delete it and start clean, or choose another --run-name"
+            )
         shutil.rmtree(run_dir)
         print(f"[overwrite] deleted the previous run in {run_dir}")
     elif old_args.exists():  # the leftover of a run that stopped before it logged anything
@@ -112,9 +121,16 @@ class Run:
 
             logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
             os.environ.setdefault("WANDB_MODE", "online" if logged_in else "offline")
-            self.wandb = wandb.init(project=args.wandb_project, group=args.wandb_group,
-                                    name=args.run_name, id=args.run_name.replace("/", "-"), resume="allow",
-                                    config=asdict(args), dir=str(self.dir), job_type=script)
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                group=args.wandb_group,
+                name=args.run_name,
+                id=args.run_name.replace("/", "-"),
+                resume="allow",
+                config=asdict(args),
+                dir=str(self.dir),
+                job_type=script,
+            )
 
     def rewind(self, step: int) -> None:
         """On resume: drop the lines logged after the checkpoint's step, so no step appears twice."""
@@ -147,7 +163,9 @@ class Run:
             import wandb
 
             columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step)
+            self.wandb.log(
+                {"samples": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in rows])}, step=step
+            )
 
     def finish(self, summary: dict | None = None) -> None:
         """At the end, or when the run stops early: curves.png, then the wandb summary. Once."""
@@ -165,11 +183,17 @@ class Run:
 
 # What curves.png shows, one panel each, from the metric lines that have them.
 CURVE_PANELS = {
-    "reward": ("reward_mean",), "accuracy": ("accuracy",), "format / adherence": ("format_rate", "adherence_rate"),
-    "loss": ("loss",), "KL": ("approx_kl", "ref_kl"), "entropy": ("entropy",),
+    "reward": ("reward_mean",),
+    "accuracy": ("accuracy",),
+    "format / adherence": ("format_rate", "adherence_rate"),
+    "loss": ("loss",),
+    "KL": ("approx_kl", "ref_kl"),
+    "entropy": ("entropy",),
     "groups kept / dropped": ("groups_kept", "groups_dropped"),
-    "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"), "DPO pair accuracy": ("reward_accuracy",),
-    "grad norm": ("grad_norm",), "predicted label entropy": ("label_entropy",),
+    "DPO rewards": ("reward_chosen", "reward_rejected", "reward_margin"),
+    "DPO pair accuracy": ("reward_accuracy",),
+    "grad norm": ("grad_norm",),
+    "predicted label entropy": ("label_entropy",),
 }
 
 
@@ -201,7 +225,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         if len(keys) > 1:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(Path(run_dir).name, fontsize=11)
     fig.tight_layout()

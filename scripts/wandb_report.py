@@ -24,11 +24,28 @@ import tyro
 
 # (section, panel kind, metric keys): what the report shows, in order
 PANELS = [
-    ("Training curves", "line", ["reward_mean", "accuracy", "format_rate", "adherence_rate", "loss", "approx_kl",
-                                 "entropy", "groups_kept", "agr_guided_share", "reward_margin"]),
+    (
+        "Training curves",
+        "line",
+        [
+            "reward_mean",
+            "accuracy",
+            "format_rate",
+            "adherence_rate",
+            "loss",
+            "approx_kl",
+            "entropy",
+            "groups_kept",
+            "agr_guided_share",
+            "reward_margin",
+        ],
+    ),
     ("Predicted label shares", "line", ["label_share_*"]),
-    ("Final evaluation", "comparison table", ["eval/accuracy", "eval/macro_f1", "eval/format_rate",
-                                              "eval/adherence_rate", "eval/n"]),
+    (
+        "Final evaluation",
+        "comparison table",
+        ["eval/accuracy", "eval/macro_f1", "eval/format_rate", "eval/adherence_rate", "eval/n"],
+    ),
     ("Confusion matrices", "media", ["eval/confusion"]),
     ("Samples", "table", ["samples"]),
 ]
@@ -104,8 +121,19 @@ def expand(keys: list[str], runs: list[tuple[str, str, Path]]) -> list[str]:
                 logged |= set(json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]))
         prefix = key[:-1]
         found = sorted(k for k in logged if k.startswith(prefix))
-        out += found or [prefix + label for label in ("Excellent", "Related", "Mismatch", "Irrelevant", "Exact",
-                                                      "Substitute", "Complement", "invalid")]
+        out += found or [
+            prefix + label
+            for label in (
+                "Excellent",
+                "Related",
+                "Mismatch",
+                "Irrelevant",
+                "Exact",
+                "Substitute",
+                "Complement",
+                "invalid",
+            )
+        ]
     return out
 
 
@@ -113,9 +141,13 @@ def build(args: Args, runs: list[tuple[str, str, Path]]):
     """Save the report with wandb's reports API; returns it (its .url)."""
     import wandb_workspaces.reports.v2 as wr
 
-    runset = wr.Runset(entity=args.entity, project=args.project, name=args.group, filters=f"Metric('Group') == '{args.group}'")
-    blocks = [wr.H1(args.title or args.group),
-              wr.P(f"The stages of the pipeline whose runs share the wandb group {args.group}.")]
+    runset = wr.Runset(
+        entity=args.entity, project=args.project, name=args.group, filters=f"Metric('Group') == '{args.group}'"
+    )
+    blocks = [
+        wr.H1(args.title or args.group),
+        wr.P(f"The stages of the pipeline whose runs share the wandb group {args.group}."),
+    ]
     for section, kind, keys in PANELS:
         if kind == "line":
             panels = [wr.LinePlot(x="Step", y=[key], title=key) for key in expand(keys, runs)]
@@ -126,8 +158,13 @@ def build(args: Args, runs: list[tuple[str, str, Path]]):
         else:
             panels = [wr.WeavePanelSummaryTable(table_name=key) for key in keys]
         blocks += [wr.H2(section), wr.PanelGrid(runsets=[runset], panels=panels)]
-    report = wr.Report(entity=args.entity, project=args.project, title=args.title or args.group,
-                       description=f"wandb group {args.group}", blocks=blocks)
+    report = wr.Report(
+        entity=args.entity,
+        project=args.project,
+        title=args.title or args.group,
+        description=f"wandb group {args.group}",
+        blocks=blocks,
+    )
     report.save()
     return report
 
@@ -139,7 +176,10 @@ def main(args: Args) -> int:
         print(f"offline ({offline}): the report is not built. It would be:")
         print(plan(args, runs))
         if runs:
-            print("upload the runs with: wandb sync " + " ".join(str(folder / "wandb" / "offline-run-*") for _, _, folder in runs))
+            print(
+                "upload the runs with: wandb sync "
+                + " ".join(str(folder / "wandb" / "offline-run-*") for _, _, folder in runs)
+            )
         return 0
     report = build(args, runs)
     print(plan(args, runs))

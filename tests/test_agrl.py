@@ -51,9 +51,12 @@ def state_dict(folder: Path) -> dict:
 
 
 # --- a hand-made example (taobao4) and answers to it --------------------------------------------------
-EXAMPLE = D.Example(query="red nike running shoes", title="Nike Air Zoom running shoe, red", label="Excellent",
-                    criteria={"category": "match", "brand": "match", "color": "match", "specs": "n/a",
-                              "negation": UNKNOWN})
+EXAMPLE = D.Example(
+    query="red nike running shoes",
+    title="Nike Air Zoom running shoe, red",
+    label="Excellent",
+    criteria={"category": "match", "brand": "match", "color": "match", "specs": "n/a", "negation": UNKNOWN},
+)
 GOLD_STATED = {"category": "match", "brand": "match", "color": "match", "specs": "n/a", "negation": "n/a"}
 
 
@@ -113,13 +116,19 @@ def expected_token_sets(tokenizer, text: str, spans: dict) -> tuple[list[int], d
     """Independently of agrl: the tokenizer's own character offsets, tokens overlapping each line."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    sets = {name: {k for k, (s, e) in enumerate(offsets) if s < b and e > a and e > s} for name, (a, b) in spans.items()}
+    sets = {
+        name: {k for k, (s, e) in enumerate(offsets) if s < b and e > a and e > s} for name, (a, b) in spans.items()
+    }
     return ids, sets
 
 
 @pytest.mark.parametrize("order", ["label_first", "think_first"])
 def test_criterion_token_indices_cover_exactly_their_line(tokenizer, order):
-    for label, changes in (("Excellent", {}), ("Related", dict(color="unstated")), ("Mismatch", dict(brand="conflict"))):
+    for label, changes in (
+        ("Excellent", {}),
+        ("Related", dict(color="unstated")),
+        ("Mismatch", dict(brand="conflict")),
+    ):
         text = R.format_output(label, dict(GOLD_STATED, **changes), "because of the brand", TAOBAO4, order)
         completion = tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(completion, skip_special_tokens=True) == text
@@ -147,8 +156,11 @@ def test_segment_advantages_put_each_criterion_on_its_own_tokens(tokenizer):
     texts = list(OUTPUTS.values())
     scores, _ = agrl.score_group(texts, EXAMPLE, TAOBAO4, args)
     completions = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    group = dict(completions=completions, credit=[agrl.criterion_credit(s) for s in scores],
-                 spans=[s.parsed.spans for s in scores])
+    group = dict(
+        completions=completions,
+        credit=[agrl.criterion_credit(s) for s in scores],
+        spans=[s.parsed.spans for s in scores],
+    )
     seq_adv = torch.tensor([0.3, -0.2, 0.1, -0.4])
     got = agrl.segment_advantages(group, seq_adv, tokenizer, args)
 
@@ -178,11 +190,15 @@ def test_segment_advantages_put_each_criterion_on_its_own_tokens(tokenizer):
 # 3. Guidance text and escalation / decay through a run
 # ==================================================================================================
 def test_guidance_text_and_wrong_criteria():
-    group = dict(correct=[True, False, False, True],
-                 criteria=[dict(category=True, brand=False, color=True, specs=None, negation=True),
-                           dict(category=True, brand=True, color=False, specs=None, negation=True),
-                           dict(category=False, brand=True, color=True, specs=None, negation=True),
-                           dict(category=True, brand=True, color=True, specs=False, negation=False)])
+    group = dict(
+        correct=[True, False, False, True],
+        criteria=[
+            dict(category=True, brand=False, color=True, specs=None, negation=True),
+            dict(category=True, brand=True, color=False, specs=None, negation=True),
+            dict(category=False, brand=True, color=True, specs=None, negation=True),
+            dict(category=True, brand=True, color=True, specs=False, negation=False),
+        ],
+    )
     # only the failing rollouts count (rollout 0's brand and 3's specs/negation do not); unknown never does
     assert agrl.wrong_criteria(group) == ["category", "color"]
     level1 = agrl.guidance_text(EXAMPLE, ["category", "color"], 1)
@@ -234,18 +250,43 @@ def escalation_run(tmp_path_factory):
         seen["rows"].append(result)
         return result
 
-    args = agrl.Args(model="tiny-random", dataset="synthetic", limit=1, total_steps=5, prompts_per_step=1, group_size=4,
-                     max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(out),
-                     run_name="agr", dynamic_sampling=False, agr_k=3, agr_buffer_size=2, agr_tau=0.25,
-                     agr_max_level=2, agr_recover=0.5, agr_ema=0.5, save_every=1, keep_last=10, lr=1e-3,
-                     warmup_steps=1, seed=1, agr_guide="hint", agr_replay_delay=0)
+    args = agrl.Args(
+        model="tiny-random",
+        dataset="synthetic",
+        limit=1,
+        total_steps=5,
+        prompts_per_step=1,
+        group_size=4,
+        max_new_tokens=8,
+        micro_batch_size=4,
+        device="cpu",
+        eval_limit=2,
+        output_dir=str(out),
+        run_name="agr",
+        dynamic_sampling=False,
+        agr_k=3,
+        agr_buffer_size=2,
+        agr_tau=0.25,
+        agr_max_level=2,
+        agr_recover=0.5,
+        agr_ema=0.5,
+        save_every=1,
+        keep_last=10,
+        lr=1e-3,
+        warmup_steps=1,
+        seed=1,
+        agr_guide="hint",
+        agr_replay_delay=0,
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollouts, "generate", generate)
         mp.setattr(agrl, "score_group", score)
         mp.setattr(agrl, "training_rows", rows)
         agrl.main(args)
-    states = [torch.load(out / "agr" / "checkpoints" / f"step-{s:07d}" / "train_state.pt", weights_only=True)["agr_state"]
-              for s in range(1, 6)]
+    states = [
+        torch.load(out / "agr" / "checkpoints" / f"step-{s:07d}" / "train_state.pt", weights_only=True)["agr_state"]
+        for s in range(1, 6)
+    ]
     return dict(dir=out / "agr", args=args, seen=seen, metrics=read_metrics(out / "agr"), states=states)
 
 
@@ -359,9 +400,13 @@ def test_training_rows_use_unguided_prompt(tokenizer):
     guided_prompt = D.encode_prompt(tokenizer, EXAMPLE, TAOBAO4, guidance=agrl.guidance_text(EXAMPLE, ["color"], 2))[0]
     assert guided_prompt != unguided
     group = make_group([0.0, 1.0, 0.0, 1.0])
-    group.update(prompt=unguided, completions=[[5, 6], [7], [8, 9, 10], [11]],
-                 old_logprobs=[[-1.0, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-0.1]],
-                 guided=[False, True, False, True], forced=[0, 1, 0, 1])
+    group.update(
+        prompt=unguided,
+        completions=[[5, 6], [7], [8, 9, 10], [11]],
+        old_logprobs=[[-1.0, -2.0], [-0.5], [-1.0, -1.0, -1.0], [-0.1]],
+        guided=[False, True, False, True],
+        forced=[0, 1, 0, 1],
+    )
     advantages = [torch.tensor([-1.0, 1.0, -1.0, 1.0])]
     rows = agrl.training_rows([group], advantages)
     assert [r["guided"] for r in rows] == [False, True, False, True]
@@ -398,8 +443,9 @@ def test_off_policy_corrections(correction):
     weights = mask * torch.tensor([1.0, 0.5, 2.0, 0.25])[:, None]  # arbitrary aggregation weights
 
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = agrl.grpo_loss(logp, old, adv, weights, eps_low, eps_high, forced=guided, correction=correction,
-                             gamma=gamma, is_cap=cap)
+    loss, _ = agrl.grpo_loss(
+        logp, old, adv, weights, eps_low, eps_high, forced=guided, correction=correction, gamma=gamma, is_cap=cap
+    )
     loss.backward()
     plain_logp = logp0.clone().requires_grad_(True)
     plain, _ = grpo.grpo_loss(plain_logp, old, adv, weights, eps_low, eps_high)
@@ -435,8 +481,18 @@ def plain_per_token(logp, old, adv, eps_low, eps_high):
 def test_no_guided_rows_is_grpo_loss():
     logp0, old, adv, mask, _ = correction_batch()
     for correction in ("shaping", "is", "none"):
-        a, sa = agrl.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1,
-                               forced=torch.zeros(4, 5, dtype=torch.bool), correction=correction)
+        a, sa = agrl.grpo_loss(
+            logp0,
+            old,
+            adv,
+            mask,
+            0.2,
+            0.28,
+            0.1,
+            logp0 - 0.1,
+            forced=torch.zeros(4, 5, dtype=torch.bool),
+            correction=correction,
+        )
         b, sb = grpo.grpo_loss(logp0, old, adv, mask, 0.2, 0.28, 0.1, logp0 - 0.1)
         assert a.item() == b.item() and all(sa[k].item() == sb[k].item() for k in sb)
 
@@ -449,9 +505,25 @@ def test_no_guided_rows_is_grpo_loss():
 def test_off_off_equals_grpo(tmp_path, monkeypatch):
     monkeypatch.setattr(agrl, "score_group", fake_score_group)
     monkeypatch.setattr(grpo, "score_group", fake_score_group)
-    common = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=2, prompts_per_step=2, group_size=4,
-                  max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(tmp_path),
-                  temperature=1.0, lr=1e-3, warmup_steps=1, seed=1, dynamic_sampling=True, ds_max_tries=1)
+    common = dict(
+        model="tiny-random",
+        dataset="synthetic",
+        limit=8,
+        total_steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=8,
+        micro_batch_size=4,
+        device="cpu",
+        eval_limit=2,
+        output_dir=str(tmp_path),
+        temperature=1.0,
+        lr=1e-3,
+        warmup_steps=1,
+        seed=1,
+        dynamic_sampling=True,
+        ds_max_tries=1,
+    )
     agrl.main(agrl.Args(rrs=False, agr=False, run_name="agrl", **common))
     grpo.main(grpo.Args(run_name="grpo", **common))
     a, g = read_metrics(tmp_path / "agrl"), read_metrics(tmp_path / "grpo")
@@ -479,7 +551,7 @@ def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
 
     def score(texts, example, rulebook, args):
         good = D.sft_target(example, rulebook, args.order)
-        head = good[:good.index("</label>" if args.order == "label_first" else "</criteria>")]
+        head = good[: good.index("</label>" if args.order == "label_first" else "</criteria>")]
         return real_score([good if t.startswith(head) else "no" for t in texts], example, rulebook, args)
 
     def rows(groups, advantages, *a, **kw):
@@ -487,11 +559,32 @@ def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
         seen["rows"].append(real_rows(groups, advantages, *a, **kw))
         return seen["rows"][-1]
 
-    args = agrl.Args(**dict(dict(
-        model="tiny-random", dataset="synthetic", limit=16, total_steps=1, prompts_per_step=2, group_size=4,
-        max_new_tokens=48, micro_batch_size=4, device="cpu", eval_limit=1, output_dir=str(tmp_path),
-        run_name=f"{guide}-{order}", agr_k=2, lr=1e-3, warmup_steps=1, seed=1, agr_guide=guide, order=order,
-        ds_max_tries=0), **overrides))
+    args = agrl.Args(
+        **dict(
+            dict(
+                model="tiny-random",
+                dataset="synthetic",
+                limit=16,
+                total_steps=1,
+                prompts_per_step=2,
+                group_size=4,
+                max_new_tokens=48,
+                micro_batch_size=4,
+                device="cpu",
+                eval_limit=1,
+                output_dir=str(tmp_path),
+                run_name=f"{guide}-{order}",
+                agr_k=2,
+                lr=1e-3,
+                warmup_steps=1,
+                seed=1,
+                agr_guide=guide,
+                order=order,
+                ds_max_tries=0,
+            ),
+            **overrides,
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(agrl, "score_group", score)
         mp.setattr(agrl, "training_rows", rows)
@@ -512,7 +605,7 @@ def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, or
         segment = agrl.gold_segment_ids(tokenizer, example, R.TAOBAO4, order)
         target = tokenizer.encode(D.sft_target(example, R.TAOBAO4, order), add_special_tokens=False)
         # the forced tokens are exactly the SFT target's tokens that spell the first segment, and no more
-        assert completion[:forced] == segment == target[:len(segment)] and forced == len(segment) < len(completion)
+        assert completion[:forced] == segment == target[: len(segment)] and forced == len(segment) < len(completion)
         text = tokenizer.decode(segment)
         tag = "</label>\n" if order == "label_first" else "</criteria>\n"
         assert text.endswith(tag) and text.count(tag) == 1
@@ -520,7 +613,7 @@ def test_prefix_guidance_forces_exactly_the_gold_segment(tmp_path, tokenizer, or
         # the *unguided* prompt + completion: the sampled continuation's are exact, on-policy
         batch = models.pad_batch([group["prompt"]], [completion], tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
-            logp = models.token_logprobs(policy, batch, args.temperature)[0][0, :len(completion)]
+            logp = models.token_logprobs(policy, batch, args.temperature)[0][0, : len(completion)]
         torch.testing.assert_close(torch.tensor(group["old_logprobs"][j]), logp, atol=1e-4, rtol=1e-4)
     for row in seen["rows"][0]:
         assert row["prompt"] in [g["prompt"] for g in seen["groups"][0]]  # trained under the unguided prompt
@@ -558,8 +651,17 @@ def test_target_guidance_is_the_sft_target(tmp_path, tokenizer):
 def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
     """Every group stays stagnant: each prompt is re-queued and returns agr_replay_delay steps later,
     taking at most half of a step's prompts, while the stream keeps moving."""
-    args, seen = guided_run(tmp_path, "hint", total_steps=5, prompts_per_step=2, agr_replay_delay=2, max_new_tokens=4,
-                            run_name="requeue", dynamic_sampling=False, max_empty_steps=0)  # never stop on guided-only steps
+    args, seen = guided_run(
+        tmp_path,
+        "hint",
+        total_steps=5,
+        prompts_per_step=2,
+        agr_replay_delay=2,
+        max_new_tokens=4,
+        run_name="requeue",
+        dynamic_sampling=False,
+        max_empty_steps=0,
+    )  # never stop on guided-only steps
     metrics = read_metrics(tmp_path / "requeue")
     per_step = [[g["example_index"] for g in groups] for groups in seen["groups"]]
     positions = [[g["position"] for g in groups] for groups in seen["groups"]]
@@ -570,6 +672,8 @@ def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
     assert [m["data_position"] for m in metrics] == [2, 4, 5, 6, 7]
     # the prompts come back oldest first, one a step (half the batch): step 1's two, then step 2's first
     assert per_step[2][0] == per_step[0][0] and per_step[3][0] == per_step[0][1] and per_step[4][0] == per_step[1][0]
-    assert all(p[0] >= agrl.REPLAY_KEY > p[1] for p in positions[2:]) and all(p < agrl.REPLAY_KEY for p in positions[0] + positions[1])
+    assert all(p[0] >= agrl.REPLAY_KEY > p[1] for p in positions[2:]) and all(
+        p < agrl.REPLAY_KEY for p in positions[0] + positions[1]
+    )
     # its seed key is new, so its samples are fresh
     assert len({p for ps in positions for p in ps}) == sum(len(ps) for ps in positions)

@@ -25,19 +25,54 @@ import pytest
 from helpers import errors, models
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED",
-                                                              "AGRL_DEBUG")}
+CHILD_ENV = {
+    k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED", "AGRL_DEBUG")
+}
 CHILD_ENV.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", WANDB_MODE="disabled")
 # The acceptance command of the issue: no data flag, so the synthetic world.
-AGRL = ["--model", "tiny-random", "--total-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
-        "--max-new-tokens", "8", "--eval-limit", "4"]
-TINY_GRPO = ["--model", "tiny-random", "--limit", "8", "--prompts-per-step", "2", "--group-size", "2",
-             "--max-new-tokens", "4", "--micro-batch-size", "2", "--eval-limit", "2", "--device", "cpu"]
+AGRL = [
+    "--model",
+    "tiny-random",
+    "--total-steps",
+    "1",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--eval-limit",
+    "4",
+]
+TINY_GRPO = [
+    "--model",
+    "tiny-random",
+    "--limit",
+    "8",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--eval-limit",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def launch(script: str, *flags: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=CHILD_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *flags],
+        cwd=cwd,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def in_process(capsys, monkeypatch, script: str, *flags: str) -> tuple[int, str, str]:
@@ -89,15 +124,19 @@ def test_used_folder_is_refused_then_resume_accepts_harmless_changes(agrl_run, c
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {Path('runs') / run_dir.name} holds a previous run (agrl.py, 1 metric lines, checkpoints up to step 1, "
-        "eval.json): add --resume to continue it, --overwrite to delete it and start clean, or choose another --run-name")
+        "eval.json): add --resume to continue it, --overwrite to delete it and start clean, or choose another --run-name"
+    )
     assert (run_dir / "metrics.jsonl").read_text() == before
 
     monkeypatch.chdir(cwd)  # arguments that change the math are refused with the list of differences
-    line = user_error(in_process(capsys, monkeypatch, "agrl.py", *AGRL, "--resume", "--lr", "1e-3", "--group-size", "4"))
+    line = user_error(
+        in_process(capsys, monkeypatch, "agrl.py", *AGRL, "--resume", "--lr", "1e-3", "--group-size", "4")
+    )
     assert "group_size 2 -> 4" in line and "lr 1e-06 -> 0.001" in line and "total_steps" not in line
 
-    code, out, err = in_process(capsys, monkeypatch, "agrl.py", *AGRL[:2], *AGRL[4:-2], "--total-steps", "2",
-                                "--eval-limit", "2", "--resume")
+    code, out, err = in_process(
+        capsys, monkeypatch, "agrl.py", *AGRL[:2], *AGRL[4:-2], "--total-steps", "2", "--eval-limit", "2", "--resume"
+    )
     assert code == 0, err[-3000:]
     assert "accepted changes (recorded in args.json): eval_limit 4 -> 2, total_steps 1 -> 2" in out
     args = json.loads((run_dir / "args.json").read_text())
@@ -108,20 +147,39 @@ def test_used_folder_is_refused_then_resume_accepts_harmless_changes(agrl_run, c
 
 def test_steps_that_train_on_nothing_warn_then_stop(tmp_path):
     # A random model never writes a parseable answer: every group is all wrong and dynamic sampling drops it.
-    proc = launch("grpo.py", *TINY_GRPO, "--total-steps", "5", "--ds-max-tries", "0", "--max-empty-steps", "2",
-                  "--run-name", "empty", cwd=tmp_path)
+    proc = launch(
+        "grpo.py",
+        *TINY_GRPO,
+        "--total-steps",
+        "5",
+        "--ds-max-tries",
+        "0",
+        "--max-empty-steps",
+        "2",
+        "--run-name",
+        "empty",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # the first empty step already says why; the next ones only count
-    assert ("warning: step 1 trained on nothing: dynamic sampling dropped all 2 groups (2 all wrong, 0 all right); "
-            "likely cause: the policy never produced a parseable answer") in proc.stderr
-    assert "warning: step 2 trained on nothing: dynamic sampling dropped all 2 groups (2 all wrong, 0 all right)\n" \
+    assert (
+        "warning: step 1 trained on nothing: dynamic sampling dropped all 2 groups (2 all wrong, 0 all right); "
+        "likely cause: the policy never produced a parseable answer"
+    ) in proc.stderr
+    assert (
+        "warning: step 2 trained on nothing: dynamic sampling dropped all 2 groups (2 all wrong, 0 all right)\n"
         in proc.stderr
+    )
     assert proc.stderr.strip().splitlines()[-1] == (
         "stopped: 2 steps in a row trained on nothing (--max-empty-steps 2); likely cause: the policy never produced "
-        "a parseable answer (format rate 0, 100% cut off by --max-new-tokens): start from an SFT checkpoint (sft.py)")
+        "a parseable answer (format rate 0, 100% cut off by --max-new-tokens): start from an SFT checkpoint (sft.py)"
+    )
     run_dir = tmp_path / "runs" / "empty"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["step"], m["empty_steps"], m["groups_kept"], m["loss"]) for m in lines] == [(1, 1, 0, 0.0), (2, 2, 0, 0.0)]
+    assert [(m["step"], m["empty_steps"], m["groups_kept"], m["loss"]) for m in lines] == [
+        (1, 1, 0, 0.0),
+        (2, 2, 0, 0.0),
+    ]
     assert (run_dir / "curves.png").exists()  # drawn for a run that stopped, too
     # what it has is saved and evaluated before the stop is reported
     assert (run_dir / "checkpoint" / "config.json").exists()
@@ -131,14 +189,32 @@ def test_steps_that_train_on_nothing_warn_then_stop(tmp_path):
 def test_agrl_from_a_policy_that_never_parses_stops_too(tmp_path):
     # Target guidance keeps every group (the guided answer is right), so no step is literally empty; but none of
     # the policy's own answers parse, which from a base policy taught nothing (README): those steps count as empty.
-    proc = launch("agrl.py", *TINY_GRPO, "--total-steps", "5", "--agr-guide", "target", "--max-empty-steps", "2",
-                  "--run-name", "guided-only", cwd=tmp_path)
+    proc = launch(
+        "agrl.py",
+        *TINY_GRPO,
+        "--total-steps",
+        "5",
+        "--agr-guide",
+        "target",
+        "--max-empty-steps",
+        "2",
+        "--run-name",
+        "guided-only",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert ("warning: step 1 trained on guided answers only: none of the policy's own 4 answers parsed; likely cause: "
-            "the policy never produced a parseable answer") in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "stopped: 2 steps in a row trained on guided answers only (--max-empty-steps 2); likely cause: the policy never "
-        "produced a parseable answer")
+    assert (
+        "warning: step 1 trained on guided answers only: none of the policy's own 4 answers parsed; likely cause: "
+        "the policy never produced a parseable answer"
+    ) in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "stopped: 2 steps in a row trained on guided answers only (--max-empty-steps 2); likely cause: the policy never "
+            "produced a parseable answer"
+        )
+    )
     lines = [json.loads(x) for x in (tmp_path / "runs" / "guided-only" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["groups_kept"], m["format_rate"], m["empty_steps"]) for m in lines] == [(2, 0.0, 1), (2, 0.0, 2)]
 
@@ -160,13 +236,22 @@ def test_overwrite_starts_clean(tmp_path, capsys, monkeypatch):
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "mine.jsonl"
-    bad.write_text('{"query": "red sofa", "title": "Red Sofa", "label": "Excellent"}\n'
-                   '{"query": "desk", "title": "Oak Desk", "label": "great"}\n')
+    bad.write_text(
+        '{"query": "red sofa", "title": "Red Sofa", "label": "Excellent"}\n'
+        '{"query": "desk", "title": "Oak Desk", "label": "great"}\n'
+    )
     cases = [  # (script, flags, what the line must say)
-        ("sft.py", ["--model", "tiny-random", "--dataset", "jsonl", "--data-path", str(bad), "--run-name", "a"],
-         "mine.jsonl row 2 field 'label': unknown label 'great'"),
+        (
+            "sft.py",
+            ["--model", "tiny-random", "--dataset", "jsonl", "--data-path", str(bad), "--run-name", "a"],
+            "mine.jsonl row 2 field 'label': unknown label 'great'",
+        ),
         ("sft.py", ["--dataset", "jsonl", "--run-name", "b"], "--dataset jsonl needs --data-path"),
-        ("grpo.py", ["--dataset", "csv", "--data-path", "nowhere.csv", "--run-name", "c"], "data path nowhere.csv does not exist"),
+        (
+            "grpo.py",
+            ["--dataset", "csv", "--data-path", "nowhere.csv", "--run-name", "c"],
+            "data path nowhere.csv does not exist",
+        ),
         ("grpo.py", ["--resume", "--run-name", "typo"], f"--resume: {Path('runs') / 'typo'} does not exist"),
         ("dpo.py", ["--dataset", "wikipedia", "--run-name", "d"], "unknown dataset 'wikipedia'"),
         ("eval.py", ["--compare", "runs/nowhere"], "runs/nowhere/eval.json missing"),
@@ -198,12 +283,19 @@ def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeyp
     monkeypatch.setenv("WANDB_MODE", "offline")
     for name, group in (("sft", "pipe-1"), ("agrl", "pipe-1"), ("other", "pipe-2")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "args.json").write_text(json.dumps(dict(script=name if name != "other" else "grpo",
-                                                                   run_name=name, wandb_group=group)))
-    code, out, _ = in_process(capsys, monkeypatch, "scripts/wandb_report.py", "--group", "pipe-1", "--runs-dir", str(tmp_path))
+        (tmp_path / name / "args.json").write_text(
+            json.dumps(dict(script=name if name != "other" else "grpo", run_name=name, wandb_group=group))
+        )
+    code, out, _ = in_process(
+        capsys, monkeypatch, "scripts/wandb_report.py", "--group", "pipe-1", "--runs-dir", str(tmp_path)
+    )
     assert code == 0
-    assert out.startswith("offline (WANDB_MODE=offline): the report is not built. It would be:\n"
-                          "report 'pipe-1' in project agrl: runs of wandb group pipe-1\n")
-    assert "Training curves: line of reward_mean, accuracy" in out and "Confusion matrices: media of eval/confusion" in out
+    assert out.startswith(
+        "offline (WANDB_MODE=offline): the report is not built. It would be:\n"
+        "report 'pipe-1' in project agrl: runs of wandb group pipe-1\n"
+    )
+    assert (
+        "Training curves: line of reward_mean, accuracy" in out and "Confusion matrices: media of eval/confusion" in out
+    )
     assert f"local runs of the group under {tmp_path}: 2" in out and "agrl (agrl.py)" in out and "other" not in out
     assert "wandb sync " in out

@@ -48,8 +48,11 @@ def tok(request):
 
 @pytest.fixture(scope="module")
 def synth():
-    return {(seed, split): load_dataset("synthetic", split, seed=seed, synthetic_size=2000)
-            for seed in (0, 1) for split in data.SPLITS}
+    return {
+        (seed, split): load_dataset("synthetic", split, seed=seed, synthetic_size=2000)
+        for seed in (0, 1)
+        for split in data.SPLITS
+    }
 
 
 # --- The synthetic rule world ---------------------------------------------------------------------
@@ -157,15 +160,30 @@ def test_balanced_and_limit(synth):
 
 # --- ESCI -----------------------------------------------------------------------------------------
 def _esci_row(query, label, title, brand="", description="", bullets="", qid="1", pid="P1"):
-    return {"query": query, "esci_query_id": qid, "product_id": pid, "esci_label": label, "product_title": title,
-            "product_description": description, "product_bullet_point": bullets, "product_brand": brand,
-            "product_color": None}
+    return {
+        "query": query,
+        "esci_query_id": qid,
+        "product_id": pid,
+        "esci_label": label,
+        "product_title": title,
+        "product_description": description,
+        "product_bullet_point": bullets,
+        "product_brand": brand,
+        "product_color": None,
+    }
 
 
 ESCI_ROWS = [
-    _esci_row("nike running shoes", "Exact", "Nike Air Zoom Running Shoe", brand="Nike",
-              description="<p>Light &amp; fast.</p><ul><li>Mesh upper</li><li>Foam</li></ul>"),
-    _esci_row("nike running shoes", "S", "Adidas Ultraboost Running Shoe", brand="Adidas", bullets="Boost foam\nKnit upper"),
+    _esci_row(
+        "nike running shoes",
+        "Exact",
+        "Nike Air Zoom Running Shoe",
+        brand="Nike",
+        description="<p>Light &amp; fast.</p><ul><li>Mesh upper</li><li>Foam</li></ul>",
+    ),
+    _esci_row(
+        "nike running shoes", "S", "Adidas Ultraboost Running Shoe", brand="Adidas", bullets="Boost foam\nKnit upper"
+    ),
     _esci_row("nike running shoes", "C", "Nike Running Socks 3-Pack", brand="Nike"),
     _esci_row("nike running shoes", "irrelevant", "Stainless Steel Frying Pan", brand="Lodge"),
 ]
@@ -204,23 +222,57 @@ def _write_official(tmp_path, n_queries=40):
         for locale in ("us", "es"):
             for label in ("E", "S", "I"):
                 pid += 1
-                examples.append({"example_id": pid, "query": f"query {q} {locale}", "query_id": q + (1000 if locale == "es" else 0),
-                                 "product_id": f"B{pid:05d}", "product_locale": locale, "esci_label": label,
-                                 "small_version": 1, "large_version": 1, "split": "test" if q % 4 == 0 else "train"})
+                examples.append(
+                    {
+                        "example_id": pid,
+                        "query": f"query {q} {locale}",
+                        "query_id": q + (1000 if locale == "es" else 0),
+                        "product_id": f"B{pid:05d}",
+                        "product_locale": locale,
+                        "esci_label": label,
+                        "small_version": 1,
+                        "large_version": 1,
+                        "split": "test" if q % 4 == 0 else "train",
+                    }
+                )
                 products[(f"B{pid:05d}", locale)] = f"Product {pid} <b>bold</b>"
-    examples.append({"example_id": 999999, "query": "query orphan", "query_id": 5000, "product_id": "MISSING",
-                     "product_locale": "us", "esci_label": "E", "small_version": 1, "large_version": 1, "split": "test"})
+    examples.append(
+        {
+            "example_id": 999999,
+            "query": "query orphan",
+            "query_id": 5000,
+            "product_id": "MISSING",
+            "product_locale": "us",
+            "esci_label": "E",
+            "small_version": 1,
+            "large_version": 1,
+            "split": "test",
+        }
+    )
     pq.write_table(pa.Table.from_pylist(examples), tmp_path / data.ESCI_EXAMPLES)
-    prod_rows = [{"product_id": p, "product_title": t, "product_description": "<p>Nice</p>", "product_bullet_point": None,
-                  "product_brand": "Acme", "product_color": "red", "product_locale": loc} for (p, loc), t in products.items()]
+    prod_rows = [
+        {
+            "product_id": p,
+            "product_title": t,
+            "product_description": "<p>Nice</p>",
+            "product_bullet_point": None,
+            "product_brand": "Acme",
+            "product_color": "red",
+            "product_locale": loc,
+        }
+        for (p, loc), t in products.items()
+    ]
     pq.write_table(pa.Table.from_pylist(prod_rows), tmp_path / data.ESCI_PRODUCTS)
     return examples
 
 
 def test_esci_official_parquet_pair(tmp_path):
     rows = _write_official(tmp_path)
-    with pytest.raises(DataError, match=r"shopping_queries_dataset_examples\.parquet row %d field 'product_title': "
-                                        r"required field is null" % len(rows)):
+    with pytest.raises(
+        DataError,
+        match=r"shopping_queries_dataset_examples\.parquet row %d field 'product_title': "
+        r"required field is null" % len(rows),
+    ):
         load_dataset("esci", "test", path=str(tmp_path))  # the orphan row has no product
     test = load_dataset("esci", "test", path=str(tmp_path), skip_bad_rows=True)
     assert test.stats["rows_skipped"] == 1 and test.stats["skipped"][0]["row"] == len(rows)
@@ -254,11 +306,24 @@ def test_esci_joined_csv_file(tmp_path):
 
 # --- User data ------------------------------------------------------------------------------------
 def test_jsonl_field_map_and_explicit_label_map(tmp_path):
-    rows = [{"search_term": "red cotton t-shirt", "product_name": "Red Tee", "grade": g, "criterion_color": c,
-             "attr_material": "cotton"} for g, c in [(4, "match"), (3, ""), ("2", "conflict"), (1.0, None)]]
+    rows = [
+        {
+            "search_term": "red cotton t-shirt",
+            "product_name": "Red Tee",
+            "grade": g,
+            "criterion_color": c,
+            "attr_material": "cotton",
+        }
+        for g, c in [(4, "match"), (3, ""), ("2", "conflict"), (1.0, None)]
+    ]
     path = _write_jsonl(tmp_path / "graded.jsonl", rows)
-    ds = load_dataset("jsonl", "all", path=path, field_map="query=search_term,title=product_name,label=grade",
-                      label_map="4=Excellent,3=Related,2=Mismatch,1=Irrelevant")
+    ds = load_dataset(
+        "jsonl",
+        "all",
+        path=path,
+        field_map="query=search_term,title=product_name,label=grade",
+        label_map="4=Excellent,3=Related,2=Mismatch,1=Irrelevant",
+    )
     assert ds.rulebook is TAOBAO4
     assert [e.label for e in ds.examples] == ["Excellent", "Related", "Mismatch", "Irrelevant"]
     assert [e.criteria["color"] for e in ds.examples] == ["match", UNKNOWN, "conflict", UNKNOWN]
@@ -268,12 +333,20 @@ def test_jsonl_field_map_and_explicit_label_map(tmp_path):
 
 def test_csv_threshold_label_map_on_means(tmp_path):
     (tmp_path / "test.csv").write_text(
-        "q,t,mean\nsofa,Grey Sofa,3\nsofa,Armchair,2.67\nsofa,Sofa Cover,2.0\nsofa,Lamp,1.33\nsofa,Rug,1\n", encoding="utf-8")
+        "q,t,mean\nsofa,Grey Sofa,3\nsofa,Armchair,2.67\nsofa,Sofa Cover,2.0\nsofa,Lamp,1.33\nsofa,Rug,1\n",
+        encoding="utf-8",
+    )
     thresholds = ">=2.5:Excellent,>=2:Related,>=1.5:Mismatch,>=0:Irrelevant"
     ds = load_dataset("csv", "test", path=str(tmp_path), field_map="query=q,title=t,label=mean", label_map=thresholds)
     assert [e.label for e in ds.examples] == ["Excellent", "Excellent", "Related", "Irrelevant", "Irrelevant"]
-    esci = load_dataset("csv", "test", path=str(tmp_path), field_map="query=q,title=t,label=mean", rulebook="esci",
-                        label_map=">2.5:exact,>=2:substitute,>1.2:complement,>=1:irrelevant")
+    esci = load_dataset(
+        "csv",
+        "test",
+        path=str(tmp_path),
+        field_map="query=q,title=t,label=mean",
+        rulebook="esci",
+        label_map=">2.5:exact,>=2:substitute,>1.2:complement,>=1:irrelevant",
+    )
     assert esci.rulebook is ESCI
     assert [e.label for e in esci.examples] == ["Exact", "Exact", "Substitute", "Complement", "Irrelevant"]
     with pytest.raises(ValueError, match="not a label"):
@@ -282,15 +355,22 @@ def test_csv_threshold_label_map_on_means(tmp_path):
         load_dataset("csv", "test", path=str(tmp_path), field_map="qurey=q")
 
 
-RELEVANCE_CSV = ("search_term,product_title,product_description,relevance\n"
-                 "red sofa,Red Sofa,A soft red sofa.,3.0\nred sofa,Blue Lamp,A lamp.,1.0\n"
-                 "oak desk,Oak Desk,Solid oak.,2.0\noak desk,Desk Mat,Felt mat.,1.0\n")
+RELEVANCE_CSV = (
+    "search_term,product_title,product_description,relevance\n"
+    "red sofa,Red Sofa,A soft red sofa.,3.0\nred sofa,Blue Lamp,A lamp.,1.0\n"
+    "oak desk,Oak Desk,Solid oak.,2.0\noak desk,Desk Mat,Felt mat.,1.0\n"
+)
 
 
 def test_unread_columns_are_named_with_the_field_map_that_reads_them(tmp_path, capsys):
     (tmp_path / "own.csv").write_text(RELEVANCE_CSV, encoding="utf-8")
-    ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
-                      field_map="query=search_term,title=product_title,label=relevance")
+    ds = load_dataset(
+        "csv",
+        "all",
+        path=str(tmp_path / "own.csv"),
+        label_map="3=Excellent,2=Related,1=Irrelevant",
+        field_map="query=search_term,title=product_title,label=relevance",
+    )
     err = capsys.readouterr().err
     assert "own.csv: columns not read (no field maps to them): product_description" in err
     assert "to read it: --field-map description=product_description" in err
@@ -298,8 +378,13 @@ def test_unread_columns_are_named_with_the_field_map_that_reads_them(tmp_path, c
     assert ds.stats["columns_used"] == ["search_term", "product_title", "relevance"]
     assert all(e.description == "" for e in ds.examples)
     # mapped, it is read and nothing is named
-    ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
-                      field_map="query=search_term,title=product_title,label=relevance,description=product_description")
+    ds = load_dataset(
+        "csv",
+        "all",
+        path=str(tmp_path / "own.csv"),
+        label_map="3=Excellent,2=Related,1=Irrelevant",
+        field_map="query=search_term,title=product_title,label=relevance,description=product_description",
+    )
     assert "columns not read" not in capsys.readouterr().err and ds.stats["columns_ignored"] == []
     assert ds.examples[0].description == "A soft red sofa."
 
@@ -313,30 +398,54 @@ def test_explicit_label_map_compares_numbers_as_numbers_in_every_format(tmp_path
         ds = load_dataset("csv", "all", path=str(tmp_path / "own.csv"), field_map=fmap, label_map=label_map)
         assert [e.label for e in ds.examples] == want
     rows = [{"q": "red sofa", "t": "Red Sofa", "y": y} for y in (3, 3.0, "3", "3.0", " 3 ")]
-    ds = load_dataset("jsonl", "all", path=_write_jsonl(tmp_path / "own.jsonl", rows), field_map="query=q,title=t,label=y",
-                      label_map="3=Excellent")
+    ds = load_dataset(
+        "jsonl",
+        "all",
+        path=_write_jsonl(tmp_path / "own.jsonl", rows),
+        field_map="query=q,title=t,label=y",
+        label_map="3=Excellent",
+    )
     assert [e.label for e in ds.examples] == ["Excellent"] * 5
     with pytest.raises(DataError, match="unknown label '2.5'"):
-        load_dataset("jsonl", "all", path=_write_jsonl(tmp_path / "bad.jsonl", [{"q": "a", "t": "b", "y": "2.5"}]),
-                     field_map="query=q,title=t,label=y", label_map="3=Excellent")
+        load_dataset(
+            "jsonl",
+            "all",
+            path=_write_jsonl(tmp_path / "bad.jsonl", [{"q": "a", "t": "b", "y": "2.5"}]),
+            field_map="query=q,title=t,label=y",
+            label_map="3=Excellent",
+        )
 
 
 @pytest.mark.parametrize("skip_bad_rows", [False, True])
 def test_a_missing_required_column_names_the_files_columns_and_the_fix(tmp_path, skip_bad_rows):
     (tmp_path / "own.csv").write_text(RELEVANCE_CSV, encoding="utf-8")
     with pytest.raises(data.UserError) as e:  # not a row error for each row, not an empty dataset later
-        load_dataset("csv", "all", path=str(tmp_path / "own.csv"), label_map="3=Excellent,2=Related,1=Irrelevant",
-                     field_map="query=search_term,label=relevance", skip_bad_rows=skip_bad_rows)
-    assert str(e.value) == ("own.csv has no column 'title' for the required field 'title'; its columns: search_term, "
-                            "product_title, product_description, relevance; map one with --field-map title=product_title")
+        load_dataset(
+            "csv",
+            "all",
+            path=str(tmp_path / "own.csv"),
+            label_map="3=Excellent,2=Related,1=Irrelevant",
+            field_map="query=search_term,label=relevance",
+            skip_bad_rows=skip_bad_rows,
+        )
+    assert str(e.value) == (
+        "own.csv has no column 'title' for the required field 'title'; its columns: search_term, "
+        "product_title, product_description, relevance; map one with --field-map title=product_title"
+    )
     with pytest.raises(data.UserError, match="field 'label'.*--field-map label=<column>"):
         load_dataset("csv", "all", path=str(tmp_path / "own.csv"), field_map="query=search_term,title=product_title")
 
 
 def test_parquet_directory_split(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"query": "desk", "title": "Oak Desk", "label": "Excellent"},
-                                         {"query": "desk", "title": "Office Chair", "label": "irrelevant"}]),
-                   tmp_path / "dev.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"query": "desk", "title": "Oak Desk", "label": "Excellent"},
+                {"query": "desk", "title": "Office Chair", "label": "irrelevant"},
+            ]
+        ),
+        tmp_path / "dev.parquet",
+    )
     ds = load_dataset("parquet", "dev", path=str(tmp_path))
     assert [e.label for e in ds.examples] == ["Excellent", "Irrelevant"] and ds.examples[1].source_id == "dev.parquet:2"
     with pytest.raises(data.UserError, match="no train.parquet"):
@@ -384,20 +493,29 @@ def test_skip_bad_rows_accounts_for_every_row(tmp_path):
 
 
 def test_bad_csv_rows(tmp_path):
-    text = ('query,title,label,description\n'
-            'sofa,Grey Sofa,Excellent,"two\nlines"\n'  # lines 2-3: a quoted newline
-            'sofa,Velvet Sofa,Excellent\n'  # line 4: a column short
-            'sofa,,Related,x\n'  # line 5: empty title
-            'sofa,Lamp,Meh,x\n'  # line 6: unknown label
-            'sofa,Leather Sofa,Related,ok\n')
+    text = (
+        "query,title,label,description\n"
+        'sofa,Grey Sofa,Excellent,"two\nlines"\n'  # lines 2-3: a quoted newline
+        "sofa,Velvet Sofa,Excellent\n"  # line 4: a column short
+        "sofa,,Related,x\n"  # line 5: empty title
+        "sofa,Lamp,Meh,x\n"  # line 6: unknown label
+        "sofa,Leather Sofa,Related,ok\n"
+    )
     path = tmp_path / "train.csv"
     path.write_bytes(text.encode() + b"sofa,Caf\xe9 Sofa,Related,x\n")  # line 8: Latin-1 bytes
     with pytest.raises(DataError, match=r"train\.csv row 4 field '\(row\)': expected 4 columns, found 3"):
         load_dataset("csv", "all", path=str(path))
     ds = load_dataset("csv", "all", path=str(path), skip_bad_rows=True)
-    assert [(x["row"], x["field"]) for x in ds.stats["skipped"]] == [(4, "(row)"), (5, "title"), (6, "label"), (8, "title")]
+    assert [(x["row"], x["field"]) for x in ds.stats["skipped"]] == [
+        (4, "(row)"),
+        (5, "title"),
+        (6, "label"),
+        (8, "title"),
+    ]
     assert "UTF-8" in ds.stats["skipped"][-1]["reason"] and "unknown label 'Meh'" in ds.stats["skipped"][2]["reason"]
-    assert [e.title for e in ds.examples] == ["Grey Sofa", "Leather Sofa"] and ds.examples[0].description == "two\nlines"
+    assert [e.title for e in ds.examples] == ["Grey Sofa", "Leather Sofa"] and ds.examples[
+        0
+    ].description == "two\nlines"
     assert ds.stats["rows_read"] == 6 == ds.stats["rows_used"] + ds.stats["rows_skipped"]
     # a threshold label map needs numbers
     (tmp_path / "graded.csv").write_text("query,title,label\nsofa,Sofa,3.5\nsofa,Sofa,high\n", encoding="utf-8")
@@ -406,21 +524,38 @@ def test_bad_csv_rows(tmp_path):
 
 
 def test_bad_parquet_rows(tmp_path):
-    rows = [{"query": "desk", "title": "Oak Desk", "label": "4", "criterion_brand": None},
-            {"query": "desk", "title": None, "label": "4", "criterion_brand": None},
-            {"query": "desk", "title": "Desk", "label": "7", "criterion_brand": None},
-            {"query": "desk", "title": "Desk", "label": "4", "criterion_brand": "maybe"}]
+    rows = [
+        {"query": "desk", "title": "Oak Desk", "label": "4", "criterion_brand": None},
+        {"query": "desk", "title": None, "label": "4", "criterion_brand": None},
+        {"query": "desk", "title": "Desk", "label": "7", "criterion_brand": None},
+        {"query": "desk", "title": "Desk", "label": "4", "criterion_brand": "maybe"},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "u.parquet")
-    ds = load_dataset("parquet", "all", path=str(tmp_path / "u.parquet"), label_map="4=Excellent,1=Irrelevant", skip_bad_rows=True)
+    ds = load_dataset(
+        "parquet", "all", path=str(tmp_path / "u.parquet"), label_map="4=Excellent,1=Irrelevant", skip_bad_rows=True
+    )
     assert [(x["row"], x["field"]) for x in ds.stats["skipped"]] == [(2, "title"), (3, "label"), (4, "criterion_brand")]
     assert len(ds.examples) == 1 and ds.stats["label_counts"]["Excellent"] == 1
 
 
 # --- Prompts --------------------------------------------------------------------------------------
 def test_build_messages_and_item_text():
-    e = Example("red sofa", "Grey Velvet Sofa", "Mismatch", {}, description="Big <b>and</b> soft", bullets="3-seater\n\nFirm",
-                brand="Acme", color="grey", attributes={"material": "velvet"}, context="Sofas come in many colors.")
-    assert item_text(e) == "Grey Velvet Sofa\nBrand: Acme\nColor: grey\nMaterial: velvet\nBullets: 3-seater; Firm\nDescription: Big <b>and</b> soft"
+    e = Example(
+        "red sofa",
+        "Grey Velvet Sofa",
+        "Mismatch",
+        {},
+        description="Big <b>and</b> soft",
+        bullets="3-seater\n\nFirm",
+        brand="Acme",
+        color="grey",
+        attributes={"material": "velvet"},
+        context="Sofas come in many colors.",
+    )
+    assert (
+        item_text(e)
+        == "Grey Velvet Sofa\nBrand: Acme\nColor: grey\nMaterial: velvet\nBullets: 3-seater; Firm\nDescription: Big <b>and</b> soft"
+    )
     assert item_text(Example("q", "Only A Title", "Related", {})) == "Only A Title"
     for order in ORDERS:
         system, user = build_messages(e, TAOBAO4, order, guidance="color: conflict")
@@ -428,11 +563,13 @@ def test_build_messages_and_item_text():
         s = system["content"]
         assert "Excellent, Related, Mismatch, Irrelevant" in s
         assert all(c.question in s for c in TAOBAO4.criteria) and all(r in s for r in TAOBAO4.rules)
-        placeholder = format_output("LABEL", {c.name: "|".join(c.values) for c in TAOBAO4.criteria}, "a short reason",
-                                    TAOBAO4, order)
+        placeholder = format_output(
+            "LABEL", {c.name: "|".join(c.values) for c in TAOBAO4.criteria}, "a short reason", TAOBAO4, order
+        )
         assert s.endswith(placeholder)
-        assert user["content"] == (f"Query: red sofa\nItem: {item_text(e)}\nContext: Sofas come in many colors."
-                                   "\n\nGuidance: color: conflict")
+        assert user["content"] == (
+            f"Query: red sofa\nItem: {item_text(e)}\nContext: Sofas come in many colors.\n\nGuidance: color: conflict"
+        )
     assert "product_type" in build_messages(e, ESCI)[0]["content"]
     assert build_messages(e, TAOBAO4, item_text="X")[1]["content"].startswith("Query: red sofa\nItem: X\n")
 
@@ -443,7 +580,9 @@ def test_encode_prompt_truncates_huge_items(tok):
     assert not truncated
     expected = tok.apply_chat_template(build_messages(base, TAOBAO4), add_generation_prompt=True, tokenize=True)
     assert ids == list(expected["input_ids"] if not isinstance(expected, list) else expected)
-    huge = Example("oak desk", "Oak Desk 48 Inch", "Excellent", {}, bullets="Solid oak", description="very sturdy wood " * 3000)
+    huge = Example(
+        "oak desk", "Oak Desk 48 Inch", "Excellent", {}, bullets="Solid oak", description="very sturdy wood " * 3000
+    )
     long_ids, truncated = encode_prompt(tok, huge, TAOBAO4, max_item_tokens=64)
     assert truncated
     assert len(long_ids) <= len(ids) + 64 + 8
@@ -496,7 +635,11 @@ def test_sft_target_real_data_with_unknown_criteria(tmp_path):
             _check_target(e, TAOBAO4, order)
     # the plausible fills of the brief: ESCI Substitute -> same type, a spec unmet
     sub = Example("q", "t", "Substitute", {"product_type": UNKNOWN, "specs": UNKNOWN, "brand": UNKNOWN})
-    assert parse_output(sft_target(sub, ESCI), ESCI).criteria == {"product_type": "same", "specs": "unmet", "brand": "n/a"}
+    assert parse_output(sft_target(sub, ESCI), ESCI).criteria == {
+        "product_type": "same",
+        "specs": "unmet",
+        "brand": "n/a",
+    }
     related = Example("q", "t", "Related", {**{n: UNKNOWN for n in TAOBAO4.criterion_names}, "category": "match"})
     parsed = parse_output(sft_target(related, TAOBAO4), TAOBAO4)
     assert parsed.criteria["specs"] == "unstated" and "does not state its specs" in parsed.reason
@@ -515,14 +658,25 @@ def test_fill_is_adherent_and_keeps_consistent_known_values(rulebook, draw):
 
 
 def test_single_file_is_split_by_query_never_evaluating_training_rows(tmp_path, capsys):
-    rows = [{"query": f"query {q}", "title": f"item {q}-{i}", "label": "Excellent"} for q in range(30) for i in range(3)]
+    rows = [
+        {"query": f"query {q}", "title": f"item {q}-{i}", "label": "Excellent"} for q in range(30) for i in range(3)
+    ]
     path = _write_jsonl(tmp_path / "mine.jsonl", rows)
     train, dev = load_dataset("jsonl", "train", path=path), load_dataset("jsonl", "dev", path=path)
     train_q, dev_q = {e.query for e in train.examples}, {e.query for e in dev.examples}
-    assert len(dev_q) == 3 and not train_q & dev_q and train_q | dev_q == {r["query"] for r in rows}  # 10% of the queries
+    assert (
+        len(dev_q) == 3 and not train_q & dev_q and train_q | dev_q == {r["query"] for r in rows}
+    )  # 10% of the queries
     assert len(train.examples) + len(dev.examples) == len(rows)
-    assert dev.stats["rows_used"] == 9 and dev.stats["rows_other_split"] == 81 and dev.stats["file_split"]["dev_queries"] == 3
-    assert "mine.jsonl is one file, split by query with a fixed hash: 3 of 30 queries (10%, at least one) are dev" in capsys.readouterr().out
+    assert (
+        dev.stats["rows_used"] == 9
+        and dev.stats["rows_other_split"] == 81
+        and dev.stats["file_split"]["dev_queries"] == 3
+    )
+    assert (
+        "mine.jsonl is one file, split by query with a fixed hash: 3 of 30 queries (10%, at least one) are dev"
+        in capsys.readouterr().out
+    )
     # the split is a function of the queries, not of the row order or the seed
     shuffled = _write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
     assert {e.query for e in load_dataset("jsonl", "dev", path=shuffled, seed=7).examples} == dev_q

@@ -69,28 +69,58 @@ def test_launch_command_passes_accelerate_validation(num_gpus, strategy):
 
 def test_the_old_launch_command_is_what_accelerate_rejects():
     """The validation used above can fail: `--multi_gpu` with `--use_fsdp` (the command before) is refused."""
-    old = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--multi_gpu", "--use_fsdp", "agrl.py"]
+    old = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "8",
+        "--multi_gpu",
+        "--use_fsdp",
+        "agrl.py",
+    ]
     with pytest.raises(ValueError, match="only use one of"):
         accelerate_validate(old)
 
 
 def test_cpu_launch_is_torchrun_with_n_ranks():
     command = launch.launch_command(2, "cpu", "fsdp", "auto", ["grpo.py", "--device", "cpu"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", "--device", "cpu"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "grpo.py",
+        "--device",
+        "cpu",
+    ]
 
 
 # ==================================================================================================
 # 2. --dry-run: resolved id, launch command, parallel plan, memory plan; no weights, exit 0
 # ==================================================================================================
 CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
-CHILD_ENV.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-                 WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+CHILD_ENV.update(
+    OMP_NUM_THREADS="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONUNBUFFERED="1",
+    TQDM_DISABLE="1",
+    WANDB_MODE="disabled",
+    HF_HUB_OFFLINE="1",
+)
 
 
 def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "agrl.py"), "--model", "Qwen2.5-7B", "--num-gpus", "8", "--dry-run"],
-                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "agrl.py"), "--model", "Qwen2.5-7B", "--num-gpus", "8", "--dry-run"],
+        cwd=tmp_path,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -105,9 +135,16 @@ def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
     print(out, f"\n({seconds:.1f} s)")
 
 
-@pytest.mark.parametrize("name,billions", [("Qwen2.5-0.5B-Instruct", 0.49), ("Qwen/Qwen2.5-7B-Instruct", 7.62),
-                                           ("Qwen2.5-72B", 72.7), ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03),
-                                           ("Llama-3.1-70B", 70.6)])
+@pytest.mark.parametrize(
+    "name,billions",
+    [
+        ("Qwen2.5-0.5B-Instruct", 0.49),
+        ("Qwen/Qwen2.5-7B-Instruct", 7.62),
+        ("Qwen2.5-72B", 72.7),
+        ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03),
+        ("Llama-3.1-70B", 70.6),
+    ],
+)
 def test_shape_table_gives_the_published_parameter_counts(name, billions, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shape, source = launch.model_shape(name)
@@ -119,11 +156,21 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shape = launch.model_shape("Qwen2.5-7B")[0]
     args = grpo.Args(model="Qwen2.5-7B")
-    workload = launch.Workload(args.micro_batch_size, args.max_new_tokens, args.max_item_tokens, False,
-                               args.prompts_per_step, args.group_size, args.gen_batch_size)
+    workload = launch.Workload(
+        args.micro_batch_size,
+        args.max_new_tokens,
+        args.max_item_tokens,
+        False,
+        args.prompts_per_step,
+        args.group_size,
+        args.gen_batch_size,
+    )
 
     def plan(world, strategy, ckpt):
-        return {item.split(" (")[0]: gib for item, gib, _ in launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)}
+        return {
+            item.split(" (")[0]: gib
+            for item, gib, _ in launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)
+        }
 
     sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
     assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
@@ -138,8 +185,10 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
 # 3. Device honesty: asking for CUDA where there is none is one line and a non-zero exit
 # ==================================================================================================
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("device,num_gpus,flag", [("cuda", 1, "--device cuda"), ("auto", 8, "--num-gpus 8"),
-                                                  ("cuda:1", 2, "--device cuda:1")])
+@pytest.mark.parametrize(
+    "device,num_gpus,flag",
+    [("cuda", 1, "--device cuda"), ("auto", 8, "--num-gpus 8"), ("cuda:1", 2, "--device cuda:1")],
+)
 def test_cuda_requested_without_cuda_is_a_one_line_user_error(device, num_gpus, flag):
     with pytest.raises(errors.UserError) as stop:
         launch.relaunch(num_gpus, device)
@@ -150,12 +199,24 @@ def test_cuda_requested_without_cuda_is_a_one_line_user_error(device, num_gpus, 
 def test_cuda_requested_without_cuda_from_the_command_line_fails_within_seconds(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    proc = subprocess.run([sys.executable, str(REPO / "grpo.py"), "--model", "tiny-random", "--num-gpus", "2"],
-                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "grpo.py"), "--model", "tiny-random", "--num-gpus", "2"],
+        cwd=tmp_path,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "needs CUDA" in proc.stderr and not (tmp_path / "runs").exists()
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--device", "cuda"], cwd=tmp_path, env=CHILD_ENV,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--device", "cuda"],
+        cwd=tmp_path,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--device cuda needs CUDA" in proc.stderr
 
 
@@ -166,12 +227,34 @@ def fake_score_group(texts, example, rulebook, args):
     """k = (source id mod 5) of the G rollouts are correct, reward 1 for them: mixed groups for k = 1..3."""
     k = int(example.source_id.rsplit(":", 1)[1]) % 5
     scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
-    return [dataclasses.replace(s, correct=j < k) for j, s in enumerate(scores)], [float(j < k) for j in range(len(texts))]
+    return [dataclasses.replace(s, correct=j < k) for j, s in enumerate(scores)], [
+        float(j < k) for j in range(len(texts))
+    ]
 
 
-RUN = dict(model="tiny-random", dataset="synthetic", limit=12, prompts_per_step=2, group_size=4, max_new_tokens=8,
-           micro_batch_size=4, device="cpu", eval_limit=2, temperature=1.0, warmup_steps=1, lr=1e-3, seed=1,
-           loss_agg="sequence", dynamic_sampling=True, ds_rule="accuracy", ds_low=0.3, ds_high=0.99, ds_max_tries=3, save_every=1, keep_last=3)
+RUN = dict(
+    model="tiny-random",
+    dataset="synthetic",
+    limit=12,
+    prompts_per_step=2,
+    group_size=4,
+    max_new_tokens=8,
+    micro_batch_size=4,
+    device="cpu",
+    eval_limit=2,
+    temperature=1.0,
+    warmup_steps=1,
+    lr=1e-3,
+    seed=1,
+    loss_agg="sequence",
+    dynamic_sampling=True,
+    ds_rule="accuracy",
+    ds_low=0.3,
+    ds_high=0.99,
+    ds_max_tries=3,
+    save_every=1,
+    keep_last=3,
+)
 
 
 def no_eval(mp):
@@ -185,8 +268,19 @@ def test_small_lr_moves_the_weights_under_bf16_mixed_precision(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grpo, "score_group", fake_score_group)
         no_eval(mp)
-        grpo.main(grpo.Args(**{**RUN, "lr": 1e-6, "total_steps": 1, "precision": "bf16", "gradient_checkpointing": "on",
-                               "output_dir": str(tmp_path), "run_name": "bf16"}))
+        grpo.main(
+            grpo.Args(
+                **{
+                    **RUN,
+                    "lr": 1e-6,
+                    "total_steps": 1,
+                    "precision": "bf16",
+                    "gradient_checkpointing": "on",
+                    "output_dir": str(tmp_path),
+                    "run_name": "bf16",
+                }
+            )
+        )
     initial = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
     final = state_dict(tmp_path / "bf16" / "checkpoint")
     assert read_metrics(tmp_path / "bf16")[0]["grad_norm"] > 0
@@ -201,7 +295,9 @@ def test_small_lr_moves_the_weights_under_bf16_mixed_precision(tmp_path):
         total += before.numel()
     print(f"moved {moved / total:.1%} of the weights; a bf16 copy would have changed {changed / total:.1%}")
     assert moved / total > 0.95, f"only {moved / total:.1%} of the weights moved"
-    assert changed / total < 0.5 * moved / total, "a bf16 copy would have kept most of this update: the check shows nothing"
+    assert changed / total < 0.5 * moved / total, (
+        "a bf16 copy would have kept most of this update: the check shows nothing"
+    )
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -278,10 +374,18 @@ def fsdp_command(tmp_path: Path, script: str, name: str, **overrides) -> list[st
     driver = tmp_path / f"{script}_driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script=script))
     flags = []
-    for key, value in {**RUN, "num_gpus": 2, "strategy": "fsdp", **overrides, "output_dir": str(tmp_path),
-                       "run_name": name}.items():
+    for key, value in {
+        **RUN,
+        "num_gpus": 2,
+        "strategy": "fsdp",
+        **overrides,
+        "output_dir": str(tmp_path),
+        "run_name": name,
+    }.items():
         flag = "--" + key.replace("_", "-")
-        flags += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        flags += (
+            ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        )
     return [sys.executable, str(driver), *flags]
 
 
@@ -289,7 +393,9 @@ def fsdp_command(tmp_path: Path, script: str, name: str, **overrides) -> list[st
 def launched(command: list[str], cwd: Path):
     """A 2-process run in its own process group, killed with the group after the timeout or on exit."""
     log = open(cwd / "log.txt", "w+")
-    proc = subprocess.Popen(command, cwd=cwd, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     proc.log = lambda: (log.seek(0), log.read()[-4000:])[1]
     try:
         yield proc
@@ -326,8 +432,11 @@ def assert_uneven_and_matching(two: Path, one: Path, lr: float) -> None:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     assert a["grad_norm"] > 0 and a["data_position"] > 2  # the step trained, after refills
     # Adam's first step is ~ lr * sign(g): an element near 0 may flip between summation orders
-    assert_same_weights(state_dict(one / "checkpoints" / "step-0000001"), state_dict(two / "checkpoints" / "step-0000001"),
-                        atol=0.1 * lr)
+    assert_same_weights(
+        state_dict(one / "checkpoints" / "step-0000001"),
+        state_dict(two / "checkpoints" / "step-0000001"),
+        atol=0.1 * lr,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -78,13 +78,23 @@ def test_dpo_loss_gradient_sign():
 def group(outcomes, prompt=(1, 2, 3), ids=None, truncated=None, source_id="s"):
     """outcomes: one letter per completion: A = correct+adherent+well-formed, C = correct but not adherent,
     F = correct and adherent but malformed, W = wrong label (well-formed), U = unparseable."""
-    flags = dict(A=(True, True, True), C=(True, False, True), F=(True, True, False), W=(False, True, True),
-                 U=(False, False, False))
-    return dict(prompt_ids=list(prompt), source_id=source_id,
-                completions=ids or [[100 + j, 7] for j in range(len(outcomes))],
-                texts=[f"{o}{j}" for j, o in enumerate(outcomes)],
-                correct=[flags[o][0] for o in outcomes], adherent=[flags[o][1] for o in outcomes],
-                format_ok=[flags[o][2] for o in outcomes], truncated=truncated or [False] * len(outcomes))
+    flags = dict(
+        A=(True, True, True),
+        C=(True, False, True),
+        F=(True, True, False),
+        W=(False, True, True),
+        U=(False, False, False),
+    )
+    return dict(
+        prompt_ids=list(prompt),
+        source_id=source_id,
+        completions=ids or [[100 + j, 7] for j in range(len(outcomes))],
+        texts=[f"{o}{j}" for j, o in enumerate(outcomes)],
+        correct=[flags[o][0] for o in outcomes],
+        adherent=[flags[o][1] for o in outcomes],
+        format_ok=[flags[o][2] for o in outcomes],
+        truncated=truncated or [False] * len(outcomes),
+    )
 
 
 def test_build_pairs_basic_and_stats():
@@ -171,10 +181,14 @@ def test_reference_logps_are_completion_only(tiny, share_prefix):
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(10, 1000, (n,), generator=g).tolist()  # noqa: E731
     system = ids(6)  # a common "system prompt" prefix, then prompts of different lengths
-    pairs = [dict(prompt_ids=system + ids(5), chosen_ids=ids(3), rejected_ids=ids(9)),
-             dict(prompt_ids=system + ids(17), chosen_ids=ids(1), rejected_ids=ids(4)),
-             dict(prompt_ids=system + ids(11), chosen_ids=ids(8), rejected_ids=ids(2))]
-    chosen, rejected = dpo.reference_logps(model, pairs, tokenizer.pad_token_id, batch_size=3, share_prefix=share_prefix)
+    pairs = [
+        dict(prompt_ids=system + ids(5), chosen_ids=ids(3), rejected_ids=ids(9)),
+        dict(prompt_ids=system + ids(17), chosen_ids=ids(1), rejected_ids=ids(4)),
+        dict(prompt_ids=system + ids(11), chosen_ids=ids(8), rejected_ids=ids(2)),
+    ]
+    chosen, rejected = dpo.reference_logps(
+        model, pairs, tokenizer.pad_token_id, batch_size=3, share_prefix=share_prefix
+    )
     with torch.no_grad():
         for p, c, r in zip(pairs, chosen, rejected):
             assert c == pytest.approx(independent_logp(model, p["prompt_ids"], p["chosen_ids"]), abs=1e-3)
@@ -189,8 +203,18 @@ def test_reference_logps_are_completion_only(tiny, share_prefix):
 
 
 # --- end to end -------------------------------------------------------------------------------------
-COMMON = dict(model="tiny-random", dataset="synthetic", eval_limit=1, max_new_tokens=6, batch_size=2, grad_accum=2,
-              log_every=1, lr=1e-3, warmup_steps=1, max_item_tokens=16)
+COMMON = dict(
+    model="tiny-random",
+    dataset="synthetic",
+    eval_limit=1,
+    max_new_tokens=6,
+    batch_size=2,
+    grad_accum=2,
+    log_every=1,
+    lr=1e-3,
+    warmup_steps=1,
+    max_item_tokens=16,
+)
 
 
 def make_pairs_file(path: Path, tokenizer, n: int = 4) -> Path:
@@ -201,13 +225,25 @@ def make_pairs_file(path: Path, tokenizer, n: int = 4) -> Path:
         for i, e in enumerate(ds.examples):
             wrong = next(label for label in TAOBAO4.labels if label != e.label)
             good, bad = f"<label>{e.label}</label>", f"<label>{wrong}</label>"
-            prompt = tokenizer.apply_chat_template([dict(role="user", content=f"{e.query} / {e.title}")],
-                                                   add_generation_prompt=True, tokenize=True)
+            prompt = tokenizer.apply_chat_template(
+                [dict(role="user", content=f"{e.query} / {e.title}")], add_generation_prompt=True, tokenize=True
+            )
             prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])  # short: a fast test
-            f.write(json.dumps(dict(source_id=e.source_id, example_index=i, gold=e.label, prompt_ids=prompt,
-                                    chosen_ids=tokenizer.encode(good, add_special_tokens=False) + [end],
-                                    rejected_ids=tokenizer.encode(bad, add_special_tokens=False) + [end],
-                                    chosen_text=good, rejected_text=bad)) + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        source_id=e.source_id,
+                        example_index=i,
+                        gold=e.label,
+                        prompt_ids=prompt,
+                        chosen_ids=tokenizer.encode(good, add_special_tokens=False) + [end],
+                        rejected_ids=tokenizer.encode(bad, add_special_tokens=False) + [end],
+                        chosen_text=good,
+                        rejected_text=bad,
+                    )
+                )
+                + "\n"
+            )
     return path
 
 
@@ -229,8 +265,16 @@ def test_end_to_end_sampling(tmp_path):
 
 def test_end_to_end_training_from_pairs_and_exact_resume(tmp_path, tiny):
     pairs_path = make_pairs_file(tmp_path / "hand.jsonl", tiny[1])
-    keys = {"loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "lr", "grad_norm",
-            "step_seconds"}
+    keys = {
+        "loss",
+        "reward_chosen",
+        "reward_rejected",
+        "reward_margin",
+        "reward_accuracy",
+        "lr",
+        "grad_norm",
+        "step_seconds",
+    }
     straight = dict(COMMON, pairs_path=str(pairs_path), output_dir=str(tmp_path))
     dpo.main(dpo.Args(**straight, total_steps=2, run_name="a"))
     run = tmp_path / "a"
@@ -250,7 +294,10 @@ def test_end_to_end_training_from_pairs_and_exact_resume(tmp_path, tiny):
     assert [line["loss"] for line in resumed if "loss" in line] == pytest.approx([s["loss"] for s in steps], abs=1e-6)
     from safetensors.torch import load_file
 
-    a, b = load_file(run / "checkpoint" / "model.safetensors"), load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    a, b = (
+        load_file(run / "checkpoint" / "model.safetensors"),
+        load_file(tmp_path / "b" / "checkpoint" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
@@ -273,8 +320,16 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), *real(*a, **k)[1:]))
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
-        dpo.main(dpo.Args(**COMMON, pairs_path=str(pairs_path), output_dir=str(tmp_path), total_steps=5,
-                          max_nan_skips=2, run_name="m"))
+        dpo.main(
+            dpo.Args(
+                **COMMON,
+                pairs_path=str(pairs_path),
+                output_dir=str(tmp_path),
+                total_steps=5,
+                max_nan_skips=2,
+                run_name="m",
+            )
+        )
 
 
 def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch):
@@ -314,7 +369,7 @@ def test_pass_at_n_samples_only_the_prompts_the_steps_need(tmp_path, monkeypatch
     sampled = [i for r in rounds for i in r]
     assert stats["prompts_sampled"] == len(sampled) < 100 and stats["prompts_in_pool"] == 2000
     assert stats["pairs"] == sum(i % 3 == 0 for i in sampled) >= 3 == stats["pairs_needed"]
-    assert sum(i % 3 == 0 for i in sampled[:-len(rounds[-1])]) < 3  # the last round was needed
+    assert sum(i % 3 == 0 for i in sampled[: -len(rounds[-1])]) < 3  # the last round was needed
     assert len(set(sampled)) == len(sampled)  # a prompt is sampled once
 
     calls.clear()

@@ -38,7 +38,7 @@ class EosBias(torch.nn.Module):
     def forward(self, **kwargs):
         out = self.inner(**kwargs)
         logits = out.logits.clone()
-        others = torch.cat([logits[..., :self.stop_id], logits[..., self.stop_id + 1:]], -1)
+        others = torch.cat([logits[..., : self.stop_id], logits[..., self.stop_id + 1 :]], -1)
         logits[..., self.stop_id] = torch.logsumexp(others, -1) + self.log_odds
         out.logits = logits
         return out
@@ -75,18 +75,21 @@ def stops_of(tokenizer):
 # ==================================================================================================
 # 1. Model names
 # ==================================================================================================
-@pytest.mark.parametrize("name, expected", [
-    ("Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
-    ("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
-    ("Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
-    ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-    ("Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3"),
-    ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),  # hub ids as given
-    ("someorg/llama-finetune", "someorg/llama-finetune"),
-    ("smollm2-135m", "smollm2-135m"),  # aliases, although "smollm" is a known prefix
-    ("tiny-random", "tiny-random"),
-    ("gpt2", "gpt2"),  # no known organisation: left to the hub
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
+        ("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+        ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3"),
+        ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),  # hub ids as given
+        ("someorg/llama-finetune", "someorg/llama-finetune"),
+        ("smollm2-135m", "smollm2-135m"),  # aliases, although "smollm" is a known prefix
+        ("tiny-random", "tiny-random"),
+        ("gpt2", "gpt2"),  # no known organisation: left to the hub
+    ],
+)
 def test_resolve_model_name(name, expected):
     assert models.resolve_model_name(name) == expected
 
@@ -133,11 +136,13 @@ def test_classification_metrics_by_hand():
     assert m["n"] == 8
     assert m["accuracy"] == pytest.approx(3 / 8)
     assert m["confusion_labels"] == ["A", "B", "C", "D", E.INVALID]
-    assert m["confusion"] == [[1, 1, 0, 0, 1],
-                              [1, 1, 0, 0, 0],
-                              [0, 0, 1, 1, 1],
-                              [0, 0, 0, 0, 0]]
-    expected = {"A": (1 / 2, 1 / 3, 0.4, 3), "B": (0.5, 0.5, 0.5, 2), "C": (1.0, 1 / 3, 0.5, 3), "D": (0.0, 0.0, 0.0, 0)}
+    assert m["confusion"] == [[1, 1, 0, 0, 1], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
+    expected = {
+        "A": (1 / 2, 1 / 3, 0.4, 3),
+        "B": (0.5, 0.5, 0.5, 2),
+        "C": (1.0, 1 / 3, 0.5, 3),
+        "D": (0.0, 0.0, 0.0, 0),
+    }
     for label, (precision, recall, f1, support) in expected.items():
         pc = m["per_class"][label]
         assert pc["precision"] == pytest.approx(precision), label
@@ -182,17 +187,20 @@ def test_natural_and_balanced():
 # ==================================================================================================
 # 3. Tiering
 # ==================================================================================================
-@pytest.mark.parametrize("probs, threshold, expected", [
-    ([0.3, 0.3, 0.2, 0.2], 0.5, "B"),
-    ([0.3, 0.3, 0.2, 0.2], 0.25, "A"),
-    ([0.3, 0.3, 0.2, 0.2], 0.3, "A"),  # reaching the threshold exactly counts
-    ([0.3, 0.3, 0.2, 0.2], 0.6, "B"),
-    ([0.3, 0.3, 0.2, 0.2], 0.7, "C"),
-    ([0.3, 0.3, 0.2, 0.2], 1.0, "D"),
-    ([0.05, 0.05, 0.1, 0.8], 0.5, "D"),
-    ([0.9, 0.05, 0.03, 0.02], 0.5, "A"),
-    ([0.9, 0.05, 0.03, 0.02], 0.95, "B"),
-])
+@pytest.mark.parametrize(
+    "probs, threshold, expected",
+    [
+        ([0.3, 0.3, 0.2, 0.2], 0.5, "B"),
+        ([0.3, 0.3, 0.2, 0.2], 0.25, "A"),
+        ([0.3, 0.3, 0.2, 0.2], 0.3, "A"),  # reaching the threshold exactly counts
+        ([0.3, 0.3, 0.2, 0.2], 0.6, "B"),
+        ([0.3, 0.3, 0.2, 0.2], 0.7, "C"),
+        ([0.3, 0.3, 0.2, 0.2], 1.0, "D"),
+        ([0.05, 0.05, 0.1, 0.8], 0.5, "D"),
+        ([0.9, 0.05, 0.03, 0.02], 0.5, "A"),
+        ([0.9, 0.05, 0.03, 0.02], 0.95, "B"),
+    ],
+)
 def test_tier(probs, threshold, expected):
     assert E.tier(torch.tensor([probs]), LABELS, threshold) == [expected]
 
@@ -212,8 +220,10 @@ def test_label_token_ids(tokenizer, rulebook):
     assert len(first) == len(rulebook.labels) and len(set(first)) == len(first)
     for label, token in zip(rulebook.labels, first):
         full = tokenizer.encode(f"<label>{label}", add_special_tokens=False)
-        assert full[:len(prefix) + 1] == prefix + [token], label
-        assert tokenizer.encode(f"<label>{label}</label>", add_special_tokens=False)[:len(prefix) + 1] == prefix + [token]
+        assert full[: len(prefix) + 1] == prefix + [token], label
+        assert tokenizer.encode(f"<label>{label}</label>", add_special_tokens=False)[: len(prefix) + 1] == prefix + [
+            token
+        ]
 
 
 def test_sft_targets_put_the_label_token_where_label_only_reads_it(tokenizer, dev):
@@ -222,9 +232,9 @@ def test_sft_targets_put_the_label_token_where_label_only_reads_it(tokenizer, de
     for e in dev.examples:
         prompt, _ = D.encode_prompt(tokenizer, e, dev.rulebook)
         ids, labels, _ = D.encode_sft(tokenizer, e, dev.rulebook)
-        assert ids[:len(prompt)] == prompt and labels.count(-100) == len(prompt)
-        target = ids[len(prompt):]
-        assert target[:len(prefix) + 1] == prefix + [first[dev.rulebook.labels.index(e.label)]]
+        assert ids[: len(prompt)] == prompt and labels.count(-100) == len(prompt)
+        target = ids[len(prompt) :]
+        assert target[: len(prefix) + 1] == prefix + [first[dev.rulebook.labels.index(e.label)]]
 
 
 # ==================================================================================================
@@ -248,28 +258,39 @@ def test_greedy_equals_hf_generate(lively, tokenizer, prompts):
     for prompt in prompts[:2]:
         ours = rollouts.generate(lively, tokenizer, [prompt], n=1, max_new_tokens=k)
         ids = torch.tensor([prompt])
-        hf = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
-                             min_new_tokens=k, pad_token_id=tokenizer.pad_token_id)
-        assert ours.completion_ids[0] == hf[0, len(prompt):len(prompt) + k].tolist()
+        hf = lively.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=k,
+            min_new_tokens=k,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert ours.completion_ids[0] == hf[0, len(prompt) : len(prompt) + k].tolist()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_token_logprobs(lively, tokenizer, prompts, temperature):
     model = EosBias(lively, tokenizer.eos_token_id, 0.15)  # completions of different lengths
-    out = rollouts.generate(model, tokenizer, prompts, n=2, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
+    out = rollouts.generate(
+        model, tokenizer, prompts, n=2, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6]
+    )
     assert len({len(c) for c in out.completion_ids}) > 1
     batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         logp, _ = models.token_logprobs(model, batch, temperature)
     for row, behaviour in enumerate(out.logprobs):
-        assert torch.allclose(logp[row, :len(behaviour)], torch.tensor(behaviour), atol=1e-4), row
+        assert torch.allclose(logp[row, : len(behaviour)], torch.tensor(behaviour), atol=1e-4), row
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(lively, tokenizer, prompts):
     kw = dict(n=2, max_new_tokens=6, temperature=1.0)
     seeds = [11, 12, 13, 14]
     together = rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw)
-    assert rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw).completion_ids == together.completion_ids
+    assert (
+        rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=4, **kw).completion_ids
+        == together.completion_ids
+    )
     for batch_size in (1, 3):
         again = rollouts.generate(lively, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw)
         assert again.completion_ids == together.completion_ids, batch_size
@@ -298,8 +319,9 @@ def test_min_new_tokens_and_truncated_flags(lively, tokenizer, prompts):
         else:
             assert ids[-1] in stops and len(ids) <= 6
 
-    forced = rollouts.generate(model, tokenizer, prompts, n=3, max_new_tokens=5, min_new_tokens=5, temperature=1.0,
-                        seeds=[1, 2, 3, 4])
+    forced = rollouts.generate(
+        model, tokenizer, prompts, n=3, max_new_tokens=5, min_new_tokens=5, temperature=1.0, seeds=[1, 2, 3, 4]
+    )
     assert all(len(ids) == 5 for ids in forced.completion_ids)
     assert not any(t in stops for ids in forced.completion_ids for t in ids)
     assert all(forced.truncated)
@@ -329,12 +351,8 @@ def test_pad_batch_layout():
     prompts = [[5, 6, 7], [8], [9, 10]]
     completions = [[1], [2, 3, 4], []]
     b = models.pad_batch(prompts, completions, 0, "cpu")
-    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 0, 0],
-                                       [0, 0, 8, 2, 3, 4],
-                                       [0, 9, 10, 0, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0],
-                                            [0, 0, 1, 1, 1, 1],
-                                            [0, 1, 1, 0, 0, 0]]
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 0, 0], [0, 0, 8, 2, 3, 4], [0, 9, 10, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
     assert b["completion_mask"].tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
     positions = b["position_ids"].tolist()
     assert positions[0][:4] == [0, 1, 2, 3] and positions[1][2:] == [0, 1, 2, 3] and positions[2][1:3] == [0, 1]
@@ -348,7 +366,7 @@ def test_token_logprobs_ignore_padding(lively, tokenizer, prompts):
         together, entropy = models.token_logprobs(lively, batch, 1.0, with_entropy=True)
         for row, (p, c) in enumerate(zip(prompts, completions)):
             alone, _ = models.token_logprobs(lively, models.pad_batch([p], [c], tokenizer.pad_token_id, "cpu"))
-            assert torch.allclose(together[row, :len(c)], alone[0], atol=1e-5), row
+            assert torch.allclose(together[row, : len(c)], alone[0], atol=1e-5), row
     assert entropy.shape == together.shape and bool((entropy[batch["completion_mask"] > 0] > 0).all())
 
 
@@ -387,8 +405,9 @@ KEYS = ("accuracy", "macro_f1", "per_class", "confusion", "format_rate", "adhere
 
 
 def test_evaluate_generate_path(tiny_model, tokenizer, dev):
-    metrics, records = E.evaluate(tiny_model, tokenizer, dev.examples, dev.rulebook, max_new_tokens=4,
-                                  batch_size=4)  # two chunks, 4 + 2
+    metrics, records = E.evaluate(
+        tiny_model, tokenizer, dev.examples, dev.rulebook, max_new_tokens=4, batch_size=4
+    )  # two chunks, 4 + 2
     assert set(KEYS) <= set(metrics) and metrics["mode"] == "generate"
     assert metrics["n"] == len(records) == 6
     assert sum(map(sum, metrics["confusion"])) == 6
@@ -400,8 +419,9 @@ def test_evaluate_generate_path(tiny_model, tokenizer, dev):
 
 
 def test_evaluate_label_only_path(tiny_model, tokenizer, dev):
-    metrics, records = E.evaluate(tiny_model, tokenizer, dev.examples, dev.rulebook, label_only=True, tier_threshold=0.5,
-                                  batch_size=4)
+    metrics, records = E.evaluate(
+        tiny_model, tokenizer, dev.examples, dev.rulebook, label_only=True, tier_threshold=0.5, batch_size=4
+    )
     assert set(KEYS) <= set(metrics) and metrics["mode"] == "label_only"
     assert metrics["n"] == 6 and sum(map(sum, metrics["confusion"])) == 6
     assert all(row[-1] == 0 for row in metrics["confusion"])  # the label-only path always yields a label
@@ -414,8 +434,17 @@ def test_evaluate_label_only_path(tiny_model, tokenizer, dev):
 
 
 def test_run_eval_writes_the_run_folder(tiny_model, tokenizer, tmp_path):
-    args = E.Args(model="tiny-random", dataset="synthetic", split="dev", limit=3, max_new_tokens=3,
-                  batch_size=2, output_dir=str(tmp_path), run_name="ev", device="cpu")
+    args = E.Args(
+        model="tiny-random",
+        dataset="synthetic",
+        split="dev",
+        limit=3,
+        max_new_tokens=3,
+        batch_size=2,
+        output_dir=str(tmp_path),
+        run_name="ev",
+        device="cpu",
+    )
     metrics = E.run_eval(args, tiny_model, tokenizer)
     folder = tmp_path / "ev"
     saved = json.loads((folder / "eval.json").read_text())
@@ -496,23 +525,40 @@ def test_latest_checkpoint_none(tmp_path):
 # ==================================================================================================
 def _fake_eval(accuracy, macro_f1, f1s, adherence, fmt, balanced_accuracy):
     per_class = {label: dict(precision=0.0, recall=0.0, f1=f1, support=1) for label, f1 in zip(R.TAOBAO4.labels, f1s)}
-    return dict(accuracy=accuracy, macro_f1=macro_f1, per_class=per_class, confusion=[[0] * 5] * 4, n=10,
-                format_rate=fmt, adherence_rate=adherence,
-                balanced=dict(accuracy=balanced_accuracy, macro_f1=0.25, per_class=per_class, format_rate=fmt,
-                              adherence_rate=adherence, n=8))
+    return dict(
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        per_class=per_class,
+        confusion=[[0] * 5] * 4,
+        n=10,
+        format_rate=fmt,
+        adherence_rate=adherence,
+        balanced=dict(
+            accuracy=balanced_accuracy,
+            macro_f1=0.25,
+            per_class=per_class,
+            format_rate=fmt,
+            adherence_rate=adherence,
+            n=8,
+        ),
+    )
 
 
 def test_compare_runs(tmp_path, capsys):
-    runs = {"sft": _fake_eval(0.5, 0.4, (0.6, 0.5, 0.3, 0.2), 0.9, 1.0, 0.45),
-            "grpo": _fake_eval(0.75, 0.625, (0.8, 0.7, 0.5, 0.5), None, 0.875, 0.7)}
+    runs = {
+        "sft": _fake_eval(0.5, 0.4, (0.6, 0.5, 0.3, 0.2), 0.9, 1.0, 0.45),
+        "grpo": _fake_eval(0.75, 0.625, (0.8, 0.7, 0.5, 0.5), None, 0.875, 0.7),
+    }
     for name, metrics in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps(metrics))
     out = tmp_path / "cmp"
     table = E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "grpo")), out)
     lines = table.splitlines()
-    assert lines[0] == ("| run | sample | n | F1 Excellent | F1 Related | F1 Mismatch | F1 Irrelevant | macro-F1 | accuracy "
-                        "| adherence | format |")
+    assert lines[0] == (
+        "| run | sample | n | F1 Excellent | F1 Related | F1 Mismatch | F1 Irrelevant | macro-F1 | accuracy "
+        "| adherence | format |"
+    )
     assert lines[1].count("---") == 11
     assert lines[2:] == [
         "| sft | natural | 10 | 0.600 | 0.500 | 0.300 | 0.200 | 0.400 | 0.500 | 0.900 | 1.000 |",
@@ -533,8 +579,11 @@ def test_compare_runs(tmp_path, capsys):
 
     # a run scored on 200 examples next to one scored on 10: the n column shows it and a warning says so
     (tmp_path / "big").mkdir()
-    (tmp_path / "big" / "eval.json").write_text(json.dumps(dict(runs["sft"], n=200, sample=dict(
-        dataset="synthetic", split="dev", limit=200, seed=0, label_only=False))))
+    (tmp_path / "big" / "eval.json").write_text(
+        json.dumps(
+            dict(runs["sft"], n=200, sample=dict(dataset="synthetic", split="dev", limit=200, seed=0, label_only=False))
+        )
+    )
     table = E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "big")), tmp_path / "cmp3")
     assert "| big | natural | 200 |" in table and "| sft | natural | 10 |" in table
     err = capsys.readouterr().err
@@ -543,8 +592,9 @@ def test_compare_runs(tmp_path, capsys):
 
     # the same n, but one run predates the recorded sample: say the check cannot be made, not that they differ
     (tmp_path / "same").mkdir()
-    (tmp_path / "same" / "eval.json").write_text(json.dumps(dict(runs["sft"], sample=dict(
-        dataset="synthetic", split="dev", limit=10, seed=0, label_only=False))))
+    (tmp_path / "same" / "eval.json").write_text(
+        json.dumps(dict(runs["sft"], sample=dict(dataset="synthetic", split="dev", limit=10, seed=0, label_only=False)))
+    )
     E.compare_runs((str(tmp_path / "sft"), str(tmp_path / "same")), tmp_path / "cmp4")
     err = capsys.readouterr().err
     assert "cannot check that these runs were scored on the same examples: sft do not record" in err
@@ -578,8 +628,11 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
 
     # --resume: a changed argument that changes the math is refused with the list of differences; a harmless
     # one is accepted and recorded; a missing folder or another script's run is an error naming the folder
-    with pytest.raises(errors.UserError, match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
-                                          r"limit 200 -> 8"):
+    with pytest.raises(
+        errors.UserError,
+        match=r"differ from the run's .*model 'smollm2-135m' -> 'tiny-random', "
+        r"limit 200 -> 8",
+    ):
         runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, model="tiny-random", limit=8), "eval")
     runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, wandb_project="other"), "eval")
     recorded = json.loads((tmp_path / "r" / "args.json").read_text())
@@ -609,8 +662,12 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
 
 
 def test_flatten_and_write_json(tmp_path):
-    assert runs.flatten(dict(a=1, b=dict(c=2.5, d=dict(e="x")), f=[1, 2], g=None), "eval/") == \
-        {"eval/a": 1, "eval/b/c": 2.5, "eval/b/d/e": "x", "eval/g": None}
+    assert runs.flatten(dict(a=1, b=dict(c=2.5, d=dict(e="x")), f=[1, 2], g=None), "eval/") == {
+        "eval/a": 1,
+        "eval/b/c": 2.5,
+        "eval/b/d/e": "x",
+        "eval/g": None,
+    }
     runs.write_json(tmp_path / "x.json", dict(a=1))
     assert json.loads((tmp_path / "x.json").read_text()) == dict(a=1)
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

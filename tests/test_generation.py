@@ -56,9 +56,18 @@ def qwen_model(tokenizer, kind: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(3)
     model = model_cls(config)
     with torch.no_grad():
@@ -86,12 +95,17 @@ def test_fast_decode_other_architectures(tokenizer, prompts, kind):
     model = qwen_model(tokenizer, kind)
     assert cpu_decode.fast_decoder_supports(model, 100)
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3, 4])
-    assert_same(rollouts.generate(model, tokenizer, prompts, **kw), rollouts.generate(model, tokenizer, prompts, fast_decode=False, **kw))
+    assert_same(
+        rollouts.generate(model, tokenizer, prompts, **kw),
+        rollouts.generate(model, tokenizer, prompts, fast_decode=False, **kw),
+    )
 
 
 def test_fast_decoder_declines_what_it_cannot_run(lively, tokenizer):
     assert cpu_decode.fast_decoder_supports(lively, 100)
-    assert not cpu_decode.fast_decoder_supports(torch.nn.Sequential(lively), 100)  # a wrapper: decodes through model(...)
+    assert not cpu_decode.fast_decoder_supports(
+        torch.nn.Sequential(lively), 100
+    )  # a wrapper: decodes through model(...)
     windowed = copy.deepcopy(lively)
     windowed.config.sliding_window = 50
     assert cpu_decode.fast_decoder_supports(windowed, 50) and not cpu_decode.fast_decoder_supports(windowed, 51)
@@ -103,20 +117,28 @@ def test_greedy_equals_hf_generate_in_a_batch(lively, tokenizer, prompts):
     ours = rollouts.generate(lively, tokenizer, prompts, n=2, max_new_tokens=k, min_new_tokens=k)
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
-        hf = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
-                             min_new_tokens=k, pad_token_id=tokenizer.pad_token_id)
-        assert ours.completion_ids[2 * i] == ours.completion_ids[2 * i + 1] == hf[0, len(prompt):].tolist(), i
+        hf = lively.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=k,
+            min_new_tokens=k,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert ours.completion_ids[2 * i] == ours.completion_ids[2 * i + 1] == hf[0, len(prompt) :].tolist(), i
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_a_training_forward(stopper, tokenizer, prompts, temperature):
-    out = rollouts.generate(stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6])
+    out = rollouts.generate(
+        stopper, tokenizer, prompts, n=3, max_new_tokens=8, temperature=temperature, seeds=[3, 4, 5, 6]
+    )
     assert len({len(c) for c in out.completion_ids}) > 2
     batch = models.pad_batch(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, "cpu", share_prefix=True)
     with torch.no_grad():
         logp, _ = models.token_logprobs(stopper, batch, temperature)
     for row, behaviour in enumerate(out.logprobs):
-        assert torch.allclose(logp[row, :len(behaviour)], torch.tensor(behaviour), atol=1e-4, rtol=0), row
+        assert torch.allclose(logp[row, : len(behaviour)], torch.tensor(behaviour), atol=1e-4, rtol=0), row
 
 
 def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, tokenizer, prompts):
@@ -126,9 +148,24 @@ def test_seeded_samples_independent_of_batching_and_prefix_sharing(stopper, toke
     for batch_size in (1, 3):
         assert_same(rollouts.generate(stopper, tokenizer, prompts, seeds=seeds, batch_size=batch_size, **kw), together)
     assert_same(rollouts.generate(stopper, tokenizer, prompts, seeds=seeds, shared_prefill=False, **kw), together)
-    alone = rollouts.generate(stopper, tokenizer, prompts[1:2], seeds=[22], **kw)  # as another rank or a resumed run would
-    assert_same(alone, rollouts.Rollouts(*(field[3:6] for field in (together.prompt_ids, together.completion_ids,
-                                                             together.logprobs, together.texts, together.truncated))))
+    alone = rollouts.generate(
+        stopper, tokenizer, prompts[1:2], seeds=[22], **kw
+    )  # as another rank or a resumed run would
+    assert_same(
+        alone,
+        rollouts.Rollouts(
+            *(
+                field[3:6]
+                for field in (
+                    together.prompt_ids,
+                    together.completion_ids,
+                    together.logprobs,
+                    together.texts,
+                    together.truncated,
+                )
+            )
+        ),
+    )
     assert len({tuple(c) for c in together.completion_ids[3:6]}) > 1  # a group's samples differ
     assert rollouts.generate(stopper, tokenizer, prompts[1:2], seeds=[99], **kw).completion_ids != alone.completion_ids
 
@@ -179,7 +216,9 @@ def test_skinny_linear_equals_f_linear(ops, rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(100, rows, generator=gen).t()  # [rows, 100], not contiguous
     weight, bias = torch.randn(45, 100, generator=gen), torch.randn(45, generator=gen) if with_bias else None
-    assert torch.allclose(ops.skinny_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    assert torch.allclose(
+        ops.skinny_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5
+    )
 
 
 def test_skinny_linear_rows_do_not_depend_on_the_batch(ops):
@@ -203,11 +242,14 @@ def test_grouped_attention_equals_the_torch_step(ops, monkeypatch, group, t):
     rows = prompts * group
     bias = torch.zeros(prompts, 1, 1, length)
     bias[1, ..., :9] = -float("inf")
-    kv = SimpleNamespace(group=group, prompt_bias=bias,
-                         prompt_k=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
-                         prompt_v=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
-                         gen_k=[torch.randn(rows, kv_heads, new, dim, generator=gen)],
-                         gen_v=[torch.randn(rows, kv_heads, new, dim, generator=gen)])
+    kv = SimpleNamespace(
+        group=group,
+        prompt_bias=bias,
+        prompt_k=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
+        prompt_v=[torch.randn(prompts, kv_heads, length, dim, generator=gen)],
+        gen_k=[torch.randn(rows, kv_heads, new, dim, generator=gen)],
+        gen_v=[torch.randn(rows, kv_heads, new, dim, generator=gen)],
+    )
     q = torch.randn(rows, kv_heads * rep, dim, generator=gen)
     with torch.no_grad():
         compiled = cpu_decode._attend(q, kv, 0, t, 0.3)
@@ -259,7 +301,9 @@ def test_cpu_kernels_used_only_where_they_apply(ops, monkeypatch):
         expected = linear(x)
         assert torch.allclose(cpu_decode.decode_linear(x, linear), expected, atol=1e-6) and len(calls) == 1
         cpu_decode.decode_linear(x.double(), linear.double())  # not float32
-        cpu_decode.decode_linear(torch.randn(cpu_decode.SKINNY_MAX_ROWS + 1, 8), linear.float())  # more rows than it pays for
+        cpu_decode.decode_linear(
+            torch.randn(cpu_decode.SKINNY_MAX_ROWS + 1, 8), linear.float()
+        )  # more rows than it pays for
         cpu_decode.decode_linear(x, torch.nn.Sequential(linear))  # not a plain nn.Linear (a LoRA wrapper, say)
     cpu_decode.decode_linear(x, linear)  # grad mode: the kernel has no backward
     assert len(calls) == 1
@@ -267,6 +311,7 @@ def test_cpu_kernels_used_only_where_they_apply(ops, monkeypatch):
 
 class SimpleOps:
     """ops whose skinny_linear records its calls."""
+
     def __init__(self, ops, calls):
         self.ops, self.calls = ops, calls
 
@@ -296,8 +341,10 @@ def test_without_a_compiler_generation_falls_back_to_torch(stopper, tokenizer, p
         assert cpu_decode.cxx_compiler() is None and cpu_decode.cpu_decode_ops() is None
         assert "no C++ compiler (no-such-c++-compiler is not on PATH)" in capsys.readouterr().err
         kw = dict(n=3, max_new_tokens=7, temperature=1.0, seeds=[5, 6, 7, 8])
-        assert_same(rollouts.generate(stopper, tokenizer, prompts, **kw),
-                    rollouts.generate(stopper, tokenizer, prompts, fast_decode=False, **kw))
+        assert_same(
+            rollouts.generate(stopper, tokenizer, prompts, **kw),
+            rollouts.generate(stopper, tokenizer, prompts, fast_decode=False, **kw),
+        )
     finally:
         cpu_decode.cpu_decode_ops.cache_clear()
 
@@ -346,8 +393,10 @@ def test_sampling_noise_looks_gumbel_and_independent():
         assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.01
 
 
-@pytest.mark.parametrize("temperature,top_p,compiled", [(1.0, 1.0, False), (0.5, 1.0, False), (1.0, 0.7, False),
-                                                        (1.0, 1.0, True), (0.5, 1.0, True)])
+@pytest.mark.parametrize(
+    "temperature,top_p,compiled",
+    [(1.0, 1.0, False), (0.5, 1.0, False), (1.0, 0.7, False), (1.0, 1.0, True), (0.5, 1.0, True)],
+)
 def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, monkeypatch):
     """Token frequencies over many rows match softmax(logits / T), cut to the top-p nucleus and renormalised:
     the torch sampler, and the compiled one where it applies (CPU, fp32, top-p 1)."""
@@ -359,7 +408,9 @@ def test_sample_draws_from_the_tempered_nucleus(temperature, top_p, compiled, mo
     rows = 20_000
     keys = rollouts.sampling_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 1)[:, 0]
     with torch.no_grad():
-        token, logp = rollouts._sample(logits.expand(rows, -1).clone(), temperature, top_p, keys, rollouts._mix32(torch.arange(len(logits))))
+        token, logp = rollouts._sample(
+            logits.expand(rows, -1).clone(), temperature, top_p, keys, rollouts._mix32(torch.arange(len(logits)))
+        )
     probs = torch.softmax(logits / temperature, -1)
     assert torch.allclose(logp, probs.log()[token])  # the behaviour log-prob: the full tempered distribution
     inside = probs.cumsum(-1) - probs < top_p

@@ -37,9 +37,23 @@ TIMING = ("time", "seconds", "per_second")
 
 
 def tiny_args(tmp_path, **overrides) -> grpo.Args:
-    base = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=3, prompts_per_step=2, group_size=4,
-                max_new_tokens=8, micro_batch_size=4, device="cpu", eval_limit=2, output_dir=str(tmp_path),
-                temperature=1.0, warmup_steps=1, lr=1e-3, seed=1)
+    base = dict(
+        model="tiny-random",
+        dataset="synthetic",
+        limit=8,
+        total_steps=3,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=8,
+        micro_batch_size=4,
+        device="cpu",
+        eval_limit=2,
+        output_dir=str(tmp_path),
+        temperature=1.0,
+        warmup_steps=1,
+        lr=1e-3,
+        seed=1,
+    )
     base.update(overrides)
     return grpo.Args(**base)
 
@@ -176,8 +190,9 @@ def test_grpo_loss_matches_slow_reference(agg, beta):
 def test_token_weights_aggregations():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float32)
     torch.testing.assert_close(grpo.token_weights(mask, "token", 4, 2, 4), mask / 4)
-    torch.testing.assert_close(grpo.token_weights(mask, "sequence", 4, 2, 4),
-                               torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [1 / 2, 0, 0, 0]]))
+    torch.testing.assert_close(
+        grpo.token_weights(mask, "sequence", 4, 2, 4), torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [1 / 2, 0, 0, 0]])
+    )
     torch.testing.assert_close(grpo.token_weights(mask, "constant", 4, 2, 4), mask / 8)
     # per sequence, the "sequence" weights sum to 1 / n_sequences; "token" weights of the batch sum to 1
     assert grpo.token_weights(mask, "sequence", 4, 2, 4).sum().item() == pytest.approx(1.0)
@@ -236,10 +251,14 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
         prompts, completions = _model_batches(tokenizer, shared=6 if share else 0)
         B, max_new = len(prompts), 6
         with torch.no_grad():
-            base = models.token_logprobs(model, models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu"))[0]
+            base = models.token_logprobs(model, models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu"))[
+                0
+            ]
         g = torch.Generator().manual_seed(1)
-        old_rows = [(base[i, :len(c)] + (torch.rand(len(c), generator=g) - 0.5) * 0.8).tolist()
-                    for i, c in enumerate(completions)]
+        old_rows = [
+            (base[i, : len(c)] + (torch.rand(len(c), generator=g) - 0.5) * 0.8).tolist()
+            for i, c in enumerate(completions)
+        ]
         advs = torch.randn(B, generator=g).tolist()
         n_tokens = sum(len(c) for c in completions)
 
@@ -248,13 +267,14 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
             for rows in splits(B, size):
                 rows = list(rows)
                 kw = dict(share_prefix=True) if share else {}
-                batch = models.pad_batch([prompts[i] for i in rows], [completions[i] for i in rows],
-                                    tokenizer.pad_token_id, "cpu", **kw)
+                batch = models.pad_batch(
+                    [prompts[i] for i in rows], [completions[i] for i in rows], tokenizer.pad_token_id, "cpu", **kw
+                )
                 mask = batch["completion_mask"]
                 old, adv = torch.zeros_like(mask), torch.zeros_like(mask)
                 for k, i in enumerate(rows):
-                    old[k, :len(completions[i])] = torch.tensor(old_rows[i])
-                    adv[k, :len(completions[i])] = advs[i]
+                    old[k, : len(completions[i])] = torch.tensor(old_rows[i])
+                    adv[k, : len(completions[i])] = advs[i]
                 logp = models.token_logprobs(model, batch)[0]
                 w = grpo.token_weights(mask, agg, n_tokens, B, max_new)
                 loss, _ = grpo.grpo_loss(logp, old, adv, w, 0.2, 0.28)
@@ -267,8 +287,13 @@ def test_micro_batch_gradient_exact_through_model(tiny, agg):
             parts = grads(size)
             assert parts.keys() == full.keys()
             for name in full:
-                torch.testing.assert_close(parts[name], full[name], atol=1e-6, rtol=1e-4,
-                                           msg=lambda m: f"{agg} share={share} size={size} {name}: {m}")
+                torch.testing.assert_close(
+                    parts[name],
+                    full[name],
+                    atol=1e-6,
+                    rtol=1e-4,
+                    msg=lambda m: f"{agg} share={share} size={size} {name}: {m}",
+                )
     model.zero_grad(set_to_none=True)
 
 
@@ -302,7 +327,10 @@ def test_group_advantages_by_hand():
 
     # clamp scales the group instead of clipping it: the largest advantage becomes c, the shape is kept
     one = [[0.0] * 7 + [1.0]]
-    clamped, unclamped = grpo.group_advantages(one, "group", clamp=2.0)[0], grpo.group_advantages(one, "group", clamp=0)[0]
+    clamped, unclamped = (
+        grpo.group_advantages(one, "group", clamp=2.0)[0],
+        grpo.group_advantages(one, "group", clamp=0)[0],
+    )
     assert unclamped.max().item() > 2.0 and clamped.max().item() == pytest.approx(2.0)
     torch.testing.assert_close(clamped, unclamped * 2.0 / unclamped.max())
     small = grpo.group_advantages([[0.0, 10.0]], "none", clamp=1.5)[0]
@@ -341,10 +369,14 @@ def test_keep_rule_variance_and_accuracy():
 
 
 def test_label_shares_and_entropy():
-    groups = [dict(labels=["Excellent", "Excellent", None, "Related"], gold="Excellent"),
-              dict(labels=["Excellent"] * 4, gold="Related")]
+    groups = [
+        dict(labels=["Excellent", "Excellent", None, "Related"], gold="Excellent"),
+        dict(labels=["Excellent"] * 4, gold="Related"),
+    ]
     m = grpo.label_shares(groups, R.TAOBAO4.labels)
-    assert m["label_share_Excellent"] == 6 / 8 and m["label_share_Related"] == 1 / 8 and m["label_share_invalid"] == 1 / 8
+    assert (
+        m["label_share_Excellent"] == 6 / 8 and m["label_share_Related"] == 1 / 8 and m["label_share_invalid"] == 1 / 8
+    )
     assert m["label_share_Mismatch"] == 0 and m["label_share_Irrelevant"] == 0
     want = -(0.75 * math.log(0.75) + 2 * 0.125 * math.log(0.125))
     assert m["label_entropy"] == pytest.approx(want)
@@ -379,12 +411,13 @@ def test_balanced_prompt_order():
     balanced = collections.Counter(examples[i].label for i in order)
     assert max(balanced.values()) - min(balanced.values()) <= 1
     for start in range(0, 400, 4):  # every round of four holds each label once
-        assert len({examples[i].label for i in order[start:start + 4]}) == 4
+        assert len({examples[i].label for i in order[start : start + 4]}) == 4
 
 
 def test_underfilled_step_scales_the_learning_rate(tmp_path, monkeypatch):
     """Dynamic sampling keeps one group of two: with underfill scaling the first Adam step (whose size
     is lr per weight, whatever the gradient's scale) moves the weights half as far."""
+
     def score(texts, example, rulebook, args):  # the first prompt of the stream varies, every other is all-wrong
         first = example.source_id == examples[stream0].source_id
         scores = [R.score_output(t, example.label, example.criteria, rulebook, args.order) for t in texts]
@@ -397,12 +430,26 @@ def test_underfilled_step_scales_the_learning_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "score_group", score)
     moved = {}
     for scale in (True, False):
-        args = tiny_args(tmp_path, total_steps=1, prompts_per_step=2, dynamic_sampling=True, ds_max_tries=1, limit=8,
-                         lr=1e-3, warmup_steps=1, underfill_scale=scale, run_name=f"u{scale}", eval_limit=1)
+        args = tiny_args(
+            tmp_path,
+            total_steps=1,
+            prompts_per_step=2,
+            dynamic_sampling=True,
+            ds_max_tries=1,
+            limit=8,
+            lr=1e-3,
+            warmup_steps=1,
+            underfill_scale=scale,
+            run_name=f"u{scale}",
+            eval_limit=1,
+        )
         grpo.main(args)
         assert read_metrics(tmp_path / f"u{scale}")[0]["groups_kept"] == 1
         assert read_metrics(tmp_path / f"u{scale}")[0]["update_scale"] == (0.5 if scale else 1.0)
-        start, end = models.load_model("tiny-random", "cpu")[0].state_dict(), state_dict(tmp_path / f"u{scale}" / "checkpoint")
+        start, end = (
+            models.load_model("tiny-random", "cpu")[0].state_dict(),
+            state_dict(tmp_path / f"u{scale}" / "checkpoint"),
+        )
         moved[scale] = torch.cat([(end[k] - start[k]).abs().flatten() for k in end if k in start and "embed" not in k])
     assert moved[False].max() > 0
     torch.testing.assert_close(moved[True], moved[False] * 0.5, atol=1e-6, rtol=1e-3)
@@ -447,8 +494,19 @@ def test_dynamic_sampling_keeps_mixed_groups_and_refills(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grpo, "score_group", score)
     monkeypatch.setattr(grpo, "training_rows", spy_rows)
-    args = tiny_args(tmp_path, total_steps=2, prompts_per_step=pps, group_size=G, dynamic_sampling=True,
-                     ds_max_tries=tries, ds_rule="accuracy", ds_low=lo, ds_high=hi, run_name="mixed", limit=12)
+    args = tiny_args(
+        tmp_path,
+        total_steps=2,
+        prompts_per_step=pps,
+        group_size=G,
+        dynamic_sampling=True,
+        ds_max_tries=tries,
+        ds_rule="accuracy",
+        ds_low=lo,
+        ds_high=hi,
+        run_name="mixed",
+        limit=12,
+    )
 
     # the expected schedule, from the same shuffled stream the script walks
     examples = D.load_dataset("synthetic", "train", seed=args.seed, limit=args.limit).examples
@@ -493,10 +551,29 @@ def test_dynamic_sampling_keeps_mixed_groups_and_refills(tmp_path, monkeypatch):
 # ==================================================================================================
 # 5-6. Metrics, files, checkpoint; resume
 # ==================================================================================================
-REQUIRED_KEYS = ("step", "reward_mean", "reward_std", "accuracy", "format_rate", "adherence_rate", "zero_variance_groups",
-                 "groups_dropped", "clip_low", "clip_high", "approx_kl", "entropy", "completion_len_mean",
-                 "completion_len_max", "truncation_rate", "tokens_per_second", "time_generation", "time_scoring",
-                 "time_training", "lr", "grad_norm")
+REQUIRED_KEYS = (
+    "step",
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "format_rate",
+    "adherence_rate",
+    "zero_variance_groups",
+    "groups_dropped",
+    "clip_low",
+    "clip_high",
+    "approx_kl",
+    "entropy",
+    "completion_len_mean",
+    "completion_len_max",
+    "truncation_rate",
+    "tokens_per_second",
+    "time_generation",
+    "time_scoring",
+    "time_training",
+    "lr",
+    "grad_norm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -563,14 +640,16 @@ def test_relaunch_distributed_cpu_starts_two_ranked_processes(tmp_path, monkeypa
         launch.relaunch(2, "cpu")
     assert len(captured) == 1 and captured[0][-2:] == [str(probe), "--some-flag"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
-    proc = subprocess.run(captured[0], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
+    proc = subprocess.run(
+        captured[0], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, start_new_session=True
+    )
     seen = sorted((p.name.split("-")[1], p.read_text()) for p in tmp_path.glob("rank-*.txt"))
-    assert seen == [("0", "2"), ("1", "2")], f"processes seen (RANK, WORLD_SIZE): {seen}; rc {proc.returncode}\n" \
-                                             f"{(proc.stdout + proc.stderr)[-2000:]}"
+    assert seen == [("0", "2"), ("1", "2")], (
+        f"processes seen (RANK, WORLD_SIZE): {seen}; rc {proc.returncode}\n{(proc.stdout + proc.stderr)[-2000:]}"
+    )
 
 
-DRIVER = '''
+DRIVER = """
 import sys
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
@@ -583,10 +662,21 @@ grpo.score_group = test_grpo.fake_score_group
 E.run_eval = lambda *a, **k: {{}}  # the dev evaluation is not compared here
 E.metrics_table = lambda *a, **k: ""
 grpo.main(tyro.cli(grpo.Args))
-'''
+"""
 
-DIST_ARGS = dict(total_steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8, dynamic_sampling=False,
-                 loss_agg="sequence", lr=1e-3, warmup_steps=1, limit=8, eval_limit=2, temperature=1.0)
+DIST_ARGS = dict(
+    total_steps=1,
+    prompts_per_step=2,
+    group_size=4,
+    max_new_tokens=8,
+    dynamic_sampling=False,
+    loss_agg="sequence",
+    lr=1e-3,
+    warmup_steps=1,
+    limit=8,
+    eval_limit=2,
+    temperature=1.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -604,15 +694,35 @@ def test_two_processes_match_one_process(tmp_path, one_process):
     way a user does (`--num-gpus 2`): sharded rollouts, gather, loss * world under DDP's averaging."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent)))
-    cli = [sys.executable, str(driver),  # --num-gpus 2 relaunches it with 2 ranks (torchrun on CPU)
-           "--model", "tiny-random", "--dataset", "synthetic", "--device", "cpu", "--num-gpus", "2",
-           "--micro-batch-size", "4", "--output-dir", str(tmp_path), "--run-name", "two", "--seed", "1"]
+    cli = [
+        sys.executable,
+        str(driver),  # --num-gpus 2 relaunches it with 2 ranks (torchrun on CPU)
+        "--model",
+        "tiny-random",
+        "--dataset",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--num-gpus",
+        "2",
+        "--micro-batch-size",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "two",
+        "--seed",
+        "1",
+    ]
     for key, value in DIST_ARGS.items():
         flag = "--" + key.replace("_", "-")
-        cli += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        cli += (
+            ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
-    proc = subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cli, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -627,8 +737,9 @@ def test_two_processes_match_one_process(tmp_path, one_process):
     assert one["grad_norm"] > 0
     # Adam's first step is ~ lr * sign(g): a gradient element near 0 may flip between float summation
     # orders, so weights are compared to 10% of the learning rate (a real mismatch moves them by ~2 lr)
-    assert_same_weights(state_dict(one_process / "checkpoint"), state_dict(tmp_path / "two" / "checkpoint"),
-                        atol=0.1 * DIST_ARGS["lr"])
+    assert_same_weights(
+        state_dict(one_process / "checkpoint"), state_dict(tmp_path / "two" / "checkpoint"), atol=0.1 * DIST_ARGS["lr"]
+    )
 
 
 def test_micro_batch_split_invariant_through_main(tmp_path, one_process, monkeypatch):
@@ -639,5 +750,6 @@ def test_micro_batch_split_invariant_through_main(tmp_path, one_process, monkeyp
     one, three = read_metrics(one_process)[0], read_metrics(tmp_path / "mb3")[0]
     for key in ("reward_mean", "loss", "grad_norm", "entropy", "clip_low", "clip_high", "approx_kl"):
         assert three[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
-    assert_same_weights(state_dict(one_process / "checkpoint"), state_dict(tmp_path / "mb3" / "checkpoint"),
-                        atol=0.1 * DIST_ARGS["lr"])
+    assert_same_weights(
+        state_dict(one_process / "checkpoint"), state_dict(tmp_path / "mb3" / "checkpoint"), atol=0.1 * DIST_ARGS["lr"]
+    )

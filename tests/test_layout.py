@@ -30,9 +30,16 @@ def test_no_helpers_module_imports_a_script(path):
 @pytest.mark.parametrize("path", HELPERS, ids=lambda p: p.name)
 def test_no_helpers_module_probes_a_scripts_flags(path):
     """A helper reads the common flags (helpers/flags.py) or takes explicit parameters, never getattr(args, ...)."""
-    probes = [node.lineno for node in ast.walk(ast.parse(path.read_text()))
-              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-              and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "args"]
+    probes = [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "hasattr")
+        and node.args
+        and isinstance(node.args[0], ast.Name)
+        and node.args[0].id == "args"
+    ]
     assert not probes, f"{path.name} probes args on lines {probes}"
 
 

@@ -55,7 +55,7 @@ from helpers import checkpoints, models  # noqa: E402
 
 LABEL_MAP = "3=Excellent,2=Related,1=Mismatch,0=Irrelevant"
 
-GRPO_DRIVER = '''
+GRPO_DRIVER = """
 import sys
 
 sys.path.insert(0, {repo!r})
@@ -67,14 +67,45 @@ from test_grpo import fake_score_group
 
 grpo.score_group = fake_score_group
 grpo.main(tyro.cli(grpo.Args))
-'''
+"""
 
 # 4 steps, a checkpoint after each, the last 2 kept; sampling at temperature 1 (per-prompt seeds matter)
-GRPO = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=4, prompts_per_step=2, group_size=4,
-            max_new_tokens=12, micro_batch_size=4, device="cpu", eval_limit=2, temperature=1.0, warmup_steps=1,
-            lr=1e-3, seed=1, save_every=1, keep_last=2, dynamic_sampling=False)
-SFT = dict(model="tiny-random", dataset="synthetic", limit=8, total_steps=4, batch_size=2, grad_accum=1, lr=1e-2,
-           warmup_steps=1, log_every=1, save_every=1, keep_last=2, eval_limit=2, max_new_tokens=12, device="cpu", seed=1)
+GRPO = dict(
+    model="tiny-random",
+    dataset="synthetic",
+    limit=8,
+    total_steps=4,
+    prompts_per_step=2,
+    group_size=4,
+    max_new_tokens=12,
+    micro_batch_size=4,
+    device="cpu",
+    eval_limit=2,
+    temperature=1.0,
+    warmup_steps=1,
+    lr=1e-3,
+    seed=1,
+    save_every=1,
+    keep_last=2,
+    dynamic_sampling=False,
+)
+SFT = dict(
+    model="tiny-random",
+    dataset="synthetic",
+    limit=8,
+    total_steps=4,
+    batch_size=2,
+    grad_accum=1,
+    lr=1e-2,
+    warmup_steps=1,
+    log_every=1,
+    save_every=1,
+    keep_last=2,
+    eval_limit=2,
+    max_new_tokens=12,
+    device="cpu",
+    seed=1,
+)
 
 
 # ==================================================================================================
@@ -132,16 +163,23 @@ def sft_command(out: Path, name: str) -> list[str]:
 
 
 CHILD_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AGRL_LAUNCHED")}
-CHILD_ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-                 TQDM_DISABLE="1", WANDB_MODE="disabled")
+CHILD_ENV.update(
+    OMP_NUM_THREADS="1",
+    MKL_NUM_THREADS="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONUNBUFFERED="1",
+    TQDM_DISABLE="1",
+    WANDB_MODE="disabled",
+)
 
 
 @contextlib.contextmanager
 def launched(command: list[str], cwd: Path, log: Path):
     """A training process in its own process group; whatever happens, the group is gone afterwards."""
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(command, cwd=cwd, env=CHILD_ENV, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=CHILD_ENV, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             yield proc
         finally:
@@ -192,8 +230,9 @@ def assert_same_run(reference: Path, run_dir: Path, context: str = "", check_eva
         assert not diff, f"step {a['step']} differs from the uninterrupted run: {diff} ({context})"
     assert read_jsonl(run_dir / "samples.jsonl") == read_jsonl(reference / "samples.jsonl"), context
     if check_eval:
-        assert untimed(json.loads((run_dir / "eval.json").read_text())) == \
-            untimed(json.loads((reference / "eval.json").read_text())), context
+        assert untimed(json.loads((run_dir / "eval.json").read_text())) == untimed(
+            json.loads((reference / "eval.json").read_text())
+        ), context
     assert (run_dir / "checkpoint" / "model.safetensors").exists(), f"no final checkpoint/ ({context})"
     assert_same_weights(weights(reference / "checkpoint"), weights(run_dir / "checkpoint"), atol=1e-6)
     leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not re.fullmatch(r"step-\d{7}", p.name))
@@ -237,8 +276,12 @@ def kill_at(proc, run_dir: Path, log: Path, point: str, rng: random.Random) -> s
         what = f"{delay * 1000:.0f} ms into writing checkpoint {k}"
     elif point == "final_checkpoint":  # the last step's checkpoint and the final checkpoint/ folder
         delay = rng.uniform(0.0, 0.01)
-        reached = wait_until(proc, lambda: (run_dir / "checkpoint.tmp").exists() or (checkpoints / "step-0000004").exists(),
-                             "the final checkpoint", log)
+        reached = wait_until(
+            proc,
+            lambda: (run_dir / "checkpoint.tmp").exists() or (checkpoints / "step-0000004").exists(),
+            "the final checkpoint",
+            log,
+        )
         time.sleep(delay)
         what = f"{delay * 1000:.0f} ms into writing the final checkpoint"
     else:
@@ -247,7 +290,11 @@ def kill_at(proc, run_dir: Path, log: Path, point: str, rng: random.Random) -> s
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     state = snapshot(run_dir)
-    what = f"killed {what}: {state}" if proc.returncode == -signal.SIGKILL else f"finished before the kill ({what}): {state}"
+    what = (
+        f"killed {what}: {state}"
+        if proc.returncode == -signal.SIGKILL
+        else f"finished before the kill ({what}): {state}"
+    )
     print(f"[{point}] {what}")
     return what
 
@@ -290,13 +337,17 @@ DAMAGE = {
     "truncated_weights": (lambda f: _truncate(f / "model.safetensors"), "model.safetensors has"),
     "truncated_train_state": (_truncate_train_state_keep_manifest_consistent, "train_state.pt unreadable"),
     "missing_file": (lambda f: (f / "config.json").unlink(), "config.json missing"),
-    "step_mismatch": (lambda f: f.rename(f.with_name("step-0000009")), "manifest step 4 does not match folder step-0000009"),
+    "step_mismatch": (
+        lambda f: f.rename(f.with_name("step-0000009")),
+        "manifest step 4 does not match folder step-0000009",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_broken_newest_checkpoint_is_reported_and_the_previous_one_used(grpo_reference, tmp_path, capsys, monkeypatch,
-                                                                        damage):
+def test_broken_newest_checkpoint_is_reported_and_the_previous_one_used(
+    grpo_reference, tmp_path, capsys, monkeypatch, damage
+):
     run_dir = tmp_path / "run"
     shutil.copytree(grpo_reference, run_dir)
     for name in ("checkpoint", "eval.json"):  # what the resumed run must write again
@@ -429,15 +480,18 @@ def test_grpo_nan_loss_and_inf_gradient_skip_the_update_and_are_counted(tmp_path
     assert_same_weights(w[2], w[3], atol=0)  # step 4 skipped
     assert any(not torch.equal(w[1][k], w[2][k]) for k in w[1])  # step 3 after the NaN step trained normally
     assert all(torch.isfinite(t).all() for t in w[3].values())
-    adam_steps = [torch.load(f / "train_state.pt", weights_only=True)["optimizer"]["state"][0]["step"].item()
-                  for f in folders]
+    adam_steps = [
+        torch.load(f / "train_state.pt", weights_only=True)["optimizer"]["state"][0]["step"].item() for f in folders
+    ]
     assert adam_steps == [1, 1, 2, 2]  # the optimizer never saw the skipped updates
     assert (tmp_path / "nan" / "checkpoint" / "model.safetensors").exists()  # the run finished
 
 
 def test_grpo_consecutive_nans_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
     faulty_loss(monkeypatch, {"all": "nan"})
-    with pytest.raises(RuntimeError, match=r"2 consecutive updates with a non-finite loss or gradient: stopping at step 2"):
+    with pytest.raises(
+        RuntimeError, match=r"2 consecutive updates with a non-finite loss or gradient: stopping at step 2"
+    ):
         run_grpo(tmp_path, "nans", evaluate=False, max_nan_skips=2)
     metrics = read_jsonl(tmp_path / "nans" / "metrics.jsonl")
     assert [(m["step"], m["nan_skipped"]) for m in metrics] == [(1, 1)]
@@ -451,9 +505,13 @@ def _row(query="red cotton shirt", title="Red cotton shirt", label=3, **extra) -
     return json.dumps(dict(query=query, title=title, label=label, **extra)).encode() + b"\n"
 
 
-GOOD = [_row(), _row("blue wool scarf", "Blue wool scarf, soft", 2, description="A warm scarf."),
-        _row("leather boots", "Brown leather boots", 1, brand="Acme"), _row("phone case", "Garden hose, 20 m", 0),
-        _row("running shoes", "Running shoes, mesh", 3, description="")]
+GOOD = [
+    _row(),
+    _row("blue wool scarf", "Blue wool scarf, soft", 2, description="A warm scarf."),
+    _row("leather boots", "Brown leather boots", 1, brand="Acme"),
+    _row("phone case", "Garden hose, 20 m", 0),
+    _row("running shoes", "Running shoes, mesh", 3, description=""),
+]
 HUGE = _row("desk lamp", "LED desk lamp", 2, description="bright adjustable lamp " * 4_500)  # ~100k chars
 # kind -> (the bad line, field, words of the reason)
 BAD = {
@@ -471,8 +529,9 @@ def test_bad_row_stops_with_file_row_and_field(tmp_path, kind, script):
     line, field, reason = BAD[kind]
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"".join(GOOD[:2]) + HUGE + line + GOOD[2])
-    args = dict(dataset="jsonl", data_path=str(path), label_map=LABEL_MAP, limit=None, output_dir=str(tmp_path),
-                run_name=script)
+    args = dict(
+        dataset="jsonl", data_path=str(path), label_map=LABEL_MAP, limit=None, output_dir=str(tmp_path), run_name=script
+    )
     with own_signal_handlers(), pytest.raises(D.DataError) as info:
         if script == "sft":
             sft.main(sft.Args(**{**SFT, **args}))
@@ -488,8 +547,19 @@ def test_whole_file_in_a_wrong_encoding_is_an_error_not_a_crash(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes("".join(r.decode() for r in GOOD).encode("utf-16"))
     with own_signal_handlers(), pytest.raises(D.DataError, match=r"train.jsonl row 1 field '\(row\)'"):
-        sft.main(sft.Args(**{**SFT, "dataset": "jsonl", "data_path": str(path), "label_map": LABEL_MAP,
-                             "limit": None, "output_dir": str(tmp_path), "run_name": "utf16"}))
+        sft.main(
+            sft.Args(
+                **{
+                    **SFT,
+                    "dataset": "jsonl",
+                    "data_path": str(path),
+                    "label_map": LABEL_MAP,
+                    "limit": None,
+                    "output_dir": str(tmp_path),
+                    "run_name": "utf16",
+                }
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -508,8 +578,15 @@ def messy_file(tmp_path_factory) -> tuple[Path, dict[int, str]]:
 @pytest.mark.parametrize("script", ["sft", "grpo"])
 def test_skip_bad_rows_trains_and_reports_every_skipped_row(tmp_path, messy_file, script):
     path, bad = messy_file
-    args = dict(dataset="jsonl", data_path=str(path), label_map=LABEL_MAP, skip_bad_rows=True, limit=None,
-                total_steps=1, max_item_tokens=64)
+    args = dict(
+        dataset="jsonl",
+        data_path=str(path),
+        label_map=LABEL_MAP,
+        skip_bad_rows=True,
+        limit=None,
+        total_steps=1,
+        max_item_tokens=64,
+    )
     (run_sft if script == "sft" else run_grpo)(tmp_path, script, **args)
     run_dir = tmp_path / script
     stats = json.loads((run_dir / "data_stats.json").read_text())
@@ -517,14 +594,18 @@ def test_skip_bad_rows_trains_and_reports_every_skipped_row(tmp_path, messy_file
     # one file: split by query, the dev query's rows are left to the evaluation (rows_other_split)
     assert stats["rows_read"] == rows == stats["rows_used"] + stats["rows_skipped"] + stats["rows_other_split"]
     assert stats["rows_skipped"] == len(BAD) and stats["rows_used"] + stats["rows_other_split"] == len(BAD) + 2
-    assert {(s["file"], s["row"], s["field"]) for s in stats["skipped"]} == {("train.jsonl", r, f) for r, f in bad.items()}
+    assert {(s["file"], s["row"], s["field"]) for s in stats["skipped"]} == {
+        ("train.jsonl", r, f) for r, f in bad.items()
+    }
     assert all(s["reason"] for s in stats["skipped"])
     assert (run_dir / "checkpoint" / "model.safetensors").exists()
     # the end-of-run evaluation read the same file the same way, and only its dev query ("desk lamp", the
     # 100k-character description: cut and counted, not an error)
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert evaluation["data"]["rows_skipped"] == len(BAD) and evaluation["prompts_truncated"] == 1
-    assert {r["query"] for r in map(json.loads, (run_dir / "eval_samples.jsonl").read_text().splitlines())} == {"desk lamp"}
+    assert {r["query"] for r in map(json.loads, (run_dir / "eval_samples.jsonl").read_text().splitlines())} == {
+        "desk lamp"
+    }
     assert len(json.loads((run_dir / "eval_data_stats.json").read_text())["skipped"]) == len(BAD)
 
 
@@ -569,8 +650,9 @@ def score_everything(tokenizer, ids: list[int], example: D.Example) -> None:
                 assert all(v in (None, 0.0, 1.0) for v in agrl.criterion_credit(score).values())
     # segment credit decodes every prefix: run it on a completion of agrl's length scale
     head = ids[:160]
-    spans = R.score_output(tokenizer.decode(head, skip_special_tokens=True), example.label, example.criteria,
-                           R.TAOBAO4).parsed.spans
+    spans = R.score_output(
+        tokenizer.decode(head, skip_special_tokens=True), example.label, example.criteria, R.TAOBAO4
+    ).parsed.spans
     indices = agrl.criterion_token_indices(tokenizer, head, spans)
     assert indices.keys() == spans.keys()
     assert all(k == sorted(set(k)) and all(0 <= i < len(head) for i in k) for k in indices.values())
@@ -594,8 +676,13 @@ def token_sequences(draw, pools, vocab_size):
 
 
 def test_any_token_sequence_scores_without_an_exception(tokenizer, token_pools):
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(token_sequences(token_pools, len(tokenizer)))
     def check(ids):
         score_everything(tokenizer, ids, token_pools["example"])
@@ -605,12 +692,20 @@ def test_any_token_sequence_scores_without_an_exception(tokenizer, token_pools):
 
 def test_edge_token_sequences(tokenizer, token_pools):
     example = token_pools["example"]
-    for ids in ([], token_pools["special"], token_pools["partial"], token_pools["partial"][:1] * 10_000,
-                token_pools["valid"] + token_pools["partial"][:1], token_pools["partial"][:1] + token_pools["valid"],
-                list(range(len(tokenizer) - 2_000, len(tokenizer)))):
+    for ids in (
+        [],
+        token_pools["special"],
+        token_pools["partial"],
+        token_pools["partial"][:1] * 10_000,
+        token_pools["valid"] + token_pools["partial"][:1],
+        token_pools["partial"][:1] + token_pools["valid"],
+        list(range(len(tokenizer) - 2_000, len(tokenizer))),
+    ):
         score_everything(tokenizer, ids, example)
     # the well-formed answer: parsed, and every criterion line mapped to its tokens
-    spans = R.score_output(tokenizer.decode(token_pools["valid"]), example.label, example.criteria, R.TAOBAO4).parsed.spans
+    spans = R.score_output(
+        tokenizer.decode(token_pools["valid"]), example.label, example.criteria, R.TAOBAO4
+    ).parsed.spans
     indices = agrl.criterion_token_indices(tokenizer, token_pools["valid"], spans)
     assert set(indices) == set(R.TAOBAO4.criterion_names) and all(indices.values())
 
@@ -642,12 +737,19 @@ def test_no_remote_code_and_weights_only_torch_load():
             if not isinstance(node, ast.Call):
                 continue
             keywords = {k.arg: k.value for k in node.keywords}
-            if "trust_remote_code" in keywords and isinstance(keywords["trust_remote_code"], ast.Constant) \
-                    and keywords["trust_remote_code"].value is not False:
+            if (
+                "trust_remote_code" in keywords
+                and isinstance(keywords["trust_remote_code"], ast.Constant)
+                and keywords["trust_remote_code"].value is not False
+            ):
                 problems.append(f"{where}:{node.lineno}: trust_remote_code={keywords['trust_remote_code'].value!r}")
             func = node.func
-            if isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name) \
-                    and func.value.id == "torch":
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "torch"
+            ):
                 torch_loads += 1
                 flag = keywords.get("weights_only")
                 if not (isinstance(flag, ast.Constant) and flag.value is True):

@@ -183,13 +183,20 @@ def test_adherent_iff_decide_equals_label_on_full_table(rb):
 
 def test_method_md_example_output():
     """The example of METHOD.md section 2 (plus the specs line this rulebook adds) parses and is adherent."""
-    text = ("<label>Mismatch</label>\n<criteria>\ncategory: match\nbrand: conflict\ncolor: unstated\n"
-            "specs: n/a\nnegation: n/a\n</criteria>\n<reason>one or two short sentences</reason>")
+    text = (
+        "<label>Mismatch</label>\n<criteria>\ncategory: match\nbrand: conflict\ncolor: unstated\n"
+        "specs: n/a\nnegation: n/a\n</criteria>\n<reason>one or two short sentences</reason>"
+    )
     p = parse_output(text, TAOBAO4)
     assert p.errors == []
     assert p.label == "Mismatch" and adherent(p, TAOBAO4)
-    assert p.criteria == {"category": "match", "brand": "conflict", "color": "unstated", "specs": "n/a",
-                          "negation": "n/a"}
+    assert p.criteria == {
+        "category": "match",
+        "brand": "conflict",
+        "color": "unstated",
+        "specs": "n/a",
+        "negation": "n/a",
+    }
     assert p.reason == "one or two short sentences"
     assert text == format_output(p.label, p.criteria, p.reason, TAOBAO4)
 
@@ -236,15 +243,19 @@ def test_format_output_exact_text():
     crit = {"product_type": "same", "specs": "met", "brand": "n/a"}
     assert format_output("Exact", crit, "fits", ESCI) == (
         "<label>Exact</label>\n<criteria>\nproduct_type: same\nspecs: met\nbrand: n/a\n</criteria>\n"
-        "<reason>fits</reason>")
+        "<reason>fits</reason>"
+    )
     assert format_output("Exact", crit, "fits", ESCI, "think_first") == (
         "<criteria>\nproduct_type: same\nspecs: met\nbrand: n/a\n</criteria>\n<reason>fits</reason>\n"
-        "<label>Exact</label>")
+        "<label>Exact</label>"
+    )
 
 
 def test_spans_with_indentation_and_blank_lines():
-    text = ("<label>Exact</label>\n<criteria>\n\n  product_type: same  \nSPECS :  MET\n\tbrand: n/a\n\n"
-            "</criteria>\n<reason>ok</reason>")
+    text = (
+        "<label>Exact</label>\n<criteria>\n\n  product_type: same  \nSPECS :  MET\n\tbrand: n/a\n\n"
+        "</criteria>\n<reason>ok</reason>"
+    )
     p = parse_output(text, ESCI)
     assert p.errors == []
     assert p.criteria == {"product_type": "same", "specs": "met", "brand": "n/a"}
@@ -256,8 +267,12 @@ def test_spans_with_indentation_and_blank_lines():
 GOOD_ESCI = {"product_type": "same", "specs": "met", "brand": "n/a"}
 
 
-def esci_text(label="<label>Exact</label>", lines=("product_type: same", "specs: met", "brand: n/a"),
-              reason="<reason>fits the query</reason>", sep="\n"):
+def esci_text(
+    label="<label>Exact</label>",
+    lines=("product_type: same", "specs: met", "brand: n/a"),
+    reason="<reason>fits the query</reason>",
+    sep="\n",
+):
     criteria = "<criteria>\n" + "\n".join(lines) + "\n</criteria>"
     return sep.join(x for x in (label, criteria, reason) if x)
 
@@ -271,31 +286,57 @@ BROKEN = [
     ("all_missing", "Exact, because it fits.", ["missing <label>", "missing <criteria>", "missing <reason>"]),
     ("empty_string", "", ["missing <label>", "missing <criteria>", "missing <reason>"]),
     ("duplicate_label", esci_text() + "\n<label>Exact</label>", ["<label> appears 2 times", "text outside the tags"]),
-    ("duplicate_reason", esci_text() + "\n<reason>again</reason>",
-     ["<reason> appears 2 times", "text outside the tags"]),
-    ("duplicate_criteria", esci_text(reason="<criteria>\nspecs: met\n</criteria>\n<reason>r</reason>"),
-     ["<criteria> appears 2 times", "text outside the tags"]),
-    ("label_inside_reason", esci_text(reason="<reason>so <label>Exact</label></reason>"),
-     ["<label> appears 2 times"]),
+    (
+        "duplicate_reason",
+        esci_text() + "\n<reason>again</reason>",
+        ["<reason> appears 2 times", "text outside the tags"],
+    ),
+    (
+        "duplicate_criteria",
+        esci_text(reason="<criteria>\nspecs: met\n</criteria>\n<reason>r</reason>"),
+        ["<criteria> appears 2 times", "text outside the tags"],
+    ),
+    ("label_inside_reason", esci_text(reason="<reason>so <label>Exact</label></reason>"), ["<label> appears 2 times"]),
     ("unknown_label", esci_text(label="<label>Perfect</label>"), ["unknown label 'Perfect'"]),
     ("empty_label", esci_text(label="<label></label>"), ["unknown label ''"]),
     ("two_labels_in_tag", esci_text(label="<label>Exact or Substitute</label>"), ["unknown label"]),
-    ("unknown_criterion", esci_text(lines=("product_type: same", "specs: met", "brand: n/a", "color: red")),
-     ["unknown criterion 'color'"]),
-    ("duplicated_criterion", esci_text(lines=("product_type: same", "specs: met", "specs: met", "brand: n/a")),
-     ["criterion 'specs' stated twice"]),
-    ("duplicated_criterion_other_case", esci_text(lines=("product_type: same", "specs: met", "Specs: unmet",
-                                                         "brand: n/a")), ["criterion 'specs' stated twice"]),
-    ("invalid_value", esci_text(lines=("product_type: same", "specs: mostly", "brand: n/a")),
-     ["criterion 'specs' has value 'mostly'"]),
-    ("value_of_other_criterion", esci_text(lines=("product_type: met", "specs: met", "brand: n/a")),
-     ["criterion 'product_type' has value 'met'"]),
+    (
+        "unknown_criterion",
+        esci_text(lines=("product_type: same", "specs: met", "brand: n/a", "color: red")),
+        ["unknown criterion 'color'"],
+    ),
+    (
+        "duplicated_criterion",
+        esci_text(lines=("product_type: same", "specs: met", "specs: met", "brand: n/a")),
+        ["criterion 'specs' stated twice"],
+    ),
+    (
+        "duplicated_criterion_other_case",
+        esci_text(lines=("product_type: same", "specs: met", "Specs: unmet", "brand: n/a")),
+        ["criterion 'specs' stated twice"],
+    ),
+    (
+        "invalid_value",
+        esci_text(lines=("product_type: same", "specs: mostly", "brand: n/a")),
+        ["criterion 'specs' has value 'mostly'"],
+    ),
+    (
+        "value_of_other_criterion",
+        esci_text(lines=("product_type: met", "specs: met", "brand: n/a")),
+        ["criterion 'product_type' has value 'met'"],
+    ),
     ("missing_criterion", esci_text(lines=("product_type: same", "brand: n/a")), ["criteria missing: specs"]),
     ("empty_criteria", esci_text(lines=()), ["criteria missing: product_type, specs, brand"]),
-    ("line_without_colon", esci_text(lines=("product_type same", "specs: met", "brand: n/a")),
-     ["criteria line not 'name: value'", "criteria missing: product_type"]),
-    ("line_without_value", esci_text(lines=("product_type:", "specs: met", "brand: n/a")),
-     ["criteria line not 'name: value'", "criteria missing: product_type"]),
+    (
+        "line_without_colon",
+        esci_text(lines=("product_type same", "specs: met", "brand: n/a")),
+        ["criteria line not 'name: value'", "criteria missing: product_type"],
+    ),
+    (
+        "line_without_value",
+        esci_text(lines=("product_type:", "specs: met", "brand: n/a")),
+        ["criteria line not 'name: value'", "criteria missing: product_type"],
+    ),
     ("empty_reason", esci_text(reason="<reason></reason>"), ["empty <reason>"]),
     ("blank_reason", esci_text(reason="<reason> \n\t </reason>"), ["empty <reason>"]),
     ("text_before", "Answer:\n" + esci_text(), ["text outside the tags"]),
@@ -307,8 +348,11 @@ BROKEN = [
     ("label_uppercase", esci_text(label="<label>EXACT</label>"), ["unknown label 'EXACT'"]),
     ("label_titlecase_multiword", esci_text(label="<label>exact match</label>"), ["unknown label"]),
     ("uppercase_tag", esci_text(label="<LABEL>Exact</LABEL>"), ["missing <label>"]),
-    ("nested_label_tag", esci_text(label="<label><label>Exact</label></label>"),
-     ["unknown label '<label>Exact'", "text outside the tags"]),
+    (
+        "nested_label_tag",
+        esci_text(label="<label><label>Exact</label></label>"),
+        ["unknown label '<label>Exact'", "text outside the tags"],
+    ),
 ]
 
 
@@ -330,16 +374,19 @@ def test_broken_outputs_keep_what_is_readable():
     assert p.label == "Exact"
 
 
-@pytest.mark.parametrize("text", [
-    esci_text(label="<label> Exact </label>"),
-    esci_text(label="<label>\nExact\n</label>"),
-    esci_text(lines=("Product_Type: SAME", "Specs: Met", "BRAND: N/A")),
-    esci_text(lines=("product_type:same", "specs :met", "brand\t:\tn/a")),
-    esci_text(lines=("product_type: same\r", "specs: met\r", "brand: n/a\r")),
-    esci_text(sep="\n\n  "),
-    "  \n" + esci_text() + "\n\n",
-    esci_text(reason="<reason>multi\nline reason</reason>"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        esci_text(label="<label> Exact </label>"),
+        esci_text(label="<label>\nExact\n</label>"),
+        esci_text(lines=("Product_Type: SAME", "Specs: Met", "BRAND: N/A")),
+        esci_text(lines=("product_type:same", "specs :met", "brand\t:\tn/a")),
+        esci_text(lines=("product_type: same\r", "specs: met\r", "brand: n/a\r")),
+        esci_text(sep="\n\n  "),
+        "  \n" + esci_text() + "\n\n",
+        esci_text(reason="<reason>multi\nline reason</reason>"),
+    ],
+)
 def test_accepted_variants(text):
     """Whitespace around tags, labels and line parts, and case of criterion names/values, are tolerated."""
     p = parse_output(text, ESCI)
@@ -347,8 +394,9 @@ def test_accepted_variants(text):
     assert p.label == "Exact" and p.criteria == GOOD_ESCI
 
 
-@pytest.mark.parametrize("text", [None, b"<label>Exact</label>", 3, 2.5, ["<label>Exact</label>"], object(),
-                                  {"label": "Exact"}])
+@pytest.mark.parametrize(
+    "text", [None, b"<label>Exact</label>", 3, 2.5, ["<label>Exact</label>"], object(), {"label": "Exact"}]
+)
 @pytest.mark.parametrize("order", ORDERS)
 def test_non_str_inputs_are_errors_not_exceptions(text, order):
     for rb in BOOKS:
@@ -368,7 +416,9 @@ def test_wrong_order_is_error_for_both_orders():
         errors = parse_output(text, ESCI, other).errors
         assert len(errors) == 1 and "order" in errors[0]
     # a third arrangement is wrong for both
-    text = "<criteria>\nproduct_type: same\nspecs: met\nbrand: n/a\n</criteria>\n<label>Exact</label>\n<reason>r</reason>"
+    text = (
+        "<criteria>\nproduct_type: same\nspecs: met\nbrand: n/a\n</criteria>\n<label>Exact</label>\n<reason>r</reason>"
+    )
     for order in ORDERS:
         errors = parse_output(text, ESCI, order).errors
         assert len(errors) == 1 and "order" in errors[0]
@@ -379,8 +429,7 @@ def test_wrong_order_is_error_for_both_orders():
 # ==================================================================================================
 FUZZ_COUNT: dict[str, int] = {}  # strings checked per fuzz test
 FUZZ_OK: dict[str, int] = {}  # of which well-formed (so the re-format/re-parse invariant was exercised)
-FUZZ_TESTS = ("random_text", "keyword_text", "mutated_valid", "truncated_valid", "long_strings",
-              "unicode_control")
+FUZZ_TESTS = ("random_text", "keyword_text", "mutated_valid", "truncated_valid", "long_strings", "unicode_control")
 
 
 def check_invariants(text, rb, order, counter):
@@ -421,11 +470,47 @@ def check_invariants(text, rb, order, counter):
 
 
 TOKENS = [
-    "<label>", "</label>", "<criteria>", "</criteria>", "<reason>", "</reason>", "<LABEL>", "<label", "label>",
-    "</", "<", ">", "/", ":", ": ", " ", "  ", "\n", "\n\n", "\r\n", "\t", "\x00", "\u2028", "\xa0",
-    *TAOBAO4.criterion_names, *ESCI.criterion_names, "category:", "brand: ", "product_type: ", "Specs :",
-    *sorted({v for rb in BOOKS for c in rb.criteria for v in c.values}), "MATCH", "unknown",
-    *TAOBAO4.labels, *ESCI.labels, "exact", "EXCELLENT", "because", "x", "é", "日本",
+    "<label>",
+    "</label>",
+    "<criteria>",
+    "</criteria>",
+    "<reason>",
+    "</reason>",
+    "<LABEL>",
+    "<label",
+    "label>",
+    "</",
+    "<",
+    ">",
+    "/",
+    ":",
+    ": ",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    "\x00",
+    "\u2028",
+    "\xa0",
+    *TAOBAO4.criterion_names,
+    *ESCI.criterion_names,
+    "category:",
+    "brand: ",
+    "product_type: ",
+    "Specs :",
+    *sorted({v for rb in BOOKS for c in rb.criteria for v in c.values}),
+    "MATCH",
+    "unknown",
+    *TAOBAO4.labels,
+    *ESCI.labels,
+    "exact",
+    "EXCELLENT",
+    "because",
+    "x",
+    "é",
+    "日本",
 ]
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 books = st.sampled_from(BOOKS)
@@ -446,8 +531,11 @@ def test_fuzz_keyword_text(text, rb, order):
 
 def _boundaries(text):
     """Positions next to a newline or a tag bracket: edits there often leave the output well-formed."""
-    return [0, len(text)] + [i for i, ch in enumerate(text) if ch in "\n<"] + [i + 1 for i, ch in enumerate(text)
-                                                                             if ch in "\n>"]
+    return (
+        [0, len(text)]
+        + [i for i, ch in enumerate(text) if ch in "\n<"]
+        + [i + 1 for i, ch in enumerate(text) if ch in "\n>"]
+    )
 
 
 def _in_reason(draw, text):
@@ -464,17 +552,33 @@ def mutated_valid(draw):
     text = format_output(label, criteria, reason, rb, order)
     states = []
     for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(("insert", "delete", "replace", "dup_line", "drop_line", "swap_lines",
-                                   "ws_at_boundary", "ws_at_boundary", "recase", "revalue", "relabel",
-                                   "reason_text", "reason_text")))
+        op = draw(
+            st.sampled_from(
+                (
+                    "insert",
+                    "delete",
+                    "replace",
+                    "dup_line",
+                    "drop_line",
+                    "swap_lines",
+                    "ws_at_boundary",
+                    "ws_at_boundary",
+                    "recase",
+                    "revalue",
+                    "relabel",
+                    "reason_text",
+                    "reason_text",
+                )
+            )
+        )
         pos = draw(st.integers(0, len(text)))
         if op == "insert":
             piece = draw(st.one_of(st.sampled_from(TOKENS), st.text(max_size=5)))
             text = text[:pos] + piece + text[pos:]
         elif op == "delete":
-            text = text[:pos] + text[pos + draw(st.integers(1, 12)):]
+            text = text[:pos] + text[pos + draw(st.integers(1, 12)) :]
         elif op == "replace" and pos < len(text):
-            text = text[:pos] + draw(st.characters(exclude_categories=("Cs",))) + text[pos + 1:]
+            text = text[:pos] + draw(st.characters(exclude_categories=("Cs",))) + text[pos + 1 :]
         elif op == "ws_at_boundary":
             pos = draw(st.sampled_from(_boundaries(text)))
             text = text[:pos] + draw(st.sampled_from([" ", "\n", "\t", "\r\n", "  \n ", "\x0c", "\u3000"])) + text[pos:]
@@ -486,8 +590,12 @@ def mutated_valid(draw):
             new = draw(st.sampled_from(c.values + ("bogus",)))
             text = re.sub(rf"(?m)^{c.name}: \S+$", f"{c.name}: {new}", text, count=1)
         elif op == "relabel":
-            text = re.sub(r"<label>[^<]*</label>", f"<label>{draw(st.sampled_from(rb.labels + ('exact',)))}</label>",
-                          text, count=1)
+            text = re.sub(
+                r"<label>[^<]*</label>",
+                f"<label>{draw(st.sampled_from(rb.labels + ('exact',)))}</label>",
+                text,
+                count=1,
+            )
         elif op == "reason_text":
             pos = _in_reason(draw, text)
             piece = draw(st.one_of(st.sampled_from(TOKENS), st.text(max_size=8)))
@@ -522,7 +630,7 @@ def test_fuzz_truncated_valid(pieces, cuts):
     text = format_output(label, criteria, reason, rb, order)
     (a, _), (b, _), (c, d) = cuts[0], cuts[1], cuts[2]
     n = len(text) + 1
-    for piece in (text[: a % n], text[b % n:], text[min(c % n, d % n): max(c % n, d % n)]):
+    for piece in (text[: a % n], text[b % n :], text[min(c % n, d % n) : max(c % n, d % n)]):
         check_invariants(piece, rb, order, "truncated_valid")
     check_invariants(text[: cuts[3][0] % n], rb, ORDERS[1 - ORDERS.index(order)], "truncated_valid")
 
@@ -541,11 +649,12 @@ def test_every_prefix_and_suffix_and_single_deletion_of_valid_outputs():
                     assert prefix.format_ok == (k == len(text))
                     check_invariants(text[k:], rb, order, "exhaustive")
                     if k < len(text):
-                        check_invariants(text[:k] + text[k + 1:], rb, order, "exhaustive")
+                        check_invariants(text[:k] + text[k + 1 :], rb, order, "exhaustive")
 
 
-SAFE_CHUNK = st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="<"),
-                     min_size=1, max_size=40).filter(lambda s: not s.isspace())
+SAFE_CHUNK = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="<"), min_size=1, max_size=40
+).filter(lambda s: not s.isspace())
 
 
 @st.composite
@@ -588,10 +697,30 @@ def test_fuzz_long_strings(case):
 def unicode_control(draw):
     rb, label, criteria, reason, order = draw(valid_pieces())
     text = format_output(label, criteria, reason, rb, order)
-    odd = st.one_of(st.characters(exclude_categories=("Cs",)),
-                    st.characters(categories=("Cc", "Cf", "Zs", "Zl", "Zp")),
-                    st.sampled_from(["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\ufeff",
-                                     "\u200b", "\u3000", "\r", "\x00", "K", "İ", "ß"]))
+    odd = st.one_of(
+        st.characters(exclude_categories=("Cs",)),
+        st.characters(categories=("Cc", "Cf", "Zs", "Zl", "Zp")),
+        st.sampled_from(
+            [
+                "\x0b",
+                "\x0c",
+                "\x1c",
+                "\x1d",
+                "\x1e",
+                "\x85",
+                "\u2028",
+                "\u2029",
+                "\ufeff",
+                "\u200b",
+                "\u3000",
+                "\r",
+                "\x00",
+                "K",
+                "İ",
+                "ß",
+            ]
+        ),
+    )
     states = []
     for _ in range(draw(st.integers(1, 6))):
         where = draw(st.sampled_from(("anywhere", "boundary", "reason")))
@@ -607,9 +736,16 @@ def unicode_control(draw):
 
 
 @settings(FUZZ, max_examples=1000)
-@given(st.one_of(unicode_control(),
-                 st.tuples(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200),
-                                    min_size=1, max_size=1), books, orders)))
+@given(
+    st.one_of(
+        unicode_control(),
+        st.tuples(
+            st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200), min_size=1, max_size=1),
+            books,
+            orders,
+        ),
+    )
+)
 def test_fuzz_unicode_control(case):
     states, rb, order = case
     for text in states:
@@ -622,8 +758,10 @@ def test_fuzz_volume():
         pytest.skip("not every fuzz test ran in this session")
     total = sum(FUZZ_COUNT[name] for name in FUZZ_TESTS)
     ok = sum(FUZZ_OK.get(name, 0) for name in FUZZ_TESTS)
-    print(f"fuzzed strings: {total} from hypothesis ({ok} well-formed), {FUZZ_COUNT.get('exhaustive', 0)} exhaustive;",
-          {name: (FUZZ_COUNT[name], FUZZ_OK.get(name, 0)) for name in FUZZ_TESTS})
+    print(
+        f"fuzzed strings: {total} from hypothesis ({ok} well-formed), {FUZZ_COUNT.get('exhaustive', 0)} exhaustive;",
+        {name: (FUZZ_COUNT[name], FUZZ_OK.get(name, 0)) for name in FUZZ_TESTS},
+    )
     assert total >= 10_000
     assert ok >= 500  # the well-formed branch of the invariants is exercised, not only the error branch
 
@@ -634,6 +772,7 @@ class _Timeout(Exception):
 
 def _parse_time_limited(text, rb, seconds):
     """Parse under a SIGALRM limit (the re engine checks signals, so a slow regex is interrupted)."""
+
     def on_alarm(signum, frame):
         raise _Timeout
 
@@ -650,11 +789,15 @@ def _parse_time_limited(text, rb, seconds):
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs SIGALRM")
-@pytest.mark.parametrize("text", [
-    "<label>" * 14_000,
-    "<reason>" * 12_000,
-    "<criteria>\ncategory: x" + " " * 100_000 + "y\n</criteria>",
-], ids=["unclosed_label_tags", "unclosed_reason_tags", "whitespace_run_in_criteria_line"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<label>" * 14_000,
+        "<reason>" * 12_000,
+        "<criteria>\ncategory: x" + " " * 100_000 + "y\n</criteria>",
+    ],
+    ids=["unclosed_label_tags", "unclosed_reason_tags", "whitespace_run_in_criteria_line"],
+)
 def test_parse_is_fast_on_adversarial_100k(text):
     assert _parse_time_limited(text, TAOBAO4, 0.3), "parse_output took more than 0.3 s on 100k characters"
 
@@ -673,19 +816,28 @@ def test_gold_example_is_consistent():
     assert TAOBAO4.decide(T4_GOLD) == "Mismatch"
 
 
-@pytest.mark.parametrize("text,correct,adh,share,grpo,rrs", [
-    # correct, adherent, all five criteria right: 1 + 0.5 * 1 + 0.5
-    (t4("Mismatch"), True, True, 1.0, 1.0, 2.0),
-    # correct label but brand: match makes the criteria say Related: criterion credit, no rule credit
-    (t4("Mismatch", brand="match"), True, False, 0.8, 1.0, 1.4),
-    # wrong label, adherent to its own (4/5 right) criteria: 0 + 0.5 * 0.8 + 0 (no rule credit without the outcome)
-    (t4("Related", brand="match"), False, True, 0.8, 0.0, 0.4),
-    # wrong label, adherent, criteria mostly wrong: category mismatch -> Irrelevant; 1/5 right (specs only)
-    (t4("Irrelevant", category="mismatch", brand="match", color="match", negation="satisfied"),
-     False, True, 0.2, 0.0, 0.1),
-    # wrong label and not adherent: the criteria it got right still pay
-    (t4("Excellent", category="mismatch"), False, False, 0.8, 0.0, 0.4),
-])
+@pytest.mark.parametrize(
+    "text,correct,adh,share,grpo,rrs",
+    [
+        # correct, adherent, all five criteria right: 1 + 0.5 * 1 + 0.5
+        (t4("Mismatch"), True, True, 1.0, 1.0, 2.0),
+        # correct label but brand: match makes the criteria say Related: criterion credit, no rule credit
+        (t4("Mismatch", brand="match"), True, False, 0.8, 1.0, 1.4),
+        # wrong label, adherent to its own (4/5 right) criteria: 0 + 0.5 * 0.8 + 0 (no rule credit without the outcome)
+        (t4("Related", brand="match"), False, True, 0.8, 0.0, 0.4),
+        # wrong label, adherent, criteria mostly wrong: category mismatch -> Irrelevant; 1/5 right (specs only)
+        (
+            t4("Irrelevant", category="mismatch", brand="match", color="match", negation="satisfied"),
+            False,
+            True,
+            0.2,
+            0.0,
+            0.1,
+        ),
+        # wrong label and not adherent: the criteria it got right still pay
+        (t4("Excellent", category="mismatch"), False, False, 0.8, 0.0, 0.4),
+    ],
+)
 def test_rewards_hand_computed(text, correct, adh, share, grpo, rrs):
     s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4)
     assert s.format_ok and s.correct == correct and s.adherent == adh
@@ -694,13 +846,16 @@ def test_rewards_hand_computed(text, correct, adh, share, grpo, rrs):
     assert rrs_reward(s) == pytest.approx(rrs)
 
 
-@pytest.mark.parametrize("text", [
-    "It is a Mismatch.",
-    "",
-    "<label>Mismatch",
-    "<label>mismatch</label>\n<criteria>\n</criteria>\n<reason>r</reason>",
-    None,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It is a Mismatch.",
+        "",
+        "<label>Mismatch",
+        "<label>mismatch</label>\n<criteria>\n</criteria>\n<reason>r</reason>",
+        None,
+    ],
+)
 def test_unparseable_gets_format_penalty_only(text):
     s = score_output(text, "Mismatch", T4_GOLD, TAOBAO4)
     assert not s.format_ok and s.parsed.label is None
@@ -709,14 +864,17 @@ def test_unparseable_gets_format_penalty_only(text):
     assert rrs_reward(s, w_out=5, w_crit=5, w_rule=5, format_penalty=-2.0) == -2.0
 
 
-@pytest.mark.parametrize("text", [
-    t4("Mismatch").replace("color: unstated\n", ""),  # a criterion missing
-    t4("Mismatch").replace("color: unstated", "color: red"),  # an invalid value
-    t4("Mismatch").replace("<reason>short reason</reason>", "<reason> </reason>"),  # empty reason
-    t4("Mismatch") + "\nanything else",  # text outside the tags
-    t4("Mismatch") + "\n<label>Irrelevant</label>",  # a second label: the first one is read
-    format_output("Mismatch", T4_GOLD, "r", TAOBAO4, "think_first"),  # wrong order
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        t4("Mismatch").replace("color: unstated\n", ""),  # a criterion missing
+        t4("Mismatch").replace("color: unstated", "color: red"),  # an invalid value
+        t4("Mismatch").replace("<reason>short reason</reason>", "<reason> </reason>"),  # empty reason
+        t4("Mismatch") + "\nanything else",  # text outside the tags
+        t4("Mismatch") + "\n<label>Irrelevant</label>",  # a second label: the first one is read
+        format_output("Mismatch", T4_GOLD, "r", TAOBAO4, "think_first"),  # wrong order
+    ],
+)
 def test_label_readable_but_output_broken(text):
     """The label is readable (correct), but the answer is not well-formed: GRPO pays 0, RRS's hard gate
     gives the format penalty and nothing else."""
@@ -731,19 +889,32 @@ def test_unknown_gold_criteria_are_masked():
     gold = infer_esci_criteria("Exact", "usb c cable 2m", "Anker")  # product_type same, specs met, brand unknown
     assert gold == {"product_type": "same", "specs": "met", "brand": UNKNOWN}
     for brand in ("n/a", "match"):  # the brand line is not scored whatever it says
-        s = score_output(format_output("Exact", {"product_type": "same", "specs": "met", "brand": brand}, "r", ESCI),
-                         "Exact", gold, ESCI)
+        s = score_output(
+            format_output("Exact", {"product_type": "same", "specs": "met", "brand": brand}, "r", ESCI),
+            "Exact",
+            gold,
+            ESCI,
+        )
         assert s.criteria == {"product_type": True, "specs": True, "brand": None}
         assert s.criteria_share == 1.0 and rrs_reward(s) == pytest.approx(2.0)
     # adherent Substitute: product_type right, specs wrong, brand masked -> share 1/2
-    s = score_output(format_output("Substitute", {"product_type": "same", "specs": "unmet", "brand": "conflict"}, "r",
-                                   ESCI), "Exact", gold, ESCI)
+    s = score_output(
+        format_output("Substitute", {"product_type": "same", "specs": "unmet", "brand": "conflict"}, "r", ESCI),
+        "Exact",
+        gold,
+        ESCI,
+    )
     assert s.adherent and s.criteria == {"product_type": True, "specs": False, "brand": None}
     assert s.criteria_share == 0.5
     assert rrs_reward(s) == pytest.approx(0 + 0.5 * 0.5 + 0)
     # ordinal: Substitute is one step from Exact -> 2/3
-    s = score_output(format_output("Substitute", {"product_type": "same", "specs": "unmet", "brand": "conflict"}, "r",
-                                   ESCI), "Exact", gold, ESCI, ordinal=True)
+    s = score_output(
+        format_output("Substitute", {"product_type": "same", "specs": "unmet", "brand": "conflict"}, "r", ESCI),
+        "Exact",
+        gold,
+        ESCI,
+        ordinal=True,
+    )
     assert s.outcome == pytest.approx(2 / 3) and grpo_reward(s) == pytest.approx(2 / 3)
     assert rrs_reward(s) == pytest.approx(2 / 3 + 0.25 + 0)  # a near miss earns no rule credit
     # gold keys outside the rulebook and missing keys are both ignored/unknown
@@ -754,8 +925,12 @@ def test_unknown_gold_criteria_are_masked():
 def test_no_known_gold_criteria_gives_no_criterion_credit():
     gold = infer_esci_criteria("Substitute", "phone case", "")
     assert set(gold.values()) == {UNKNOWN}
-    s = score_output(format_output("Substitute", {"product_type": "substitute", "specs": "met", "brand": "n/a"}, "r",
-                                   ESCI), "Substitute", gold, ESCI)
+    s = score_output(
+        format_output("Substitute", {"product_type": "substitute", "specs": "met", "brand": "n/a"}, "r", ESCI),
+        "Substitute",
+        gold,
+        ESCI,
+    )
     assert s.criteria == {"product_type": None, "specs": None, "brand": None}
     assert s.criteria_share == 0.0 and s.adherent
     assert rrs_reward(s) == pytest.approx(1.0 + 0.0 + 0.5)
@@ -812,7 +987,9 @@ def test_review_examples_wrong_label_cannot_earn_by_rationalising():
     criteria 0.0. Now the honest one scores higher, and "all match" Excellent earns nothing for adherence."""
     gold = {"category": "match", "brand": "conflict", "color": "n/a", "specs": "n/a", "negation": "n/a"}
     assert TAOBAO4.decide(gold) == "Mismatch"
-    lying = score_output(format_output("Excellent", {**gold, "brand": "match"}, "r", TAOBAO4), "Mismatch", gold, TAOBAO4)
+    lying = score_output(
+        format_output("Excellent", {**gold, "brand": "match"}, "r", TAOBAO4), "Mismatch", gold, TAOBAO4
+    )
     honest = score_output(format_output("Excellent", gold, "r", TAOBAO4), "Mismatch", gold, TAOBAO4)
     assert lying.adherent and not honest.adherent
     assert rrs_reward(lying) == pytest.approx(0.4) and rrs_reward(honest) == pytest.approx(0.5)
@@ -832,13 +1009,17 @@ def test_honest_criteria_never_lower_the_reward_over_the_full_decision_table(rb,
     table = list(all_assignments(rb))
     weights = [dict(), dict(w_out=1.0, w_crit=0.9, w_rule=2.0), dict(w_out=2.0, w_crit=0.1, w_rule=0.0)]
     # parsing depends on the text only: parse each (label, stated criteria) answer once, score per gold
-    answers = [(label, parse_output(format_output(label, stated, "r", rb), rb)) for label in rb.labels for stated in table]
+    answers = [
+        (label, parse_output(format_output(label, stated, "r", rb), rb)) for label in rb.labels for stated in table
+    ]
     checked = 0
     for gold in table:
         gold_label = rb.decide(gold)
         honest_parsed = {label: parse_output(format_output(label, gold, "r", rb), rb) for label in rb.labels}
-        honest = {label: [rrs_reward(score_parsed(p, gold_label, gold, rb, ordinal), **w) for w in weights]
-                  for label, p in honest_parsed.items()}
+        honest = {
+            label: [rrs_reward(score_parsed(p, gold_label, gold, rb, ordinal), **w) for w in weights]
+            for label, p in honest_parsed.items()
+        }
         for label, parsed in answers:
             s = score_parsed(parsed, gold_label, gold, rb, ordinal)
             assert grpo_reward(s) == outcome_reward(label, gold_label, rb, ordinal)
@@ -854,12 +1035,15 @@ def test_honest_criteria_never_lower_the_reward_over_the_full_decision_table(rb,
 # ==================================================================================================
 # 5. infer_esci_criteria
 # ==================================================================================================
-@pytest.mark.parametrize("label,product_type,specs", [
-    ("Exact", "same", "met"),
-    ("Substitute", UNKNOWN, UNKNOWN),
-    ("Complement", "complement", UNKNOWN),
-    ("Irrelevant", "different", UNKNOWN),
-])
+@pytest.mark.parametrize(
+    "label,product_type,specs",
+    [
+        ("Exact", "same", "met"),
+        ("Substitute", UNKNOWN, UNKNOWN),
+        ("Complement", "complement", UNKNOWN),
+        ("Irrelevant", "different", UNKNOWN),
+    ],
+)
 def test_infer_by_label(label, product_type, specs):
     got = infer_esci_criteria(label, "wireless mouse", "Logitech")
     assert got == {"product_type": product_type, "specs": specs, "brand": UNKNOWN}
@@ -867,37 +1051,46 @@ def test_infer_by_label(label, product_type, specs):
     assert got == {"product_type": product_type, "specs": specs, "brand": "match"}
 
 
-@pytest.mark.parametrize("query,brand,expected", [
-    ("lg tv 55 inch", "LG", "match"),
-    ("55 inch tv by LG", "LG", "match"),
-    ("lg-tv remote", "LG", "match"),
-    ("lgbt flag", "LG", UNKNOWN),  # word boundary: LG is not named in "lgbt"
-    ("flag lgbt", "lg", UNKNOWN),
-    ("glg socks", "LG", UNKNOWN),
-    ("samsung tv", "LG", UNKNOWN),
-    ("Hamilton Beach blender", "  hamilton beach ", "match"),
-    ("hamilton blender", "Hamilton Beach", UNKNOWN),
-    ("p&g detergent", "P&G", "match"),  # regex characters in the brand are literal
-    ("pxg golf", "P.G", UNKNOWN),
-    ("tv", "", UNKNOWN),  # empty brand
-    ("tv", "   ", UNKNOWN),
-    ("any query", None, UNKNOWN),
-    ("x box", "X", UNKNOWN),  # one-character brands are too ambiguous to match
-    ("müller milch", "Müller", "match"),
-    ("", "Sony", UNKNOWN),
-])
+@pytest.mark.parametrize(
+    "query,brand,expected",
+    [
+        ("lg tv 55 inch", "LG", "match"),
+        ("55 inch tv by LG", "LG", "match"),
+        ("lg-tv remote", "LG", "match"),
+        ("lgbt flag", "LG", UNKNOWN),  # word boundary: LG is not named in "lgbt"
+        ("flag lgbt", "lg", UNKNOWN),
+        ("glg socks", "LG", UNKNOWN),
+        ("samsung tv", "LG", UNKNOWN),
+        ("Hamilton Beach blender", "  hamilton beach ", "match"),
+        ("hamilton blender", "Hamilton Beach", UNKNOWN),
+        ("p&g detergent", "P&G", "match"),  # regex characters in the brand are literal
+        ("pxg golf", "P.G", UNKNOWN),
+        ("tv", "", UNKNOWN),  # empty brand
+        ("tv", "   ", UNKNOWN),
+        ("any query", None, UNKNOWN),
+        ("x box", "X", UNKNOWN),  # one-character brands are too ambiguous to match
+        ("müller milch", "Müller", "match"),
+        ("", "Sony", UNKNOWN),
+    ],
+)
 def test_infer_brand(query, brand, expected):
     assert infer_esci_criteria("Substitute", query, brand)["brand"] == expected
 
 
-@pytest.mark.parametrize("query,brand", [("yahoo! mail tablet", "Yahoo!"), ("(red) iphone case", "(RED)"),
-                                         ("c++ primer book", "C++")])
+@pytest.mark.parametrize(
+    "query,brand", [("yahoo! mail tablet", "Yahoo!"), ("(red) iphone case", "(RED)"), ("c++ primer book", "C++")]
+)
 def test_infer_brand_with_punctuation_at_the_edges(query, brand):
     assert infer_esci_criteria("Exact", query, brand)["brand"] == "match"
 
 
-ESCI_QUERIES = [("logitech wireless mouse", "Logitech"), ("wireless mouse", "Logitech"), ("lgbt flag", "LG"),
-                ("tv", ""), ("sony", "Sony")]
+ESCI_QUERIES = [
+    ("logitech wireless mouse", "Logitech"),
+    ("wireless mouse", "Logitech"),
+    ("lgbt flag", "LG"),
+    ("tv", ""),
+    ("sony", "Sony"),
+]
 
 
 @pytest.mark.parametrize("label", ESCI.labels)

@@ -37,8 +37,21 @@ def fast(monkeypatch, tiny):
 
 
 def make_args(tmp_path, name, **overrides):
-    base = dict(model="tiny-random", dataset="synthetic", limit=4, total_steps=2, batch_size=2, grad_accum=1, lr=1e-2,
-                warmup_steps=1, log_every=1, eval_limit=4, output_dir=str(tmp_path), run_name=name, device="cpu")
+    base = dict(
+        model="tiny-random",
+        dataset="synthetic",
+        limit=4,
+        total_steps=2,
+        batch_size=2,
+        grad_accum=1,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=1,
+        eval_limit=4,
+        output_dir=str(tmp_path),
+        run_name=name,
+        device="cpu",
+    )
     return sft.Args(**{**base, **overrides})
 
 
@@ -66,9 +79,23 @@ def test_sft_drives_the_loss_down_and_fills_the_run_folder(tmp_path, monkeypatch
         return run_eval(args, *a, **k)
 
     monkeypatch.setattr(E, "run_eval", short_eval)
-    metrics = sft.main(sft.Args(model="tiny-random", dataset="synthetic", limit=8, total_steps=8, batch_size=2,
-                                grad_accum=1, lr=2e-2, warmup_steps=1, log_every=1, eval_limit=4,
-                                output_dir=str(tmp_path), run_name="s", device="cpu"))
+    metrics = sft.main(
+        sft.Args(
+            model="tiny-random",
+            dataset="synthetic",
+            limit=8,
+            total_steps=8,
+            batch_size=2,
+            grad_accum=1,
+            lr=2e-2,
+            warmup_steps=1,
+            log_every=1,
+            eval_limit=4,
+            output_dir=str(tmp_path),
+            run_name="s",
+            device="cpu",
+        )
+    )
     run = tmp_path / "s"
     lines = metrics_of(run)
     assert [line["step"] for line in lines] == list(range(1, 9))
@@ -102,8 +129,11 @@ def test_gradient_accumulation_is_exact(tmp_path, monkeypatch, fast, tiny):
     runs = {}
     for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
         name = f"b{batch_size}x{grad_accum}"
-        sft.main(make_args(tmp_path, name, total_steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1.0,
-                           max_grad_norm=1e9))
+        sft.main(
+            make_args(
+                tmp_path, name, total_steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1.0, max_grad_norm=1e9
+            )
+        )
         runs[name] = (weights_of(tmp_path / name), metrics_of(tmp_path / name)[0])
     (reference, ref_metrics), *others = runs.values()
     initial = {k: v for k, v in tiny[0].state_dict().items() if k in reference}
@@ -130,8 +160,13 @@ def resumed(tmp_path_factory, tiny):
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as mp:
         load = models.load_model
-        mp.setattr(models, "load_model", lambda name, device="auto", **kw: (copy.deepcopy(model).train(), tokenizer)
-                   if name == "tiny-random" else load(name, device, **kw))
+        mp.setattr(
+            models,
+            "load_model",
+            lambda name, device="auto", **kw: (
+                (copy.deepcopy(model).train(), tokenizer) if name == "tiny-random" else load(name, device, **kw)
+            ),
+        )
         mp.setattr(E, "run_eval", lambda *a, **k: E.classification_metrics([], [], R.TAOBAO4.labels))
         try:
             sft.main(make_args(tmp_path, "straight", **kw))
@@ -211,7 +246,9 @@ def test_nan_steps_are_skipped_and_logged(tmp_path, monkeypatch, fast):
 
 def test_consecutive_nans_stop_the_run(tmp_path, monkeypatch, fast):
     nan_on_calls(monkeypatch, set(range(1, 100)))
-    with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite loss or gradient: stopping at step 3"):
+    with pytest.raises(
+        RuntimeError, match="3 consecutive steps with a non-finite loss or gradient: stopping at step 3"
+    ):
         sft.main(make_args(tmp_path, "nans", total_steps=10, batch_size=1, max_nan_skips=3))
     assert [line["nan_skips_consecutive"] for line in metrics_of(tmp_path / "nans")] == [1, 2, 3]
     assert not (tmp_path / "nans" / "checkpoint").exists()
@@ -233,14 +270,14 @@ def test_label_token_mask_marks_exactly_the_label(tokenizer, order):
     dataset = D.load_dataset("synthetic", "train", limit=12)
     for example in dataset.examples:
         ids, labels, _ = D.encode_sft(tokenizer, example, dataset.rulebook, order)
-        completion = ids[labels.count(-100):]
+        completion = ids[labels.count(-100) :]
         mask = sft.label_token_mask(tokenizer, example, dataset.rulebook, order)
         assert len(mask) == len(completion)
         assert tokenizer.decode([t for t, m in zip(completion, mask) if m]) == example.label
         # the tokens just around it are the tags
         first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
         assert tokenizer.decode(completion[:first]).endswith("<label>")
-        assert tokenizer.decode(completion[last + 1:]).startswith("</label>")
+        assert tokenizer.decode(completion[last + 1 :]).startswith("</label>")
 
 
 def completion_nll(model, tokenizer, order, limit):
@@ -254,13 +291,13 @@ def completion_nll(model, tokenizer, order, limit):
         ids, labels, _ = D.encode_sft(tokenizer, example, dataset.rulebook, order)
         start = labels.count(-100)
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, start - 1:-1].float()
+            logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float()
         nll.append(-torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1))
         completion = ids[start:]
         target = tokenizer.decode(completion)
         span_start = target.index(f"<label>{example.label}</label>") + len("<label>")
         span_end = span_start + len(example.label)
-        ends = [len(tokenizer.decode(completion[:j + 1])) for j in range(len(completion))]
+        ends = [len(tokenizer.decode(completion[: j + 1])) for j in range(len(completion))]
         is_label.append(torch.tensor([(b > span_start and a < span_end) for a, b in zip([0] + ends[:-1], ends)]))
     return torch.cat(nll), torch.cat(is_label)
 

@@ -45,8 +45,9 @@ class FakeLLM:
     def __init__(self, **kwargs):
         self.kwargs, self.log, self.requests = kwargs, [], []
         worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=FakeEngineModel(self.log)))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-            driver_worker=types.SimpleNamespace(worker=worker)))
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker))
+        )
 
     def reset_prefix_cache(self):
         self.log.append(("reset_prefix_cache",))
@@ -67,8 +68,13 @@ class FakeLLM:
                 length = 1 + (sum(ids) + j) % p.kwargs["max_tokens"]
                 tokens = [100 + (sum(ids) * 7 + j * 13 + t) % 500 for t in range(length)]
                 logprobs = [{tok: types.SimpleNamespace(logprob=-0.1 * (t + 1))} for t, tok in enumerate(tokens)]
-                outputs.append(types.SimpleNamespace(token_ids=tokens, logprobs=logprobs,
-                                                     finish_reason="length" if length == p.kwargs["max_tokens"] else "stop"))
+                outputs.append(
+                    types.SimpleNamespace(
+                        token_ids=tokens,
+                        logprobs=logprobs,
+                        finish_reason="length" if length == p.kwargs["max_tokens"] else "stop",
+                    )
+                )
             results.append(types.SimpleNamespace(outputs=outputs))
         return results
 
@@ -104,8 +110,9 @@ def test_vllm_is_imported_lazily(tmp_path):
 
 def test_engine_is_colocated_per_rank_with_resolved_id_budgets_and_processed_logprobs(fake_vllm):
     with mock.patch.dict("os.environ", {"LOCAL_RANK": "3"}):
-        engine = rollouts.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=1500, gpu_memory_utilization=0.25, seed=7,
-                                    sleep_mode=True)
+        engine = rollouts.make_vllm_engine(
+            "Qwen2.5-0.5B-Instruct", max_model_len=1500, gpu_memory_utilization=0.25, seed=7, sleep_mode=True
+        )
     kw = engine.kwargs
     assert kw["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and kw["distributed_executor_backend"] == "external_launcher"
     assert kw["tensor_parallel_size"] == 1 and kw["max_model_len"] == 1500 and kw["gpu_memory_utilization"] == 0.25
@@ -130,13 +137,20 @@ def test_sync_pushes_every_hf_tensor_by_name_and_shape_then_resets_the_prefix_ca
 def test_generate_vllm_keeps_the_generate_contract(fake_vllm, tokenizer):
     engine = FakeLLM()
     prompts = [[1, 2, 3], [4, 5]]
-    out = rollouts.generate_vllm(engine, tokenizer, prompts, n=3, max_new_tokens=4, temperature=0.7, top_p=0.9,
-                          min_new_tokens=1, seeds=[11, 12])
-    (requests, params), = engine.requests
+    out = rollouts.generate_vllm(
+        engine, tokenizer, prompts, n=3, max_new_tokens=4, temperature=0.7, top_p=0.9, min_new_tokens=1, seeds=[11, 12]
+    )
+    ((requests, params),) = engine.requests
     assert [r["prompt_token_ids"] for r in requests] == prompts
     assert [p.kwargs["seed"] for p in params] == [11, 12]
-    assert all(p.kwargs["temperature"] == 0.7 and p.kwargs["top_p"] == 0.9 and p.kwargs["min_tokens"] == 1 and
-               p.kwargs["logprobs"] == 0 and p.kwargs["stop_token_ids"] == models.stop_token_ids(tokenizer) for p in params)
+    assert all(
+        p.kwargs["temperature"] == 0.7
+        and p.kwargs["top_p"] == 0.9
+        and p.kwargs["min_tokens"] == 1
+        and p.kwargs["logprobs"] == 0
+        and p.kwargs["stop_token_ids"] == models.stop_token_ids(tokenizer)
+        for p in params
+    )
     assert out.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
     results = engine.generate([{"prompt_token_ids": p} for p in prompts], params)
     expected = [c for r in results for c in r.outputs]
@@ -161,8 +175,18 @@ def test_training_routes_every_rollout_through_the_engine(module, fake_vllm, tmp
     monkeypatch.setattr(module, "score_group", fake_score_group)
     no_eval(monkeypatch)
     with mock.patch.dict("os.environ"):
-        module.main(module.Args(**{**RUN, "total_steps": 1, "vllm": True, "vllm_sleep": True, "output_dir": str(tmp_path),
-                                   "run_name": "v"}))
+        module.main(
+            module.Args(
+                **{
+                    **RUN,
+                    "total_steps": 1,
+                    "vllm": True,
+                    "vllm_sleep": True,
+                    "output_dir": str(tmp_path),
+                    "run_name": "v",
+                }
+            )
+        )
     (engine,) = engines
     assert engine.kwargs["max_model_len"] > RUN["max_new_tokens"]
     events = [e[0] for e in engine.log]
@@ -174,6 +198,9 @@ def test_training_routes_every_rollout_through_the_engine(module, fake_vllm, tmp
     metrics = read_metrics(tmp_path / "v")[0]
     assert len(seeds) - len(guided) == metrics["data_position"]  # every rollout prompt went to the engine
     if module is agrl:
-        assert metrics["agr_level_1"] + metrics["agr_level_2"] > 0 and len(guided) == metrics["agr_level_1"] + metrics["agr_level_2"]
+        assert (
+            metrics["agr_level_1"] + metrics["agr_level_2"] > 0
+            and len(guided) == metrics["agr_level_1"] + metrics["agr_level_2"]
+        )
     else:
         assert not guided
