@@ -768,6 +768,7 @@ def update_policy(
     n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
     mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
     micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    guided_anywhere = any(r["guided"] for r in rows)  # rows are every rank's: the same answer on all ranks
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
         for k, micro in enumerate(micro_batches):
@@ -788,9 +789,10 @@ def update_policy(
                 adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
             # correction "none" needs pi_old(o | x) for guided rows: stored ones may be under x + guide (hint)
-            # or from an older policy (replay)
+            # or from an older policy (replay). The forward is a collective under FSDP: decided from all rows,
+            # so that every rank runs it whenever any rank holds such a row
             recompute = [args.recompute_old_logprobs or (r["guided"] and args.agr_correction == "none") for r in micro]
-            if any(recompute) and update == 0:  # stored back for the later updates
+            if update == 0 and (args.recompute_old_logprobs or (args.agr_correction == "none" and guided_anywhere)):
                 with torch.no_grad():
                     fresh = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):
@@ -1140,8 +1142,8 @@ def main(args: Args) -> dict:
             )
 
         # 7. checkpoint
-        out_of_budget = 0 < args.generation_budget <= generated
-        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
+        out_of_budget, stop_now = 0 < args.generation_budget <= generated, stop.agreed()
+        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop_now:
             checkpoints.save_checkpoint(
                 run.dir,
                 done,
@@ -1155,7 +1157,7 @@ def main(args: Args) -> dict:
             )
         if out_of_budget or stopped:
             break
-        if stop.requested:
+        if stop_now:
             print(f"stopped at step {done}; continue with --resume")
             return {}
     accelerator.wait_for_everyone()

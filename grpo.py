@@ -628,8 +628,8 @@ def main(args: Args) -> dict:
             )
 
         # 7. checkpoint
-        out_of_budget = 0 < args.generation_budget <= generated
-        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop.requested:
+        out_of_budget, stop_now = 0 < args.generation_budget <= generated, stop.agreed()
+        if done % args.save_every == 0 or done == args.total_steps or out_of_budget or stopped or stop_now:
             checkpoints.save_checkpoint(
                 run.dir,
                 done,
@@ -643,7 +643,7 @@ def main(args: Args) -> dict:
             )
         if out_of_budget or stopped:
             break
-        if stop.requested:
+        if stop_now:
             print(f"stopped at step {done}; continue with --resume")
             return {}
     accelerator.wait_for_everyone()

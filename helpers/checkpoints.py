@@ -184,6 +184,20 @@ class StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop. Every rank calls it once a step, so all ranks checkpoint the
+        same step and exit together: a signal reaching one rank alone would send it into the checkpoint's
+        collectives while the others went on to the next step's."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.requested
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
     def _handler(self, signum, frame):
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt

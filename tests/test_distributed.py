@@ -427,10 +427,15 @@ def run_in_process(module, out: Path, name: str, **overrides) -> Path:
 def assert_uneven_and_matching(two: Path, one: Path, lr: float) -> None:
     calls = [json.loads((two / f"calls-rank{r}.json").read_text()) for r in (0, 1)]
     assert len(calls[0]) > len(calls[1]), f"the work was not uneven: generate calls per rank {calls}"
+    assert read_metrics(one)[0]["data_position"] > 2  # after refills
+    assert_matching(two, one, lr)
+
+
+def assert_matching(two: Path, one: Path, lr: float) -> None:
     a, b = read_metrics(one)[0], read_metrics(two)[0]
     for key in ("reward_mean", "accuracy", "completion_len_mean", "data_position", "groups_kept", "loss", "grad_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
-    assert a["grad_norm"] > 0 and a["data_position"] > 2  # the step trained, after refills
+    assert a["grad_norm"] > 0  # the step trained
     # Adam's first step is ~ lr * sign(g): an element near 0 may flip between summation orders
     assert_same_weights(
         state_dict(one / "checkpoints" / "step-0000001"),
@@ -502,3 +507,58 @@ def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(grpo_fsdp, tmp_
     for a, b in zip(reference, resumed):
         assert untimed(a) == untimed(b), f"step {a['step']} differs"
     assert_same_weights(state_dict(grpo_fsdp / "checkpoint"), state_dict(run_dir / "checkpoint"), atol=0)
+
+
+# ==================================================================================================
+# 6. Decisions that start collectives are taken together (issue 22: defects 3 and 4)
+# ==================================================================================================
+def test_agrl_fsdp_correction_none_with_guided_rows_on_one_rank_finishes_and_matches(tmp_path):
+    """--agr-correction none recomputes pi_old(o | x) for guided rows with a training forward, a collective
+    under FSDP: when any rank holds such a row every rank must run it, or the collectives stop matching."""
+    flags = dict(total_steps=1, agr_correction="none", agr_guide="target")  # the target is always well formed: kept
+    run_launched(fsdp_command(tmp_path, "agrl", "two", **flags), tmp_path)
+    one = run_in_process(agrl, tmp_path, "one", **flags)
+    assert read_metrics(tmp_path / "two")[0]["agr_guided_share"] > 0, "no guided rows: the test tests nothing"
+    assert_matching(tmp_path / "two", one, RUN["lr"])
+
+
+def rank_pid(root: int, rank: int) -> int:
+    """The worker process of `rank` among the descendants of a launched run (torchrun sets RANK in its env)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    family, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in family and pid not in family:
+                family.add(pid)
+                grew = True
+    for pid in family - {root}:
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no process of rank {rank} under {root}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The stop flag is agreed on by all ranks each step: a SIGTERM that reaches one rank makes every rank
+    checkpoint the same step and exit, instead of one rank entering the checkpoint's collectives alone."""
+    run_dir = tmp_path / "run"
+    with launched(fsdp_command(tmp_path, "grpo", "run", total_steps=40, save_every=100), tmp_path) as proc:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, f"no step in time:\n{proc.log()}"
+            time.sleep(0.05)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the ranks disagreed and hung after a SIGTERM to rank 1:\n{proc.log()}")
+        log = proc.log()
+    assert proc.returncode == 0, log
+    last = read_metrics(run_dir)[-1]["step"]
+    assert last < 40 and "continue with --resume" in log, log
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{last:07d}"]
