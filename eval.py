@@ -343,6 +343,25 @@ def final_eval(args, model, tokenizer, run: runs.Run, device: str) -> dict:
     return metrics
 
 
+SAMPLE_FIELDS = ("dataset", "data_path", "split", "limit", "seed", "n")  # which examples were scored
+
+
+def scoring_differences(rows: dict[str, dict]) -> str:
+    """The fields in which runs' evaluations differ, each with every run's value: the examples scored
+    (dataset, split, limit, seed, n) or how they were answered (max_new_tokens, label_only)."""
+    recorded = {name: {**(m.get("sample") or {}), "n": m.get("n")} for name, m in rows.items()}
+    keys = sorted({k for sample in recorded.values() for k in sample}, key=lambda k: (k not in SAMPLE_FIELDS, k))
+    differing = [k for k in keys if len({json.dumps(sample.get(k)) for sample in recorded.values()}) > 1]
+    what = (
+        "were not scored on the same examples"
+        if any(k in SAMPLE_FIELDS for k in differing)
+        else "were scored on the same examples, answered under different settings"
+    )
+    return f"these runs {what}, so their rows do not compare like for like: " + "; ".join(
+        f"{k}: " + ", ".join(f"{name} {sample.get(k)}" for name, sample in recorded.items()) for k in differing
+    )
+
+
 def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     """One table (markdown + JSON) and a bar chart from finished runs' eval.json files."""
     import matplotlib
@@ -368,11 +387,7 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
                 file=sys.stderr,
             )
         else:
-            print(
-                "warning: these runs were not scored on the same examples, so their rows do not compare like for like: "
-                + "; ".join(f"{name} n={m.get('n')} {_sample_text(m.get('sample'))}" for name, m in rows.items()),
-                file=sys.stderr,
-            )
+            print(f"warning: {scoring_differences(rows)}", file=sys.stderr)
     table = metrics_table(rows, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
@@ -397,14 +412,6 @@ def compare_runs(folders: tuple[str, ...], out_dir: Path) -> str:
     fig.savefig(out_dir / "comparison.png", dpi=100)
     plt.close(fig)
     return table
-
-
-def _sample_text(sample: dict | None) -> str:
-    if not sample:
-        return "(sample not recorded)"
-    return f"{sample['dataset']}/{sample['split']} limit {sample['limit']} seed {sample['seed']}" + (
-        " label-only" if sample.get("label_only") else ""
-    )
 
 
 def main(args: Args) -> None:

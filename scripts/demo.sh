@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
-EVAL_N=${EVAL_N:-32}          # dev examples evaluated at each stage
+EVAL_N=${EVAL_N:-64}          # dev examples evaluated at each stage: the same ones, answered alike (96 new tokens)
 SFT_STEPS=${SFT_STEPS:-20}    # x 8 sequences
 AGRL_STEPS=${AGRL_STEPS:-4}   # x 4 prompts x 4 completions
 export TOKENIZERS_PARALLELISM=false
@@ -18,11 +18,15 @@ $PY eval.py --model smollm2-135m --dataset synthetic --split dev --limit "$EVAL_
 
 echo "== 2/3 SFT: $SFT_STEPS steps of 8 sequences (label, criteria, reason)"
 $PY sft.py --model smollm2-135m --dataset synthetic --total-steps "$SFT_STEPS" --batch-size 8 --grad-accum 1 \
-  --lr 2e-4 --warmup-steps 3 --log-every 4 --eval-limit "$EVAL_N" --output-dir "$OUT" --run-name sft
+  --lr 2e-4 --warmup-steps 3 --log-every 4 --eval-limit "$EVAL_N" --max-new-tokens 96 --output-dir "$OUT" --run-name sft
 
+# The rollout settings under which GRPO learned in results/agr-study-tiny: temperature 0.3 (samples no longer at
+# chance), a fixed pool of 64 prompts drawn balanced by label, dynamic sampling without refills. The learning rate
+# stays one for a pretrained 135M model (the study's 3e-4 was for a 2-layer model trained from scratch).
 echo "== 3/3 AGRL from the SFT checkpoint: $AGRL_STEPS steps of 4 prompts x 4 completions"
-$PY agrl.py --model "$OUT/sft/checkpoint" --dataset synthetic --total-steps "$AGRL_STEPS" --prompts-per-step 4 \
-  --group-size 4 --micro-batch-size 4 --max-new-tokens 96 --lr 2e-5 --warmup-steps 1 --no-dynamic-sampling \
+$PY agrl.py --model "$OUT/sft/checkpoint" --dataset synthetic --limit 64 --total-steps "$AGRL_STEPS" \
+  --prompts-per-step 4 --group-size 4 --micro-batch-size 4 --max-new-tokens 96 --temperature 0.3 \
+  --prompt-sampling balanced --ds-max-tries 0 --lr 2e-5 --warmup-steps 1 \
   --eval-limit "$EVAL_N" --output-dir "$OUT" --run-name agrl
 
 echo

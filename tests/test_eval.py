@@ -588,7 +588,19 @@ def test_compare_runs(tmp_path, capsys):
     assert "| big | natural | 200 |" in table and "| sft | natural | 10 |" in table
     err = capsys.readouterr().err
     assert "warning: these runs were not scored on the same examples" in err
-    assert "sft n=10" in err and "big n=200 synthetic/dev limit 200 seed 0" in err
+    assert "limit: sft None, big 200" in err and "n: sft 10, big 200" in err
+
+    # the same examples answered with another budget: the warning names the setting, not the examples
+    for name, tokens in (("short", 96), ("long", 128)):
+        (tmp_path / name).mkdir()
+        sample = dict(dataset="synthetic", split="dev", limit=10, seed=0, label_only=False, max_new_tokens=tokens)
+        (tmp_path / name / "eval.json").write_text(json.dumps(dict(runs["sft"], sample=sample)))
+    E.compare_runs((str(tmp_path / "short"), str(tmp_path / "long")), tmp_path / "cmp5")
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "warning: these runs were scored on the same examples, answered under different settings, so their rows do "
+        "not compare like for like: max_new_tokens: short 96, long 128"
+    )
 
     # the same n, but one run predates the recorded sample: say the check cannot be made, not that they differ
     (tmp_path / "same").mkdir()
