@@ -270,8 +270,9 @@ def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...]) -> s
     if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
         return "every group was answered right by all its completions: the prompts are too easy for this policy"
     return (
-        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): start from a "
-        "better SFT checkpoint or raise --group-size"
+        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): each prompt's samples "
+        "agree, right or wrong, so the policy is too sure of its answers for this temperature: raise --temperature "
+        "or --group-size, or lower --lr (the sampled answers go deterministic before they go right)"
     )
 
 

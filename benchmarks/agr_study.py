@@ -378,8 +378,8 @@ def plot(runs: dict, args: Args, path: Path, start_pool: dict) -> None:
             if not mine:
                 continue
             if key in ("hard", "macro_f1"):
-                steps = [0] + sorted(mine[0]["curve"])
-                ys = [[start_pool[key]] + [r["curve"][s][key] for s in steps[1:]] for r in mine]
+                steps = [0] + sorted(mine[0]["curve"])  # a run stopped early has its last point at its own step
+                ys = [[start_pool[key]] + [r["curve"][s][key] for s in sorted(r["curve"])] for r in mine]
             else:
                 ys = [smooth(r[key]) for r in mine]
                 steps = list(range(1, len(ys[0]) + 1))

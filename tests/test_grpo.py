@@ -399,6 +399,10 @@ def test_a_collapse_is_named_as_the_cause_of_empty_steps():
     spread = dict(collapsed, **shares(0.85))
     assert grpo.collapsed_onto(spread, labels) is None
     assert grpo.empty_step_cause(spread, dropped, labels).startswith("every group was answered right")
+    # all-right and all-wrong groups alike, no collapse: the samples agree within each prompt (measured in
+    # results/agr-study-tiny: a seed at T 0.3 stopped this way), so the levers are temperature and lr
+    agreeing = grpo.empty_step_cause(spread, dict(all_correct=2, all_wrong=2, other=0), labels)
+    assert "each prompt's samples agree" in agreeing and "--temperature" in agreeing and "--lr" in agreeing
     assert agrl.empty_step_cause(collapsed, dropped, labels) == cause
 
 
