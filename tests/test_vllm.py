@@ -1,4 +1,4 @@
-"""The vLLM backend against a recording fake engine (vLLM itself cannot be installed on this CPU machine).
+"""The vLLM backend against a recording fake engine (the real engine on a CPU: tests/test_vllm_cpu.py, make test-vllm).
 
 What is checked: the engine is built the colocated way (one per rank, `external_launcher`, the resolved
 model id, context from the budgets, processed log-probs, sleep mode); weights are pushed parameter by
@@ -10,6 +10,7 @@ What is not: vLLM's own numerics, memory, speed (benchmarks/gpu_check.sh, on a G
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -30,24 +31,17 @@ import grpo  # noqa: E402
 from helpers import errors, models, rollouts  # noqa: E402
 
 
-class FakeEngineModel:
-    def __init__(self, log):
-        self.log = log
-
-    def load_weights(self, weights):
-        for name, tensor in weights:
-            self.log.append(("load", name, tuple(tensor.shape), tensor.dtype, tensor.clone()))
-
-
 class FakeLLM:
     """Records what the trainer asks of a vLLM engine; generates token ids from the prompt alone."""
 
     def __init__(self, **kwargs):
         self.kwargs, self.log, self.requests = kwargs, [], []
-        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=FakeEngineModel(self.log)))
-        self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker))
-        )
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"], (method, kwargs)
+        for name, tensor in kwargs["weights_iterator"]:
+            self.log.append(("load", name, tuple(tensor.shape), tensor.dtype, tensor.clone()))
+        return [None]
 
     def reset_prefix_cache(self):
         self.log.append(("reset_prefix_cache",))
@@ -111,13 +105,26 @@ def test_vllm_is_imported_lazily(tmp_path):
 def test_engine_is_colocated_per_rank_with_resolved_id_budgets_and_processed_logprobs(fake_vllm):
     with mock.patch.dict("os.environ", {"LOCAL_RANK": "3"}):
         engine = rollouts.make_vllm_engine(
-            "Qwen2.5-0.5B-Instruct", max_model_len=1500, gpu_memory_utilization=0.25, seed=7, sleep_mode=True
+            "Qwen2.5-0.5B-Instruct",
+            max_model_len=1500,
+            gpu_memory_utilization=0.25,
+            seed=7,
+            sleep_mode=True,
+            device="cuda",
         )
     kw = engine.kwargs
     assert kw["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and kw["distributed_executor_backend"] == "external_launcher"
     assert kw["tensor_parallel_size"] == 1 and kw["max_model_len"] == 1500 and kw["gpu_memory_utilization"] == 0.25
     assert kw["seed"] == 7 and kw["enable_sleep_mode"] and kw["logprobs_mode"] == "processed_logprobs"
     assert kw["enable_prefix_caching"]
+
+
+def test_on_a_cpu_the_engine_is_one_fp32_eager_process_in_this_process(fake_vllm, monkeypatch):
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    engine = rollouts.make_vllm_engine("Qwen2.5-0.5B-Instruct", max_model_len=512, device="cpu")
+    kw = engine.kwargs
+    assert "distributed_executor_backend" not in kw and kw["dtype"] == "float32" and kw["enforce_eager"]
+    assert engine.agrl_dtype == torch.float32 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_sync_pushes_every_hf_tensor_by_name_and_shape_then_resets_the_prefix_cache(tiny_model):
