@@ -41,6 +41,7 @@ ARMS = {  # name -> (script, flags)
     "B": ("agrl.py", ["--no-rrs", "--agr-tau", "0", "--agr-correction", "is"]),
     "C": ("agrl.py", []),
 }
+COLORS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green"}  # an arm keeps its colour in every panel
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}  # two-sided 95%, by number of seeds
 
 
@@ -64,8 +65,10 @@ class Args:
     """steps between scored checkpoints"""
     dev_limit: int = 400
     """dev examples of each run's closing evaluation (eval.py's seeded sample)"""
-    rl_flags: str = ("--prompts-per-step 4 --group-size 8 --max-new-tokens 96 --temperature 1.0 --lr 1e-3 "
-                     "--warmup-steps 5 --ds-max-tries 0 --prompt-sampling balanced")
+    rl_flags: str = (
+        "--prompts-per-step 4 --group-size 8 --max-new-tokens 96 --temperature 1.0 --lr 1e-3 "
+        "--warmup-steps 5 --ds-max-tries 0 --prompt-sampling balanced"
+    )
     """flags every arm shares (PLAN.md records the values chosen)"""
     jobs: int = 2
     """runs at a time (each with cores / jobs threads)"""
@@ -81,8 +84,9 @@ class Args:
 
 def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return head + ("-dirty" if dirty else "")
 
 
@@ -118,9 +122,18 @@ def freeze_hard_slice(args: Args, out: Path) -> dict:
     order, new_tokens = start_order(args.start), max_new_tokens(args)
     pool = answer(args.start, pool_examples(args), order, new_tokens)
     dev = answer(args.start, dev_examples(args), order, new_tokens)
-    frozen = dict(start=args.start, commit=commit(), data_seed=args.data_seed, pool=args.pool, order=order,
-                  max_new_tokens=new_tokens, hard=[i for i, r in enumerate(pool) if not r["correct"]],
-                  start_pool=pool, start_dev=dev, frozen_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    frozen = dict(
+        start=args.start,
+        commit=commit(),
+        data_seed=args.data_seed,
+        pool=args.pool,
+        order=order,
+        max_new_tokens=new_tokens,
+        hard=[i for i, r in enumerate(pool) if not r["correct"]],
+        start_pool=pool,
+        start_dev=dev,
+        frozen_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     path.write_text(json.dumps(frozen, indent=1))
     print(f"froze the hard slice: {len(frozen['hard'])} of {args.pool} pool prompts answered wrong by the start")
     return frozen
@@ -133,11 +146,39 @@ def run_dir_of(args: Args, arm: str, seed: int) -> Path:
 def command_of(args: Args, arm: str, seed: int, order: str) -> list[str]:
     script, flags = ARMS[arm]
     run_dir = run_dir_of(args, arm, seed)
-    return [sys.executable, script, "--model", args.start, "--dataset", "synthetic", "--data-seed", str(args.data_seed),
-            "--limit", str(args.pool), "--order", order, *args.rl_flags.split(), *flags, "--seed", str(seed),
-            "--total-steps", str(args.steps), "--save-every", str(args.eval_every), "--keep-last", "1000",
-            "--eval-limit", str(args.dev_limit), "--device", "cpu", "--output-dir", args.output_dir,
-            "--run-name", run_dir.name, *(["--resume"] if (run_dir / "args.json").exists() else [])]
+    return [
+        sys.executable,
+        script,
+        "--model",
+        args.start,
+        "--dataset",
+        "synthetic",
+        "--data-seed",
+        str(args.data_seed),
+        "--limit",
+        str(args.pool),
+        "--order",
+        order,
+        *args.rl_flags.split(),
+        *flags,
+        "--seed",
+        str(seed),
+        "--total-steps",
+        str(args.steps),
+        "--save-every",
+        str(args.eval_every),
+        "--keep-last",
+        "1000",
+        "--eval-limit",
+        str(args.dev_limit),
+        "--device",
+        "cpu",
+        "--output-dir",
+        args.output_dir,
+        "--run-name",
+        run_dir.name,
+        *(["--resume"] if (run_dir / "args.json").exists() else []),
+    ]
 
 
 def run_and_score(args: Args, arm: str, seed: int, order: str, threads: int) -> None:
@@ -180,34 +221,47 @@ def scores(records: list[dict], hard: list[int]) -> dict:
     easy = [i for i in everything if i not in set(hard)]
     m = E.classification_metrics([r["gold"] for r in records], [r["predicted"] for r in records], D.TAOBAO4.labels)
     present = [label for label, c in m["per_class"].items() if c["support"]]
-    return dict(hard=accuracy(records, hard), easy=accuracy(records, easy), accuracy=m["accuracy"], macro_f1=m["macro_f1"],
-                balanced_accuracy=sum(m["per_class"][label]["recall"] for label in present) / len(present),
-                f1={label: c["f1"] for label, c in m["per_class"].items()},
-                hard_predicted={label: sum(records[i]["predicted"] == label for i in hard) / max(1, len(hard))
-                                for label in (*D.TAOBAO4.labels, None)})
+    return dict(
+        hard=accuracy(records, hard),
+        easy=accuracy(records, easy),
+        accuracy=m["accuracy"],
+        macro_f1=m["macro_f1"],
+        balanced_accuracy=sum(m["per_class"][label]["recall"] for label in present) / len(present),
+        f1={label: c["f1"] for label, c in m["per_class"].items()},
+        hard_predicted={
+            label: sum(records[i]["predicted"] == label for i in hard) / max(1, len(hard))
+            for label in (*D.TAOBAO4.labels, None)
+        },
+    )
 
 
 def mean_std(xs: list[float]) -> dict:
     n, m = len(xs), sum(xs) / len(xs)
     std = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 if n > 1 else float("nan")  # sample std
-    half = T_975.get(n, 1.96) * std / n ** 0.5 if n > 1 else float("nan")
+    half = T_975.get(n, 1.96) * std / n**0.5 if n > 1 else float("nan")
     return dict(values=xs, mean=m, std=std, ci95=[m - half, m + half])
 
 
-def bootstrap(metric, records_a: list[list[dict]], records_b: list[list[dict]], where: list[int], n: int = 2000) -> list[float]:
+def bootstrap(
+    metric, records_a: list[list[dict]], records_b: list[list[dict]], where: list[int], n: int = 2000
+) -> list[float]:
     """95% interval of mean over seeds of metric(b) - metric(a), resampling the examples (paired: the same
     resample for both arms and every seed)."""
     rng, diffs = random.Random(0), []
     for _ in range(n):
         pick = [rng.choice(where) for _ in where]
-        diffs.append(sum(metric([b[i] for i in pick]) - metric([a[i] for i in pick])
-                         for a, b in zip(records_a, records_b)) / len(records_a))
+        diffs.append(
+            sum(metric([b[i] for i in pick]) - metric([a[i] for i in pick]) for a, b in zip(records_a, records_b))
+            / len(records_a)
+        )
     diffs.sort()
     return [diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]]
 
 
 def macro_f1(records: list[dict]) -> float:
-    return E.classification_metrics([r["gold"] for r in records], [r["predicted"] for r in records], D.TAOBAO4.labels)["macro_f1"]
+    return E.classification_metrics([r["gold"] for r in records], [r["predicted"] for r in records], D.TAOBAO4.labels)[
+        "macro_f1"
+    ]
 
 
 def hard_accuracy(records: list[dict]) -> float:
@@ -237,25 +291,48 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
             (out / "metrics").mkdir(exist_ok=True)
             shutil.copy(run_dir / "metrics.jsonl", out / "metrics" / f"{run_dir.name}.jsonl")
             runs[arm, seed] = dict(
-                pool=curve[max(curve)], curve=curve, dev=scores(dev, []), dev_records=dev,
+                pool=curve[max(curve)],
+                curve=curve,
+                dev=scores(dev, []),
+                dev_records=dev,
                 pool_records=json.loads(final.read_text()),
                 command=" ".join(command_of(args, arm, seed, frozen["order"])[1:]).replace(" --resume", ""),
-                commit=(run_dir / "study_commit.txt").read_text().strip() if (run_dir / "study_commit.txt").exists() else None,
+                commit=(run_dir / "study_commit.txt").read_text().strip()
+                if (run_dir / "study_commit.txt").exists()
+                else None,
                 update_scale=sum(m["update_scale"] for m in metrics) / len(metrics),
-                completions=metrics[-1]["completions_generated"], steps=len(metrics),
-                all_fail=[m["all_fail_groups"] for m in metrics], rescued=[m.get("agr_rescued_share") for m in metrics],
-                format=runs_format(run_dir), adherence=runs_adherence(run_dir), touched=agr_touch(run_dir, hard))
-    results = dict(name=args.name, plan=f"results/{args.name}/PLAN.md", start=args.start, data_seed=args.data_seed,
-                   pool=args.pool, hard_slice=len(hard), seeds=list(args.seeds), steps=args.steps, rl_flags=args.rl_flags,
-                   arms={arm: ARMS[arm] for arm in args.arms}, start_pool=start_pool, start_dev=start_dev,
-                   missing_runs=missing, runs={}, arms_summary={}, differences={})
+                completions=metrics[-1]["completions_generated"],
+                steps=len(metrics),
+                all_fail=[m["all_fail_groups"] for m in metrics],
+                rescued=[m.get("agr_rescued_share") for m in metrics],
+                format=runs_format(run_dir),
+                adherence=runs_adherence(run_dir),
+                touched=agr_touch(run_dir, hard),
+            )
+    results = dict(
+        name=args.name,
+        plan=f"results/{args.name}/PLAN.md",
+        start=args.start,
+        data_seed=args.data_seed,
+        pool=args.pool,
+        hard_slice=len(hard),
+        seeds=list(args.seeds),
+        steps=args.steps,
+        rl_flags=args.rl_flags,
+        arms={arm: ARMS[arm] for arm in args.arms},
+        start_pool=start_pool,
+        start_dev=start_dev,
+        missing_runs=missing,
+        runs={},
+        arms_summary={},
+        differences={},
+    )
     for (arm, seed), r in runs.items():
         results["runs"][f"{arm}-s{seed}"] = {k: v for k, v in r.items() if k not in ("dev_records", "pool_records")}
     for arm in args.arms:
         done = [runs[arm, s] for s in args.seeds if (arm, s) in runs]
         if done:
-            results["arms_summary"][arm] = {
-                key: mean_std([get(r) for r in done]) for key, get in SUMMARY.items()}
+            results["arms_summary"][arm] = {key: mean_std([get(r) for r in done]) for key, get in SUMMARY.items()}
     for arm in args.arms[1:]:
         paired = [s for s in args.seeds if ("A", s) in runs and (arm, s) in runs]
         if not paired:
@@ -264,18 +341,32 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
         results["differences"][f"{arm}-A"] = dict(
             seeds=paired,
             hard=mean_std([y["pool"]["hard"] - x["pool"]["hard"] for x, y in zip(a, b)]),
-            hard_bootstrap=bootstrap(hard_accuracy, [x["pool_records"] for x in a], [y["pool_records"] for y in b], hard),
+            hard_bootstrap=bootstrap(
+                hard_accuracy, [x["pool_records"] for x in a], [y["pool_records"] for y in b], hard
+            ),
             easy=mean_std([y["pool"]["easy"] - x["pool"]["easy"] for x, y in zip(a, b)]),
             dev_macro_f1=mean_std([y["dev"]["macro_f1"] - x["dev"]["macro_f1"] for x, y in zip(a, b)]),
-            dev_macro_f1_bootstrap=bootstrap(macro_f1, [x["dev_records"] for x in a], [y["dev_records"] for y in b],
-                                             list(range(len(a[0]["dev_records"])))))
+            dev_macro_f1_bootstrap=bootstrap(
+                macro_f1,
+                [x["dev_records"] for x in a],
+                [y["dev_records"] for y in b],
+                list(range(len(a[0]["dev_records"]))),
+            ),
+        )
     for arm in args.arms[1:]:  # the hard prompts AGR guided against those it never did, B - A on each part
         paired = [s for s in args.seeds if ("A", s) in runs and (arm, s) in runs and runs[arm, s]["touched"]]
         if paired:
             parts = {}
             for s in paired:
-                a, b, guided = runs["A", s]["pool_records"], runs[arm, s]["pool_records"], set(runs[arm, s]["touched"]["guided"])
-                for part, where in (("guided", [i for i in hard if i in guided]), ("never_guided", [i for i in hard if i not in guided])):
+                a, b, guided = (
+                    runs["A", s]["pool_records"],
+                    runs[arm, s]["pool_records"],
+                    set(runs[arm, s]["touched"]["guided"]),
+                )
+                for part, where in (
+                    ("guided", [i for i in hard if i in guided]),
+                    ("never_guided", [i for i in hard if i not in guided]),
+                ):
                     parts.setdefault(part, []).append(dict(n=len(where), a=accuracy(a, where), b=accuracy(b, where)))
             results["differences"].setdefault(f"{arm}-A", {})["by_guidance"] = parts
     results["report_commit"] = commit()
@@ -294,8 +385,10 @@ def agr_touch(run_dir: Path, hard: list[int]) -> dict | None:
     state = torch.load(last / "train_state.pt", weights_only=True, map_location="cpu").get("agr_state")
     if state is None:
         return None
-    return dict(stagnant=[i for i in hard if state.get(i, {}).get("stagnant_ever")],
-                guided=[i for i in hard if state.get(i, {}).get("buffer")])
+    return dict(
+        stagnant=[i for i in hard if state.get(i, {}).get("stagnant_ever")],
+        guided=[i for i in hard if state.get(i, {}).get("buffer")],
+    )
 
 
 def runs_format(run_dir: Path) -> float:
@@ -307,11 +400,17 @@ def runs_adherence(run_dir: Path) -> float:
 
 
 SUMMARY = {
-    "hard": lambda r: r["pool"]["hard"], "easy": lambda r: r["pool"]["easy"], "pool_accuracy": lambda r: r["pool"]["accuracy"],
-    "pool_macro_f1": lambda r: r["pool"]["macro_f1"], "pool_balanced_accuracy": lambda r: r["pool"]["balanced_accuracy"],
-    "dev_macro_f1": lambda r: r["dev"]["macro_f1"], "dev_accuracy": lambda r: r["dev"]["accuracy"],
-    "dev_balanced_accuracy": lambda r: r["dev"]["balanced_accuracy"], "dev_format": lambda r: r["format"],
-    "dev_adherence": lambda r: r["adherence"], "update_scale": lambda r: r["update_scale"],
+    "hard": lambda r: r["pool"]["hard"],
+    "easy": lambda r: r["pool"]["easy"],
+    "pool_accuracy": lambda r: r["pool"]["accuracy"],
+    "pool_macro_f1": lambda r: r["pool"]["macro_f1"],
+    "pool_balanced_accuracy": lambda r: r["pool"]["balanced_accuracy"],
+    "dev_macro_f1": lambda r: r["dev"]["macro_f1"],
+    "dev_accuracy": lambda r: r["dev"]["accuracy"],
+    "dev_balanced_accuracy": lambda r: r["dev"]["balanced_accuracy"],
+    "dev_format": lambda r: r["format"],
+    "dev_adherence": lambda r: r["adherence"],
+    "update_scale": lambda r: r["update_scale"],
     "completions": lambda r: r["completions"],
 }
 
@@ -319,41 +418,77 @@ SUMMARY = {
 def markdown(results: dict) -> str:
     f = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f} ({', '.join(f'{v:.3f}' for v in d['values'])})"  # noqa: E731
     sp, sd = results["start_pool"], results["start_dev"]
-    lines = [f"# {results['name']}: results", "",
-             f"Plan: `{results['plan']}`. Start `{results['start']}`; pool: {results['pool']} prompts of data seed "
-             f"{results['data_seed']}, hard slice {results['hard_slice']} (answered wrong by the start, frozen before the "
-             f"runs); {results['steps']} updates a run; RL seeds {results['seeds']}. Values: mean ± sample std (per seed).",
-             "", *([f"**Partial**: not finished: {', '.join(results['missing_runs'])}.", ""] if results["missing_runs"] else []),
-             "| | hard slice acc | easy acc | pool acc | pool macro-F1 | pool balanced acc | dev macro-F1 | dev acc | "
-             "dev balanced acc | dev format | dev adherence | mean update_scale | completions |", "|---" * 13 + "|",
-             f"| start | {sp['hard']:.3f} | {sp['easy']:.3f} | {sp['accuracy']:.3f} | {sp['macro_f1']:.3f} | "
-             f"{sp['balanced_accuracy']:.3f} | {sd['macro_f1']:.3f} | {sd['accuracy']:.3f} | {sd['balanced_accuracy']:.3f} | - | - | - | - |"]
+    lines = [
+        f"# {results['name']}: results",
+        "",
+        f"Plan: `{results['plan']}`. Start `{results['start']}`; pool: {results['pool']} prompts of data seed "
+        f"{results['data_seed']}, hard slice {results['hard_slice']} (answered wrong by the start, frozen before the "
+        f"runs); {results['steps']} updates a run; RL seeds {results['seeds']}. Values: mean ± sample std (per seed).",
+        "",
+        *([f"**Partial**: not finished: {', '.join(results['missing_runs'])}.", ""] if results["missing_runs"] else []),
+        "| | hard slice acc | easy acc | pool acc | pool macro-F1 | pool balanced acc | dev macro-F1 | dev acc | "
+        "dev balanced acc | dev format | dev adherence | mean update_scale | completions |",
+        "|---" * 13 + "|",
+        f"| start | {sp['hard']:.3f} | {sp['easy']:.3f} | {sp['accuracy']:.3f} | {sp['macro_f1']:.3f} | "
+        f"{sp['balanced_accuracy']:.3f} | {sd['macro_f1']:.3f} | {sd['accuracy']:.3f} | {sd['balanced_accuracy']:.3f} | - | - | - | - |",
+    ]
     for arm, s in results["arms_summary"].items():
         lines.append(f"| {arm} | " + " | ".join(f(s[k]) for k in SUMMARY) + " |")
-    lines += ["", "Paired differences (per seed, then mean ± sample std, 95% t interval over seeds, and a 95% bootstrap "
-              "interval resampling the examples):", "",
-              "| | seeds | hard slice acc | t interval | bootstrap | easy acc | dev macro-F1 | t interval | bootstrap |",
-              "|---" * 9 + "|"]
+    lines += [
+        "",
+        "Paired differences (per seed, then mean ± sample std, 95% t interval over seeds, and a 95% bootstrap "
+        "interval resampling the examples):",
+        "",
+        "| | seeds | hard slice acc | t interval | bootstrap | easy acc | dev macro-F1 | t interval | bootstrap |",
+        "|---" * 9 + "|",
+    ]
     for name, d in results["differences"].items():
-        lines.append(f"| {name} | {len(d['seeds'])} | {f(d['hard'])} | [{d['hard']['ci95'][0]:+.3f}, {d['hard']['ci95'][1]:+.3f}] | "
-                     f"[{d['hard_bootstrap'][0]:+.3f}, {d['hard_bootstrap'][1]:+.3f}] | {f(d['easy'])} | {f(d['dev_macro_f1'])} | "
-                     f"[{d['dev_macro_f1']['ci95'][0]:+.3f}, {d['dev_macro_f1']['ci95'][1]:+.3f}] | "
-                     f"[{d['dev_macro_f1_bootstrap'][0]:+.3f}, {d['dev_macro_f1_bootstrap'][1]:+.3f}] |")
-    lines += ["", "Hard slice: predicted-label shares at the end (mean over seeds) and per-class dev F1:", "",
-              "| | " + " | ".join(f"hard: {k}" for k in sp["hard_predicted"]) + " | " + " | ".join(f"dev F1 {k}" for k in sd["f1"]) + " |",
-              "|---" * (1 + len(sp["hard_predicted"]) + len(sd["f1"])) + "|",
-              "| start | " + " | ".join(f"{v:.2f}" for v in sp["hard_predicted"].values()) + " | " +
-              " | ".join(f"{v:.3f}" for v in sd["f1"].values()) + " |"]
+        lines.append(
+            f"| {name} | {len(d['seeds'])} | {f(d['hard'])} | [{d['hard']['ci95'][0]:+.3f}, {d['hard']['ci95'][1]:+.3f}] | "
+            f"[{d['hard_bootstrap'][0]:+.3f}, {d['hard_bootstrap'][1]:+.3f}] | {f(d['easy'])} | {f(d['dev_macro_f1'])} | "
+            f"[{d['dev_macro_f1']['ci95'][0]:+.3f}, {d['dev_macro_f1']['ci95'][1]:+.3f}] | "
+            f"[{d['dev_macro_f1_bootstrap'][0]:+.3f}, {d['dev_macro_f1_bootstrap'][1]:+.3f}] |"
+        )
+    lines += [
+        "",
+        "Hard slice: predicted-label shares at the end (mean over seeds) and per-class dev F1:",
+        "",
+        "| | "
+        + " | ".join(f"hard: {k}" for k in sp["hard_predicted"])
+        + " | "
+        + " | ".join(f"dev F1 {k}" for k in sd["f1"])
+        + " |",
+        "|---" * (1 + len(sp["hard_predicted"]) + len(sd["f1"])) + "|",
+        "| start | "
+        + " | ".join(f"{v:.2f}" for v in sp["hard_predicted"].values())
+        + " | "
+        + " | ".join(f"{v:.3f}" for v in sd["f1"].values())
+        + " |",
+    ]
     for arm in results["arms_summary"]:
         mine = [r for k, r in results["runs"].items() if k.startswith(f"{arm}-")]
-        hp = {k: sum(r["pool"]["hard_predicted"][k] for r in mine) / len(mine) for k in mine[0]["pool"]["hard_predicted"]}
+        hp = {
+            k: sum(r["pool"]["hard_predicted"][k] for r in mine) / len(mine) for k in mine[0]["pool"]["hard_predicted"]
+        }
         f1 = {k: sum(r["dev"]["f1"][k] for r in mine) / len(mine) for k in mine[0]["dev"]["f1"]}
-        lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in hp.values()) + " | " + " | ".join(f"{v:.3f}" for v in f1.values()) + " |")
-    lines += ["", "The hard prompts AGR guided (a kept guided answer by the end) and those it never did, per seed: "
-              "n, A's and the arm's greedy accuracy on them at the end:", ""]
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(f"{v:.2f}" for v in hp.values())
+            + " | "
+            + " | ".join(f"{v:.3f}" for v in f1.values())
+            + " |"
+        )
+    lines += [
+        "",
+        "The hard prompts AGR guided (a kept guided answer by the end) and those it never did, per seed: "
+        "n, A's and the arm's greedy accuracy on them at the end:",
+        "",
+    ]
     for name, d in results["differences"].items():
         for part, rows in d.get("by_guidance", {}).items():
-            lines.append(f"- {name}, {part}: " + "; ".join(f"n {r['n']}: A {r['a']:.2f}, {name[0]} {r['b']:.2f}" for r in rows))
+            lines.append(
+                f"- {name}, {part}: " + "; ".join(f"n {r['n']}: A {r['a']:.2f}, {name[0]} {r['b']:.2f}" for r in rows)
+            )
     lines += ["", "Commands (each run's commit is in results.json):", ""]
     lines += [f"    {r['command']}" for r in results["runs"].values()]
     return "\n".join(lines) + "\n"
@@ -367,10 +502,14 @@ def plot(runs: dict, args: Args, path: Path, start_pool: dict) -> None:
 
     def smooth(xs, w=10):
         xs = [x for x in xs if x is not None] or [0.0]
-        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+        return [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
 
-    panels = [("hard slice accuracy (greedy)", "hard"), ("pool macro-F1 (greedy)", "macro_f1"),
-              ("all-fail share of own groups", "all_fail"), ("rescued share of stagnant groups", "rescued")]
+    panels = [
+        ("hard slice accuracy (greedy)", "hard"),
+        ("pool macro-F1 (greedy)", "macro_f1"),
+        ("all-fail share of own groups", "all_fail"),
+        ("rescued share of stagnant groups", "rescued"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
     for ax, (title, key) in zip(axes, panels):
         for arm in args.arms:
@@ -387,9 +526,9 @@ def plot(runs: dict, args: Args, path: Path, start_pool: dict) -> None:
                     continue
             n = min(map(len, ys))
             mean = [sum(col) / len(col) for col in zip(*(y[:n] for y in ys))]
-            ax.plot(steps[:n], mean, label=arm)
-            ax.fill_between(steps[:n], [min(c) for c in zip(*(y[:n] for y in ys))], [max(c) for c in zip(*(y[:n] for y in ys))],
-                            alpha=0.15)
+            ax.plot(steps[:n], mean, label=arm, color=COLORS[arm])
+            low, high = [min(c) for c in zip(*(y[:n] for y in ys))], [max(c) for c in zip(*(y[:n] for y in ys))]
+            ax.fill_between(steps[:n], low, high, alpha=0.15, color=COLORS[arm])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("update")
     axes[0].legend(fontsize=8)
