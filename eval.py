@@ -303,7 +303,7 @@ def run_eval(args: Args, model=None, tokenizer=None, run: runs.Run | None = None
             metrics,
             dataset.rulebook.labels,
             out_dir / "confusion.png",
-            f"{args.model} on {args.dataset}/{args.split}: acc {metrics['accuracy']:.3f}",
+            f"{args.run_name} on {args.dataset}/{args.split}: acc {metrics['accuracy']:.3f}",  # the run, not its start
         )
         if run is not None and run.wandb:
             import wandb

@@ -433,9 +433,12 @@ def test_evaluate_label_only_path(tiny_model, tokenizer, dev):
     assert metrics["accuracy"] == pytest.approx(accuracy)
 
 
-def test_run_eval_writes_the_run_folder(tiny_model, tokenizer, tmp_path):
+def test_run_eval_writes_the_run_folder(tiny_model, tokenizer, tmp_path, monkeypatch):
+    titles = []
+    plot = E.plot_confusion
+    monkeypatch.setattr(E, "plot_confusion", lambda *a: (titles.append(a[3]), plot(*a)))
     args = E.Args(
-        model="tiny-random",
+        model="runs/mine-sft/checkpoint",  # a training run's closing evaluation names its start here
         dataset="synthetic",
         split="dev",
         limit=3,
@@ -454,6 +457,7 @@ def test_run_eval_writes_the_run_folder(tiny_model, tokenizer, tmp_path):
     lines = (folder / "eval_samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all({"gold", "predicted", "output"} <= set(json.loads(line)) for line in lines)
     assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles[0].startswith("ev on synthetic/dev: acc")  # titled after the run, not the model it started from
 
 
 # ==================================================================================================
