@@ -201,5 +201,9 @@ class StopFlag:
     def _handler(self, signum, frame):
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
-        print(f"[signal {signum}] checkpointing after this step, then exiting", file=sys.stderr, flush=True)
+        print(
+            f"[signal {signum}] checkpointing after this step, then exiting (a second Ctrl-C aborts at once)",
+            file=sys.stderr,
+            flush=True,
+        )
         self.requested = True

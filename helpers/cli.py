@@ -17,9 +17,22 @@ from helpers import runs
 from helpers.errors import RunStopped, UserError
 
 
+def parse(args_class):
+    """The flags; `--help | head` ends quietly (the reader closed the pipe: nothing is wrong)."""
+    try:
+        try:
+            return tyro.cli(args_class)
+        except SystemExit:  # --help was printed: flush it here, where a closed pipe can be caught
+            sys.stdout.flush()
+            raise
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        sys.exit(0)
+
+
 def run(main, args_class) -> None:
     """`main(tyro.cli(args_class))` under the one error handler."""
-    args = tyro.cli(args_class)
+    args = parse(args_class)
     debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
     try:
         main(args)
@@ -33,6 +46,11 @@ def run(main, args_class) -> None:
             raise
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops after the step)
+        if debug:
+            raise
+        print("aborted: a second interrupt stops at once, without a checkpoint of this step", file=sys.stderr)
+        sys.exit(130)
     finally:
         for open_run in list(runs.OPEN_RUNS):
             with contextlib.suppress(Exception):

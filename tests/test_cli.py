@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -299,3 +300,42 @@ def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeyp
     )
     assert f"local runs of the group under {tmp_path}: 2" in out and "agrl (agrl.py)" in out and "other" not in out
     assert "wandb sync " in out
+
+
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`python agrl.py --help | head` : the reader closes the pipe before the help is written."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "agrl.py"), "--help"],
+        cwd=tmp_path,
+        env=CHILD_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the interpreter has even imported the script
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err[-2000:]
+
+
+def test_a_second_interrupt_aborts_with_one_line(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "grpo.py"), *TINY_GRPO, "--total-steps", "500", "--no-dynamic-sampling"],
+        cwd=tmp_path,
+        env=CHILD_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "runs" / "grpo-tiny-random-synthetic-s1" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130 and "Traceback" not in err, err[-2000:]
+    assert "(a second Ctrl-C aborts at once)" in err
+    assert err.strip().splitlines()[-1] == (
+        "aborted: a second interrupt stops at once, without a checkpoint of this step"
+    )
