@@ -892,10 +892,11 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 def main(args: Args) -> dict:
     launch.launch(args, memory_workload(args))
-    args.run_name = args.run_name or f"agrl-{Path(args.model).name}-{args.dataset}-s{args.seed}"
+    script = Path(__file__).stem  # a copy of this file names its own runs
+    args.run_name = args.run_name or f"{script}-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run = runs.Run(args, "agrl")
+    run = runs.Run(args, script)
     checkpoints.seed_everything(args.seed)
 
     # --- data, policy, reference (only when beta > 0), optimizer ----------------------------------

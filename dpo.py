@@ -283,10 +283,11 @@ def main(args: Args) -> dict:
     launch.launch(
         args, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0)
     )
-    args.run_name = args.run_name or f"dpo-{Path(args.model).name}-{args.dataset}-s{args.seed}"
+    script = Path(__file__).stem  # a copy of this file names its own runs
+    args.run_name = args.run_name or f"{script}-{Path(args.model).name}-{args.dataset}-s{args.seed}"
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run = runs.Run(args, "dpo")
+    run = runs.Run(args, script)
     checkpoints.seed_everything(args.seed)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
     model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)

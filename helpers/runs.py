@@ -10,6 +10,9 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,13 +32,34 @@ def _jsonable(args) -> dict:
     return json.loads(json.dumps(asdict(args), default=str))
 
 
+def code_version() -> dict:
+    """The commit of the code that runs (the git repository holding the script) and whether it had local
+    changes; None for both outside git."""
+    where = str(Path(sys.argv[0]).resolve().parent)
+
+    def git(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", where, *command], capture_output=True, text=True, timeout=30)
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = git("rev-parse", "HEAD")
+        if head.returncode == 0:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return dict(commit=head.stdout.strip(), dirty=bool(dirty))
+    return dict(commit=None, dirty=None)
+
+
+IDENTITY = ("script", "code", "wandb_id", "resumes")  # what args.json records besides the flags
+
+
 def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict:
     """Make sure a new run never mixes with an old one; returns what args.json should record.
 
     A folder that holds a previous run is refused unless `--resume` (continue it: same script, and only
     flags marked `flags.may_change_on_resume` may differ) or `--overwrite` (delete it, then start clean).
     """
-    record = dict(script=script, **_jsonable(args))
+    # the wandb id is unique per run (a copied script's run of the same name never merges into this one)
+    wandb_id = f"{args.run_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+    record = dict(script=script, code=code_version(), wandb_id=wandb_id, **_jsonable(args))
     old_args = run_dir / "args.json"
     # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
     used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
@@ -49,7 +73,8 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
         old = json.loads(old_args.read_text())
         if old.get("script") != script:
             raise UserError(f"--resume: {run_dir} holds a run of {old.get('script')}.py, not of {script}.py")
-        changed = {k: (old[k], v) for k, v in record.items() if k in old and k != "resumes" and old[k] != v}
+        record["wandb_id"] = old.get("wandb_id", wandb_id)  # the same wandb run continues
+        changed = {k: (old[k], v) for k, v in record.items() if k in old and k not in IDENTITY and old[k] != v}
         may_change = flags.changeable_on_resume(args)
         refused = {k: pair for k, pair in changed.items() if k not in may_change}
         if refused:
@@ -66,6 +91,8 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items())
             )
             record["resumes"].append({k: list(pair) for k, pair in accepted.items()})
+        if old.get("code") != record["code"]:  # resumed on other code: recorded, not refused
+            record["resumes"].append({"code": [old.get("code"), record["code"]]})
         return record
     if run_dir.exists() and any(run_dir.iterdir()) and not old_args.exists():
         raise UserError(
@@ -125,7 +152,7 @@ class Run:
                 project=args.wandb_project,
                 group=args.wandb_group,
                 name=args.run_name,
-                id=args.run_name.replace("/", "-"),
+                id=record["wandb_id"],
                 resume="allow",
                 config=asdict(args),
                 dir=str(self.dir),

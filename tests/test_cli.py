@@ -339,3 +339,26 @@ def test_a_second_interrupt_aborts_with_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == (
         "aborted: a second interrupt stops at once, without a checkpoint of this step"
     )
+
+
+def test_a_copied_script_names_its_own_runs_and_records_its_code(tmp_path):
+    """`cp agrl.py my_ablation.py`: its runs get their own default folder and wandb id, and args.json names
+    the script file and the commit of the code (here outside the repository, with PYTHONPATH)."""
+    import shutil
+
+    shutil.copy(ROOT / "agrl.py", tmp_path / "my_ablation.py")
+    env = dict(CHILD_ENV, PYTHONPATH=str(ROOT))
+    flags = [*TINY_GRPO, "--total-steps", "1", "--no-dynamic-sampling"]
+    for script in (tmp_path / "my_ablation.py", ROOT / "agrl.py"):
+        proc = subprocess.run(
+            [sys.executable, str(script), *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    copy, original = (
+        json.loads((tmp_path / "runs" / f"{name}-tiny-random-synthetic-s1" / "args.json").read_text())
+        for name in ("my_ablation", "agrl")
+    )
+    assert copy["script"] == "my_ablation" and original["script"] == "agrl"
+    assert copy["wandb_id"] != original["wandb_id"] and copy["wandb_id"].startswith("my_ablation-tiny-random")
+    assert copy["code"] == dict(commit=None, dirty=None)  # a copy in a folder outside git
+    assert len(original["code"]["commit"]) == 40 and isinstance(original["code"]["dirty"], bool)
