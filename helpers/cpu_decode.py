@@ -10,8 +10,10 @@ AGRL_CPU_KERNEL=0, the same arithmetic runs as plain torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +73,21 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def build_name(source: Path, compiler: str) -> str:
+    """The kernels' name in torch's extension cache: the CPU's vector width, then a digest of the source's
+    content and of the toolchain (compiler version, torch, flags). Any number of clones with the same source
+    share one build; a changed source, compiler or torch builds once under its own name, and never evicts
+    another checkout's build (a name alone made two clones rebuild each other's)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), version.encode(), torch.__version__.encode(), " ".join(CFLAGS).encode()):
+        key.update(part)
+    return f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}_{key.hexdigest()[:12]}"
+
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
 @functools.cache
 def cpu_decode_ops():
     """torch.ops.agrl (`skinny_linear`, `grouped_attention`, `decode_layer`, `gumbel_sample`) compiled, or
@@ -92,10 +109,11 @@ def cpu_decode_ops():
         ):  # pip's ninja (requirements.txt) sits beside the interpreter of a venv not activated
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
+        source = Path(__file__).resolve().with_name("cpu_decode.cpp")
         load(
-            name=f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}",
-            sources=[str(Path(__file__).resolve().with_name("cpu_decode.cpp"))],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            name=build_name(source, cxx_compiler()),
+            sources=[str(source)],
+            extra_cflags=CFLAGS,
             is_python_module=False,
             verbose=False,
         )

@@ -208,6 +208,29 @@ def ops():
     return built_kernels()
 
 
+def test_the_kernel_cache_is_keyed_by_source_content_and_toolchain(tmp_path):
+    """Two clones (two paths, the same source) share one build; an edited source or another compiler gets
+    its own name, so no checkout rebuilds over another's."""
+    compiler = cpu_decode.cxx_compiler()
+    if compiler is None:
+        pytest.skip(NO_COMPILER)
+    source = cpu_decode.Path(cpu_decode.__file__).with_name("cpu_decode.cpp")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for clone in ("a", "b"):
+        (tmp_path / clone / "cpu_decode.cpp").write_bytes(source.read_bytes())
+    name = cpu_decode.build_name(source, compiler)
+    assert cpu_decode.build_name(tmp_path / "a" / "cpu_decode.cpp", compiler) == name
+    assert cpu_decode.build_name(tmp_path / "b" / "cpu_decode.cpp", compiler) == name
+    (tmp_path / "b" / "cpu_decode.cpp").write_bytes(source.read_bytes() + b"\n// edited\n")
+    assert cpu_decode.build_name(tmp_path / "b" / "cpu_decode.cpp", compiler) != name
+    fake = tmp_path / "other-c++"
+    fake.write_text("#!/bin/sh\necho 'other compiler 1.0'\n")
+    fake.chmod(0o755)
+    assert cpu_decode.build_name(source, str(fake)) != name
+    assert name.startswith(f"agrl_cpu_decode_{cpu_decode.torch.backends.cpu.get_cpu_capability().lower()}_")
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_skinny_linear_equals_f_linear(ops, rows, with_bias):
