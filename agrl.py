@@ -914,6 +914,7 @@ def main(args: Args) -> dict:
     )
     if run.main:
         runs.write_json(run.dir / "data_stats.json", dict(dataset.stats, prompts_truncated=sum(prompt_truncated)))
+        runs.write_prompt(run.dir, args.split, tokenizer.decode(prompt_ids[0]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, data_position, generated = 0, 0, 0  # prompts taken from the shuffled stream; completions sampled
     if resume_from is not None:

@@ -297,6 +297,8 @@ def run_eval(args: Args, model=None, tokenizer=None, run: runs.Run | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(out_dir / "eval.json", metrics)
         runs.write_json(out_dir / "eval_data_stats.json", dataset.stats)  # every skipped row of the evaluated split
+        first = D.encode_prompt(tokenizer, dataset.examples[0], dataset.rulebook, args.order, args.max_item_tokens)[0]
+        runs.write_prompt(out_dir, args.split, tokenizer.decode(first))
         with open(out_dir / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         plot_confusion(

@@ -121,6 +121,7 @@ def main(args: Args) -> dict:
     data_stats = dict(dataset.stats, prompts_truncated=sum(t for _, _, t in encoded))
     if run.main:
         runs.write_json(run.dir / "data_stats.json", data_stats)
+        runs.write_prompt(run.dir, args.split, tokenizer.decode(rows[0][0]))
     per_step = args.batch_size * args.grad_accum * world
 
     gold = [e.label for e in dataset.examples]

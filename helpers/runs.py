@@ -32,6 +32,12 @@ def _jsonable(args) -> dict:
     return json.loads(json.dumps(asdict(args), default=str))
 
 
+def write_prompt(folder: Path, split: str, text: str) -> None:
+    """The first prompt of a split exactly as the model sees it (`prompt-<split>.txt`): what your columns became."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"prompt-{split}.txt").write_text(text)
+
+
 def code_version() -> dict:
     """The commit of the code that runs (the git repository holding the script) and whether it had local
     changes; None for both outside git."""

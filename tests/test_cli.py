@@ -362,3 +362,8 @@ def test_a_copied_script_names_its_own_runs_and_records_its_code(tmp_path):
     assert copy["wandb_id"] != original["wandb_id"] and copy["wandb_id"].startswith("my_ablation-tiny-random")
     assert copy["code"] == dict(commit=None, dirty=None)  # a copy in a folder outside git
     assert len(original["code"]["commit"]) == 40 and isinstance(original["code"]["dirty"], bool)
+    # the run folder shows the prompts the model saw, training and evaluation split
+    folder = tmp_path / "runs" / "agrl-tiny-random-synthetic-s1"
+    for split in ("train", "dev"):
+        text = (folder / f"prompt-{split}.txt").read_text()
+        assert text.startswith("<|im_start|>system") and "Query: " in text and text.endswith("assistant\n")
