@@ -151,6 +151,8 @@ def resume_point(run: runs.Run) -> tuple[Path | None, dict | None]:
     """`--resume`: the newest valid checkpoint and its train state, with the metric and sample lines logged
     after its step dropped (all of them when none is valid: the run starts over), so no step appears twice."""
     folder, state = latest_checkpoint(run.dir)
+    if folder is None and runs.is_main_process():
+        print(f"[resume] {run.dir} has no checkpoint yet (stopped before the first one): starting again from step 1")
     run.rewind(state["step"] if state is not None else -1)
     return folder, state
 

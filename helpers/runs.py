@@ -69,6 +69,8 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
     old_args = run_dir / "args.json"
     # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
     used = any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in the folder and --overwrite deletes it: give one of them")
     if args.resume:
         if not old_args.exists():
             what = "does not exist" if not run_dir.exists() else "holds no run (no args.json)"

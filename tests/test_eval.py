@@ -671,6 +671,9 @@ def test_run_metrics_and_resume(tmp_path, monkeypatch):
 
     with pytest.raises(errors.UserError, match="holds a previous run .*--resume.*--overwrite"):
         runs.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")  # a used folder is never reused silently
+    with pytest.raises(errors.UserError, match="^--resume continues the run in the folder and --overwrite deletes"):
+        runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True, overwrite=True), "eval")
+    assert (tmp_path / "r" / "metrics.jsonl").exists()  # neither won: nothing was deleted
     fresh = runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", overwrite=True), "eval")
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "samples.jsonl").exists()
     fresh.log(dict(loss=2.0), step=1)

@@ -772,3 +772,19 @@ def test_load_model_does_not_trust_remote_code_by_default(grpo_reference, monkey
         monkeypatch.setattr(cls, "from_pretrained", recording)
     models.load_model(str(grpo_reference / "checkpoint"), "cpu")
     assert seen == [False, False]
+
+
+def test_resume_before_the_first_checkpoint_says_it_starts_again(tmp_path, capsys):
+    """A run killed before its first checkpoint: --resume starts again from step 1 and says so."""
+    import eval as E
+    from helpers import checkpoints, runs
+
+    first = runs.Run(E.Args(output_dir=str(tmp_path), run_name="r"), "eval")
+    first.log(dict(loss=1.0), step=1)
+    again = runs.Run(E.Args(output_dir=str(tmp_path), run_name="r", resume=True), "eval")
+    assert checkpoints.resume_point(again) == (None, None)
+    assert (
+        f"[resume] {tmp_path / 'r'} has no checkpoint yet (stopped before the first one): starting again from step 1"
+        in (capsys.readouterr().out)
+    )
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == ""  # its logged steps will be logged again
