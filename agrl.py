@@ -891,9 +891,9 @@ def gather_groups(groups: list[dict]) -> list[dict]:
 
 
 def main(args: Args) -> dict:
-    launch.launch(args, memory_workload(args))
     script = Path(__file__).stem  # a copy of this file names its own runs
     args.run_name = args.run_name or f"{script}-{Path(args.model).name}-{args.dataset}-s{args.seed}"
+    launch.launch(args, script, memory_workload(args))
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, script)

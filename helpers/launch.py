@@ -11,10 +11,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from helpers import flags, models
+from helpers import flags, models, runs
 from helpers.errors import UserError
 
 # The shapes of common families, for the --dry-run memory plan when no config is reachable offline:
@@ -220,12 +221,27 @@ class Workload:
     vllm_gpu_memory: float | None = None  # RL with --vllm: the engine's share of GPU memory
 
 
-def launch(args: flags.TrainFlags, workload: Workload) -> None:
-    """The start of every training script: --dry-run (the plan, then exit), else `relaunch`."""
+def launch(args: flags.TrainFlags, script: str, workload: Workload) -> None:
+    """The start of every training script: --dry-run (what is cheap to check, the plan, then exit), else
+    `relaunch`."""
     if args.dry_run:
+        check_inputs(args, script)
         print(dry_run_report(args, workload))
         raise SystemExit(0)
     relaunch(args.num_gpus, args.device, args.strategy, args.precision)
+
+
+def check_inputs(args: flags.TrainFlags, script: str) -> None:
+    """--dry-run's checks that cost nothing: the data file, a local model folder, the run folder (a used one,
+    --resume without a run, --resume with --overwrite). The first problem is a UserError: one line, exit 2."""
+    if args.dataset != "synthetic" and args.data_path is None:
+        raise UserError(f"--dataset {args.dataset} needs --data-path (docs/DATA.md)")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        raise UserError(f"--data-path {args.data_path} does not exist")
+    model = Path(args.model)
+    if len(model.parts) > 1 and Path(model.parts[0]).is_dir() and not model.exists():  # a local path, not a hub id
+        raise UserError(f"--model {args.model} does not exist")
+    runs.prepare_run_dir(Path(args.output_dir) / args.run_name, args, script, dry_run=True)
 
 
 def relaunch(num_gpus: int, device: str, strategy: str = "auto", precision: str = "auto") -> None:

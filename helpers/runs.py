@@ -57,11 +57,12 @@ def code_version() -> dict:
 IDENTITY = ("script", "code", "wandb_id", "resumes")  # what args.json records besides the flags
 
 
-def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict:
+def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str, dry_run: bool = False) -> dict:
     """Make sure a new run never mixes with an old one; returns what args.json should record.
 
     A folder that holds a previous run is refused unless `--resume` (continue it: same script, and only
     flags marked `flags.may_change_on_resume` may differ) or `--overwrite` (delete it, then start clean).
+    dry_run: the same checks, nothing deleted or said.
     """
     # the wandb id is unique per run (a copied script's run of the same name never merges into this one)
     wandb_id = f"{args.run_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
@@ -93,7 +94,7 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
             )
         record["resumes"] = old.get("resumes", [])
         accepted = {k: pair for k, pair in changed.items() if k not in ("resume", "overwrite")}
-        if accepted:
+        if accepted and not dry_run:
             print(
                 f"[resume] {run_dir}: accepted changes (recorded in args.json): "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items())
@@ -112,9 +113,10 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str) -> dict
                 f"{run_dir} holds a previous run ({describe_run(run_dir)}): add --resume to continue it, "
                 f"--overwrite to delete it and start clean, or choose another --run-name"
             )
-        shutil.rmtree(run_dir)
-        print(f"[overwrite] deleted the previous run in {run_dir}")
-    elif old_args.exists():  # the leftover of a run that stopped before it logged anything
+        if not dry_run:
+            shutil.rmtree(run_dir)
+            print(f"[overwrite] deleted the previous run in {run_dir}")
+    elif old_args.exists() and not dry_run:  # the leftover of a run that stopped before it logged anything
         shutil.rmtree(run_dir)
     return record
 

@@ -367,3 +367,26 @@ def test_a_copied_script_names_its_own_runs_and_records_its_code(tmp_path):
     for split in ("train", "dev"):
         text = (folder / f"prompt-{split}.txt").read_text()
         assert text.startswith("<|im_start|>system") and "Query: " in text and text.endswith("assistant\n")
+
+
+def test_dry_run_checks_what_is_cheap_and_exits_2_on_the_first_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dry = ["--model", "tiny-random", "--dry-run"]
+    line = user_error(in_process(capsys, monkeypatch, "agrl.py", *dry, "--dataset", "csv"))
+    assert line == "error: --dataset csv needs --data-path (docs/DATA.md)"
+    line = user_error(in_process(capsys, monkeypatch, "agrl.py", *dry, "--dataset", "csv", "--data-path", "no.csv"))
+    assert line == "error: --data-path no.csv does not exist"
+    (tmp_path / "runs").mkdir()
+    line = user_error(in_process(capsys, monkeypatch, "grpo.py", "--model", "runs/sft/checkpoint", "--dry-run"))
+    assert line == "error: --model runs/sft/checkpoint does not exist"
+    # a used run folder: refused as the real run would refuse it, and left as it was
+    used = tmp_path / "runs" / "grpo-tiny-random-synthetic-s1"
+    used.mkdir()
+    (used / "args.json").write_text(json.dumps(dict(script="grpo")))
+    (used / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert "holds a previous run" in user_error(in_process(capsys, monkeypatch, "grpo.py", *dry))
+    assert "--overwrite deletes" in user_error(
+        in_process(capsys, monkeypatch, "grpo.py", *dry, "--resume", "--overwrite")
+    )
+    code, out, _ = in_process(capsys, monkeypatch, "grpo.py", *dry, "--overwrite")
+    assert code == 0 and "memory" in out.lower() and (used / "metrics.jsonl").exists()  # checked, nothing deleted
