@@ -506,6 +506,7 @@ def main(args: Args) -> dict:
     progress = tqdm(
         range(step, args.total_steps), desc="grpo", disable=not run.main, initial=step, total=args.total_steps
     )
+    start_step = step
     for step in progress:
         timer = dict(generation=0.0, scoring=0.0, training=0.0)
         started = time.perf_counter()
@@ -596,6 +597,15 @@ def main(args: Args) -> dict:
             **update_stats,
         )
         run.log(metrics, step=done)
+        if done == start_step + 1 and run.main and args.total_steps > done:  # what the whole run will take
+            tqdm.write(
+                runs.time_estimate(
+                    seconds,
+                    args.total_steps - done,
+                    "--total-steps, --prompts-per-step, --group-size, --max-new-tokens",
+                ),
+                file=sys.stderr,
+            )
         progress.set_postfix(
             reward=f"{metrics['reward_mean']:.3f}",
             acc=f"{metrics['accuracy']:.3f}",

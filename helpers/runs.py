@@ -32,6 +32,13 @@ def _jsonable(args) -> dict:
     return json.loads(json.dumps(asdict(args), default=str))
 
 
+def time_estimate(step_seconds: float, steps_left: int, shorter: str) -> str:
+    """After a run's first step: how long the rest will take at that pace, and the flags that shorten it."""
+    left = step_seconds * steps_left
+    when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
+    return f"[time] first step {step_seconds:.1f} s: the {steps_left} steps left take about {when} at this pace ({shorter} shorten it)"
+
+
 def write_prompt(folder: Path, split: str, text: str) -> None:
     """The first prompt of a split exactly as the model sees it (`prompt-<split>.txt`): what your columns became."""
     folder.mkdir(parents=True, exist_ok=True)

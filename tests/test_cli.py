@@ -336,6 +336,8 @@ def test_a_second_interrupt_aborts_with_one_line(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130 and "Traceback" not in err, err[-2000:]
     assert "(a second Ctrl-C aborts at once)" in err
+    # a long run says after its first step what the whole will take, and how to shorten it
+    assert "[time] first step " in err and "the 499 steps left take about" in err and "--total-steps" in err
     assert err.strip().splitlines()[-1] == (
         "aborted: a second interrupt stops at once, without a checkpoint of this step"
     )
@@ -390,3 +392,12 @@ def test_dry_run_checks_what_is_cheap_and_exits_2_on_the_first_problem(tmp_path,
     )
     code, out, _ = in_process(capsys, monkeypatch, "grpo.py", *dry, "--overwrite")
     assert code == 0 and "memory" in out.lower() and (used / "metrics.jsonl").exists()  # checked, nothing deleted
+
+
+def test_time_estimate_reads_in_the_unit_that_fits():
+    from helpers import runs
+
+    assert runs.time_estimate(56.0, 299, "--total-steps").startswith(
+        "[time] first step 56.0 s: the 299 steps left take about 4.7 h at this pace (--total-steps shorten it)"
+    )
+    assert "about 5 min" in runs.time_estimate(3.0, 100, "x") and "about 30 s" in runs.time_estimate(3.0, 10, "x")
