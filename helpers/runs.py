@@ -230,7 +230,7 @@ CURVE_PANELS = {
     "reward": ("reward_mean",),
     "accuracy": ("accuracy",),
     "format / adherence": ("format_rate", "adherence_rate"),
-    "loss": ("loss",),
+    "loss": ("loss", "label_loss"),
     "KL": ("approx_kl", "ref_kl"),
     "entropy": ("entropy",),
     "groups kept / dropped": ("groups_kept", "groups_dropped"),
@@ -238,7 +238,19 @@ CURVE_PANELS = {
     "DPO pair accuracy": ("reward_accuracy",),
     "grad norm": ("grad_norm",),
     "predicted label entropy": ("label_entropy",),
+    "AGR: stagnant / guided / rescued": ("agr_stagnant_share", "agr_guided_share", "agr_rescued_share"),
+    "AGR: guided answers kept": ("agr_guided_success_rate",),
+    "all-fail groups": ("all_fail_groups",),
 }
+
+
+def curve_panels(lines: list[dict]) -> dict[str, tuple[str, ...]]:
+    """The panels of curves.png that these metric lines fill: title -> the keys drawn in it."""
+    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share_")))  # rulebook order
+    panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
+    if shares:
+        panels["predicted label shares"] = tuple(shares)
+    return panels
 
 
 def plot_curves(run_dir: Path) -> Path | None:
@@ -246,10 +258,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     path = Path(run_dir) / "metrics.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     lines = [m for m in lines if m.get("step", 0) > 0]
-    shares = list(dict.fromkeys(k for m in lines for k in m if k.startswith("label_share_")))  # rulebook order
-    panels = {title: keys for title, keys in CURVE_PANELS.items() if any(k in m for m in lines for k in keys)}
-    if shares:
-        panels["predicted label shares"] = tuple(shares)
+    panels = curve_panels(lines)
     if not panels:
         return None
     import matplotlib
@@ -265,8 +274,9 @@ def plot_curves(run_dir: Path) -> Path | None:
             points = [(m["step"], m[key]) for m in lines if isinstance(m.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key.removeprefix("label_share_"))
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, pad=12)  # room for an axis offset label ("1e-3") above the plot
         ax.set_xlabel("step", fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)  # no offset text over the title (the entropy panel's)
         if len(keys) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:

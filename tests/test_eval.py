@@ -690,3 +690,22 @@ def test_flatten_and_write_json(tmp_path):
     runs.write_json(tmp_path / "x.json", dict(a=1))
     assert json.loads((tmp_path / "x.json").read_text()) == dict(a=1)
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_curves_draw_agr_and_sft_label_loss_panels_when_logged():
+    agrl_line = dict(
+        step=1,
+        loss=0.1,
+        accuracy=0.5,
+        agr_stagnant_share=0.5,
+        agr_guided_share=0.25,
+        agr_rescued_share=1.0,
+        agr_guided_success_rate=0.5,
+        all_fail_groups=0.25,
+        label_share_Excellent=0.5,
+    )
+    panels = runs.curve_panels([agrl_line])
+    assert panels["AGR: stagnant / guided / rescued"] == ("agr_stagnant_share", "agr_guided_share", "agr_rescued_share")
+    assert "AGR: guided answers kept" in panels and "all-fail groups" in panels
+    assert "label_loss" in runs.curve_panels([dict(step=1, loss=1.0, label_loss=0.7)])["loss"]
+    assert not any(title.startswith("AGR") for title in runs.curve_panels([dict(step=1, loss=1.0)]))
