@@ -313,13 +313,10 @@ def make_vllm_engine(
     sleep_mode: bool = False,
     device: str | None = None,
 ):
-    """This rank's colocated vLLM engine, the way TRL's colocate mode and verl run it: one engine per
-    training process on that process's GPU (`external_launcher`: vLLM joins the launcher's ranks instead
-    of spawning workers), in this process (so the trainer can push weights into its module), context sized
-    to the prompt and generation budgets, log-probs after temperature, optional sleep mode (weights and KV
-    cache released during the update). On a CPU (vLLM-CPU, `make test-vllm`): one process, fp32 like the CPU
-    trainer, eager (its graph compile took minutes here); gpu_memory_utilization is then the share of host
-    memory for the KV cache. vLLM is imported only here."""
+    """This rank's colocated vLLM engine, as TRL's colocate mode and verl run it: one per training process on
+    its GPU (`external_launcher`), in this process (weights are pushed into its module), context from the
+    budgets, log-probs after temperature, optional sleep mode. On a CPU (vLLM-CPU, `make test-vllm`): fp32 and
+    eager (its compile took minutes here); gpu_memory_utilization is then the host memory share for the KV cache."""
     try:
         import vllm
     except ImportError:
@@ -332,14 +329,9 @@ def make_vllm_engine(
     if device == "cuda":
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        for key, value in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29533"),
-        ):
-            os.environ.setdefault(key, value)  # one process: external_launcher still reads the torch.distributed env
+        launcher_env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        for key, value in launcher_env.items():  # one process: external_launcher still reads the torch.distributed env
+            os.environ.setdefault(key, value)
         placement = dict(distributed_executor_backend="external_launcher", dtype="bfloat16")
     else:
         placement = dict(dtype="float32", enforce_eager=True)
@@ -362,14 +354,10 @@ def make_vllm_engine(
 
 
 def sync_vllm_weights(llm, model) -> int:
-    """Push the policy's current weights into this rank's engine, then drop the prefix cache, whose entries
-    were computed with the old weights. Returns the number of tensors pushed.
-
-    Through vLLM's in-place `reload_weights` (checkpoint format: the Hugging Face names, q/k/v and gate/up
-    still apart): it also redoes what the engine did to the weights after loading them (vLLM-CPU repacks
-    its linear layers, whose parameters then no longer take a plain `load_weights`). The weights are given as
-    a generator, gathered one tensor at a time (an FSDP shard is gathered whole just for its push: every
-    rank takes part, in the same order); the engine runs in this process, so nothing is serialised."""
+    """Push the policy's weights into this rank's engine, then drop the prefix cache (computed with the old
+    weights); returns the number of tensors. vLLM's in-place `reload_weights` takes the HF names and redoes the
+    engine's post-load processing (vLLM-CPU repacks its linears: a plain `load_weights` then fails). The
+    generator gathers one tensor at a time (every FSDP rank, in the same order); the engine is in-process."""
     if getattr(llm, "agrl_asleep", False):
         llm.wake_up()
         llm.agrl_asleep = False
