@@ -252,13 +252,18 @@ def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] 
     return (label, share) if share >= COLLAPSE_SHARE else None
 
 
-def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...]) -> str:
+def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...], from_checkpoint: bool = False) -> str:
     """The likely reason why dynamic sampling dropped every group, and what to do."""
     if metrics["format_rate"] == 0:
         return (
             "the policy never produced a parseable answer (format rate 0"
             + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
-            + "): start from an SFT checkpoint (sft.py)"
+            + (
+                "): this checkpoint does not write the answer format at this budget: raise --max-new-tokens, or "
+                "train it longer with sft.py"
+                if from_checkpoint
+                else "): start from an SFT checkpoint (sft.py)"
+            )
         )
     collapse = collapsed_onto(metrics, labels)
     if collapse:
@@ -617,14 +622,16 @@ def main(args: Args) -> dict:
                 f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
                 f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
                 + (
-                    f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}" if empty_steps == 1 else ""
+                    f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
+                    if empty_steps == 1
+                    else ""
                 ),
                 file=sys.stderr,
             )
             if empty_steps >= args.max_empty_steps > 0:  # saved and evaluated below, then reported
                 stopped = (
                     f"{empty_steps} steps in a row trained on nothing (--max-empty-steps {args.max_empty_steps}); "
-                    f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels)}"
+                    f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
                 )
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples(

@@ -172,6 +172,13 @@ def build(args: Args, runs: list[tuple[str, str, Path]]):
 def main(args: Args) -> int:
     runs = local_runs(Path(args.runs_dir), args.group)
     offline = why_offline()
+    if offline and not runs:  # nothing to build, nothing to upload: most likely a typo in the group
+        print(
+            f"error: no run under {args.runs_dir} belongs to wandb group {args.group!r} (the wandb_group in its "
+            "args.json; scripts/pipeline.sh writes a pipeline's group to <runs>/wandb_group)",
+            file=sys.stderr,
+        )
+        return 2
     if offline:
         print(f"offline ({offline}): the report is not built. It would be:")
         print(plan(args, runs))

@@ -300,6 +300,11 @@ def test_wandb_report_offline_says_what_it_would_build(tmp_path, capsys, monkeyp
     )
     assert f"local runs of the group under {tmp_path}: 2" in out and "agrl (agrl.py)" in out and "other" not in out
     assert "wandb sync " in out
+    # a group with no run (a typo): one line and exit 2, not a plan of nothing and exit 0
+    line = user_error(
+        in_process(capsys, monkeypatch, "scripts/wandb_report.py", "--group", "unknown", "--runs-dir", str(tmp_path))
+    )
+    assert line.startswith(f"error: no run under {tmp_path} belongs to wandb group 'unknown'")
 
 
 def test_help_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):

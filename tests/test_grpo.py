@@ -404,6 +404,11 @@ def test_a_collapse_is_named_as_the_cause_of_empty_steps():
     agreeing = grpo.empty_step_cause(spread, dict(all_correct=2, all_wrong=2, other=0), labels)
     assert "each prompt's samples agree" in agreeing and "--temperature" in agreeing and "--lr" in agreeing
     assert agrl.empty_step_cause(collapsed, dropped, labels) == cause
+    # a policy that never parses: from a base model, start from SFT; from a checkpoint, say what else to do
+    unparsed = dict(collapsed, format_rate=0.0, truncation_rate=1.0)
+    assert grpo.empty_step_cause(unparsed, dropped, labels).endswith("start from an SFT checkpoint (sft.py)")
+    from_sft = grpo.empty_step_cause(unparsed, dropped, labels, from_checkpoint=True)
+    assert "start from an SFT checkpoint" not in from_sft and "--max-new-tokens" in from_sft
 
 
 def test_balanced_prompt_order():
