@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from helpers.models import CACHE_DIR
+
 FAST_DECODE_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
@@ -88,6 +90,18 @@ def build_name(source: Path, compiler: str) -> str:
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
+def shared_source(source: Path, name: str) -> Path:
+    """The source at one path per build name (in the agrl cache): torch's build file names its sources by
+    path, so the same content under two clones' paths would still rebuild; under one path it does not."""
+    shared = CACHE_DIR / "kernels" / f"{name}.cpp"
+    if not shared.exists():
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, shared)  # atomic: a concurrent writer writes the same bytes
+    return shared
+
+
 @functools.cache
 def cpu_decode_ops():
     """torch.ops.agrl (`skinny_linear`, `grouped_attention`, `decode_layer`, `gumbel_sample`) compiled, or
@@ -110,9 +124,10 @@ def cpu_decode_ops():
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
         source = Path(__file__).resolve().with_name("cpu_decode.cpp")
+        name = build_name(source, cxx_compiler())
         load(
-            name=build_name(source, cxx_compiler()),
-            sources=[str(source)],
+            name=name,
+            sources=[str(shared_source(source, name))],
             extra_cflags=CFLAGS,
             is_python_module=False,
             verbose=False,
