@@ -9,6 +9,7 @@ AGRL_CPU_KERNEL=0, the same arithmetic runs as plain torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -18,8 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-from helpers.models import CACHE_DIR
 
 FAST_DECODE_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -90,18 +89,6 @@ def build_name(source: Path, compiler: str) -> str:
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def shared_source(source: Path, name: str) -> Path:
-    """The source at one path per build name (in the agrl cache): torch's build file names its sources by
-    path, so the same content under two clones' paths would still rebuild; under one path it does not."""
-    shared = CACHE_DIR / "kernels" / f"{name}.cpp"
-    if not shared.exists():
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(source.read_bytes())
-        os.replace(tmp, shared)  # atomic: a concurrent writer writes the same bytes
-    return shared
-
-
 @functools.cache
 def cpu_decode_ops():
     """torch.ops.agrl (`skinny_linear`, `grouped_attention`, `decode_layer`, `gumbel_sample`) compiled, or
@@ -116,7 +103,7 @@ def cpu_decode_ops():
         )
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         if (
             shutil.which("ninja") is None
@@ -125,13 +112,12 @@ def cpu_decode_ops():
         # -march=native: the name carries the CPU's vector width, so a shared cache never serves another machine's build
         source = Path(__file__).resolve().with_name("cpu_decode.cpp")
         name = build_name(source, cxx_compiler())
-        load(
-            name=name,
-            sources=[str(shared_source(source, name))],
-            extra_cflags=CFLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
+        built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        if built.exists():  # any clone's or venv's build of this source and toolchain (the name says so): no rebuild
+            with contextlib.suppress(OSError):  # (torch's own check would rebuild: its build file names venv paths)
+                torch.ops.load_library(str(built))
+                return torch.ops.agrl
+        load(name=name, sources=[str(source)], extra_cflags=CFLAGS, is_python_module=False, verbose=False)
         return torch.ops.agrl
     except Exception as e:  # a failed build, no ninja, a read-only cache: the decode still runs, slower
         print(
