@@ -29,6 +29,10 @@ from pathlib import Path
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers.runs import code_version  # noqa: E402
+
 VARIANTS = {  # name -> (script, flags): GRPO is grpo.py itself, the others are agrl.py with parts on/off
     "GRPO": ("grpo.py", []),
     "GRPO+RRS": ("agrl.py", ["--no-agr"]),
@@ -345,6 +349,13 @@ def main(args: Args) -> None:
             ),
         )
     results["missing_runs"] = missing
+    # which code produced it: each run's own record (args.json, written when it started) and the table's
+    results["code"] = code_version()
+    results["runs_code"] = {
+        run_dir.name: json.loads((run_dir / "args.json").read_text()).get("code")
+        for run_dir in (base / run_name_of(name, seed) for name in args.variants for seed in seeds)
+        if (run_dir / "args.json").exists()
+    }
     out = Path(args.results_dir) / f"ablation-{args.config}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
 from helpers import models  # noqa: E402
+from helpers.runs import code_version  # noqa: E402
 
 ARMS = {  # name -> (script, flags)
     "A": ("grpo.py", []),
@@ -83,11 +84,9 @@ class Args:
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    return head + ("-dirty" if dirty else "")
+    """The code's commit as one string (what args.json records as code.commit and code.dirty)."""
+    code = code_version()
+    return f"{code['commit']}{'-dirty' if code['dirty'] else ''}"
 
 
 def start_order(start: str) -> str:
@@ -287,7 +286,7 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
             final = scored[-1]  # the last step, or where a run stopped for empty steps
             curve = {int(p.stem[5:]): scores(json.loads(p.read_text()), hard) for p in scored}
             dev = [json.loads(line) for line in open(run_dir / "eval_samples.jsonl")]
-            metrics = read_metrics(run_dir)
+            metrics, closing = read_metrics(run_dir), json.loads((run_dir / "eval.json").read_text())
             (out / "metrics").mkdir(exist_ok=True)
             shutil.copy(run_dir / "metrics.jsonl", out / "metrics" / f"{run_dir.name}.jsonl")
             runs[arm, seed] = dict(
@@ -305,8 +304,8 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
                 steps=len(metrics),
                 all_fail=[m["all_fail_groups"] for m in metrics],
                 rescued=[m.get("agr_rescued_share") for m in metrics],
-                format=runs_format(run_dir),
-                adherence=runs_adherence(run_dir),
+                format=closing["format_rate"],
+                adherence=closing["adherence_rate"],
                 touched=agr_touch(run_dir, hard),
             )
     results = dict(
@@ -389,14 +388,6 @@ def agr_touch(run_dir: Path, hard: list[int]) -> dict | None:
         stagnant=[i for i in hard if state.get(i, {}).get("stagnant_ever")],
         guided=[i for i in hard if state.get(i, {}).get("buffer")],
     )
-
-
-def runs_format(run_dir: Path) -> float:
-    return json.loads((run_dir / "eval.json").read_text())["format_rate"]
-
-
-def runs_adherence(run_dir: Path) -> float:
-    return json.loads((run_dir / "eval.json").read_text())["adherence_rate"]
 
 
 SUMMARY = {
