@@ -857,7 +857,7 @@ def _field_hints(candidates, fmap: dict[str, str], columns) -> list[tuple[str, s
         if fmap[ours] not in columns
         for column in candidates
         if ours in column.lower()
-    ][:3]
+    ]
 
 
 def _check_columns(file: str, row: dict, fmap: dict[str, str]) -> None:
@@ -865,10 +865,11 @@ def _check_columns(file: str, row: dict, fmap: dict[str, str]) -> None:
     file's columns and the --field-map that would fix it."""
     for ours in _REQUIRED:
         if fmap[ours] not in row:
-            like = [str(c) for c in row if ours in str(c).lower() and c not in fmap.values()]
+            unmapped = [c for c in row if c not in fmap.values()]
+            like = next((column for field, column in _field_hints(unmapped, fmap, row) if field == ours), "<column>")
             raise UserError(
                 f"{file} has no column {fmap[ours]!r} for the required field '{ours}'; its columns: "
-                f"{', '.join(map(str, row))}; map one with --field-map {ours}={like[0] if like else '<column>'}"
+                f"{', '.join(map(str, row))}; map one with --field-map {ours}={like}"
             )
 
 
@@ -1046,7 +1047,8 @@ def _load_rows(name, path, split, fmap, to_label, rulebook, skip_bad_rows) -> tu
         print(
             f"data: {file}: columns not read (no field maps to them): {', '.join(ignored)}"
             + "".join(
-                f"; to read it: --field-map {ours}={column}" for ours, column in _field_hints(ignored, fmap, columns)
+                f"; to read it: --field-map {ours}={column}"
+                for ours, column in _field_hints(ignored, fmap, columns)[:3]
             ),
             file=sys.stderr,
         )
