@@ -74,6 +74,9 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
 def build_name(source: Path, compiler: str) -> str:
     """The kernels' name in torch's extension cache: the CPU's vector width, then a digest of the source's
     content and of the toolchain (compiler version, torch, flags). Any number of clones with the same source
@@ -84,9 +87,6 @@ def build_name(source: Path, compiler: str) -> str:
     for part in (source.read_bytes(), version.encode(), torch.__version__.encode(), " ".join(CFLAGS).encode()):
         key.update(part)
     return f"agrl_cpu_decode_{torch.backends.cpu.get_cpu_capability().lower()}_{key.hexdigest()[:12]}"
-
-
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 @functools.cache
