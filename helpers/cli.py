@@ -30,6 +30,27 @@ def parse(args_class):
         sys.exit(0)
 
 
+def end_launch(message: str) -> None:
+    """A user error in one process of a `--num-gpus N` run: the relaunching process prints it once
+    (launch.relaunch), so this rank records it and ends the launcher and every rank at once, before the
+    launcher can print its failure report (about 40 lines per failed rank) or a rank waits on the others."""
+    import psutil  # accelerate's dependency
+
+    with contextlib.suppress(FileExistsError):  # every rank may fail alike: the first one's line is kept
+        with open(os.environ["AGRL_ERROR_FILE"], "x") as f:
+            f.write(message)
+    launcher = psutil.Process().parent()  # torchrun, or accelerate launch on GPUs
+    if launcher is None or str(launcher.ppid()) != os.environ.get("AGRL_LAUNCHED"):
+        sys.exit(2)  # another rank has ended the launcher already (this one was orphaned)
+    ranks = launcher.children(recursive=True)
+    launcher.kill()  # first: it would report the ranks' deaths
+    for process in ranks:
+        if process.pid != os.getpid():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    sys.exit(2)
+
+
 def run(main, args_class) -> None:
     """`main(tyro.cli(args_class))` under the one error handler."""
     args = parse(args_class)
@@ -39,6 +60,8 @@ def run(main, args_class) -> None:
     except UserError as e:
         if debug:
             raise
+        if "RANK" in os.environ and os.environ.get("AGRL_ERROR_FILE"):
+            end_launch(str(e))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as e:

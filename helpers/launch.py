@@ -8,8 +8,10 @@ on GPUs, torchrun over gloo on CPU). `make_accelerator` builds the Accelerator i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,10 +256,17 @@ def relaunch(num_gpus: int, device: str, strategy: str = "auto", precision: str 
         return
     if os.environ.get("AGRL_LAUNCHED"):  # a launcher that did not give us a rank: never relaunch in a loop
         raise RuntimeError("relaunched without RANK set: the distributed launcher did not start ranked processes")
-    os.environ["AGRL_LAUNCHED"] = "1"
+    os.environ["AGRL_LAUNCHED"] = str(os.getpid())  # the ranks' launcher's parent (cli.end_launch)
+    error_file = Path(tempfile.mkdtemp(prefix="agrl-launch-")) / "user-error"
+    os.environ["AGRL_ERROR_FILE"] = str(error_file)  # a rank's user error, printed here once
     command = launch_command(num_gpus, models.pick_device(device), strategy, precision)
     print("[launch]", " ".join(command), flush=True)
-    sys.exit(subprocess.call(command))
+    code = subprocess.call(command)
+    message = error_file.read_text() if error_file.exists() else None
+    shutil.rmtree(error_file.parent, ignore_errors=True)
+    if message is not None:
+        raise UserError(message)
+    sys.exit(code)
 
 
 def check_device(device: str, num_gpus: int = 1) -> None:

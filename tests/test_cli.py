@@ -406,3 +406,67 @@ def test_time_estimate_reads_in_the_unit_that_fits():
         "[time] first step 56.0 s: the 299 steps left take about 4.7 h at this pace (--total-steps shorten it)"
     )
     assert "about 5 min" in runs.time_estimate(3.0, 100, "x") and "about 30 s" in runs.time_estimate(3.0, 10, "x")
+
+
+RANK_1_FAILS = """
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+
+from helpers import cli, launch
+from helpers.errors import UserError
+
+
+@dataclass
+class Args:
+    num_gpus: int = 2
+
+
+def main(args):
+    launch.relaunch(args.num_gpus, "cpu")
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise UserError("rank 1 alone cannot read its data")
+    dist.barrier()  # rank 0 waits here for rank 1 (gloo's timeout: 30 min)
+
+
+cli.run(main, Args)
+"""
+
+
+def two_processes(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A `--num-gpus 2 --device cpu` run (torchrun, 2 gloo ranks) in its own session, killed whole on timeout."""
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=dict(CHILD_ENV, HF_HUB_OFFLINE="1"),  # the missing model is not looked for online
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("case", ["every rank", "rank 1 alone"])
+def test_a_user_error_in_a_two_process_run_is_one_line_and_exit_2(tmp_path, case):
+    """Printed once, by the process that relaunched; no torchrun failure report; no rank left waiting."""
+    if case == "every rank":  # the issue's command: each rank fails to load the model
+        command = [sys.executable, str(ROOT / "agrl.py"), "--num-gpus", "2", "--device", "cpu", "--model", "no/model"]
+        expected = "error: Cannot load model 'no/model'"
+    else:
+        (tmp_path / "driver.py").write_text(RANK_1_FAILS.format(repo=str(ROOT)))
+        command = [sys.executable, str(tmp_path / "driver.py")]
+        expected = "error: rank 1 alone cannot read its data"
+    proc = two_processes(command, tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "[launch] " in proc.stdout and "torch.distributed.run" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-3000:]
