@@ -531,8 +531,8 @@ def main(args: Args) -> dict:
         totals = torch.zeros(len(keys), dtype=torch.float64)
         for k, index in enumerate(micro_batches):
             batch = pair_batch([pairs[i] for i in index], pad_id, accelerator.device, args.shared_prefix and world == 1)
-            sync = k == len(micro_batches) - 1
-            with accelerator.no_sync(model) if not sync else torch.enable_grad():
+            # gradients accumulate over micro-batches; DDP all-reduces after the last, FSDP reduce-scatters each
+            with launch.micro_batch_sync(accelerator, model, last=k == len(micro_batches) - 1):
                 logps = sequence_logps(model, batch)
                 policy_chosen, policy_rejected = logps[: len(index)], logps[len(index) :]
                 loss_per_pair, reward_chosen, reward_rejected = dpo_loss(

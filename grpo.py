@@ -345,8 +345,8 @@ def update_policy(
             if reference is not None:
                 with torch.no_grad():
                     ref_logp = models.token_logprobs(reference, batch, temperature)[0]
-            sync = k == len(micro_batches) - 1
-            with accelerator.no_sync(model) if not sync else torch.enable_grad():
+            # gradients accumulate over micro-batches; DDP all-reduces after the last, FSDP reduce-scatters each
+            with launch.micro_batch_sync(accelerator, model, last=k == len(micro_batches) - 1):
                 logp, entropy = models.token_logprobs(model, batch, temperature, with_entropy=True)
                 weights = token_weights(mask, args.loss_agg, n_tokens, len(rows), args.max_new_tokens)
                 loss, stats = grpo_loss(

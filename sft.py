@@ -183,8 +183,8 @@ def main(args: Args) -> dict:
             for row, i in enumerate(batch_index):
                 token_weight[row, : len(weights[i])] = torch.tensor(weights[i])
                 label_mask[row, : len(is_label[i])] = torch.tensor(is_label[i], dtype=torch.float32)
-            sync = k == len(micro_batches) - 1
-            with accelerator.no_sync(model) if not sync else torch.enable_grad():
+            # gradients accumulate over micro-batches; DDP all-reduces after the last, FSDP reduce-scatters each
+            with launch.micro_batch_sync(accelerator, model, last=k == len(micro_batches) - 1):
                 logp, _ = models.token_logprobs(model, batch)  # logits only at completion positions
                 token_loss = -(logp * token_weight).sum()
                 loss = token_loss / total_weight * world

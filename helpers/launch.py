@@ -7,6 +7,7 @@ on GPUs, torchrun over gloo on CPU). `make_accelerator` builds the Accelerator i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -149,6 +150,17 @@ def is_fsdp(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def micro_batch_sync(accelerator, model, last: bool):
+    """The context of a micro-batch's forward and backward when gradients accumulate over micro-batches.
+
+    DDP: skip the all-reduce until the last micro-batch (`no_sync`), as usual. FSDP2: reduce-scatter after
+    every micro-batch, so gradients stay sharded: its no_sync (`set_requires_gradient_sync(False)`) keeps a
+    whole gradient per parameter in the reduce dtype until the last one (for 7B, 28 GiB per GPU)."""
+    if last or is_fsdp(model):
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
 
 
 def launch_command(
