@@ -401,10 +401,14 @@ def guided_answers(
     the prompt plus the guidance paragraph, all off-policy for pi(. | x); target: the SFT target itself
     (one, no generation). Behaviour log-probs of forced tokens are a teacher-forced forward under x.
     `sample` generates like `rollouts.generate` without the model argument (default: rollouts.generate on `policy`).
+    Without a local `policy` (FSDP with vLLM) the forced tokens' log-probs are NaN: update_policy computes them
+    with its first training forward, the same pi_old(o | x) on every rank.
     """
     temperature = args.temperature if args.temperature > 0 else 1.0
 
     def forced_logprobs(prompt: list[int], tokens: list[int]) -> list[float]:
+        if policy is None:
+            return [math.nan] * len(tokens)
         batch = models.pad_batch([prompt], [tokens], tokenizer.pad_token_id, device)
         with torch.no_grad():
             return models.token_logprobs(policy, batch, temperature)[0][0, : len(tokens)].tolist()
@@ -775,6 +779,7 @@ def update_policy(
     mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
     micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
     guided_anywhere = any(r["guided"] for r in rows)  # rows are every rank's: the same answer on all ranks
+    unknown_anywhere = any(math.isnan(lp) for r in rows for lp in r["old_logprobs"])  # forced tokens, FSDP + vLLM
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
         for k, micro in enumerate(micro_batches):
@@ -795,10 +800,17 @@ def update_policy(
                 adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
             # correction "none" needs pi_old(o | x) for guided rows: stored ones may be under x + guide (hint)
-            # or from an older policy (replay). The forward is a collective under FSDP: decided from all rows,
-            # so that every rank runs it whenever any rank holds such a row
-            recompute = [args.recompute_old_logprobs or (r["guided"] and args.agr_correction == "none") for r in micro]
-            if update == 0 and (args.recompute_old_logprobs or (args.agr_correction == "none" and guided_anywhere)):
+            # or from an older policy (replay); unknown (NaN) ones are computed here too. The forward is a
+            # collective under FSDP: decided from all rows, so that every rank runs it whenever any rank needs it
+            recompute = [
+                args.recompute_old_logprobs
+                or (r["guided"] and args.agr_correction == "none")
+                or any(map(math.isnan, r["old_logprobs"]))
+                for r in micro
+            ]
+            if update == 0 and (
+                args.recompute_old_logprobs or (args.agr_correction == "none" and guided_anywhere) or unknown_anywhere
+            ):
                 with torch.no_grad():
                     fresh = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):

@@ -437,11 +437,11 @@ def rollout_generate(model, accelerator, engine, tokenizer, prompts: list[list[i
 
 def rollout_policy(model, engine=None):
     """The HF module with whole weights for this rank's local forwards (generation, AGR's teacher-forced
-    log-probs): the inference copy under FSDP, else the model itself. No collective."""
+    log-probs): the inference copy under FSDP, else the model itself; None under FSDP with vLLM, where the
+    weights went to the engine and no whole copy is kept (a forward that needs them is a training forward,
+    on every rank). No collective."""
     if not launch.is_fsdp(model):
         return models.unwrapped(model)
-    if engine is not None:  # the weights went to vLLM: no HF copy is kept
-        raise UserError(
-            "--vllm with --strategy fsdp keeps no whole HF copy for AGR's forced log-probs: use --agr-guide hint"
-        )
+    if engine is not None:
+        return None
     return _INFERENCE_COPIES[id(model)]

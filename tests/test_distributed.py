@@ -366,6 +366,9 @@ def dump_trained_weights(args, model, tokenizer, run, device):
 
 rollouts.rollout_generate = counting_rollout_generate
 E.final_eval = dump_trained_weights
+if "--vllm" in sys.argv:  # the recording fake engine stands in for vLLM
+    import types
+    sys.modules["vllm"] = types.SimpleNamespace(LLM=test_vllm.FakeLLM, SamplingParams=test_vllm.FakeSamplingParams)
 script.main(tyro.cli(script.Args))
 '''
 
@@ -495,6 +498,24 @@ def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(grpo_fsdp, tmp_
     run_dir = tmp_path / "run"
     with launched(fsdp_command(tmp_path, "grpo", "run", total_steps=3), tmp_path) as proc:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
+def test_agrl_fsdp_with_vllm_guides_and_matches_one_process(tmp_path, monkeypatch):
+    """Issue 22, defect 1: --vllm under FSDP keeps no whole HF copy, so AGR's forced tokens get their behaviour
+    log-probs from the training forward (every rank, update 0) instead of a local forward. With --agr-correction
+    is those log-probs enter the loss: two FSDP processes match one process, where a local forward gives them."""
+    import test_vllm
+
+    monkeypatch.setitem(
+        sys.modules,
+        "vllm",
+        test_vllm.types.SimpleNamespace(LLM=test_vllm.FakeLLM, SamplingParams=test_vllm.FakeSamplingParams),
+    )
+    flags = dict(total_steps=1, vllm=True, agr_guide="target", agr_correction="is")
+    run_launched(fsdp_command(tmp_path, "agrl", "two", **flags), tmp_path)
+    one = run_in_process(agrl, tmp_path, "one", **flags)
+    assert read_metrics(tmp_path / "two")[0]["agr_guided_share"] > 0, "no guided rows: the test tests nothing"
+    assert_matching(tmp_path / "two", one, RUN["lr"])
+
+
         while not (run_dir / "checkpoints" / "step-0000002").exists():
             assert proc.poll() is None, f"the run ended before the kill (rc {proc.returncode}):\n{proc.log()}"
             assert time.monotonic() < deadline, f"no step-2 checkpoint in time:\n{proc.log()}"
