@@ -7,27 +7,110 @@ ends, its open runs get their curves.png.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
+import inspect
 import os
 import sys
+import textwrap
+import typing
+from pathlib import Path
 
 import tyro
 
-from helpers import runs
+from helpers import flags, runs
 from helpers.errors import RunStopped, UserError
 
 
 def parse(args_class):
-    """The flags; `--help | head` ends quietly (the reader closed the pipe: nothing is wrong)."""
+    """The flags; `-h`/`--help` prints them by concern (help_text); `--help | head` ends quietly (the reader
+    closed the pipe: nothing is wrong)."""
     try:
+        if {"-h", "--help"} & set(sys.argv[1:]):
+            print(help_text(args_class, help_width()))
+            sys.stdout.flush()  # here, where a closed pipe can be caught
+            sys.exit(0)
         try:
             return tyro.cli(args_class)
-        except SystemExit:  # --help was printed: flush it here, where a closed pipe can be caught
+        except SystemExit:  # tyro printed a message: flush it here too
             sys.stdout.flush()
             raise
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         sys.exit(0)
+
+
+def help_text(args_class, width: int | None = None) -> str:
+    """The flags by concern (flags.HELP_GROUPS), one line each: `--name TYPE = default  what it does`; a
+    description that does not fit in `width` columns wraps under itself (None: never wrap)."""
+    script = Path(sys.argv[0]).name
+    about = (sys.modules[args_class.__module__].__doc__ or "").strip().split("\n")[0]
+    wrap = (lambda text: textwrap.wrap(text, width)) if width else (lambda text: [text])
+    lines = [f"usage: {script} [--flag VALUE ...]", *wrap(about), ""]
+    lines += wrap("each flag: --name TYPE = default, then what it does; a boolean is --name or --no-name")
+    docs, types = field_docs(args_class), typing.get_type_hints(args_class)
+    usages = {f.name: flag_usage(f.name, types[f.name], f.default) for f in dataclasses.fields(args_class)}
+    column = min(max(map(len, usages.values())) + 4, 40)  # where the descriptions start
+    for group, names in flags.help_groups(args_class):
+        lines += ["", f"{group}:"]
+        for name in names:
+            start, doc = f"  {usages[name]}".ljust(column - 2) + "  ", docs.get(name, "")
+            if width is None or len(start) + len(doc) <= width:
+                lines.append(start + doc)
+                continue
+            parts = textwrap.wrap(doc, max(width - column, 30))
+            if len(start) > column:  # a long usage: the description under it
+                lines.append(start.rstrip())
+                parts = [" " * column + part for part in parts]
+            else:
+                parts = [start + parts[0], *(" " * column + part for part in parts[1:])]
+            lines += parts
+    return "\n".join(lines)
+
+
+def flag_usage(name: str, kind, default) -> str:
+    """`--name TYPE = default` as tyro parses it: `--[no-]name` for a boolean, `{a,b}` for a choice."""
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        return f"--[no-]{flag[2:]} = {default}"
+    return f"{flag} {type_name(kind)} = {' '.join(default) or '()' if isinstance(default, tuple) else default}"
+
+
+def type_name(kind) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if typing.get_origin(kind) is tuple:
+        return type_name(args[0]) + "..."
+    if len(args) < len(typing.get_args(kind)):  # X | None
+        return "|".join(map(type_name, args)) + "|None"
+    return getattr(kind, "__name__", str(kind)).upper()
+
+
+def field_docs(args_class) -> dict[str, str]:
+    """Each field's docstring (the string under it, one line by the house style), as tyro reads them."""
+    docs = {}
+    for cls in reversed(args_class.__mro__[:-1]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+            ):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def help_width() -> int | None:
+    """The terminal's columns (the help goes to a pipe: the one on stderr), None for a file."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            return os.get_terminal_size(fd).columns
+    return None
 
 
 def end_launch(message: str) -> None:

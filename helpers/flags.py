@@ -93,3 +93,42 @@ class TrainFlags(CommonFlags):
     """recompute activations in the backward pass instead of keeping them (auto: on for GPUs)"""
     dry_run: bool = may_change_on_resume(False)
     """print the resolved model, launch command, parallel plan and per-GPU memory estimate, then exit (loads no weights)"""
+
+
+# `--help` shows each script's flags by concern, in this order (cli.print_help); the flags themselves stay flat
+# (`--lr`, not `--loss.lr`). Every field of every script's Args is in exactly one group (tests/test_cli.py); a
+# flag missing here (say, one added to a copied script) is shown under "other".
+HELP_GROUPS = {
+    "model": "model order max_item_tokens",
+    "data": "dataset data_path split field_map label_map rulebook skip_bad_rows limit data_seed prompt_sampling "
+    "balanced",
+    "training": "total_steps generation_budget seed lr warmup_steps weight_decay max_grad_norm batch_size grad_accum "
+    "micro_batch_size num_updates_per_batch label_weight max_nan_skips max_empty_steps",
+    "generation": "prompts_per_step group_size max_new_tokens min_new_tokens temperature top_p gen_batch_size vllm "
+    "vllm_gpu_memory vllm_sleep",
+    "dynamic sampling": "dynamic_sampling ds_rule ds_low ds_high ds_max_tries underfill_scale",
+    "DPO pairs": "n_samples sample_temperature pairs_per_prompt sample_margin sample_all pairs_path",
+    "loss and reward": "beta loss clip_eps_low clip_eps_high loss_agg adv_scale adv_clamp ordinal_reward "
+    "recompute_old_logprobs",
+    "RRS (rule-aware reward shaping)": "rrs rrs_credit w_out w_crit w_rule format_penalty",
+    "AGR (adaptive guided replay)": "agr agr_tau agr_guide agr_mix agr_k agr_max_level agr_recover agr_ema "
+    "agr_correction agr_gamma agr_is_cap agr_buffer_size agr_replay_delay agr_replay_queue",
+    "evaluation": "eval_split eval_limit label_only tier_threshold compare",
+    "logging and run folder": "output_dir run_name resume overwrite dry_run track wandb_project wandb_group log_every "
+    "log_samples_every save_every keep_last",
+    "scale-out": "device num_gpus strategy precision gradient_checkpointing shared_prefix",
+}
+
+
+def help_groups(args_class) -> list[tuple[str, list[str]]]:
+    """(group, field names) in HELP_GROUPS' order, the empty groups left out. eval.py trains nothing: its seed
+    and batch size (under "training" in the other scripts) are the evaluation's."""
+    listed = [(group, name) for group, names in HELP_GROUPS.items() for name in names.split()]
+    declared = [f.name for f in fields(args_class)]
+    evaluates_only = not issubclass(args_class, TrainFlags)
+    groups = {group: [] for group in HELP_GROUPS}
+    for group, name in listed:
+        if name in declared:
+            groups["evaluation" if evaluates_only and group == "training" else group].append(name)
+    groups["other"] = [name for name in declared if name not in {name for _, name in listed}]
+    return [(group, names) for group, names in groups.items() if names]

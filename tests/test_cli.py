@@ -12,8 +12,11 @@ traceback on the command line.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tyro
 
 from helpers import errors, models
 
@@ -470,3 +474,91 @@ def test_a_user_error_in_a_two_process_run_is_one_line_and_exit_2(tmp_path, case
     assert "[launch] " in proc.stdout and "torch.distributed.run" in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-3000:]
+
+
+SCRIPTS = ("sft", "dpo", "grpo", "agrl", "eval")
+FLAG_LINE = re.compile(r"^  --(\[no-\])?([a-z0-9-]+)(?: (\S+))? = (\S+)")
+
+
+def test_every_flag_of_every_script_is_in_exactly_one_help_group():
+    from helpers import flags
+
+    named = set()
+    for script in SCRIPTS:
+        args_class = importlib.import_module(script).Args
+        groups = flags.help_groups(args_class)
+        shown = [name for _, names in groups for name in names]
+        assert sorted(shown) == sorted(f.name for f in dataclasses.fields(args_class)), script  # each once
+        assert "other" not in dict(groups), (script, dict(groups).get("other"))
+        named |= set(shown)
+    listed = [name for names in flags.HELP_GROUPS.values() for name in names.split()]
+    assert sorted(listed) == sorted(named), "HELP_GROUPS names a flag no script has, or one twice"
+
+
+def test_help_is_grouped_by_concern_one_line_per_flag_with_defaults(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # a wide terminal: one line per flag
+    code, out, err = in_process(capsys, monkeypatch, "agrl.py", "--help")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "usage: agrl.py [--flag VALUE ...]"
+    titles = [line[:-1] for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert titles == [
+        *("model", "data", "training", "generation", "dynamic sampling", "loss and reward"),
+        *("RRS (rule-aware reward shaping)", "AGR (adaptive guided replay)", "evaluation"),
+        *("logging and run folder", "scale-out"),
+    ]
+    agrl = importlib.import_module("agrl")
+    flag_lines = [line for line in lines if line.startswith("  ")]
+    names = [FLAG_LINE.match(line).group(2) for line in flag_lines]  # every indented line is one whole flag
+    assert sorted(names) == sorted(f.name.replace("_", "-") for f in dataclasses.fields(agrl.Args))
+    for shown in (
+        "  --total-steps INT = 300 ",
+        "  --lr FLOAT = 1e-06 ",
+        "  --agr-guide {prefix,hint,target} = prefix  prefix: force the gold answer's first segment",
+        "  --[no-]rrs = True ",
+        "  --data-path STR|None = None ",
+    ):
+        assert any(line.startswith(shown) for line in flag_lines), shown
+    assert len(lines) < 120  # was 223
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow one: descriptions wrap under themselves
+    code, out, _ = in_process(capsys, monkeypatch, "agrl.py", "-h")
+    assert code == 0 and max(map(len, out.splitlines())) <= 80
+
+    # `python agrl.py --help | head -40`: the groups come first, and the cut-off end is quiet
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "agrl.py"), "--help"],
+        cwd=tmp_path,
+        env=dict(CHILD_ENV, COLUMNS="100"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    head = [proc.stdout.readline() for _ in range(40)]
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err[-2000:]
+    assert [line for line in head if line in ("model:\n", "data:\n", "training:\n")] == [
+        "model:\n",
+        "data:\n",
+        "training:\n",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_help_names_the_flags_and_defaults_that_tyro_parses(script):
+    """Every flag as the help writes it, given its shown default, parses (tyro, unchanged) to the defaults."""
+    from helpers import cli
+
+    args_class = importlib.import_module(script).Args
+    argv = []
+    for line in cli.help_text(args_class).splitlines():
+        if match := FLAG_LINE.match(line):
+            negatable, name, kind, default = match.groups()
+            if negatable:
+                argv.append(f"--{name}" if default == "True" else f"--no-{name}")
+            elif kind.endswith("..."):
+                assert default == "()"  # eval.py's --compare: nothing given is its default
+            else:
+                argv += [f"--{name}", default]
+    assert len(argv) > 20
+    assert tyro.cli(args_class, args=argv) == args_class()
