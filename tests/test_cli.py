@@ -354,16 +354,18 @@ def test_a_second_interrupt_aborts_with_one_line(tmp_path):
 
 def test_a_copied_script_names_its_own_runs_and_records_its_code(tmp_path):
     """`cp agrl.py my_ablation.py`: its runs get their own default folder and wandb id, and args.json names
-    the script file and the commit of the code (here outside the repository, with PYTHONPATH)."""
+    the script file and the commit of the code. The copy is outside the repository, run by the venv's python
+    as it is: `make install` put the repository on the venv's import path."""
     import shutil
 
     shutil.copy(ROOT / "agrl.py", tmp_path / "my_ablation.py")
-    env = dict(CHILD_ENV, PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in CHILD_ENV.items() if k != "PYTHONPATH"}
     flags = [*TINY_GRPO, "--total-steps", "1", "--no-dynamic-sampling"]
     for script in (tmp_path / "my_ablation.py", ROOT / "agrl.py"):
         proc = subprocess.run(
             [sys.executable, str(script), *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
         )
+        assert "ModuleNotFoundError" not in proc.stderr, f"{sys.executable} cannot import the repository: make install"
         assert proc.returncode == 0, proc.stderr[-2000:]
     copy, original = (
         json.loads((tmp_path / "runs" / f"{name}-tiny-random-synthetic-s1" / "args.json").read_text())
