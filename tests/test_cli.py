@@ -222,6 +222,9 @@ def test_agrl_from_a_policy_that_never_parses_stops_too(tmp_path):
     )
     lines = [json.loads(x) for x in (tmp_path / "runs" / "guided-only" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["groups_kept"], m["format_rate"], m["empty_steps"]) for m in lines] == [(2, 0.0, 1), (2, 0.0, 2)]
+    # after its first step, agrl.py (like grpo.py) says what the rest of the run takes and how to shorten it
+    assert "[time] first step " in proc.stderr and "the 4 steps left take about" in proc.stderr
+    assert "(--total-steps, --prompts-per-step, --group-size, --max-new-tokens shorten it)" in proc.stderr
 
 
 def test_overwrite_starts_clean(tmp_path, capsys, monkeypatch):
