@@ -292,7 +292,7 @@ def main(args: Args) -> dict:
     run = runs.Run(args, script)
     checkpoints.seed_everything(args.seed)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
+    model, tokenizer = checkpoints.load_policy(args.model, resume_from, accelerator, args.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():
@@ -481,7 +481,7 @@ def main(args: Args) -> dict:
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+        checkpoints.load_training_state(model, optimizer, resume_from, state)
     stop = checkpoints.StopFlag()
     per_step = args.batch_size * args.grad_accum * world
 

@@ -430,7 +430,7 @@ def main(args: Args) -> dict:
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
+    model, tokenizer = checkpoints.load_policy(args.model, resume_from, accelerator, args.gradient_checkpointing)
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)
@@ -451,11 +451,11 @@ def main(args: Args) -> dict:
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+        checkpoints.load_training_state(model, optimizer, resume_from, state)
     engine = None
     if args.vllm:  # context: the longest prompt, room for AGR's guidance, the completion
         engine = rollouts.make_vllm_engine(
-            str(resume_from or args.model),
+            checkpoints.whole_weights(args.model, resume_from),
             max(map(len, prompt_ids)) + 128 + args.max_new_tokens,
             args.vllm_gpu_memory,
             args.seed + rank,

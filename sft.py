@@ -106,7 +106,7 @@ def main(args: Args) -> dict:
     # --- data: every example encoded once; the order is a seeded permutation per epoch -------------
     dataset = D.load_for(args)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = models.load_policy(str(resume_from or args.model), accelerator, args.gradient_checkpointing)
+    model, tokenizer = checkpoints.load_policy(args.model, resume_from, accelerator, args.gradient_checkpointing)
     encoded = [D.encode_sft(tokenizer, e, dataset.rulebook, args.order, args.max_item_tokens) for e in dataset.examples]
     # (prompt, completion) pairs: the loss covers the completion (label, criteria, reason, end of turn)
     starts = [labels.count(-100) for _, labels, _ in encoded]  # labels are -100 over the prompt, then the target
@@ -141,7 +141,7 @@ def main(args: Args) -> dict:
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:  # after prepare: under FSDP each rank loads its own shard
-        checkpoints.load_optimizer_state(optimizer, model, accelerator, resume_from, state)
+        checkpoints.load_training_state(model, optimizer, resume_from, state)
     stop = checkpoints.StopFlag()
 
     # --- training loop -------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 A checkpoint is `<run>/checkpoints/step-N/`: the Hugging Face model, `train_state.pt` (optimizer,
 RNG, data position, whatever the script adds) and a manifest of file sizes; `--resume` continues from
-the newest one that validates.
+the newest one that validates. Under FSDP the weights and optimizer states are each rank's own shards
+(torch.distributed.checkpoint), and the whole Hugging Face model is written once, to `<run>/checkpoint/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -44,73 +46,232 @@ def save_checkpoint(
     Written into a temporary folder with a manifest of file sizes, then renamed into place, so a crash
     leaves either the previous checkpoint or the new one, never half of one. `final` also writes the
     weights to `<run>/checkpoint/`, the folder later stages load, before the step folder appears: a run
-    whose last step checkpoint exists always has its final folder. Every process calls it (gathering
-    FSDP-sharded weights and optimizer states is a collective); only the main process writes. Under
-    FSDP the optimizer state is gathered whole by accelerate into `optimizer.bin` (keyed by parameter
-    name, so any world size reads it back); otherwise it goes into `train_state.pt`.
+    whose last step checkpoint exists always has its final folder. Every process calls it; only the main
+    process writes. Under FSDP it is `save_sharded_checkpoint` instead: every rank writes its own shard.
     """
+    if launch.is_fsdp(model):
+        return save_sharded_checkpoint(run_dir, step, model, tokenizer, train_state, keep_last, final, optimizer)
     weights = accelerator.get_state_dict(model) if accelerator is not None else None
-    folder = run_dir / "checkpoints" / f"step-{step:07d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    if runs.is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    if optimizer is not None and launch.is_fsdp(model):
-        from accelerate.utils import save_fsdp_optimizer
-
-        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
-    elif optimizer is not None:
+    if optimizer is not None:
         train_state = dict(train_state, optimizer=optimizer.state_dict())
     if not runs.is_main_process():
         return None
-    if launch.is_fsdp(
-        model
-    ):  # save_pretrained inspects the (sharded) module's own parameters: a collective rank 0 would hang in
-        from huggingface_hub import save_torch_state_dict
-
-        module = models.unwrapped(model)
-        module.config.save_pretrained(tmp)
-        if module.generation_config is not None:
-            module.generation_config.save_pretrained(tmp)
-        tied = getattr(module, "all_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed_tokens.weight"}
-        weights = {
-            k: v for k, v in weights.items() if k not in tied or k == tied[k]
-        }  # stored once, as save_pretrained does
-        save_torch_state_dict(weights, tmp, max_shard_size="5GB")
-    else:
-        models.unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    folder, tmp = step_folders(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    models.unwrapped(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(train_state, step=step), tmp / "train_state.pt")
-    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-    runs.write_json(tmp / "manifest.json", dict(step=step, files=files))
+    write_manifest(tmp, step)
     if final:  # before the step folder is in place: a crash in between leaves step-1 newest, and resuming redoes both
-        final_dir, final_tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+        final_tmp = run_dir / "checkpoint.tmp"
         shutil.rmtree(final_tmp, ignore_errors=True)
-        shutil.copytree(tmp, final_tmp, ignore=shutil.ignore_patterns("train_state.pt", "optimizer.bin"))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(final_tmp, final_dir)
+        shutil.copytree(tmp, final_tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+        replace_folder(final_tmp, run_dir / "checkpoint")
+    return put_in_place(run_dir, tmp, folder, keep_last)
+
+
+def save_sharded_checkpoint(
+    run_dir: Path, step: int, model, tokenizer, train_state: dict, keep_last: int, final: bool, optimizer
+) -> Path | None:
+    """Under FSDP: every rank writes its own shard of the weights and AdamW states through
+    torch.distributed.checkpoint (DCP: `__<rank>_0.distcp`, and `.metadata` from rank 0), so no rank
+    ever holds a whole copy; rank 0 adds the config, tokenizer and `train_state.pt`, and once every rank
+    has written, the manifest of every file. `final` exports the whole Hugging Face model to
+    `<run>/checkpoint/` one parameter at a time (`export_hf`), before the step folder is in place."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    folder, tmp = step_folders(run_dir, step)
+    main = runs.is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the folder is there and empty before any rank writes into it
+    if optimizer is None:
+        weights, optimizer_state = get_model_state_dict(model), dict(state={}, param_groups=[])
+    else:  # keyed by parameter name; the values are this rank's DTensor shards (of accelerate's wrapped optimizer)
+        weights, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    weights = stored_once(model, weights)
+    # Tensors only: DCP reads back non-tensor values with torch.load(weights_only=False), so the
+    # optimizer's hyperparameters (param_groups) go to train_state.pt, read with weights_only=True.
+    dcp.save(dict(model=weights, optimizer=optimizer_state["state"]), checkpoint_id=tmp)
+    # dcp.save returns on every rank once all ranks' files are written and rank 0 has written .metadata
+    if final:
+        export_hf(model, tokenizer, run_dir / "checkpoint.tmp")
+    if not main:
+        return None
+    save_config(model, tokenizer, tmp)
+    train_state = dict(train_state, step=step, optimizer_param_groups=optimizer_state["param_groups"])
+    torch.save(train_state, tmp / "train_state.pt")
+    write_manifest(tmp, step)
+    if final:
+        replace_folder(run_dir / "checkpoint.tmp", run_dir / "checkpoint")
+    return put_in_place(run_dir, tmp, folder, keep_last)
+
+
+def step_folders(run_dir: Path, step: int) -> tuple[Path, Path]:
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    return folder, folder.with_name(folder.name + ".tmp")
+
+
+def save_config(model, tokenizer, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer (save_pretrained would walk the sharded weights)."""
+    module = models.unwrapped(model)
+    module.config.save_pretrained(folder)
+    if module.generation_config is not None:
+        module.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    runs.write_json(folder / "manifest.json", dict(step=step, files=files))
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def put_in_place(run_dir: Path, tmp: Path, folder: Path, keep_last: int) -> Path:
+    """The finished step folder renamed into place, and all but the last `keep_last` deleted."""
+    replace_folder(tmp, folder)
     for old in sorted((run_dir / "checkpoints").glob("step-???????"))[: -max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def load_optimizer_state(optimizer, model, accelerator, folder: Path, state: dict) -> None:
-    """`--resume`, after `accelerator.prepare`: under FSDP accelerate scatters the saved whole state into
-    each process's own shard (loading it before `prepare`, as rank 0's shard, fails on every other rank)."""
-    if launch.is_fsdp(model):
-        from accelerate.utils import load_fsdp_optimizer
+def stored_once(model, weights: dict) -> dict:
+    """The state dict without the names of tied weights (the head that is the embedding), as save_pretrained does."""
+    tied = getattr(models.unwrapped(model), "all_tied_weights_keys", None) or {}  # {"lm_head.weight": "model.embed..."}
+    return {k: v for k, v in weights.items() if k not in tied or k == tied[k]}
 
-        if not (folder / "optimizer.bin").exists():
-            raise UserError(
-                f"{folder} was not written by an FSDP run (no optimizer.bin): resume it with the strategy it was trained with"
-            )
-        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
-    elif "optimizer" not in state:
-        raise UserError(f"{folder} holds a sharded (FSDP) optimizer state: resume it with --strategy fsdp")
-    else:
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def export_hf(model, tokenizer, folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """The whole Hugging Face model (weights, config, tokenizer; no optimizer) from FSDP shards, written by
+    rank 0 one parameter at a time: every rank gathers each parameter in turn (a collective), rank 0
+    appends its bytes to the safetensors file being written and drops it. Safetensors files are a JSON
+    header of names, shapes and offsets, then the raw tensors, so the header is written first from the
+    shapes alone. Files of at most `max_shard_bytes` (one file, or several and an index, as Hugging Face
+    does). Tied weights are stored once, as save_pretrained does."""
+    tensors = stored_once(model, models.unwrapped(model).state_dict())
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    main = runs.is_main_process()
+    if main:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        save_config(model, tokenizer, folder)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in shard:
+            t = tensors[name]
+            end = offset + t.numel() * t.element_size()
+            header[name] = dict(dtype=SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape), data_offsets=[offset, end])
+            offset = end
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the tensor data starts 8-byte aligned
+        with open(folder / file, "wb") if main else contextlib.nullcontext() as f:
+            if main:
+                f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for name in shard:
+                t = tensors[name]
+                whole = t.full_tensor() if hasattr(t, "full_tensor") else t  # every rank, same order
+                if main:
+                    f.write(whole.detach().cpu().contiguous().view(torch.uint8).numpy())
+                del whole
+    if main and len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(names, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        runs.write_json(
+            folder / "model.safetensors.index.json", dict(metadata=dict(total_size=total), weight_map=weight_map)
+        )
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether a step checkpoint was written by an FSDP run (DCP shards, no whole weights)."""
+    return (folder / ".metadata").exists()
+
+
+def check_strategy(folder: Path, fsdp: bool) -> None:
+    """A sharded checkpoint resumes under FSDP only (with any number of processes: DCP reshards), a whole one
+    without FSDP only."""
+    if fsdp and not is_sharded(folder):
+        raise UserError(
+            f"{folder} was written without FSDP (whole weights, no shards): resume it without --strategy fsdp"
+        )
+    if is_sharded(folder) and not fsdp:
+        raise UserError(f"{folder} holds FSDP shards (no whole weights): resume it with --strategy fsdp")
+
+
+def load_policy(model_name: str, resume_from: Path | None, accelerator, gradient_checkpointing: str = "auto"):
+    """The policy to train, before `accelerator.prepare`: `model_name`, or the checkpoint `--resume` continues.
+    A sharded (FSDP) checkpoint has no whole weights: the model is built from its config in memory that is
+    allocated but never written (the OS commits only the pages a rank copies its shard out of, when
+    prepare shards it), and `load_training_state` reads each rank's shard into it after prepare."""
+    from accelerate.utils import DistributedType
+
+    if resume_from is not None:
+        check_strategy(resume_from, accelerator.distributed_type == DistributedType.FSDP)
+    if resume_from is None or not is_sharded(resume_from):
+        return models.load_policy(str(resume_from or model_name), accelerator, gradient_checkpointing)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) computed
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resume_from), dtype=torch.float32)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device="cpu")  # fully_shard moves each unit to the GPU and keeps this rank's shard
+    model.tie_weights()
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            model.get_buffer(name).copy_(buffer)
+    if (resume_from / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(resume_from)
+    if models.gradient_checkpointing_on(gradient_checkpointing, str(accelerator.device)):
+        models.enable_checkpointing(model)
+    return model, AutoTokenizer.from_pretrained(resume_from)
+
+
+def whole_weights(model_name: str, resume_from: Path | None) -> str:
+    """Where the policy's whole Hugging Face weights are, for a vLLM engine to start from: the checkpoint, or for
+    a sharded one the start model (the trained weights are pushed to the engine before its first rollout)."""
+    return str(resume_from if resume_from is not None and not is_sharded(resume_from) else model_name)
+
+
+def load_training_state(model, optimizer, folder: Path, state: dict) -> None:
+    """`--resume`, after `accelerator.prepare`. Under FSDP each rank reads its own shard of the weights and
+    AdamW states from the DCP files (reading before `prepare` would give every rank rank 0's view);
+    otherwise the optimizer state in train_state.pt (the weights came with the model)."""
+    check_strategy(folder, launch.is_fsdp(model))
+    if not launch.is_fsdp(model):
         optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: torch's own optimizer
+    weights, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (AdamW's made by a zero step)
+    # read in place: into the parameters' own shards (a tied head with its embedding), and the AdamW states
+    dcp.load(dict(model=stored_once(model, weights), optimizer=optimizer_state["state"]), checkpoint_id=folder)
+    optimizer_state = dict(state=optimizer_state["state"], param_groups=state["optimizer_param_groups"])
+    set_optimizer_state_dict(model, optimizer, optimizer_state)
 
 
 def validate_checkpoint(folder: Path) -> str | None:

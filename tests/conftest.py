@@ -58,3 +58,14 @@ def lively(tiny):
             if "norm" not in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.3))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def grpo_fsdp(tmp_path_factory) -> Path:
+    """The uninterrupted 3-step 2-process FSDP grpo.py run (tests/test_distributed.py's driver), made once for
+    test_distributed.py and test_sharded_checkpoints.py: the reference of the resume tests, and its checkpoints."""
+    from test_distributed import fsdp_command, run_launched
+
+    out = tmp_path_factory.mktemp("grpo_fsdp")
+    run_launched(fsdp_command(out, "grpo", "two", total_steps=3), out)
+    return out / "two"
