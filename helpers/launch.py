@@ -341,10 +341,28 @@ def memory_plan(
         )
         plan.append(("rollout sampling logits fp32", gen_rows * vocab * 4 * 3 / GiB, "generation"))
     plan.append(
-        (f"gradients fp32 (1/{shard} shard)" if shard > 1 else "gradients fp32", 4 * n / shard / GiB, "training")
+        (
+            f"gradients fp32 (1/{shard} shard: reduce-scattered after every micro-batch)"
+            if shard > 1
+            else "gradients fp32",
+            4 * n / shard / GiB,
+            "training",
+        )
     )
+    if strategy == "ddp":  # param.grad and DDP's buckets are two copies (gradient_as_bucket_view is off)
+        plan.append(("DDP all-reduce buckets fp32 (a second copy of the gradients)", 4 * n / GiB, "training"))
     if strategy == "fsdp":
         root = vocab * h * (1 if tied else 2) + h
+        # a unit's gradients are whole until its reduce-scatter, in the compute dtype plus an fp32 copy to reduce;
+        # the root unit (embeddings, head) reduces only when the whole backward has finished
+        reduce_bytes = compute + (4 if compute != 4 else 0)
+        plan.append(
+            (
+                "FSDP whole gradients until their reduce-scatter (embeddings/head + 1 block)",
+                reduce_bytes * (root + (n - root) / layers) / GiB,
+                "training",
+            )
+        )
         plan.append(
             (
                 "FSDP gathered units bf16 (embeddings/head + 2 blocks)"
@@ -427,12 +445,13 @@ def dry_run_report(args: flags.TrainFlags, workload: Workload) -> str:
         f"hidden {shape['hidden_size']}, vocabulary {shape['vocab_size']}):"
     )
     totals = {phase: sum(g for _, g, p in plan if p == phase) for phase in ("static", "generation", "training")}
+    width = max(66, *(len(item) for item, _, _ in plan))
     for phase in ("static", "generation", "training"):
         for item, gib, p in plan:
             if p == phase:
-                lines.append(f"  {phase:<10} {item:<66} {gib:7.2f}")
+                lines.append(f"  {phase:<10} {item:<{width}} {gib:7.2f}")
     peak = totals["static"] + max(totals["generation"], totals["training"])
-    lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<66} {peak:7.2f}")
+    lines.append(f"  {'peak':<10} {'static + max(generation, training) (phases do not overlap)':<{width}} {peak:7.2f}")
     for card, gib in GPU_GIB.items():
         vllm_share = workload.vllm_gpu_memory or 0.0  # of every card: a larger card gives vLLM more
         need = peak + vllm_share * (gib - GPU_GIB["80 GB"])
