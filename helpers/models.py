@@ -298,6 +298,41 @@ def checkpointing(model) -> bool:
     return bool(getattr(module, name, False))
 
 
+def _prefix_layers():
+    """Two KV-cache layers that a checkpointed block may run twice (the forward, then its recompute in the backward
+    pass) with the same result; transformers' own layer appends on every call, so it drops caches under checkpointing."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixRecord(DynamicLayer):  # the prefix's own forward: records its states, replacing, never appending
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.is_initialized, self.keys, self.values = True, key_states, value_states
+            return key_states, value_states
+
+    class PrefixRead(DynamicLayer):  # the rows' forward: the prefix's states before theirs; nothing is stored
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+    return PrefixRecord, PrefixRead
+
+
+def prefix_cache(model, prefix_ids: torch.Tensor, rows: int):
+    """Run a shared prompt prefix once (with gradient) and return its keys and values for `rows` rows, as a cache
+    the rows' forward reads. Also under activation checkpointing (the blocks are told it is read-only)."""
+    from transformers.cache_utils import Cache
+
+    record_layer, read_layer = _prefix_layers()
+    for block in unwrapped(model).modules():
+        if hasattr(type(block), "_can_checkpoint_with_cache"):
+            block._can_checkpoint_with_cache = True  # a recompute reads or records the same states again
+    record = Cache(layer_class_to_replicate=record_layer)
+    model(input_ids=prefix_ids, past_key_values=record, use_cache=True, logits_to_keep=1)
+    read = Cache(layers=[read_layer() for _ in record.layers])
+    for mine, recorded in zip(read.layers, record.layers):
+        mine.lazy_initialization(recorded.keys, recorded.values)
+        mine.keys, mine.values = (recorded.keys.repeat_interleave(rows, 0), recorded.values.repeat_interleave(rows, 0))
+    return read
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
     """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies).
 
@@ -306,21 +341,8 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
     """
     C = batch["completion_mask"].shape[1]
     cache = None
-    if batch["prefix_ids"].shape[1] > 0 and model.training and checkpointing(model):
-        # checkpointed layers recompute without a KV cache (transformers drops it): run the prefix inline
-        rows, mask = batch["input_ids"].shape[0], batch["attention_mask"]
-        batch = dict(
-            batch,
-            input_ids=torch.cat([batch["prefix_ids"].expand(rows, -1), batch["input_ids"]], 1),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            prefix_ids=batch["prefix_ids"][:, :0],
-        )
     if batch["prefix_ids"].shape[1] > 0:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        model(input_ids=batch["prefix_ids"], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(batch["input_ids"].shape[0])
+        cache = prefix_cache(model, batch["prefix_ids"], batch["input_ids"].shape[0])
     logits = (
         model(
             input_ids=batch["input_ids"],

@@ -310,10 +310,14 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer,
         if on:
             models.enable_checkpointing(model)
             assert models.checkpointing(model)
+        embedded = []  # tokens through the embedding: with a shared prefix, it runs once, also under checkpointing
+        model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
         batch = models.pad_batch(prompts, completions, tokenizer.pad_token_id, "cpu", share_prefix=share_prefix)
         logp, _ = models.token_logprobs(model, batch)
         (logp * batch["completion_mask"]).sum().backward()
         results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        shared = 3 if share_prefix else 0  # [1, 2, 3] starts every prompt
+        assert sum(embedded) == shared + len(prompts) * (max(len(p) for p in prompts) - shared + 3), embedded
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
