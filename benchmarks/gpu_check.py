@@ -52,7 +52,7 @@ WHEELS, TOKENIZER = CARRY / "wheels", CARRY / "tokenizer"
 # tyro (pinned in requirements.txt) and what the GPU image lacks of its needs (KINDS.md's package list has
 # typing-extensions but no version: typeguard needs >= 4.14, so it travels too).
 TYRO_NEEDS = ("docstring-parser", "typeguard", "typing-extensions")
-STEPS = {"versions": 30, "generation": 120, "fsdp_step": 210, "resume": 150}  # seconds, each step's limit
+STEPS = {"versions": 45, "generation": 90, "fsdp_step": 180, "resume": 200}  # seconds, each step's limit
 STEP_BUDGET = 540  # the steps' limits together (9 of the run's 10 minutes)
 TREE_LIMIT = 64 * MiB  # what one device call carries: the working tree + carried paths
 OUTPUTS = ("gpu_check.log", "gpu_check.json")  # under $OUT: all that comes back
@@ -139,6 +139,11 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
 # Results: one JSON object per check, appended to the step's results file
 # ==================================================================================================
 RESULTS: Path | None = None
+DEADLINE = float("inf")  # time.monotonic() at which the running step is killed: its children get what is left
+
+
+def left(at_most: float = float("inf")) -> float:
+    return max(1.0, min(at_most, DEADLINE - time.monotonic() - 5))
 
 
 def record(check: str, ok: bool | None, **values) -> None:
@@ -610,6 +615,16 @@ def compare_with_plan(plan: list, report: dict) -> dict:
     return dict(plan=totals, last_step=last, compared=compared, card_gib=report["card_gib"])
 
 
+def card_gib(device: str) -> float:
+    """The GPU's memory from nvidia-smi (torch would give this process a CUDA context on the GPU the run
+    measures), else a 141 GB card's."""
+    if device.startswith("cuda"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+            query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "--id=0"]
+            return float(subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()) / 1024
+    return launch.GPU_GIB["141 GB"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -617,22 +632,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def fsdp_step(device: str, tiny: bool, work: Path) -> None:
     tokenizer = carried_tokenizer()
-    card = (
-        torch.cuda.get_device_properties(0).total_memory / GiB
-        if torch.cuda.is_available()
-        else launch.GPU_GIB["141 GB"]
-    )
+    card = card_gib(device)
     folder, runs_dir = work / "wide-model", work / "runs"
     flags = wide_flags(folder, runs_dir, device, tiny)
     shape, plan, _ = wide_plan(shapes(tiny, len(tokenizer))["wide"], flags, card, tiny)
     write_model_folder(folder, qwen_config(shape, tokenizer), tokenizer)  # config only: no weights
     # agrl.py's own --dry-run of the same command (tyro, the launch command, the plan): into the log
-    child([sys.executable, str(REPO / "agrl.py"), *flags, "--dry-run"], timeout=60)
+    child([sys.executable, str(REPO / "agrl.py"), *flags, "--dry-run"], timeout=left(60))
     memory_file = work / "wide-memory.json"
     env = dict(GPU_CHECK_NO_SAVE="1", GPU_CHECK_MEMORY=str(memory_file))
-    rc = child(
-        [sys.executable, str(Path(__file__).resolve()), "agrl", *flags], timeout=STEPS["fsdp_step"] - 45, env=env
-    )
+    rc = child([sys.executable, str(Path(__file__).resolve()), "agrl", *flags], timeout=left(), env=env)
     report = json.loads(memory_file.read_text()) if memory_file.exists() else {}
     metrics = read_metrics(runs_dir / "wide")
     keep = ("loss", "grad_norm", "step_seconds", "time_generation", "time_training", "generated_tokens_per_second")
@@ -666,7 +675,7 @@ def resume(device: str, tiny: bool, work: Path) -> None:
     tokenizer = carried_tokenizer()
     shape = shapes(tiny, len(tokenizer))["resume"]
     folder, runs_dir = work / "resume-model", work / "runs"
-    write_model_folder(folder, qwen_config(shape, tokenizer), tokenizer, device, weights=True)
+    write_model_folder(folder, qwen_config(shape, tokenizer), tokenizer, "cpu", weights=True)  # no GPU memory here
     initial = load_weights(folder)
     common = [
         *("--model", str(folder), "--dataset", "synthetic", "--limit", "32", "--device", device, "--num-gpus", "1"),
@@ -676,11 +685,10 @@ def resume(device: str, tiny: bool, work: Path) -> None:
         *("--output-dir", str(runs_dir)),
     ]
     driver = [sys.executable, str(Path(__file__).resolve()), "agrl", *common]
-    limit = (STEPS["resume"] - 20) // 3
-    rcs = [child([*driver, "--run-name", "A", "--total-steps", "2", "--overwrite"], timeout=limit)]
-    rcs.append(child([*driver, "--run-name", "B", "--total-steps", "1", "--overwrite"], timeout=limit))
+    rcs = [child([*driver, "--run-name", "A", "--total-steps", "2", "--overwrite"], timeout=left())]
+    rcs.append(child([*driver, "--run-name", "B", "--total-steps", "1", "--overwrite"], timeout=left()))
     after_1 = load_weights(runs_dir / "B" / "checkpoint")
-    rcs.append(child([*driver, "--run-name", "B", "--total-steps", "2", "--resume"], timeout=limit))
+    rcs.append(child([*driver, "--run-name", "B", "--total-steps", "2", "--resume"], timeout=left()))
     a, b = read_metrics(runs_dir / "A"), read_metrics(runs_dir / "B")
     final_a, final_b = load_weights(runs_dir / "A" / "checkpoint"), load_weights(runs_dir / "B" / "checkpoint")
     if not (rcs == [0, 0, 0] and len(a) == 2 and final_a and final_b and after_1):
@@ -894,6 +902,7 @@ def dry_run_info() -> dict:
         wide_shape=shape,
         wide_parameters=launch.parameter_count(shape),
         wide_plan=plan_totals(plan),
+        wide_plan_items=plan,
         card_gib=launch.GPU_GIB["141 GB"],
         run_call=dict(RUN_CALL),
         command_chars=len(command),
@@ -904,7 +913,7 @@ def dry_run() -> dict:
     info = dry_run_info()
     print("carried (the run call's carry: .gpu_check):")
     for path, size in info["carried"]:
-        print(f"  {path:<60} {size / MiB:8.3f} MiB")
+        print(f"  {path:<60} {size / MiB:7.2f} MiB" if size >= MiB / 10 else f"  {path:<60} {size / 1024:7.1f} KiB")
     if info["missing"]:
         print(
             f"  MISSING {', '.join(info['missing'])}: run `.venv/bin/python benchmarks/gpu_check.py prepare` first (tyro's wheels, the tokenizer)"
@@ -924,6 +933,9 @@ def dry_run() -> dict:
             )
         print(f"  {name:<11} {limit:4d} s{note}")
     print(f"  {'total':<11} {info['steps_total_s']:4d} s (limit {info['step_budget_s']} s)")
+    print("the wide model's plan (launch.memory_plan, as agrl.py --dry-run prints it), GiB:")
+    for item, gib, phase in info["wide_plan_items"]:
+        print(f"  {phase:<10} {item:<80} {gib:6.2f}")
     print(f"results (only under $OUT): {', '.join(info['outputs'])}")
     print("the device call:")
     print(f"  run {json.dumps(info['run_call'])}")
@@ -962,6 +974,7 @@ if __name__ == "__main__":
         sys.exit(0 if all(c["ok"] is not False for c in results["checks"].values()) else 1)
     else:
         RESULTS = Path(a.results) if a.results else None
+        DEADLINE = time.monotonic() + STEPS[a.action]
         work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check."))
         {"versions": versions, "generation": generation, "fsdp_step": fsdp_step, "resume": resume}[a.action](
             a.device, a.tiny, work
