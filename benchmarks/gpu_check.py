@@ -58,7 +58,7 @@ TREE_LIMIT = 64 * MiB  # what one device call carries: the working tree + carrie
 OUTPUTS = ("gpu_check.log", "gpu_check.json")  # under $OUT: all that comes back
 RUN_CALL = dict(command="bash benchmarks/gpu_check.sh", carry=[".gpu_check"], timeout_s=570)
 PLAN_SHARE = 0.75  # the wide model's plan may fill this share of the card; the rest is for what the plan misses
-LOG_CAP = 4 * MiB  # per step, in gpu_check.log
+LOG_CAP = 2 * MiB  # per step, in gpu_check.log (a file over 16 MiB would not come back)
 MARK = "GPU_CHECK_RUN"  # env marker of every process a step starts: on a timeout those (and only those) are killed
 
 
@@ -760,6 +760,35 @@ def child(command: list[str], timeout: float, env: dict | None = None) -> int:
     return rc
 
 
+def summary(results: dict) -> str:
+    """The end of the log (what the device call's output tail shows): each check's verdict, the key figures."""
+    lines = ["checks (ok: true / false / - measured only):"]
+    for name, check in results["checks"].items():
+        lines.append(f"  {name:<42} {'-' if check['ok'] is None else check['ok']}")
+    checks = results["checks"]
+    if "decode_speed_bf16" in checks:
+        c = checks["decode_speed_bf16"]
+        lines.append(
+            f"decode, {c['rows']} rows x {c['new_tokens_each']} tokens: ours {c['ours_tokens_per_second']:.0f} tok/s, "
+            f"HF generate {c['hf_tokens_per_second']:.0f} tok/s ({c['speedup']:.2f}x)"
+        )
+    wide = checks.get("fsdp_wide_step", {})
+    if wide.get("compared"):
+        lines.append(f"wide model ({wide['layers_of_qwen25_7b']} layers): GiB on a {wide['card_gib']:.1f} GiB card")
+        lines.append(f"  {'':<26} {'plan':>7} {'measured':>9} {'ratio':>6}")
+        for row, c in wide["compared"].items():
+            measured = "-" if c["measured_gib"] is None else f"{c['measured_gib']:9.2f}"
+            ratio = "-" if c["measured_over_plan"] is None else f"{c['measured_over_plan']:6.2f}"
+            lines.append(f"  {row:<26} {c['plan_gib']:7.2f} {measured:>9} {ratio:>6}")
+    if "resume_round_trip" in checks and checks["resume_round_trip"].get("gap_over_update") is not None:
+        c = checks["resume_round_trip"]
+        lines.append(f"resume: resumed vs uninterrupted = {c['gap_over_update']:.2e} of step 2's update (L2)")
+    for name, step in results["steps"].items():
+        if step["rc"] != 0:
+            lines.append(f"step {name}: rc {step['rc']}{' (killed at its limit)' if step['timed_out'] else ''}")
+    return "\n".join(lines)
+
+
 def run_steps(out: Path, names: list[str], device: str, tiny: bool) -> dict:
     """Each step in its own process, killed at its limit; its output teed into out/gpu_check.log (up to LOG_CAP),
     its checks merged into out/gpu_check.json after every step (so a run cut short still leaves what it found)."""
@@ -826,9 +855,10 @@ def run_steps(out: Path, names: list[str], device: str, tiny: bool) -> dict:
             tmp = out / (OUTPUTS[1] + ".tmp")
             tmp.write_text(json.dumps(results, indent=1, default=str))
             os.replace(tmp, out / OUTPUTS[1])
-        say(
-            "\nchecks: " + ", ".join(f"{k} {'-' if v['ok'] is None else v['ok']}" for k, v in results["checks"].items())
-        )
+        try:
+            say("\n" + summary(results))
+        except (KeyError, TypeError) as e:  # a check that recorded less than usual: the JSON has it all
+            say(f"\n(no summary: {type(e).__name__} {e}; see {OUTPUTS[1]})")
     shutil.rmtree(work, ignore_errors=True)
     return results
 

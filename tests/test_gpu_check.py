@@ -147,6 +147,75 @@ def test_memory_against_the_plan_reads_the_last_step():
     assert compared["whole_step_device"] == dict(plan_gib=23.0, measured_gib=60.0, measured_over_plan=60.0 / 23.0)
 
 
+def test_phase_memory_on_a_fake_allocator(monkeypatch):
+    """The bookkeeping of the driver's memory phases, on a fake CUDA allocator (no GPU here): two steps of
+    refresh, generation, training with an optimizer step inside it; step 1 allocates the inference copy and the
+    AdamW states. The comparison must read step 2: its start (weights, AdamW, copy), its phase peaks, and the
+    device's use (reserved + what is outside the allocator)."""
+    GiB = 2**30
+    fake = dict(allocated=0, peak=0, reserved=0, peak_reserved=0)
+
+    def alloc(gib):
+        fake["allocated"] += gib * GiB
+        fake["peak"] = max(fake["peak"], fake["allocated"])
+        fake["reserved"] = max(fake["reserved"], fake["allocated"])  # the caching allocator keeps what it took
+        fake["peak_reserved"] = max(fake["peak_reserved"], fake["reserved"])
+
+    def reset():
+        fake["peak"], fake["peak_reserved"] = fake["allocated"], fake["reserved"]
+
+    cuda = gpu_check.torch.cuda
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda: (140 * GiB - fake["reserved"] - GiB, 140 * GiB))  # 1 GiB context
+    monkeypatch.setattr(cuda, "memory_allocated", lambda: fake["allocated"])
+    monkeypatch.setattr(cuda, "memory_reserved", lambda: fake["reserved"])
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: fake["peak"])
+    monkeypatch.setattr(cuda, "max_memory_reserved", lambda: fake["peak_reserved"])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda i: type("P", (), dict(total_memory=140 * GiB)))
+    memory = gpu_check.PhaseMemory("cpu")
+    memory.cuda = True
+    alloc(20)  # fp32 weights
+    copy, adam = [], []
+    refresh = memory.wrap("refresh", lambda: copy or (alloc(10), copy.append(1)), new_step=True)
+    generate = memory.wrap("generation", lambda: (alloc(2), alloc(-2)))
+
+    def update():
+        alloc(5)  # activations and gradients
+        alloc(-3)  # activations freed, 2 GiB of gradients kept
+        memory.enter("optimizer step")
+        adam or (alloc(4), adam.append(1))  # AdamW states, made by the first step
+        alloc(1)  # a temporary of the step
+        alloc(-1)
+        memory.exit()
+        alloc(-2)  # zero_grad(set_to_none=True)
+
+    train = memory.wrap("training", update)
+    for _ in range(2):
+        refresh()
+        generate()
+        train()
+    plan = [
+        ("parameters fp32", 20.0, "static"),
+        ("AdamW states fp32", 4.0, "static"),
+        ("rollout inference copy", 10.0, "static"),
+        ("CUDA context, NCCL, allocator slack", 3.0, "static"),
+        ("rollout KV cache", 2.0, "generation"),
+        ("gradients fp32", 2.0, "training"),
+        ("activations", 5.0, "training"),
+    ]
+    result = gpu_check.compare_with_plan(plan, memory.report())
+    measured = {name: row["measured_gib"] for name, row in result["compared"].items()}
+    assert result["last_step"] == 2 and result["card_gib"] == 140
+    assert measured == dict(
+        static=34.0, generation=36.0, training_forward_backward=39.0, optimizer_step=37.0, whole_step_device=40.0
+    )
+    planned = {name: row["plan_gib"] for name, row in result["compared"].items()}
+    assert planned == dict(
+        static=34.0, generation=36.0, training_forward_backward=41.0, optimizer_step=41.0, whole_step_device=44.0
+    )
+
+
 @pytest.mark.skipif(os.environ.get("GPU_CHECK_SLOW") != "1", reason="about 4 minutes here: GPU_CHECK_SLOW=1")
 def test_every_step_passes_at_tiny_width_on_cpu(tmp_path):
     """The whole check as the device runs it, at tiny width on the CPU: the agrl.py driver under torchrun (FSDP
