@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import random
 import sys
@@ -75,7 +76,7 @@ class Args(flags.TrainFlags):
     micro_batch_size: int = 8
     """sequences per forward/backward pass per process (= group_size: one group, one shared prompt per pass)"""
     shared_prefix: bool = True
-    """run a micro-batch's common prompt prefix once for all its rows (exact; single process only)"""
+    """run a micro-batch's common prompt prefix once for all its rows (exact; a group's rows stay on one process)"""
     dynamic_sampling: bool = True
     """drop groups that cannot teach (see ds_rule) and refill from new prompts"""
     ds_rule: Literal["variance", "accuracy"] = "variance"
@@ -302,6 +303,18 @@ NO_UPDATE = dict(
 )
 
 
+def rows_per_rank(rows: list[dict], world: int, by_prompt: bool) -> list[list[dict]]:
+    """The step's rows shared out over the ranks. by_prompt: a group's rows stay together, in order, on the rank
+    with the fewest rows so far, so that their prompt is run once for them (models.token_logprobs); else every
+    world-th row, length-sorted on each rank (little padding)."""
+    if not by_prompt:
+        return [sorted(rows[r::world], key=lambda r: len(r["prompt"]) + len(r["completion"])) for r in range(world)]
+    shares = [[] for _ in range(world)]
+    for _, group in itertools.groupby(rows, key=lambda r: r["prompt"]):  # a group's rows are adjacent
+        min(shares, key=len).extend(group)
+    return shares
+
+
 def update_policy(
     model, reference, optimizer, accelerator, tokenizer, rows: list[dict], args: Args, step: int, nan_skips: int
 ) -> tuple[dict, int]:
@@ -310,12 +323,11 @@ def update_policy(
     rows where short). Returns the updates' statistics and the count of consecutive non-finite updates so far."""
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
-    share_prefix = args.shared_prefix and world == 1
-    mine = (
-        list(rows) if share_prefix else sorted(rows[rank::world], key=lambda r: len(r["prompt"]) + len(r["completion"]))
-    )
-    n_micro = -(-len(rows[0::world]) // args.micro_batch_size)
-    mine += [dict(rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
+    share_prefix = args.shared_prefix  # one forward call per micro-batch either way: under FSDP, on every rank
+    shares = rows_per_rank(rows, world, share_prefix)
+    mine = shares[rank]
+    n_micro = max(-(-len(share) // args.micro_batch_size) for share in shares)
+    mine += [dict(mine[0] if mine else rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
     micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)

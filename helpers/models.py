@@ -298,63 +298,66 @@ def checkpointing(model) -> bool:
     return bool(getattr(module, name, False))
 
 
-def _prefix_layers():
-    """Two KV-cache layers that a checkpointed block may run twice (the forward, then its recompute in the backward
-    pass) with the same result; transformers' own layer appends on every call, so it drops caches under checkpointing."""
-    from transformers.cache_utils import DynamicLayer
-
-    class PrefixRecord(DynamicLayer):  # the prefix's own forward: records its states, replacing, never appending
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.is_initialized, self.keys, self.values = True, key_states, value_states
-            return key_states, value_states
-
-    class PrefixRead(DynamicLayer):  # the rows' forward: the prefix's states before theirs; nothing is stored
-        def update(self, key_states, value_states, *args, **kwargs):
-            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-
-    return PrefixRecord, PrefixRead
-
-
-def prefix_cache(model, prefix_ids: torch.Tensor, rows: int):
-    """Run a shared prompt prefix once (with gradient) and return its keys and values for `rows` rows, as a cache
-    the rows' forward reads. Also under activation checkpointing (the blocks are told it is read-only)."""
-    from transformers.cache_utils import Cache
-
-    record_layer, read_layer = _prefix_layers()
-    for block in unwrapped(model).modules():
-        if hasattr(type(block), "_can_checkpoint_with_cache"):
-            block._can_checkpoint_with_cache = True  # a recompute reads or records the same states again
-    record = Cache(layer_class_to_replicate=record_layer)
-    model(input_ids=prefix_ids, past_key_values=record, use_cache=True, logits_to_keep=1)
-    read = Cache(layers=[read_layer() for _ in record.layers])
-    for mine, recorded in zip(read.layers, record.layers):
-        mine.lazy_initialization(recorded.keys, recorded.values)
-        mine.keys, mine.values = (recorded.keys.repeat_interleave(rows, 0), recorded.values.repeat_interleave(rows, 0))
-    return read
+def _packed_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A `pad_batch` batch with a shared prefix as one sequence: the prefix, then each row's own tokens (the rest of
+    its prompt, its completion), each row seeing the prefix and itself (a block-causal mask, positions continuing
+    the prefix's). One forward call: exact, no KV cache (so activation checkpointing keeps the sharing), and under
+    FSDP one call per micro-batch on every rank. Returns the logits at completion positions: [B, C, vocab]."""
+    prefix = batch["prefix_ids"][0]
+    L, device = len(prefix), prefix.device
+    ids, real = batch["input_ids"], batch["attention_mask"][:, L:].bool()
+    B, C = ids.shape[0], batch["completion_mask"].shape[1]
+    own = [ids[b][real[b]] for b in range(B)]
+    lengths = torch.tensor([len(t) for t in own], device=device)
+    starts = L + torch.cumsum(lengths, 0) - lengths
+    prompt_rest = lengths - batch["completion_mask"].sum(-1).long()  # each row's prompt tokens after the prefix
+    segment = torch.cat(
+        [torch.full((L,), -1, device=device)]
+        + [torch.full((n,), b, device=device) for b, n in enumerate(lengths.tolist())]
+    )
+    positions = torch.cat(
+        [torch.arange(L, device=device)] + [torch.arange(L, L + n, device=device) for n in lengths.tolist()]
+    )
+    T = len(segment)
+    visible = torch.ones(T, T, dtype=torch.bool, device=device).tril() & (
+        (segment[None, :] == -1) | (segment[:, None] == segment[None, :])
+    )
+    if unwrapped(model).config._attn_implementation != "sdpa":  # eager attention adds the mask
+        visible = torch.zeros(T, T, device=device).masked_fill(~visible, torch.finfo(torch.float32).min)
+    # the logit that predicts a row's j-th completion token sits one position before that token (the last prompt
+    # token for j = 0, which is the prefix's last for a row whose whole prompt is shared); padding reads position 0
+    j = torch.arange(C, device=device)
+    at = (starts[:, None] + prompt_rest[:, None] - 1 + j[None, :]).clamp(min=0)
+    at = torch.where(batch["completion_mask"].bool(), at, torch.zeros_like(at))
+    logits = model(
+        input_ids=torch.cat([prefix, *own])[None],
+        attention_mask=visible[None, None],
+        position_ids=positions[None],
+        logits_to_keep=at.flatten(),
+    ).logits
+    return logits.view(B, C, -1)
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
     """log pi(completion token | prompt, earlier tokens) for a `pad_batch` batch: [B, C] (and entropies).
 
-    A shared prefix is run once (with gradient) and its KV cache repeated for every row: the same
-    log-probs and gradients as the plain forward, for a fraction of the prompt compute.
+    A shared prefix is run once for all rows (with gradient; `_packed_logits`): the same log-probs and gradients
+    as the plain forward, for a fraction of the prompt compute.
     """
     C = batch["completion_mask"].shape[1]
-    cache = None
     if batch["prefix_ids"].shape[1] > 0:
-        cache = prefix_cache(model, batch["prefix_ids"], batch["input_ids"].shape[0])
-    logits = (
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            past_key_values=cache,
-            use_cache=cache is not None,
-            logits_to_keep=C + 1,
+        logits = _packed_logits(model, batch).float()
+    else:
+        logits = (
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=C + 1,
+            )
+            .logits[:, :-1]
+            .float()
         )
-        .logits[:, :-1]
-        .float()
-    )
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     # gather - logsumexp: no [B, C, vocab] log-softmax tensor is materialised

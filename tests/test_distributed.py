@@ -316,8 +316,11 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tokenizer,
         logp, _ = models.token_logprobs(model, batch)
         (logp * batch["completion_mask"]).sum().backward()
         results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-        shared = 3 if share_prefix else 0  # [1, 2, 3] starts every prompt
-        assert sum(embedded) == shared + len(prompts) * (max(len(p) for p in prompts) - shared + 3), embedded
+        if share_prefix:  # [1, 2, 3] starts every prompt: once, then each row's own tokens (no padding)
+            expected = 3 + sum(len(p) - 3 + len(c) for p, c in zip(prompts, completions))
+        else:  # every row padded to the longest prompt and completion
+            expected = len(prompts) * (max(map(len, prompts)) + max(map(len, completions)))
+        assert sum(embedded) == expected, embedded
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -341,6 +344,13 @@ script.score_group = test_distributed.fake_score_group
 E.run_eval = lambda *a, **k: E.classification_metrics([], [], test_distributed.R.TAOBAO4.labels)
 E.metrics_table = lambda *a, **k: ""
 calls, rollout_generate = [], rollouts.rollout_generate
+prefixes, pad_batch = [], models.pad_batch
+
+
+def recording_pad_batch(prompts, completions, pad_id, device, share_prefix=False):
+    batch = pad_batch(prompts, completions, pad_id, device, share_prefix)
+    prefixes.append([batch["prefix_ids"].shape[1], max(map(len, prompts))])  # the prefix run once, the longest prompt
+    return batch
 
 
 def counting_rollout_generate(model, accelerator, engine, tokenizer, prompts, **kwargs):
@@ -363,12 +373,15 @@ def dump_trained_weights(args, model, tokenizer, run, device):
             json.dump(pushed, f)
     with open(os.path.join(args.output_dir, args.run_name, f"calls-rank{{rank}}.json"), "w") as f:
         json.dump(calls, f)
+    with open(os.path.join(args.output_dir, args.run_name, f"prefixes-rank{{rank}}.json"), "w") as f:
+        json.dump(prefixes, f)
     if rank == 0:
         save_file({{k: v.contiguous() for k, v in whole.items()}}, os.path.join(args.output_dir, args.run_name, "trained.safetensors"))
     return {{}}
 
 
 rollouts.rollout_generate = counting_rollout_generate
+models.pad_batch = recording_pad_batch
 E.final_eval = dump_trained_weights
 if "--vllm" in sys.argv:  # the recording fake engine stands in for vLLM
     import types
@@ -433,6 +446,10 @@ def run_in_process(module, out: Path, name: str, **overrides) -> Path:
 def assert_uneven_and_matching(two: Path, one: Path, lr: float) -> None:
     calls = [json.loads((two / f"calls-rank{r}.json").read_text()) for r in (0, 1)]
     assert len(calls[0]) > len(calls[1]), f"the work was not uneven: generate calls per rank {calls}"
+    for rank in (0, 1):  # a group's rows on one rank: the training forwards run a whole prompt once for them
+        prefixes = json.loads((two / f"prefixes-rank{rank}.json").read_text())
+        # (each row keeps its prompt's last token, whose logits predict its first completion token)
+        assert any(prefix == longest - 1 for prefix, longest in prefixes), f"rank {rank} shared no prompt: {prefixes}"
     assert read_metrics(one)[0]["data_position"] > 2  # after refills
     assert_matching(two, one, lr)
 
@@ -471,8 +488,9 @@ def test_grpo_fsdp_uneven_work_finishes_and_matches_one_process(grpo_fsdp, tmp_p
 
 
 def test_agrl_fsdp_guided_sampling_on_one_rank_finishes_and_matches_one_process(tmp_path):
-    run_launched(fsdp_command(tmp_path, "agrl", "two", total_steps=1), tmp_path)
-    one = run_in_process(agrl, tmp_path, "one", total_steps=1)
+    """With activation checkpointing too (a group's prompt is still run once for its rows)."""
+    run_launched(fsdp_command(tmp_path, "agrl", "two", total_steps=1, gradient_checkpointing="on"), tmp_path)
+    one = run_in_process(agrl, tmp_path, "one", total_steps=1, gradient_checkpointing="on")
     two = tmp_path / "two"
     m = read_metrics(two)[0]
     assert m["agr_stagnant_share"] > 0 and m["agr_level_1"] + m["agr_level_2"] > 0, "no guided sampling happened"
