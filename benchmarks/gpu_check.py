@@ -556,8 +556,7 @@ def plan_totals(plan: list[tuple[str, float, str]]) -> dict:
 def wide_flags(folder: Path, out: Path, device: str, tiny: bool) -> list[str]:
     """The wide run: 8 prompts x 8 completions of exactly 128 tokens (synthetic prompts are ~340 tokens, so the
     plan's item budget is 64), micro-batches of 8, 2 steps (the second runs with the AdamW states in place).
-    Gradient checkpointing on, as `auto` is on a GPU: the same path on a CPU here (and without it, FSDP at world
-    size 1 with the shared prompt prefix fails in backward: see benchmarks/README.md)."""
+    Gradient checkpointing on, as `auto` is on a GPU: the same path on a CPU here."""
     size = ["2", "4", "4", "8"] if tiny else ["8", "8", "8", "128"]
     return [
         *("--model", str(folder), "--dataset", "synthetic", "--limit", "64", "--device", device),
