@@ -932,7 +932,9 @@ def main(args: Args) -> dict:
     dataset = D.load_for(args)
     rulebook, examples = dataset.rulebook, dataset.examples
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = checkpoints.load_policy(args.model, resume_from, accelerator, args.gradient_checkpointing)
+    model, tokenizer = checkpoints.load_policy(  # whole on every rank: the --beta reference is its copy
+        args.model, resume_from, accelerator, args.gradient_checkpointing, whole_on_every_rank=args.beta > 0
+    )
     reference = None
     if args.beta > 0:  # the frozen initial policy, also after a resume
         reference = models.load_model(args.model, str(accelerator.device))[0] if resume_from else copy.deepcopy(model)

@@ -292,7 +292,9 @@ def main(args: Args) -> dict:
     run = runs.Run(args, script)
     checkpoints.seed_everything(args.seed)
     resume_from, state = checkpoints.resume_point(run) if args.resume else (None, None)
-    model, tokenizer = checkpoints.load_policy(args.model, resume_from, accelerator, args.gradient_checkpointing)
+    model, tokenizer = checkpoints.load_policy(  # whole on every rank: pass@N and the reference use it before prepare
+        args.model, resume_from, accelerator, args.gradient_checkpointing, whole_on_every_rank=True
+    )
     pad_id = tokenizer.pad_token_id
 
     def sft_policy():

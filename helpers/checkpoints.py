@@ -81,7 +81,7 @@ def save_sharded_checkpoint(
     `<run>/checkpoint/` one parameter at a time (`export_hf`), before the step folder is in place."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder, tmp = step_folders(run_dir, step)
     main = runs.is_main_process()
@@ -89,13 +89,10 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the folder is there and empty before any rank writes into it
-    if optimizer is None:
-        weights, optimizer_state = get_model_state_dict(model), dict(state={}, param_groups=[])
-    else:  # keyed by parameter name; the values are this rank's DTensor shards (of accelerate's wrapped optimizer)
-        weights, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    # keyed by parameter name, the values this rank's DTensor shards (of the optimizer accelerate wraps)
+    weights, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
     weights = stored_once(model, weights)
-    # Tensors only: DCP reads back non-tensor values with torch.load(weights_only=False), so the
-    # optimizer's hyperparameters (param_groups) go to train_state.pt, read with weights_only=True.
+    # tensors only: DCP reads other values with torch.load(weights_only=False); param_groups go to train_state.pt
     dcp.save(dict(model=weights, optimizer=optimizer_state["state"]), checkpoint_id=tmp)
     # dcp.save returns on every rank once all ranks' files are written and rank 0 has written .metadata
     if final:
@@ -220,39 +217,113 @@ def check_strategy(folder: Path, fsdp: bool) -> None:
         raise UserError(f"{folder} holds FSDP shards (no whole weights): resume it with --strategy fsdp")
 
 
-def load_policy(model_name: str, resume_from: Path | None, accelerator, gradient_checkpointing: str = "auto"):
+def load_policy(
+    model_name: str,
+    resume_from: Path | None,
+    accelerator,
+    gradient_checkpointing: str = "auto",
+    whole_on_every_rank: bool = False,
+):
     """The policy to train, before `accelerator.prepare`: `model_name`, or the checkpoint `--resume` continues.
-    A sharded (FSDP) checkpoint has no whole weights: the model is built from its config in memory that is
-    allocated but never written (the OS commits only the pages a rank copies its shard out of, when
-    prepare shards it), and `load_training_state` reads each rank's shard into it after prepare."""
+
+    Every rank reads the whole model without FSDP, and under FSDP when the script uses the unprepared policy
+    whole on every rank (`whole_on_every_rank`: DPO's pass@N sampling and reference log-probs, a --beta
+    reference copy). Otherwise under FSDP no rank but 0 reads weights: the others build the model from its
+    config in memory that is never written (`empty_model`). Starting, rank 0 reads the whole model and
+    `prepare` broadcasts it into every rank's shard (accelerate's cpu_ram_efficient_loading); resuming from a
+    sharded checkpoint, every rank builds it so and `load_training_state` reads each rank's shard."""
+    import torch.distributed as dist
     from accelerate.utils import DistributedType
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if resume_from is not None:
-        check_strategy(resume_from, accelerator.distributed_type == DistributedType.FSDP)
-    if resume_from is None or not is_sharded(resume_from):
+        check_strategy(resume_from, fsdp)
+    if fsdp:  # the same on every rank: prepare's collectives follow it
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = resume_from is None and not whole_on_every_rank
+    if not fsdp or (resume_from is None and whole_on_every_rank):
         return models.load_policy(str(resume_from or model_name), accelerator, gradient_checkpointing)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    if resume_from is not None:
+        generation = resume_from / "generation_config.json"
+        generation = GenerationConfig.from_pretrained(resume_from) if generation.exists() else None
+        model = empty_model(AutoConfig.from_pretrained(resume_from), generation)
+        tokenizer = AutoTokenizer.from_pretrained(resume_from)
+    else:  # rank 0 reads the model (on the CPU: prepare moves it to the GPUs a parameter at a time)
+        loaded = [None]
+        if runs.is_main_process():
+            try:
+                model, tokenizer = models.load_model(model_name, "cpu", dtype="float32")
+                loaded = [(model.config, model.generation_config, tokenizer)]
+            except Exception as e:
+                failed = (
+                    UserError(str(e)) if isinstance(e, UserError) else RuntimeError(f"rank 0: {type(e).__name__}: {e}")
+                )
+                dist.broadcast_object_list([failed])
+                raise
+        dist.broadcast_object_list(loaded)  # the others wait for rank 0's config and tokenizer, or its error
+        if isinstance(loaded[0], Exception):
+            raise loaded[0]
+        if not runs.is_main_process():
+            config, generation, tokenizer = loaded[0]
+            model = empty_model(config, generation)
+    if models.gradient_checkpointing_on(gradient_checkpointing, str(accelerator.device)):
+        models.enable_checkpointing(model)
+    return model, tokenizer
 
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) computed
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resume_from), dtype=torch.float32)
+
+def empty_model(config, generation_config=None):
+    """The policy built from its config in memory that is allocated but never written: the OS commits only the
+    pages a rank later copies its shard out of. Buffers (the rotary frequencies) are computed as usual."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device="cpu")  # fully_shard moves each unit to the GPU and keeps this rank's shard
     model.tie_weights()
     with torch.no_grad():
         for name, buffer in buffers.items():
             model.get_buffer(name).copy_(buffer)
-    if (resume_from / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(resume_from)
-    if models.gradient_checkpointing_on(gradient_checkpointing, str(accelerator.device)):
-        models.enable_checkpointing(model)
-    return model, AutoTokenizer.from_pretrained(resume_from)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model
 
 
 def whole_weights(model_name: str, resume_from: Path | None) -> str:
     """Where the policy's whole Hugging Face weights are, for a vLLM engine to start from: the checkpoint, or for
     a sharded one the start model (the trained weights are pushed to the engine before its first rollout)."""
     return str(resume_from if resume_from is not None and not is_sharded(resume_from) else model_name)
+
+
+# The globals DCP's `.metadata` pickle holds: its metadata classes, shapes, layouts, paths (and torch dtypes)
+DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in "Metadata MetadataIndex ChunkStorageMetadata TensorStorageMetadata BytesStorageMetadata".split()
+    + "TensorProperties StorageMeta _MEM_FORMAT_ENCODING".split()
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+}
+
+
+def check_dcp_metadata(folder: Path) -> None:
+    """DCP reads `.metadata` with plain pickle, which runs whatever a crafted file names: unpickle it first with
+    nothing but the globals DCP writes there (and torch dtypes), so that a checkpoint folder stays data."""
+    import pickle
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in DCP_METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            ):
+                return super().find_class(module, name)
+            raise UserError(f"{folder / '.metadata'} names {module}.{name}, which DCP metadata never holds: not loaded")
+
+    with open(folder / ".metadata", "rb") as f:
+        MetadataUnpickler(f).load()
 
 
 def load_training_state(model, optimizer, folder: Path, state: dict) -> None:
@@ -266,6 +337,7 @@ def load_training_state(model, optimizer, folder: Path, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
 
+    check_dcp_metadata(folder)
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: torch's own optimizer
     weights, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (AdamW's made by a zero step)
     # read in place: into the parameters' own shards (a tied head with its embedding), and the AdamW states

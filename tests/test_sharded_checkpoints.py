@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
 import torch
-from test_distributed import LAUNCH_TIMEOUT, fsdp_command, kill_run, launched, run_launched, sharded_weights
+from test_distributed import LAUNCH_TIMEOUT, REPO, fsdp_command, kill_run, launched, run_launched, sharded_weights
 from test_grpo import assert_same_weights, read_metrics, state_dict, untimed
 
 from helpers import checkpoints, launch, models
@@ -109,3 +110,66 @@ def test_a_checkpoint_resumed_under_the_other_strategy_is_one_line(grpo_fsdp, ti
     assert str(whole) in str(e.value) and "\n" not in str(e.value)
     checkpoints.check_strategy(whole, fsdp=False)
     checkpoints.check_strategy(sharded, fsdp=True)
+
+
+START_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from helpers import checkpoints, launch, models
+from helpers.errors import UserError
+
+rank, reads, load_model = int(os.environ["RANK"]), [], models.load_model
+models.load_model = lambda name, *a, **k: (reads.append(name), load_model(name, *a, **k))[1]
+accelerator = launch.make_accelerator("cpu", "fsdp", "fp32")
+try:  # rank 0's error reaches every rank, instead of the others waiting for its weights
+    checkpoints.load_policy("no-such-org/no-such-model", None, accelerator)
+except UserError as e:
+    error = str(e)
+model, tokenizer = checkpoints.load_policy("tiny-random", None, accelerator)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model, optimizer = accelerator.prepare(model, optimizer)
+whole = {{name: t.full_tensor() for name, t in models.unwrapped(model).state_dict().items()}}
+if rank == 0:
+    torch.save(whole, "prepared.pt")
+with open(f"rank{{rank}}.json", "w") as f:
+    json.dump(dict(reads=reads, error=error, chat_template=tokenizer.chat_template is not None), f)
+"""
+
+
+def test_fsdp_start_load_reads_the_weights_on_rank_0_only_and_prepare_gives_every_rank_its_shard(tmp_path):
+    """accelerate's cpu_ram_efficient_loading under FSDP2 on gloo: rank 1 never reads the model (it builds it
+    from rank 0's config in never-written memory), and after prepare its shard holds the model's weights."""
+    driver = tmp_path / "start_driver.py"
+    driver.write_text(START_DRIVER.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    run_launched(command, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["reads"] == ["no-such-org/no-such-model", "tiny-random"] and ranks[1]["reads"] == [], ranks
+    assert all("no-such-org/no-such-model" in r["error"] for r in ranks) and ranks[1]["chat_template"], ranks
+    prepared = torch.load(tmp_path / "prepared.pt", weights_only=True)
+    expected = models.tiny_random_model(models.embedded_tokenizer()).state_dict()
+    assert prepared.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(prepared[name], tensor), name
+
+
+class RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_dcp_metadata_that_names_other_code_is_refused_before_dcp_unpickles_it(grpo_fsdp, tmp_path, monkeypatch):
+    """DCP reads `.metadata` with plain pickle: a crafted one could run anything at --resume. The check lets
+    through what DCP writes there and nothing else."""
+    import pickle
+    import shutil
+
+    checkpoints.check_dcp_metadata(grpo_fsdp / "checkpoints" / "step-0000003")  # a real one passes
+    folder = tmp_path / "step-0000003"
+    shutil.copytree(grpo_fsdp / "checkpoints" / "step-0000003", folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsACommand()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="names posix.system"):
+        checkpoints.check_dcp_metadata(folder)
+    assert not (tmp_path / "pwned").exists()
