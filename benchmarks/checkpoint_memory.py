@@ -114,10 +114,11 @@ def main(args: Args) -> None:
             tokenizer.save_pretrained(work / "start")
             del model
         accelerator.wait_for_everyone()
-        with peak_above_start(phases, "start load (every rank reads the whole model)"):
+        with peak_above_start(phases, "start load (rank 0 reads the model, the others build it empty)"):
             model, tokenizer = checkpoints.load_policy(str(work / "start"), None, accelerator)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        with peak_above_start(phases, "start: prepare (rank 0's weights broadcast into every rank's shard)"):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            model, optimizer = accelerator.prepare(model, optimizer)
         fake_step(model, optimizer)
         with peak_above_start(phases, "step save (each rank writes its shard)"):
             checkpoints.save_checkpoint(
