@@ -328,8 +328,8 @@ def check_dcp_metadata(folder: Path) -> None:
 
 def load_training_state(model, optimizer, folder: Path, state: dict) -> None:
     """`--resume`, after `accelerator.prepare`. Under FSDP each rank reads its own shard of the weights and
-    AdamW states from the DCP files (reading before `prepare` would give every rank rank 0's view);
-    otherwise the optimizer state in train_state.pt (the weights came with the model)."""
+    AdamW states from the DCP files into the sharded model and optimizer (DCP reshards if the number of
+    processes changed); otherwise the optimizer state in train_state.pt (the weights came with the model)."""
     check_strategy(folder, launch.is_fsdp(model))
     if not launch.is_fsdp(model):
         optimizer.load_state_dict(state["optimizer"])
