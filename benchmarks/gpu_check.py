@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -336,59 +337,72 @@ def single_process_update(model, tokenizer, prompts, device: str) -> dict:
     )
 
 
+def attempt(check: str, fn) -> bool:
+    """One check: its exception is its failure (recorded, traceback in the log), and the step goes on."""
+    try:
+        fn()
+        return True
+    except Exception as e:
+        traceback.print_exc()
+        record(check, False, error=f"{type(e).__name__}: {str(e)[:1000]}")
+        return False
+
+
 def generation(device: str, tiny: bool, work: Path) -> None:
     tokenizer = carried_tokenizer()
     shape = shapes(tiny, len(tokenizer))["generation"]
-    config = qwen_config(shape, tokenizer)
-    model = random_model(config, device, torch.float32).eval()
+    model = random_model(qwen_config(shape, tokenizer), device, torch.float32).eval()
     prompts = synthetic_prompts(tokenizer)
     new_tokens = 8 if tiny else 32
 
-    greedy = greedy_against_hf(model, tokenizer, prompts, device, new_tokens, tie=1e-3)
-    record("greedy_vs_hf_fp32", greedy["equal"] + greedy["near_tie"] == greedy["rows"], shape=shape, **greedy)
+    def greedy_fp32():
+        greedy = greedy_against_hf(model, tokenizer, prompts, device, new_tokens, tie=1e-3)
+        record("greedy_vs_hf_fp32", greedy["equal"] + greedy["near_tie"] == greedy["rows"], shape=shape, **greedy)
 
-    sampled = [
-        rollouts.generate(
-            model,
-            tokenizer,
-            prompts,
-            n=4,
-            max_new_tokens=new_tokens,
-            temperature=1.0,
-            seeds=list(range(8)),
-            shared_prefill=s,
-        )
-        for s in (True, False)
-    ]
-    same = sum(a == b for a, b in zip(sampled[0].completion_ids, sampled[1].completion_ids))
-    rows = len(sampled[0].completion_ids)
-    record("sampling_shared_vs_unshared_prefill_fp32", same == rows, rows=rows, same_tokens=same)
+    def sampling_fp32():
+        sampled = [
+            rollouts.generate(
+                model,
+                tokenizer,
+                prompts,
+                n=4,
+                max_new_tokens=new_tokens,
+                temperature=1.0,
+                seeds=list(range(8)),
+                shared_prefill=s,
+            )
+            for s in (True, False)
+        ]
+        same = sum(a == b for a, b in zip(sampled[0].completion_ids, sampled[1].completion_ids))
+        rows = len(sampled[0].completion_ids)
+        record("sampling_shared_vs_unshared_prefill_fp32", same == rows, rows=rows, same_tokens=same)
+        batch = models.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, device)
+        with torch.no_grad():
+            train_logp = models.token_logprobs(model, batch, temperature=1.0)[0]
+        behaviour = torch.zeros_like(train_logp)
+        for i, lp in enumerate(sampled[0].logprobs):
+            behaviour[i, : len(lp)] = torch.tensor(lp)
+        gap = (train_logp - behaviour)[batch["completion_mask"].bool()].abs()
+        max_abs, mean_abs = gap.max().item(), gap.mean().item()
+        record("behaviour_vs_training_logprobs_fp32", max_abs < 2e-3, max_abs=max_abs, mean_abs=mean_abs)
 
-    batch = models.pad_batch(sampled[0].prompt_ids, sampled[0].completion_ids, tokenizer.pad_token_id, device)
-    with torch.no_grad():
-        train_logp = models.token_logprobs(model, batch, temperature=1.0)[0]
-    behaviour = torch.zeros_like(train_logp)
-    for i, lp in enumerate(sampled[0].logprobs):
-        behaviour[i, : len(lp)] = torch.tensor(lp)
-    gap = (train_logp - behaviour)[batch["completion_mask"].bool()].abs()
-    record(
-        "behaviour_vs_training_logprobs_fp32",
-        gap.max().item() < 2e-3,
-        max_abs=gap.max().item(),
-        mean_abs=gap.mean().item(),
-    )
+    def bf16():
+        model16 = copy.deepcopy(model).to(torch.bfloat16)
+        greedy = greedy_against_hf(model16, tokenizer, prompts, device, new_tokens, tie=0.125)
+        record("greedy_vs_hf_bf16", None, note="bf16 rounds differently in the two paths: measured only", **greedy)
+        speed = decode_speed(model16, tokenizer, prompts, device, n=8, new_tokens=8 if tiny else 128)
+        record("decode_speed_bf16", None, shape=shape, **speed)
 
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
-    greedy16 = greedy_against_hf(model16, tokenizer, prompts, device, new_tokens, tie=0.125)
-    record(
-        "greedy_vs_hf_bf16", None, note="bf16 rounds differently in the two paths: measured, not asserted", **greedy16
-    )
-    speed = decode_speed(model16, tokenizer, prompts, device, n=8, new_tokens=8 if tiny else 128)
-    record("decode_speed_bf16", None, shape=shape, **speed)
-    del model16
+    def update():  # last: accelerate's prepare wraps the model's forward in autocast
+        shares = single_process_update(model, tokenizer, prompts, device)
+        record("bf16_update_single_process", update_ok(shares), **shares)
 
-    shares = single_process_update(model, tokenizer, prompts, device)
-    record("bf16_update_single_process", update_ok(shares), **shares)
+    attempt("greedy_vs_hf_fp32", greedy_fp32)
+    attempt("sampling_shared_vs_unshared_prefill_fp32", sampling_fp32)
+    attempt("greedy_vs_hf_bf16", bf16)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    attempt("bf16_update_single_process", update)
 
 
 # ==================================================================================================
@@ -1005,6 +1019,5 @@ if __name__ == "__main__":
         RESULTS = Path(a.results) if a.results else None
         DEADLINE = time.monotonic() + STEPS[a.action]
         work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check."))
-        {"versions": versions, "generation": generation, "fsdp_step": fsdp_step, "resume": resume}[a.action](
-            a.device, a.tiny, work
-        )
+        step = {"versions": versions, "generation": generation, "fsdp_step": fsdp_step, "resume": resume}[a.action]
+        sys.exit(0 if attempt(f"{a.action}_step", lambda: step(a.device, a.tiny, work)) else 1)  # recorded too
