@@ -5,7 +5,7 @@ real width, built from a config.
 
 Here (CPU):
     .venv/bin/python benchmarks/gpu_check.py prepare    # build .gpu_check/: tyro's wheels, the SmolLM2 tokenizer
-    .venv/bin/python benchmarks/gpu_check.py dry-run    # what travels (sizes), each step's limit, the device run call
+    .venv/bin/python benchmarks/gpu_check.py dry-run    # (or --dry-run) what travels, each step's limit, the run call
 There, through the device `run` call that dry-run prints:
     bash benchmarks/gpu_check.sh [STEP ...]            # every step (or those named): $OUT/gpu_check.log, .json
 
@@ -993,6 +993,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "agrl":  # the driver: everything after `agrl` is agrl.py's flags
         agrl_driver(sys.argv[2:])
         sys.exit(0)
+    if sys.argv[1:2] == ["--dry-run"]:  # the scripts' spelling of it
+        sys.argv[1] = "dry-run"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["prepare", "dry-run", "run", *STEPS])
     parser.add_argument("steps", nargs="*", help="run: the steps to run (default: all)")
