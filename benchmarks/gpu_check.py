@@ -1003,7 +1003,7 @@ if __name__ == "__main__":
     parser.add_argument("--tiny", action="store_true", help="2-layer width-64 models (CPU runs here)")
     parser.add_argument("--work", help="a step's scratch folder")
     parser.add_argument("--results", help="a step's results file (JSON lines)")
-    a = parser.parse_args()
+    a = parser.parse_intermixed_args()  # `run --out DIR STEP ...`, as gpu_check.sh passes them
     if a.action == "prepare":
         prepare()
         dry_run()

@@ -52,17 +52,9 @@ def test_results_only_under_out(info, tmp_path):
     assert '"results"' not in (ROOT / "benchmarks" / "gpu_check.py").read_text()  # runs go to a temporary folder
     out = tmp_path / "out"
     env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_check.py"),
-            "run",
-            "versions",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ],
+    script = str(ROOT / "benchmarks" / "gpu_check.py")
+    proc = subprocess.run(  # in gpu_check.sh's order: `run --out "$OUT" "$@"` (the steps come after --out)
+        [sys.executable, script, "run", "--out", str(out), "versions", "--device", "cpu"],
         capture_output=True,
         text=True,
         env=env,
