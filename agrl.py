@@ -142,7 +142,7 @@ class Args(flags.TrainFlags):
     agr_replay_queue: int = 64
     """most stagnant prompts waiting to come back"""
     recompute_old_logprobs: bool = False
-    """recompute old log-probs with a training forward pass (use with --vllm, whose numerics differ)"""
+    """recompute old log-probs with a training forward pass (always with --vllm, whose numerics differ, as verl does)"""
     vllm: bool = False
     """generate with a colocated vLLM engine (weights synced after each step); needs vllm installed"""
     vllm_gpu_memory: float = flags.may_change_on_resume(0.3)
@@ -816,12 +816,16 @@ def update_policy(
             # collective under FSDP: decided from all rows, so that every rank runs it whenever any rank needs it
             recompute = [
                 args.recompute_old_logprobs
+                or args.vllm
                 or (r["guided"] and args.agr_correction == "none")
                 or any(map(math.isnan, r["old_logprobs"]))
                 for r in micro
             ]
             if update == 0 and (
-                args.recompute_old_logprobs or (args.agr_correction == "none" and guided_anywhere) or unknown_anywhere
+                args.recompute_old_logprobs
+                or args.vllm
+                or (args.agr_correction == "none" and guided_anywhere)
+                or unknown_anywhere
             ):
                 with torch.no_grad():
                     fresh = models.token_logprobs(model, batch, temperature)[0]
@@ -964,6 +968,7 @@ def main(args: Args) -> dict:
             args.vllm_gpu_memory,
             args.seed + rank,
             args.vllm_sleep,
+            load_weights=False,  # the policy's weights are pushed before the first rollout
         )
     stop = checkpoints.StopFlag()
     agr = AGR(args, examples, rulebook, state if resume_from is not None else None)

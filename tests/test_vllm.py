@@ -49,8 +49,8 @@ class FakeLLM:
     def sleep(self, level=1):
         self.log.append(("sleep", level))
 
-    def wake_up(self):
-        self.log.append(("wake_up",))
+    def wake_up(self, tags=None):
+        self.log.append(("wake_up", tuple(tags) if tags else ("weights", "kv_cache")))
 
     def generate(self, prompts, params, use_tqdm=True):
         self.requests.append((prompts, params))
@@ -116,7 +116,7 @@ def test_engine_is_colocated_per_rank_with_resolved_id_budgets_and_processed_log
     assert kw["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and kw["distributed_executor_backend"] == "external_launcher"
     assert kw["tensor_parallel_size"] == 1 and kw["max_model_len"] == 1500 and kw["gpu_memory_utilization"] == 0.25
     assert kw["seed"] == 7 and kw["enable_sleep_mode"] and kw["logprobs_mode"] == "processed_logprobs"
-    assert kw["enable_prefix_caching"]
+    assert kw["enable_prefix_caching"] and kw["load_format"] == "auto"
 
 
 def test_on_a_cpu_the_engine_is_one_fp32_eager_process_in_this_process(fake_vllm, monkeypatch):
@@ -137,7 +137,12 @@ def test_sync_pushes_every_hf_tensor_by_name_and_shape_then_resets_the_prefix_ca
     assert pushed == len(hf) and all(dtype == torch.bfloat16 for *_, dtype, _ in loads)
     for _, name, _, _, tensor in loads:
         assert torch.equal(tensor, hf[name].bfloat16()), name
-    assert engine.log[0] == ("wake_up",) and engine.log[-1] == ("reset_prefix_cache",)
+    # woken in two stages: the weights, the push, then the KV cache (never beside the old weights' leftovers)
+    assert engine.log[0] == ("wake_up", ("weights",)) and engine.log[-2:] == [
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+    ]
+    assert not engine.agrl_asleep
     assert [e[0] for e in engine.log].count("reset_prefix_cache") == 1 and not engine.agrl_asleep
 
 
@@ -196,6 +201,7 @@ def test_training_routes_every_rollout_through_the_engine(module, fake_vllm, tmp
         )
     (engine,) = engines
     assert engine.kwargs["max_model_len"] > RUN["max_new_tokens"]
+    assert engine.kwargs["load_format"] == "dummy"  # random weights: the policy's are pushed before any rollout
     events = [e[0] for e in engine.log]
     first_load = events.index("load")
     assert events[:first_load].count("wake_up") == 0  # the engine starts awake
@@ -204,6 +210,8 @@ def test_training_routes_every_rollout_through_the_engine(module, fake_vllm, tmp
     guided = [seed for seed in seeds if seed >= RUN["seed"] * 1_000_003 + 987_654_321]  # AGR's guided seeds
     metrics = read_metrics(tmp_path / "v")[0]
     assert len(seeds) - len(guided) == metrics["data_position"]  # every rollout prompt went to the engine
+    # the engine's log-probs (made up here) are replaced by the trainer's: the one update starts at ratio 1
+    assert metrics["grad_norm"] > 0 and metrics["approx_kl"] == 0 and metrics["clip_low"] == metrics["clip_high"] == 0
     if module is agrl:
         assert (
             metrics["agr_level_1"] + metrics["agr_level_2"] > 0

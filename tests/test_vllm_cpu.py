@@ -31,7 +31,11 @@ LOGPROB_TOLERANCE = 2e-3  # fp32 engine against the fp32 training forward (max a
 @pytest.fixture(scope="module")
 def setup():
     policy, tokenizer = models.load_model("smollm2-135m", "cpu")
-    engine = rollouts.make_vllm_engine("smollm2-135m", max_model_len=768, gpu_memory_utilization=0.2, seed=0)
+    # as training builds it: random ("dummy") weights, then the policy's pushed in before any generation
+    engine = rollouts.make_vllm_engine(
+        "smollm2-135m", max_model_len=768, gpu_memory_utilization=0.2, seed=0, load_weights=False
+    )
+    rollouts.sync_vllm_weights(engine, policy)
     dataset = D.load_dataset("synthetic", "dev", seed=0, limit=3)
     prompts = [D.encode_prompt(tokenizer, e, dataset.rulebook)[0] for e in dataset.examples]
     return policy, tokenizer, engine, dataset, prompts
