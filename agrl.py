@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import checkpoints, cli, errors, flags, launch, models, rollouts, runs
+from helpers import checkpoints, cli, errors, flags, launch, memory, models, rollouts, runs
 
 
 @dataclass
@@ -899,10 +899,10 @@ def update_policy(
     return update_stats, nan_skips
 
 
-def memory_workload(args: Args) -> launch.Workload:
+def memory_workload(args: Args) -> memory.Workload:
     """What a step holds in memory besides the model and its optimizer, for the --dry-run plan."""
     vllm_share = args.vllm_gpu_memory if args.vllm else None
-    return launch.Workload(
+    return memory.Workload(
         args.micro_batch_size,
         args.max_new_tokens,
         args.max_item_tokens,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import data as D
 import eval as E
 import rewards as R
-from helpers import checkpoints, cli, errors, flags, launch, models, rollouts, runs
+from helpers import checkpoints, cli, errors, flags, launch, memory, models, rollouts, runs
 
 
 @dataclass
@@ -285,7 +285,7 @@ def main(args: Args) -> dict:
     launch.launch(
         args,
         script,
-        launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0),
+        memory.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens, reference=args.beta > 0),
     )
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import data as D
 import eval as E
-from helpers import checkpoints, cli, errors, flags, launch, models, runs
+from helpers import checkpoints, cli, errors, flags, launch, memory, models, runs
 
 
 @dataclass
@@ -97,7 +97,7 @@ def epoch_order(gold: list[str], seed: int, epoch: int, balanced: bool) -> list[
 def main(args: Args) -> dict:
     script = Path(__file__).stem  # a copy of this file names its own runs
     args.run_name = args.run_name or f"{script}-{Path(args.model).name}-{args.dataset}-s{args.seed}"
-    launch.launch(args, script, launch.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens))
+    launch.launch(args, script, memory.Workload(args.batch_size, args.max_new_tokens, args.max_item_tokens))
     accelerator = launch.make_accelerator(args.device, args.strategy, args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     run = runs.Run(args, script)

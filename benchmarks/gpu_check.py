@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data as D  # noqa: E402
-from helpers import launch, models, rollouts  # noqa: E402
+from helpers import launch, memory, models, rollouts  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
 CARRY = REPO / ".gpu_check"  # gitignored; the run call carries it
@@ -70,10 +70,10 @@ def shapes(tiny: bool, vocab: int) -> dict[str, dict]:
     """generation: Qwen2.5-0.5B's shape with the tokenizer's vocabulary; resume: its first 4 layers; wide:
     Qwen2.5-7B's shape (its layer count cut by the plan). tiny: 2 layers of width 64, for CPU runs here."""
     if tiny:
-        small = dict(zip(launch.SHAPE_FIELDS, (64, 128, 2, 4, 2, vocab, True)))
+        small = dict(zip(memory.SHAPE_FIELDS, (64, 128, 2, 4, 2, vocab, True)))
         return dict(generation=small, resume=dict(small), wide=dict(small, tie_word_embeddings=False))
-    half = dict(zip(launch.SHAPE_FIELDS, launch.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=vocab)
-    wide = dict(zip(launch.SHAPE_FIELDS, launch.MODEL_SHAPES["qwen2.5-7b"]))  # Qwen's vocabulary, 152,064
+    half = dict(zip(memory.SHAPE_FIELDS, memory.MODEL_SHAPES["qwen2.5-0.5b"]), vocab_size=vocab)
+    wide = dict(zip(memory.SHAPE_FIELDS, memory.MODEL_SHAPES["qwen2.5-7b"]))  # Qwen's vocabulary, 152,064
     return dict(generation=half, resume=dict(half, num_hidden_layers=4), wide=wide)
 
 
@@ -539,8 +539,8 @@ def agrl_driver(argv: list[str]) -> None:
     def write_report(error: str | None = None) -> None:
         path = os.environ.get("GPU_CHECK_MEMORY")
         if path and int(os.environ.get("RANK", "0")) == 0:
-            report = memory.report(error)
-            report.update(world=int(os.environ.get("WORLD_SIZE", "1")), shape=launch.model_shape(args.model)[0])
+            report = phases.report(error)
+            report.update(world=int(os.environ.get("WORLD_SIZE", "1")), shape=memory.model_shape(args.model)[0])
             Path(path).write_text(json.dumps(report, indent=1))
 
     def final_eval(*_, **__):
@@ -595,7 +595,7 @@ def wide_plan(shape: dict, flags: list[str], card_gib: float, tiny: bool) -> tup
     checkpointing = models.gradient_checkpointing_on(args.gradient_checkpointing, args.device)
     for layers in range(shape["num_hidden_layers"], 0, -1):
         candidate = dict(shape, num_hidden_layers=layers)
-        plan = launch.memory_plan(workload, candidate, 1, "fsdp", precision, checkpointing)
+        plan = memory.memory_plan(workload, candidate, 1, "fsdp", precision, checkpointing)
         if tiny or plan_totals(plan)["peak"] <= PLAN_SHARE * card_gib:
             return candidate, plan, args
     raise RuntimeError("not even one layer of this width fits the plan")
@@ -635,7 +635,7 @@ def card_gib(device: str) -> float:
         with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
             query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "--id=0"]
             return float(subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()) / 1024
-    return launch.GPU_GIB["141 GB"]
+    return memory.GPU_GIB["141 GB"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -666,7 +666,7 @@ def fsdp_step(device: str, tiny: bool, work: Path) -> None:
         ran and trained,
         rc=rc,
         shape=shape,
-        parameters=launch.parameter_count(shape),
+        parameters=memory.parameter_count(shape),
         layers_of_qwen25_7b=f"{shape['num_hidden_layers']} of 28",
         error=report.get("error"),
         steps=steps,
@@ -928,7 +928,7 @@ def dry_run_info() -> dict:
     carried_bytes, tree_bytes = sum(p.stat().st_size for p in carried), sum(p.stat().st_size for p in tree)
     vocab = 49152  # the SmolLM2 tokenizer's
     flags = wide_flags(Path("/tmp/wide-model"), Path("/tmp/runs"), "cuda", tiny=False)
-    shape, plan, _ = wide_plan(shapes(False, vocab)["wide"], flags, launch.GPU_GIB["141 GB"], tiny=False)
+    shape, plan, _ = wide_plan(shapes(False, vocab)["wide"], flags, memory.GPU_GIB["141 GB"], tiny=False)
     command = RUN_CALL["command"]
     return dict(
         carried=[(str(p.relative_to(REPO)), p.stat().st_size) for p in carried],
@@ -943,10 +943,10 @@ def dry_run_info() -> dict:
         step_budget_s=STEP_BUDGET,
         outputs=[f"$OUT/{name}" for name in OUTPUTS],
         wide_shape=shape,
-        wide_parameters=launch.parameter_count(shape),
+        wide_parameters=memory.parameter_count(shape),
         wide_plan=plan_totals(plan),
         wide_plan_items=plan,
-        card_gib=launch.GPU_GIB["141 GB"],
+        card_gib=memory.GPU_GIB["141 GB"],
         run_call=dict(RUN_CALL),
         command_chars=len(command),
     )
@@ -976,7 +976,7 @@ def dry_run() -> dict:
             )
         print(f"  {name:<11} {limit:4d} s{note}")
     print(f"  {'total':<11} {info['steps_total_s']:4d} s (limit {info['step_budget_s']} s)")
-    print("the wide model's plan (launch.memory_plan, as agrl.py --dry-run prints it), GiB:")
+    print("the wide model's plan (memory.memory_plan, as agrl.py --dry-run prints it), GiB:")
     for item, gib, phase in info["wide_plan_items"]:
         print(f"  {phase:<10} {item:<80} {gib:6.2f}")
     print(f"results (only under $OUT): {', '.join(info['outputs'])}")

@@ -36,7 +36,7 @@ import agrl  # noqa: E402
 import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
-from helpers import errors, launch, models  # noqa: E402
+from helpers import errors, launch, memory, models  # noqa: E402
 
 LAUNCH_TIMEOUT = 240
 
@@ -147,16 +147,16 @@ def test_dry_run_of_the_literal_8_gpu_command(tmp_path):
 )
 def test_shape_table_gives_the_published_parameter_counts(name, billions, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shape, source = launch.model_shape(name)
+    shape, source = memory.model_shape(name)
     assert "built-in table" in source
-    assert launch.parameter_count(shape) / 1e9 == pytest.approx(billions, rel=0.01)
+    assert memory.parameter_count(shape) / 1e9 == pytest.approx(billions, rel=0.01)
 
 
 def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shape = launch.model_shape("Qwen2.5-7B")[0]
+    shape = memory.model_shape("Qwen2.5-7B")[0]
     args = grpo.Args(model="Qwen2.5-7B")
-    workload = launch.Workload(
+    workload = memory.Workload(
         args.micro_batch_size,
         args.max_new_tokens,
         args.max_item_tokens,
@@ -169,14 +169,14 @@ def test_memory_plan_checkpointing_and_sharding_and_unknown_models(monkeypatch):
     def plan(world, strategy, ckpt):
         return {
             item.split(" (")[0]: gib
-            for item, gib, _ in launch.memory_plan(workload, shape, world, strategy, "bf16", ckpt)
+            for item, gib, _ in memory.memory_plan(workload, shape, world, strategy, "bf16", ckpt)
         }
 
     sharded, whole = plan(8, "fsdp", True), plan(1, "single", True)
     assert sharded["AdamW states fp32"] == pytest.approx(whole["AdamW states fp32"] / 8)
     assert whole["AdamW states fp32"] == pytest.approx(7.62e9 * 8 / 2**30, rel=0.01)
     assert plan(8, "fsdp", False)["activations"] > 10 * sharded["activations"]
-    assert launch.model_shape("some-org/unknown-model-3b")[0] is None
+    assert memory.model_shape("some-org/unknown-model-3b")[0] is None
     report = launch.dry_run_report(grpo.Args(model="some-org/unknown-model-3b", num_gpus=8), workload)
     assert "memory    unknown: no local config for some-org/unknown-model-3b" in report
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 import agrl  # noqa: E402
-from helpers import launch  # noqa: E402
+from helpers import memory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_wide_model_is_the_largest_the_plan_fits(info):
     flags = gpu_check.wide_flags(Path("/tmp/m"), Path("/tmp/r"), "cuda", tiny=False)
     args = gpu_check.wide_plan(shape, flags, card, tiny=False)[2]
     one_more = dict(shape, num_hidden_layers=shape["num_hidden_layers"] + 1)
-    plan = launch.memory_plan(agrl.memory_workload(args), one_more, 1, "fsdp", "bf16", True)
+    plan = memory.memory_plan(agrl.memory_workload(args), one_more, 1, "fsdp", "bf16", True)
     assert gpu_check.plan_totals(plan)["peak"] > gpu_check.PLAN_SHARE * card
 
 

@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from helpers import launch  # noqa: E402
+from helpers import launch, memory  # noqa: E402
 
 MEASURE = """
 import json, sys
@@ -94,8 +94,8 @@ def test_plan_matches_the_measured_training_peak(tmp_path, strategy, checkpointi
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     measured = int(next(line for line in proc.stdout.splitlines() if line.startswith("PEAK")).split()[1])
     # max_item_tokens such that the plan's sequence (system prompt 350 + item + completion) is this one's
-    workload = launch.Workload(ROWS, COMPLETION, PROMPT - 350)
-    plan = launch.memory_plan(workload, SHAPE, world, strategy, "fp32", checkpointing)
+    workload = memory.Workload(ROWS, COMPLETION, PROMPT - 350)
+    plan = memory.memory_plan(workload, SHAPE, world, strategy, "fp32", checkpointing)
     # the training side: what the step adds to the parameters already held (the AdamW states appear at its end)
     planned = sum(gib for item, gib, phase in plan if phase == "training" or item.startswith("AdamW")) * 2**30
     print(

@@ -173,3 +173,20 @@ def test_dcp_metadata_that_names_other_code_is_refused_before_dcp_unpickles_it(g
     with pytest.raises(UserError, match="names posix.system"):
         checkpoints.check_dcp_metadata(folder)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_2_rank_fsdp_checkpoint_resumes_on_1_rank(grpo_fsdp, tmp_path):
+    """DCP reshards at load: step 2 of the 2-process run (two shards), resumed as one FSDP process, gives step 3
+    as the uninterrupted 2-process run had it (up to summation order), saved as one shard."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(grpo_fsdp, run_dir, ignore=shutil.ignore_patterns("step-0000003", "checkpoint"))
+    run_launched(fsdp_command(tmp_path, "grpo", "run", total_steps=3, resume=True, num_gpus=1), tmp_path)
+    assert "[resume] from " + str(run_dir / "checkpoints" / "step-0000002") in (tmp_path / "log.txt").read_text()
+    a, b = read_metrics(grpo_fsdp)[2], read_metrics(run_dir)[2]
+    for key in ("reward_mean", "data_position", "groups_kept", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert_same_weights(state_dict(grpo_fsdp / "checkpoint"), state_dict(run_dir / "checkpoint"), atol=1e-6)
+    written = {p.name for p in (run_dir / "checkpoints" / "step-0000003").glob("*.distcp")}
+    assert written == {"__0_0.distcp"}, f"one rank wrote step 3, in one shard: {written}"
