@@ -525,14 +525,14 @@ def agrl_driver(argv: list[str]) -> None:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=torch_dtype)
         return model, AutoTokenizer.from_pretrained(name)
 
-    memory = PhaseMemory(args.device)
+    phases = PhaseMemory(args.device)  # not `memory`: that is helpers.memory, the plan's module
     patch(agrl, "score_group", mixed_score_group)
     patch(models, "load_model", load_model)
-    patch(rollouts, "refresh_rollout_weights", memory.wrap("refresh", rollouts.refresh_rollout_weights, new_step=True))
-    patch(rollouts, "rollout_generate", memory.wrap("generation", rollouts.rollout_generate))
-    patch(agrl, "update_policy", memory.wrap("training", agrl.update_policy))
-    register_optimizer_step_pre_hook(lambda *_: memory.enter("optimizer step"))
-    register_optimizer_step_post_hook(lambda *_: memory.exit())
+    patch(rollouts, "refresh_rollout_weights", phases.wrap("refresh", rollouts.refresh_rollout_weights, new_step=True))
+    patch(rollouts, "rollout_generate", phases.wrap("generation", rollouts.rollout_generate))
+    patch(agrl, "update_policy", phases.wrap("training", agrl.update_policy))
+    register_optimizer_step_pre_hook(lambda *_: phases.enter("optimizer step"))
+    register_optimizer_step_post_hook(lambda *_: phases.exit())
     if os.environ.get("GPU_CHECK_NO_SAVE") == "1":
         patch(checkpoints, "save_checkpoint", lambda *a, **k: None)
 
