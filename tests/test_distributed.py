@@ -566,10 +566,16 @@ def kill_run(proc) -> None:
 
 
 def rank_pid(root: int, rank: int) -> int:
-    """The worker process of `rank` among the descendants of a launched run (torchrun sets RANK in its env)."""
+    """The worker process of `rank` among the descendants of a launched run (torchrun sets RANK in its env): the
+    one whose parent is not of that rank too (a rank's own children, a compiler say, inherit its RANK)."""
+    ranked = set()
     for pid in descendants(root):
         with contextlib.suppress(OSError):
             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                ranked.add(pid)
+    for pid in ranked:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) not in ranked:
                 return pid
     raise AssertionError(f"no process of rank {rank} under {root}")
 
