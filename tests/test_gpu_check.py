@@ -103,6 +103,34 @@ def test_generation_checks_pass_at_tiny_width_on_cpu(tmp_path, monkeypatch):
     assert update["mixed_precision"] == "bf16" and update["blocks_fp32"] > 0.9 > 0.2 > update["blocks_bf16"]
 
 
+def test_agrl_driver_runs_a_config_only_model_and_reports(tmp_path):
+    """The driver as the wide step runs it, in one CPU process at tiny width: tyro's parse, a model folder without
+    weights built from its config, the mixed scorer (the step trains: a gradient), no checkpoint written, and the
+    report of phases (refresh, generation, training, optimizer step) with the folder's shape, in place of the eval."""
+    tokenizer = gpu_check.carried_tokenizer()
+    shape = gpu_check.shapes(True, len(tokenizer))["wide"]
+    folder, runs = tmp_path / "model", tmp_path / "runs"
+    gpu_check.write_model_folder(folder, gpu_check.qwen_config(shape, tokenizer), tokenizer)
+    flags = ["--model", str(folder), "--device", "cpu", "--limit", "16", "--total-steps", "1", "--prompts-per-step"]
+    flags += ["2", "--group-size", "4", "--max-new-tokens", "4", "--no-dynamic-sampling", "--output-dir", str(runs)]
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", AGRL_CPU_KERNEL="0")
+    env.update(GPU_CHECK_NO_SAVE="1", GPU_CHECK_MEMORY=str(tmp_path / "memory.json"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "agrl", *flags, "--run-name", "wide"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "memory.json").read_text())
+    assert report["error"] is None and report["shape"] == shape
+    assert {"refresh", "generation", "training", "optimizer step"} <= {s["phase"] for s in report["segments"]}
+    metrics = gpu_check.read_metrics(runs / "wide")
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["grad_norm"] > 0
+    assert not (runs / "wide" / "checkpoints").exists() and not (runs / "wide" / "checkpoint").exists()
+
+
 def test_memory_against_the_plan_reads_the_last_step():
     """The comparison uses the last step (AdamW states in place): its start, its generation, training and
     optimizer-step peaks against the plan's tensors (without the flat allowance), and the device's peak use
