@@ -495,7 +495,8 @@ def agrl_driver(argv: list[str]) -> None:
     """`agrl.main` on tyro's parse of `argv`, as `python agrl.py ARGV` runs it, with these patches:
     - the mixed scorer above (a random model's answers never parse);
     - a model folder without weights (config and tokenizer only) is built from its config, randomly, on the
-      device (models.load_model refuses such a folder; 7B-wide weights would be 15-30 GB to write and read);
+      device the script loads it to (models.load_model refuses such a folder; 7B-wide weights would be 15-30 GB
+      to write and read);
     - peak GPU memory per phase (rollout weight refresh, generation, training forward/backward, optimizer
       step), written with the plan's inputs to $GPU_CHECK_MEMORY by rank 0 where the final eval would run;
     - GPU_CHECK_NO_SAVE=1: no checkpoints (a 7B-wide FSDP checkpoint is tens of GB), and never the final eval.
