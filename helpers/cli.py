@@ -134,12 +134,24 @@ def end_launch(message: str) -> None:
     sys.exit(2)
 
 
+def leave_process_group() -> None:
+    """A rank that finished leaves its process group before Python exits, after the others finished too: torch's
+    teardown of a live gloo group can abort the process (seen here: 'terminate called without an active
+    exception', exit -6, on a rank that was done while rank 0 still wrote)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(main, args_class) -> None:
     """`main(tyro.cli(args_class))` under the one error handler."""
     args = parse(args_class)
     debug = os.environ.get("AGRL_DEBUG", "") not in ("", "0")
     try:
         main(args)
+        leave_process_group()
     except UserError as e:
         if debug:
             raise

@@ -605,7 +605,7 @@ GRADIENT_DRIVER = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import torch
-from helpers import launch, models
+from helpers import cli, launch, models
 
 accelerator = launch.make_accelerator("cpu", "fsdp")
 tokenizer = models.embedded_tokenizer()
@@ -636,6 +636,7 @@ for k in range(3):
     held.append((sharded, aside, sum(p.grad is None for p in model.parameters())))
 if accelerator.is_main_process:
     json.dump(dict(whole=whole, held=held), open(sys.argv[1], "w"))
+cli.leave_process_group()
 """
 
 

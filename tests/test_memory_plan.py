@@ -31,7 +31,7 @@ import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from helpers import launch, models
+from helpers import cli, launch, models
 
 def resident(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -63,6 +63,7 @@ for k, batch in enumerate(batches):
 optimizer.step()
 if accelerator is None or accelerator.is_main_process:
     print("PEAK", resident("VmHWM") - held)
+cli.leave_process_group()
 """
 
 SHAPE = dict(

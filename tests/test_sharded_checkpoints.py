@@ -116,7 +116,7 @@ START_DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
-from helpers import checkpoints, launch, models
+from helpers import checkpoints, cli, launch, models
 from helpers.errors import UserError
 
 rank, reads, load_model = int(os.environ["RANK"]), [], models.load_model
@@ -134,6 +134,7 @@ if rank == 0:
     torch.save(whole, "prepared.pt")
 with open(f"rank{{rank}}.json", "w") as f:
     json.dump(dict(reads=reads, error=error, chat_template=tokenizer.chat_template is not None), f)
+cli.leave_process_group()  # a rank done early must not tear its group down under rank 0
 """
 
 
