@@ -51,7 +51,7 @@ class Args(flags.TrainFlags):
     balanced: bool = False
     """class-balanced sampling: each epoch draws every gold label as often as the most frequent one"""
     shared_prefix: bool = True
-    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
+    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact)"""
     log_every: int = flags.may_change_on_resume(5)
     """steps between metric lines"""
     save_every: int = flags.may_change_on_resume(100)
@@ -176,7 +176,7 @@ def main(args: Args) -> dict:
                 [rows[i][1] for i in batch_index],
                 tokenizer.pad_token_id,
                 accelerator.device,
-                args.shared_prefix and world == 1,
+                args.shared_prefix,
             )
             token_weight = torch.zeros_like(batch["completion_mask"])  # [B, C], zero over the padding
             label_mask = torch.zeros_like(batch["completion_mask"])

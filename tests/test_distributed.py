@@ -657,3 +657,44 @@ def test_fsdp_gradients_stay_sharded_between_micro_batches(tmp_path):
         )
         assert without_grad == 0 and aside == 0, f"micro-batch {k + 1}: gradients held whole outside the shards"
         assert sharded <= 0.55 * whole, f"micro-batch {k + 1}: rank 0 holds {sharded / whole:.2f} of the gradient"
+
+
+SFT_RUN = dict(
+    model="tiny-random",
+    dataset="synthetic",
+    limit=16,
+    total_steps=2,
+    batch_size=2,
+    warmup_steps=1,
+    lr=1e-3,
+    device="cpu",
+    eval_limit=2,
+    seed=1,
+    log_every=1,
+    save_every=1,
+)
+
+
+def test_sft_fsdp_shares_the_system_prompt_and_matches_one_process(tmp_path):
+    """sft.py under 2 FSDP processes, 2 micro-batches each: its first FSDP run in the tests. The micro-batches' common
+    prefix (the system prompt) is run once for their rows on every rank (the packed pass: one forward call per
+    micro-batch on every rank), and the run matches one process over the same global batch of 8."""
+    import sft
+
+    driver = tmp_path / "sft_driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script="sft"))
+    flags = []
+    for key, value in {**SFT_RUN, "grad_accum": 2, "num_gpus": 2, "strategy": "fsdp"}.items():
+        flags += ["--" + key.replace("_", "-"), str(value)]
+    run_launched([sys.executable, str(driver), *flags, "--output-dir", str(tmp_path), "--run-name", "two"], tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        no_eval(mp)
+        sft.main(sft.Args(**SFT_RUN, grad_accum=4, output_dir=str(tmp_path), run_name="one"))
+    two, one = tmp_path / "two", tmp_path / "one"
+    for rank in (0, 1):
+        prefixes = json.loads((two / f"prefixes-rank{rank}.json").read_text())
+        assert prefixes and all(prefix > 0 for prefix, _ in prefixes), f"rank {rank} shared nothing: {prefixes}"
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        for key in ("loss", "label_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    assert_same_weights(state_dict(one / "checkpoint"), state_dict(two / "checkpoint"), atol=0.1 * SFT_RUN["lr"])
