@@ -80,7 +80,7 @@ class Args(flags.TrainFlags):
     max_grad_norm: float = 1.0
     """gradient clipping"""
     shared_prefix: bool = True
-    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact; single process only)"""
+    """run a micro-batch's common prompt prefix (the system prompt) once for all its rows (exact)"""
     log_every: int = flags.may_change_on_resume(5)
     """steps between metric lines (each line averages the steps since the last one)"""
     save_every: int = flags.may_change_on_resume(100)
@@ -532,7 +532,7 @@ def main(args: Args) -> dict:
         # (DDP averages gradients over ranks, hence * world).
         totals = torch.zeros(len(keys), dtype=torch.float64)
         for k, index in enumerate(micro_batches):
-            batch = pair_batch([pairs[i] for i in index], pad_id, accelerator.device, args.shared_prefix and world == 1)
+            batch = pair_batch([pairs[i] for i in index], pad_id, accelerator.device, args.shared_prefix)
             # gradients accumulate over micro-batches; DDP all-reduces after the last, FSDP reduce-scatters each
             with launch.micro_batch_sync(accelerator, model, last=k == len(micro_batches) - 1):
                 logps = sequence_logps(model, batch)

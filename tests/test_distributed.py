@@ -698,3 +698,34 @@ def test_sft_fsdp_shares_the_system_prompt_and_matches_one_process(tmp_path):
         for key in ("loss", "label_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     assert_same_weights(state_dict(one / "checkpoint"), state_dict(two / "checkpoint"), atol=0.1 * SFT_RUN["lr"])
+
+
+def test_dpo_fsdp_shares_the_prompt_and_matches_one_process(tmp_path):
+    """dpo.py from a pairs file under 2 FSDP processes, 2 micro-batches each (its first FSDP run in the tests): the
+    reference log-probs come from the whole policy on every rank before prepare, each micro-batch's chosen and
+    rejected rows share their prompt's prefix, and the run matches one process over the same global batch of 4."""
+    from test_dpo import COMMON, make_pairs_file
+
+    import dpo
+
+    pairs = make_pairs_file(tmp_path / "hand.jsonl", models.embedded_tokenizer())
+    run = dict(COMMON, pairs_path=str(pairs), total_steps=2, batch_size=1, device="cpu", seed=1, save_every=1)
+    driver = tmp_path / "dpo_driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script="dpo"))
+    flags = []
+    for key, value in {**run, "grad_accum": 2, "num_gpus": 2, "strategy": "fsdp"}.items():
+        flags += ["--" + key.replace("_", "-"), str(value)]
+    run_launched([sys.executable, str(driver), *flags, "--output-dir", str(tmp_path), "--run-name", "two"], tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        no_eval(mp)
+        dpo.main(dpo.Args(**{**run, "grad_accum": 4}, output_dir=str(tmp_path), run_name="one"))
+    two, one = tmp_path / "two", tmp_path / "one"
+    for rank in (0, 1):  # the training passes are the last 2 steps x 2 micro-batches (the reference pass is first)
+        prefixes = json.loads((two / f"prefixes-rank{rank}.json").read_text())[-4:]
+        assert all(prefix > 0 for prefix, _ in prefixes), f"rank {rank} shared nothing in training: {prefixes}"
+    lines = [[m for m in read_metrics(r) if "loss" in m] for r in (one, two)]
+    assert len(lines[0]) == 2
+    for a, b in zip(*lines, strict=True):
+        for key in ("loss", "reward_margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert_same_weights(state_dict(one / "checkpoint"), state_dict(two / "checkpoint"), atol=0.1 * run["lr"])
