@@ -790,8 +790,20 @@ def update_policy(
     n_micro = max(-(-len(share) // args.micro_batch_size) for share in shares)
     mine += [dict(mine[0] if mine else rows[0], filler=True)] * (n_micro * args.micro_batch_size - len(mine))
     micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-    guided_anywhere = any(r["guided"] for r in rows)  # rows are every rank's: the same answer on all ranks
-    unknown_anywhere = any(math.isnan(lp) for r in rows for lp in r["old_logprobs"])  # forced tokens, FSDP + vLLM
+
+    def needs_old_logprobs(r: dict) -> bool:
+        """pi_old(o | x) from the first training forward: --recompute-old-logprobs and --vllm (engine numerics);
+        correction "none" for guided rows, whose stored ones may be under x + guide (hint) or from an older policy
+        (replay); and unknown (NaN) ones, AGR's forced tokens under FSDP with vLLM."""
+        return (
+            args.recompute_old_logprobs
+            or args.vllm
+            or (r["guided"] and args.agr_correction == "none")
+            or any(map(math.isnan, r["old_logprobs"]))
+        )
+
+    # the forward is a collective under FSDP: decided from every rank's rows, the same answer on all ranks
+    recompute_anywhere = any(map(needs_old_logprobs, rows))
     for update in range(args.num_updates_per_batch):
         totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
         for k, micro in enumerate(micro_batches):
@@ -811,22 +823,8 @@ def update_policy(
                 old_logp[i, : len(r["completion"])] = torch.tensor(r["old_logprobs"])
                 adv[i, : len(r["completion"])] = torch.tensor(r["advantages"])
             temperature = args.temperature if args.temperature > 0 else 1.0
-            # correction "none" needs pi_old(o | x) for guided rows: stored ones may be under x + guide (hint)
-            # or from an older policy (replay); unknown (NaN) ones are computed here too. The forward is a
-            # collective under FSDP: decided from all rows, so that every rank runs it whenever any rank needs it
-            recompute = [
-                args.recompute_old_logprobs
-                or args.vllm
-                or (r["guided"] and args.agr_correction == "none")
-                or any(map(math.isnan, r["old_logprobs"]))
-                for r in micro
-            ]
-            if update == 0 and (
-                args.recompute_old_logprobs
-                or args.vllm
-                or (args.agr_correction == "none" and guided_anywhere)
-                or unknown_anywhere
-            ):
+            if update == 0 and recompute_anywhere:
+                recompute = [needs_old_logprobs(r) for r in micro]
                 with torch.no_grad():
                     fresh = models.token_logprobs(model, batch, temperature)[0]
                 for i, r in enumerate(micro):
