@@ -390,12 +390,13 @@ script.main(tyro.cli(script.Args))
 '''
 
 
-def fsdp_command(tmp_path: Path, script: str, name: str, **overrides) -> list[str]:
+def fsdp_command(tmp_path: Path, script: str, name: str, base: dict = RUN, **overrides) -> list[str]:
+    """The driver's command for a 2-process FSDP run of `script` with the flags `base` | `overrides`."""
     driver = tmp_path / f"{script}_driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script=script))
     flags = []
     for key, value in {
-        **RUN,
+        **base,
         "num_gpus": 2,
         "strategy": "fsdp",
         **overrides,
@@ -681,12 +682,7 @@ def test_sft_fsdp_shares_the_system_prompt_and_matches_one_process(tmp_path):
     micro-batch on every rank), and the run matches one process over the same global batch of 8."""
     import sft
 
-    driver = tmp_path / "sft_driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script="sft"))
-    flags = []
-    for key, value in {**SFT_RUN, "grad_accum": 2, "num_gpus": 2, "strategy": "fsdp"}.items():
-        flags += ["--" + key.replace("_", "-"), str(value)]
-    run_launched([sys.executable, str(driver), *flags, "--output-dir", str(tmp_path), "--run-name", "two"], tmp_path)
+    run_launched(fsdp_command(tmp_path, "sft", "two", SFT_RUN, grad_accum=2), tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         no_eval(mp)
         sft.main(sft.Args(**SFT_RUN, grad_accum=4, output_dir=str(tmp_path), run_name="one"))
@@ -710,12 +706,7 @@ def test_dpo_fsdp_shares_the_prompt_and_matches_one_process(tmp_path):
 
     pairs = make_pairs_file(tmp_path / "hand.jsonl", models.embedded_tokenizer())
     run = dict(COMMON, pairs_path=str(pairs), total_steps=2, batch_size=1, device="cpu", seed=1, save_every=1)
-    driver = tmp_path / "dpo_driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), tests=str(Path(__file__).parent), script="dpo"))
-    flags = []
-    for key, value in {**run, "grad_accum": 2, "num_gpus": 2, "strategy": "fsdp"}.items():
-        flags += ["--" + key.replace("_", "-"), str(value)]
-    run_launched([sys.executable, str(driver), *flags, "--output-dir", str(tmp_path), "--run-name", "two"], tmp_path)
+    run_launched(fsdp_command(tmp_path, "dpo", "two", run, grad_accum=2), tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         no_eval(mp)
         dpo.main(dpo.Args(**{**run, "grad_accum": 4}, output_dir=str(tmp_path), run_name="one"))
