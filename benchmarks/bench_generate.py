@@ -52,7 +52,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
-from helpers import cpu_decode, models, rollouts  # noqa: E402
+from helpers import cpu_decode, memory, models, rollouts  # noqa: E402
+
+
+def real_shape(family: str) -> dict:
+    """A family's layer shape from the --dry-run table (helpers/memory.py); the vocabulary is the tokenizer's."""
+    return {k: v for k, v in zip(memory.SHAPE_FIELDS, memory.MODEL_SHAPES[family]) if k != "vocab_size"}
+
 
 CONFIGS = {
     # The issue's workload: the embedded model on this CPU, the first 2 prompts of grpo.py's ESCI stream (~523 tokens).
@@ -66,14 +72,7 @@ CONFIGS = {
         n=8,
         tokens=256,
         matmul=8192,
-        shape=dict(
-            hidden_size=896,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            intermediate_size=4864,
-            tie_word_embeddings=True,
-        ),
+        shape=real_shape("qwen2.5-0.5b"),
     ),
     "gpu-7b": dict(
         model="qwen2.5-7b-shaped",
@@ -83,14 +82,7 @@ CONFIGS = {
         n=8,
         tokens=256,
         matmul=8192,
-        shape=dict(
-            hidden_size=3584,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            intermediate_size=18944,
-            tie_word_embeddings=False,
-        ),
+        shape=real_shape("qwen2.5-7b"),
     ),
     # Smoke configuration: the plumbing in seconds.
     "tiny": dict(model="tiny-random", device="cpu", dtype=torch.float32, prompts=2, n=4, tokens=16, matmul=512),
