@@ -135,6 +135,18 @@ class Args(flags.TrainFlags):
     """gamma of the shaping correction"""
     agr_is_cap: float = 2.0
     """truncation of the importance ratio pi_theta(o|x) / pi_old(o|x+guide)"""
+    agr_advantage: Literal["union", "own"] = "union"
+    """union: z-score over the group with its guided answers in it; own: over the policy's own samples only (zero when all fail, as in GRPO), guided answers get none"""
+    agr_nll_weight: float = 0.0
+    """weight of a likelihood term -log pi_theta on the guided answers' tokens, aggregated like the policy loss (HPT, UFT; 0: off)"""
+    agr_forced_weight: float = 1.0
+    """weight of the forced tokens in the policy-gradient term (0: only the sampled continuation is trained by it)"""
+    agr_prefix_frac: float = 1.0
+    """share of the gold segment's tokens forced by prefix guidance (at least one token; BREAD's short prefixes)"""
+    agr_prefix_anneal: bool = False
+    """shrink the forced share linearly from agr_prefix_frac towards one token over the run (UFT's annealed hint)"""
+    agr_replay_fresh: bool = True
+    """replayed answers get behaviour log-probs from the current policy (first training forward), not the stored, stale ones"""
     agr_buffer_size: int = 4
     """successful guided completions kept per prompt for replay"""
     agr_replay_delay: int = 2
@@ -188,6 +200,19 @@ def group_advantages(
     return advantages
 
 
+def own_advantages(groups: list[dict], scale: str = "group", clamp: float = 0.0) -> list[torch.Tensor]:
+    """--agr-advantage own: each group's own samples are normalised among themselves, exactly as GRPO would
+    without the guided answers (all wrong: all zero); the guided answers get zero (they learn by likelihood)."""
+    own = [[j for j, guided in enumerate(g["guided"]) if not guided] for g in groups]
+    own_adv = group_advantages([[g["rewards"][j] for j in js] or [0.0] for g, js in zip(groups, own)], scale, clamp)
+    advantages = []
+    for g, js, adv in zip(groups, own, own_adv):
+        full = torch.zeros(len(g["rewards"]))
+        full[js] = adv[: len(js)]
+        advantages.append(full)
+    return advantages
+
+
 def token_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_sequences: int, max_new_tokens: int) -> torch.Tensor:
     """Per-token weights that turn a sum of token losses into the chosen aggregate of the *global* batch.
 
@@ -214,6 +239,9 @@ def grpo_loss(
     correction: str = "shaping",
     gamma: float = 0.1,
     is_cap: float = 2.0,
+    forced_weight: float = 1.0,
+    nll_mask=None,
+    nll_weight: float = 0.0,
 ):
     """Clipped token-level policy-gradient loss with an optional k3 KL penalty; all tensors [B, T].
 
@@ -222,19 +250,26 @@ def grpo_loss(
     prefix, a target, a hinted answer) are off-policy: "shaping" drops ratio and clip for
     p / (p + gamma) with p = pi_theta(o_t | x, o_<t) (its gradient lifts rare tokens); "is" uses the
     ratio to the stored behaviour log-prob truncated at is_cap; "none" the clipped ratio against
-    pi_old(o | x), which old_logp then holds. The policy's own tokens keep the clipped ratio.
+    pi_old(o | x), which old_logp then holds. The policy's own tokens keep the clipped ratio. forced_weight
+    scales the forced tokens' term; nll_weight adds a likelihood term -log pi_theta on the tokens of nll_mask (the
+    guided answers), aggregated by the same weights.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    if forced is not None and correction != "none":
+    if forced is not None and (correction != "none" or forced_weight != 1.0):
         if correction == "shaping":
             p = logp.exp()
             off_policy = -(p / (p + gamma)) * advantages
-        else:
+        elif correction == "is":
             off_policy = -torch.clamp(ratio, max=is_cap) * advantages
-        per_token = torch.where(forced, off_policy, per_token)
+        else:
+            off_policy = per_token
+        per_token = torch.where(forced, forced_weight * off_policy, per_token)
+    nll = (-logp * nll_mask * weights).sum() if nll_mask is not None else logp.new_zeros(())
+    if nll_weight > 0:
+        per_token = per_token - nll_weight * logp * nll_mask
     if beta > 0:
         q = ref_logp - logp
         per_token = per_token + beta * (torch.exp(q) - q - 1)
@@ -246,6 +281,7 @@ def grpo_loss(
         clip_low=((ratio < 1 - eps_low) & (advantages < 0) & on).sum(),
         clip_high=((ratio > 1 + eps_high) & (advantages > 0) & on).sum(),
         approx_kl=(((old_logp - logp).exp() - (old_logp - logp) - 1) * on).sum(),  # k3(pi_old || pi_theta)
+        guided_nll=nll.detach(),  # the likelihood term before its weight, as the loss aggregates it
     )
     return loss, stats
 
@@ -450,6 +486,7 @@ def guided_answers(
             gold_segment_ids(tokenizer, examples[t["group"]["example_index"]], rulebook, args.order, t["level"])
             for t in to_guide
         ]
+        prefixes = [p[: max(1, math.ceil(t.get("prefix_frac", 1.0) * len(p)))] for t, p in zip(to_guide, prefixes)]
         prompts = [t["group"]["prompt"] + prefix for t, prefix in zip(to_guide, prefixes)]
     budget = max(1, args.max_new_tokens - max(len(prefix) for prefix in prefixes))
     gen = (sample or functools.partial(rollouts.generate, policy))(
@@ -561,15 +598,17 @@ class AGR:
                 self.queue.append((step + args.agr_replay_delay, group["example_index"]))
                 stats["requeued"] += 1
             if st["buffer"]:  # replay successful guided answers before generating new guidance; all off-policy now
-                out[i] = mix_into(
-                    group, [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]], args.agr_mix
-                )
+                replayed = [dict(c, forced=len(c["completions"])) for c in st["buffer"][-K:]]
+                if args.agr_replay_fresh:  # NaN: pi_old(o | x) from the first training forward (update_policy)
+                    replayed = [dict(c, old_logprobs=[math.nan] * len(c["completions"])) for c in replayed]
+                out[i] = mix_into(group, replayed, args.agr_mix)
                 stats["replayed"] += 1
                 continue
             st["level"] = min(st["level"] + 1, args.agr_max_level)
             stats[f"level_{st['level']}"] += 1
             guidance = guidance_text(self.examples[group["example_index"]], wrong_criteria(group), st["level"])
-            to_guide.append(dict(position=i, group=group, guidance=guidance, level=st["level"]))
+            frac = args.agr_prefix_frac * (1 - step / args.total_steps if args.agr_prefix_anneal else 1.0)
+            to_guide.append(dict(position=i, group=group, guidance=guidance, level=st["level"], prefix_frac=frac))
 
         for result in gather_groups(guide(to_guide, K)):  # shared out like the rollouts, then gathered
             group = groups[result["position"]]
@@ -623,8 +662,17 @@ class AGR:
             agr_buffer_hits=stats["replayed"],
             agr_level_1=stats["level_1"],
             agr_level_2=stats["level_2"],
-            agr_guided_success_rate=stats["guided_kept"] / max(1, stats["guided_tried"]),
-            agr_rescued_share=stats["guided"] / max(1, stats["stagnant"] - stats["replayed"]),
+            # None, not 0, on a step that tried nothing: a mean over steps must weight by the counts below
+            agr_guided_success_rate=stats["guided_kept"] / stats["guided_tried"] if stats["guided_tried"] else None,
+            agr_rescued_share=(
+                stats["guided"] / (stats["stagnant"] - stats["replayed"])
+                if stats["stagnant"] > stats["replayed"]
+                else None
+            ),
+            agr_guided_tried=stats["guided_tried"],
+            agr_guided_kept=stats["guided_kept"],
+            agr_groups_guided=stats["guided"],
+            agr_groups_guidable=stats["stagnant"] - stats["replayed"],
             agr_requeued=stats["requeued"],
             agr_returned=stats["returned"],
             agr_recovered=stats["recovered"],
@@ -760,7 +808,15 @@ def training_rows(
 
 
 NO_UPDATE = dict(
-    loss=0.0, clip_low=0.0, clip_high=0.0, approx_kl=0.0, ref_kl=0.0, entropy=0.0, grad_norm=0.0, nan_skipped=0
+    loss=0.0,
+    clip_low=0.0,
+    clip_high=0.0,
+    approx_kl=0.0,
+    ref_kl=0.0,
+    entropy=0.0,
+    agr_guided_nll=0.0,
+    grad_norm=0.0,
+    nan_skipped=0,
 )
 
 
@@ -805,7 +861,7 @@ def update_policy(
     # the forward is a collective under FSDP: decided from every rank's rows, the same answer on all ranks
     recompute_anywhere = any(map(needs_old_logprobs, rows))
     for update in range(args.num_updates_per_batch):
-        totals = torch.zeros(6)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums)
+        totals = torch.zeros(7)  # loss, clip_low, clip_high, approx_kl, ref_kl, entropy (token sums), guided NLL
         for k, micro in enumerate(micro_batches):
             batch = models.pad_batch(
                 [r["prompt"] for r in micro],
@@ -842,6 +898,7 @@ def update_policy(
                 forced = torch.zeros_like(mask, dtype=torch.bool)  # AGR's off-policy tokens
                 for i, r in enumerate(micro):
                     forced[i, : r["forced"]] = True
+                guided = mask * torch.tensor([float(r["guided"]) for r in micro], device=mask.device)[:, None]
                 loss, stats = grpo_loss(
                     logp,
                     old_logp,
@@ -855,6 +912,9 @@ def update_policy(
                     args.agr_correction,
                     args.agr_gamma,
                     args.agr_is_cap,
+                    args.agr_forced_weight,
+                    guided,
+                    args.agr_nll_weight,
                 )
                 accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the sum
             ref_kl = (
@@ -868,6 +928,7 @@ def update_policy(
                     stats["approx_kl"].item(),
                     float(ref_kl),
                     (entropy * mask).sum().item(),
+                    stats["guided_nll"].item(),
                 ]
             )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -892,6 +953,7 @@ def update_policy(
             approx_kl=totals[3].item() / n_tokens,
             ref_kl=totals[4].item() / n_tokens,
             entropy=totals[5].item() / n_tokens,
+            agr_guided_nll=totals[6].item(),
             grad_norm=grad_norm.item(),
         )
     return update_stats, nan_skips
@@ -1040,6 +1102,7 @@ def main(args: Args) -> dict:
 
         # 1-3. sample prompts, generate G completions each, score; dynamic sampling refills dropped groups
         kept, scored, dropped = [], [], dict(all_correct=0, all_wrong=0, other=0)
+        kept_on_own = 0  # kept groups that dynamic sampling keeps for their own samples: they set the step size
         agr.new_step()
         for attempt in range(1 + (args.ds_max_tries if args.dynamic_sampling else 0)):
             need = args.prompts_per_step - len(kept)
@@ -1049,19 +1112,22 @@ def main(args: Args) -> dict:
             data_position += need - len(back)
             generated += need * args.group_size
             t0, scoring_before = time.perf_counter(), timer["scoring"]
-            groups = gather_groups(rollout(positions, timer))
+            groups = own_groups = gather_groups(rollout(positions, timer))
             scored += groups
             if args.agr:  # stagnant groups get guided answers; `scored` keeps the policy's own samples
                 groups = agr.replay_or_guide(groups, step, guided_candidates)
             timer["generation"] += time.perf_counter() - t0 - timer["scoring"] + scoring_before
-            for group in groups:
+            for own, group in zip(own_groups, groups):
                 accuracy = sum(group["correct"]) / len(group["correct"])
                 if not args.dynamic_sampling or keeps(group, args):
                     kept.append(group)
+                    kept_on_own += not args.dynamic_sampling or keeps(own, args)
                 else:
                     dropped["all_correct" if accuracy == 1 else "all_wrong" if accuracy == 0 else "other"] += 1
             if len(kept) >= args.prompts_per_step:
                 break
+        if args.underfill_scale and not kept_on_own:
+            kept = []  # guided answers alone make no step: its size is GRPO's for the same own samples, zero
         # every group dropped, or kept only for AGR's guided answers while none of the policy's own parsed: a
         # base policy learns nothing of its own this way (measured: results/README.md), so such steps count as empty too
         guided_only = args.agr and bool(kept) and not any(ok for g in scored for ok in g["format_ok"])
@@ -1074,7 +1140,11 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         rows = []
         if kept:
-            advantages = group_advantages([g["rewards"] for g in kept], args.adv_scale, args.adv_clamp)
+            advantages = (own_advantages if args.agr and args.agr_advantage == "own" else group_advantages)(
+                kept if args.agr and args.agr_advantage == "own" else [g["rewards"] for g in kept],
+                args.adv_scale,
+                args.adv_clamp,
+            )
             token_advantages = None
             if args.rrs and args.rrs_credit == "segment":
                 token_advantages = [
@@ -1088,7 +1158,8 @@ def main(args: Args) -> dict:
         #    would undo a scaled loss)
         t0 = time.perf_counter()
         update_stats, n_tokens = dict(NO_UPDATE), sum(len(r["completion"]) for r in rows)
-        update_scale = min(1.0, len(kept) / args.prompts_per_step) if args.underfill_scale else 1.0
+        # the step size is GRPO's for the same own samples: a group kept only for its guided answers does not grow it
+        update_scale = min(1.0, kept_on_own / args.prompts_per_step) if args.underfill_scale else 1.0
         if rows:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps)) * update_scale

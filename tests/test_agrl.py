@@ -581,6 +581,7 @@ def guided_run(tmp_path, guide: str, order: str = "label_first", **overrides):
                 agr_guide=guide,
                 order=order,
                 ds_max_tries=0,
+                underfill_scale=False,  # the own groups never vary: under the step rule they alone would set it to 0
             ),
             **overrides,
         )
@@ -677,3 +678,144 @@ def test_stagnant_prompts_come_back_after_the_delay(tmp_path):
     )
     # its seed key is new, so its samples are fresh
     assert len({p for ps in positions for p in ps}) == sum(len(ps) for ps in positions)
+
+
+# ==================================================================================================
+# 10. What the AGR study found (issue 30): own-sample baselines, a likelihood term, equal step size
+# ==================================================================================================
+def guided_group(own_rewards: list[float], guided_rewards: list[float]) -> dict:
+    G, K = len(own_rewards), len(guided_rewards)
+    return dict(rewards=own_rewards + guided_rewards, guided=[False] * G + [True] * K)
+
+
+def test_own_advantages_by_hand():
+    # all own answers wrong, one guided answer appended: GRPO would give the own answers nothing, and so does
+    # "own"; the union z-score gives each wrong own answer -1/sqrt(5) / std... computed by hand below
+    all_fail = guided_group([0.0, 0.0, 0.0, 0.0], [1.0])
+    (own,) = agrl.own_advantages([all_fail])
+    assert own.tolist() == [0.0] * 5
+    (union,) = agrl.group_advantages([all_fail["rewards"]])
+    std = (4 * 0.2**2 + 0.8**2) ** 0.5 / 2  # sample std of [0, 0, 0, 0, 1]: sqrt(0.8 / 4)
+    assert union.tolist() == pytest.approx([-0.2 / (std + 1e-4)] * 4 + [0.8 / (std + 1e-4)], abs=1e-6)
+    assert union[0].item() == pytest.approx(-0.447, abs=1e-3)  # the push the study found breaking the policy
+
+    # one own answer right: the own answers get exactly GRPO's advantages, the guided one zero
+    one_right = guided_group([1.0, 0.0, 0.0, 0.0], [1.0, 1.0])
+    (own,) = agrl.own_advantages([one_right])
+    std = (0.75**2 + 3 * 0.25**2) ** 0.5 / 3**0.5  # sample std of [1, 0, 0, 0]: 0.5
+    assert std == pytest.approx(0.5)
+    assert own.tolist() == pytest.approx(
+        [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0], abs=1e-6
+    )
+    (plain,) = agrl.group_advantages([[1.0, 0.0, 0.0, 0.0]])
+    assert own[:4].tolist() == plain.tolist()
+    # guided answers in place of own ones (replace mode): the remaining own answers set the baseline alone
+    replaced = dict(rewards=[1.0, 0.0, 1.0, 0.5], guided=[False, False, True, False])
+    (own,) = agrl.own_advantages([replaced])
+    assert own[2].item() == 0.0
+    assert own[[0, 1, 3]].tolist() == agrl.group_advantages([[1.0, 0.0, 0.5]])[0].tolist()
+
+
+def test_likelihood_term_and_forced_weight_gradients():
+    logp0, old, adv, mask, _ = correction_batch()
+    forced = torch.zeros_like(mask, dtype=torch.bool)
+    forced[1, :2] = True  # row 1 is guided: two forced tokens, then its sampled continuation
+    guided_rows = torch.zeros_like(mask)
+    guided_rows[1] = mask[1]
+    weights = mask / mask.sum()
+    plain_logp = logp0.clone().requires_grad_(True)
+    grpo.grpo_loss(plain_logp, old, adv, weights, 0.2, 0.28)[0].backward()
+    for forced_weight, nll_weight in ((0.0, 0.0), (0.5, 0.0), (1.0, 2.0), (0.0, 1.0)):
+        logp = logp0.clone().requires_grad_(True)
+        loss, stats = agrl.grpo_loss(
+            logp,
+            old,
+            adv,
+            weights,
+            0.2,
+            0.28,
+            forced=forced,
+            correction="is",
+            is_cap=2.0,
+            forced_weight=forced_weight,
+            nll_mask=guided_rows,
+            nll_weight=nll_weight,
+        )
+        loss.backward()
+        ratio = (logp0 - old).exp()
+        is_grad = torch.where(ratio > 2.0, torch.zeros_like(ratio), -adv * ratio) * weights
+        expected = torch.where(forced, forced_weight * is_grad, plain_logp.grad) - nll_weight * guided_rows * weights
+        torch.testing.assert_close(logp.grad, expected)
+        # the statistic is the unweighted likelihood term as the loss aggregates it
+        assert stats["guided_nll"].item() == pytest.approx((-logp0 * guided_rows * weights).sum().item(), rel=1e-6)
+
+
+def test_guided_answers_alone_make_no_step(tmp_path):
+    """Every own group fails (the tiny policy never parses) and every guided answer is kept: under the step
+    rule the step size is GRPO's for the same own samples, zero, so nothing is trained; without the
+    underfill scale the guided answers are trained."""
+    start = state_dict_of_fresh_model()
+    guided_run(tmp_path, "prefix", run_name="rule", underfill_scale=True, max_empty_steps=0)
+    metrics = read_metrics(tmp_path / "rule")[0]
+    assert metrics["agr_groups_guided"] == 2 and metrics["update_scale"] == 0.0 and metrics["grad_norm"] == 0.0
+    for name, tensor in state_dict(tmp_path / "rule" / "checkpoint").items():
+        torch.testing.assert_close(tensor, start[name])
+    guided_run(tmp_path, "prefix", run_name="no-scale", underfill_scale=False)
+    metrics = read_metrics(tmp_path / "no-scale")[0]
+    assert metrics["update_scale"] == 1.0 and metrics["grad_norm"] > 0
+
+
+def state_dict_of_fresh_model() -> dict:
+    model = models.load_model("tiny-random", "cpu")[0]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.01, 1.0])
+def test_prefix_fraction_forces_a_share_of_the_segment(tokenizer, frac):
+    examples = D.load_dataset("synthetic", "train", seed=1, limit=2).examples
+    policy = models.load_model("tiny-random", "cpu")[0]
+    args = agrl.Args(model="tiny-random", order="think_first", max_new_tokens=48, temperature=1.0, agr_guide="prefix")
+    to_guide = [
+        dict(
+            position=i,
+            group=dict(prompt=D.encode_prompt(tokenizer, e, R.TAOBAO4, "think_first")[0], example_index=i, position=i),
+            guidance="",
+            level=1,
+            prefix_frac=frac,
+        )
+        for i, e in enumerate(examples)
+    ]
+    results = agrl.guided_answers(policy, tokenizer, to_guide, examples, R.TAOBAO4, args, 2, "cpu")
+    for t, result in zip(to_guide, results):
+        segment = agrl.gold_segment_ids(tokenizer, examples[t["position"]], R.TAOBAO4, "think_first")
+        n = max(1, math.ceil(frac * len(segment)))
+        assert n <= len(segment) and (n < len(segment) or frac == 1.0)
+        for completion, forced in zip(result["completions"], result["forced"]):
+            assert forced == n and completion[:n] == segment[:n]
+
+
+def test_replayed_answers_get_fresh_behaviour_logprobs(escalation_run, tokenizer):
+    """Step 3 replays step 2's guided answers: their pi_old is the policy of step 3 (the step-2 checkpoint)
+    under the unguided prompt, not the log-probs stored when they were sampled under the guidance."""
+    rows = [r for r in escalation_run["seen"]["rows"][2] if r["guided"]]
+    assert len(rows) == 2
+    policy = models.load_model(str(escalation_run["dir"] / "checkpoints" / "step-0000002"), "cpu")[0]
+    stored = [c["old_logprobs"] for c in escalation_run["states"][1][next(iter(escalation_run["states"][1]))]["buffer"]]
+    for r in rows:
+        batch = models.pad_batch([r["prompt"]], [r["completion"]], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            fresh = models.token_logprobs(policy, batch, escalation_run["args"].temperature)[0][0]
+        torch.testing.assert_close(torch.tensor(r["old_logprobs"]), fresh, atol=1e-4, rtol=1e-4)
+        assert all(
+            abs(a - b) > 1e-3
+            for a, b in zip(r["old_logprobs"], next(s for s in stored if len(s) == len(r["old_logprobs"])))
+        )
+
+
+def test_attempt_rates_are_none_without_attempts(escalation_run):
+    m = escalation_run["metrics"]
+    # steps 3-5 tried no guidance (a replay, then recovery): no rate, not a zero that a mean over steps would count
+    assert [x["agr_guided_success_rate"] for x in m] == [0.0, 1.0, None, None, None]
+    assert [x["agr_guided_tried"] for x in m] == [3, 3, 0, 0, 0]
+    assert [x["agr_guided_kept"] for x in m] == [0, 3, 0, 0, 0]
+    assert [x["agr_rescued_share"] for x in m] == [0.0, 1.0, None, None, None]
