@@ -1,12 +1,12 @@
-"""The pre-registered AGR study (results/<name>/PLAN.md): GRPO (A), AGR on all-fail groups only with forced
-tokens at full weight (B), and agrl.py as shipped (C), on one fixed training pool, paired RL seeds, the same
-number of updates.
+"""The pre-registered AGR studies (results/<name>/PLAN.md): arms (a script and its flags, ARMS) against a
+baseline arm (GRPO), on one fixed training pool, paired RL seeds, the same number of updates.
 
     python benchmarks/agr_study.py --start runs/sft-start-tiny-tf1000/checkpoint --name agr-study-tiny --jobs 2
 
 1. freeze: the start answers the pool (train split of --data-seed's world, --pool examples) greedily; the
-   prompts it gets wrong are the hard slice. Written once to results/<name>/hard_slice.json with the start's
-   pool and dev scores under the runs' generation settings; a rerun reads it and never rewrites it.
+   prompts it gets wrong are the hard slice; its own samples at the runs' temperature (group size, seeded) mark
+   the prompts where they all fail (a slice defined by the start, not by any arm). Written once to
+   results/<name>/hard_slice.json with the start's pool and dev scores; a rerun reads it and never rewrites it.
 2. run: every (arm, seed) in its own process, checkpoints every --eval-every steps; an interrupted run
    resumes, a finished one is reused.
 3. score: every checkpoint answers the pool greedily (kept in <run>/study/step-<k>.json).
@@ -34,15 +34,25 @@ sys.path.insert(0, str(ROOT))
 
 import data as D  # noqa: E402
 import eval as E  # noqa: E402
+import rewards as R  # noqa: E402
 from helpers import models  # noqa: E402
 from helpers.runs import code_version  # noqa: E402
 
-ARMS = {  # name -> (script, flags)
+B = ["--no-rrs", "--agr-tau", "0", "--agr-correction", "is"]  # AGR on all-fail groups, forced tokens at full weight
+ARMS = {  # name -> (script, flags); agr-study-tiny ran A, B, C; agr-screening the rest (its PLAN.md)
     "A": ("grpo.py", []),
-    "B": ("agrl.py", ["--no-rrs", "--agr-tau", "0", "--agr-correction", "is"]),
+    "B": ("agrl.py", B),
     "C": ("agrl.py", []),
+    "A-kl": ("grpo.py", ["--beta", "0.04"]),  # KL to the start against GRPO's collapse
+    "B0": ("agrl.py", [*B, "--no-agr-replay-fresh"]),  # B at GRPO's step size: the current rule
+    "own-nll": ("agrl.py", [*B, "--agr-advantage", "own", "--agr-mix", "append", "--agr-nll-weight", "1"]),
+    "no-replay": ("agrl.py", [*B, "--agr-buffer-size", "0"]),
+    "forced-0": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-forced-weight", "0"]),
+    "k1": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-k", "1"]),
+    "half-prefix": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-prefix-frac", "0.5"]),
 }
-COLORS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green"}  # an arm keeps its colour in every panel
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+PALETTE += ["tab:olive", "tab:cyan", "black", "gold"]
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}  # two-sided 95%, by number of seeds
 
 
@@ -53,7 +63,7 @@ class Args:
     name: str = "agr-study-tiny"
     """study name: results/<name>/ (PLAN.md there) and runs/<name>-<arm>-s<seed>/"""
     arms: tuple[str, ...] = ("A", "B", "C")
-    """arms to run (A grpo.py, B agrl.py --no-rrs --agr-tau 0 --agr-correction is, C agrl.py)"""
+    """arms to run (names in ARMS; the first is the baseline every other arm is paired against)"""
     seeds: tuple[int, ...] = (11, 12, 13, 14)
     """RL seeds (sampling and prompt order), paired across arms"""
     data_seed: int = 7
@@ -81,6 +91,8 @@ class Args:
     """start nothing: report what has finished"""
     score_run: str | None = None
     """internal: score one run folder's checkpoints and exit"""
+    restate: bool = False
+    """start nothing: re-state AGR's rates of the committed per-step metrics, weighted by attempts (restated.md)"""
 
 
 def commit() -> str:
@@ -114,6 +126,34 @@ def dev_examples(args: Args):
     return D.load_dataset("synthetic", "dev", seed=0, limit=args.dev_limit).examples  # what final_eval scores
 
 
+def flag(args: Args, name: str, default: str) -> str:
+    flags = args.rl_flags.split()
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+def start_all_fail(args: Args, examples, order: str, new_tokens: int) -> list[int]:
+    """Pool prompts on which the start's own samples (group size, run temperature, seeded) are all wrong."""
+    from helpers import rollouts
+
+    model, tokenizer = models.load_model(args.start, "cpu")
+    n, temperature = int(flag(args, "--group-size", "8")), float(flag(args, "--temperature", "1.0"))
+    prompts = [D.encode_prompt(tokenizer, e, D.TAOBAO4, order)[0] for e in examples]
+    out = rollouts.generate(
+        model,
+        tokenizer,
+        prompts,
+        n=n,
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        seeds=list(range(len(prompts))),
+    )
+    right = [
+        any(R.score_output(t, e.label, e.criteria, D.TAOBAO4, order).correct for t in out.texts[i * n : (i + 1) * n])
+        for i, e in enumerate(examples)
+    ]
+    return [i for i, ok in enumerate(right) if not ok]
+
+
 def freeze_hard_slice(args: Args, out: Path) -> dict:
     path = out / "hard_slice.json"
     if path.exists():
@@ -121,6 +161,7 @@ def freeze_hard_slice(args: Args, out: Path) -> dict:
     order, new_tokens = start_order(args.start), max_new_tokens(args)
     pool = answer(args.start, pool_examples(args), order, new_tokens)
     dev = answer(args.start, dev_examples(args), order, new_tokens)
+    all_fail = start_all_fail(args, pool_examples(args), order, new_tokens)
     frozen = dict(
         start=args.start,
         commit=commit(),
@@ -129,6 +170,7 @@ def freeze_hard_slice(args: Args, out: Path) -> dict:
         order=order,
         max_new_tokens=new_tokens,
         hard=[i for i, r in enumerate(pool) if not r["correct"]],
+        start_all_fail=all_fail,
         start_pool=pool,
         start_dev=dev,
         frozen_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -267,13 +309,55 @@ def hard_accuracy(records: list[dict]) -> float:
     return sum(r["correct"] for r in records) / len(records)
 
 
+def attempt_weighted(metrics: list[dict], group_size: int = 8, n_groups: int = 4) -> dict:
+    """AGR's rates over a run, weighted by their attempts (a step that tried nothing counts for nothing):
+    kept guided answers per guided answer tried, and stagnant groups rescued per stagnant group that was not
+    replayed. Older runs logged only the per-step rates (0 on a step without attempts); their attempts are
+    rebuilt from the level counts (K = group_size // 4 answers a guided group) and the shares of the step's
+    n_groups groups (prompts per step: those runs had no refills)."""
+    tried = kept = rescued = guidable = 0.0
+    for m in metrics:
+        if "agr_stagnant_share" not in m:
+            return dict(kept_rate=None, rescued_share=None)
+        if "agr_guided_tried" in m:
+            tried, kept = tried + m["agr_guided_tried"], kept + m["agr_guided_kept"]
+            rescued, guidable = rescued + m["agr_groups_guided"], guidable + m["agr_groups_guidable"]
+            continue
+        attempts = (m["agr_level_1"] + m["agr_level_2"]) * max(1, group_size // 4)
+        tried, kept = tried + attempts, kept + m["agr_guided_success_rate"] * attempts
+        stagnant = round(m["agr_stagnant_share"] * n_groups)
+        guided = round(m["agr_guided_share"] * n_groups) - m["agr_buffer_hits"]
+        rescued, guidable = rescued + guided, guidable + stagnant - m["agr_buffer_hits"]
+    return dict(
+        kept_rate=kept / tried if tried else None,
+        rescued_share=rescued / guidable if guidable else None,
+        tried=tried,
+        guidable=guidable,
+    )
+
+
+def own_adherence(metrics: list[dict], window: int = 25) -> dict:
+    """Rule adherence of the policy's own samples over the first and the last `window` updates."""
+    first, last = metrics[:window], metrics[-window:]
+    return dict(
+        first=sum(m["adherence_rate"] for m in first) / len(first),
+        last=sum(m["adherence_rate"] for m in last) / len(last),
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     by_step = {m["step"]: m for m in map(json.loads, open(run_dir / "metrics.jsonl"))}
     return [by_step[step] for step in sorted(by_step)]
 
 
 def report(args: Args, frozen: dict, out: Path) -> dict:
-    hard = frozen["hard"]
+    hard, base = frozen["hard"], args.arms[0]
+    sizes = int(flag(args, "--group-size", "8")), int(flag(args, "--prompts-per-step", "4"))
+    all_fail = set(frozen.get("start_all_fail", []))
+    slices = dict(  # parts of the hard slice fixed by the start, the same for every arm
+        hard_start_all_fail=[i for i in hard if i in all_fail],
+        hard_start_some_right=[i for i in hard if i not in all_fail],
+    )
     start_pool, start_dev = scores(frozen["start_pool"], hard), scores(frozen["start_dev"], [])
     runs, missing = {}, []
     for arm in args.arms:
@@ -304,6 +388,15 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
                 steps=len(metrics),
                 all_fail=[m["all_fail_groups"] for m in metrics],
                 rescued=[m.get("agr_rescued_share") for m in metrics],
+                own_adherence=own_adherence(metrics),
+                agr_rates=dict(
+                    run=attempt_weighted(metrics, *sizes),
+                    first_25=attempt_weighted(metrics[:25], *sizes),
+                    last_25=attempt_weighted(metrics[-25:], *sizes),
+                ),
+                collapsed_steps=sum(
+                    max(m.get(f"label_share_{label}", 0) for label in D.TAOBAO4.labels) >= 0.9 for m in metrics
+                ),
                 format=closing["format_rate"],
                 adherence=closing["adherence_rate"],
                 touched=agr_touch(run_dir, hard),
@@ -327,17 +420,21 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
         differences={},
     )
     for (arm, seed), r in runs.items():
-        results["runs"][f"{arm}-s{seed}"] = {k: v for k, v in r.items() if k not in ("dev_records", "pool_records")}
+        results["runs"][f"{arm}-s{seed}"] = {k: v for k, v in r.items() if k != "dev_records"}
+        results["runs"][f"{arm}-s{seed}"]["slices"] = {
+            name: accuracy(r["pool_records"], where) for name, where in slices.items()
+        }
+    results["slices"] = {name: len(where) for name, where in slices.items()}
     for arm in args.arms:
         done = [runs[arm, s] for s in args.seeds if (arm, s) in runs]
         if done:
             results["arms_summary"][arm] = {key: mean_std([get(r) for r in done]) for key, get in SUMMARY.items()}
     for arm in args.arms[1:]:
-        paired = [s for s in args.seeds if ("A", s) in runs and (arm, s) in runs]
+        paired = [s for s in args.seeds if (base, s) in runs and (arm, s) in runs]
         if not paired:
             continue
-        a, b = [runs["A", s] for s in paired], [runs[arm, s] for s in paired]
-        results["differences"][f"{arm}-A"] = dict(
+        a, b = [runs[base, s] for s in paired], [runs[arm, s] for s in paired]
+        results["differences"][f"{arm}-{base}"] = dict(
             seeds=paired,
             hard=mean_std([y["pool"]["hard"] - x["pool"]["hard"] for x, y in zip(a, b)]),
             hard_bootstrap=bootstrap(
@@ -351,14 +448,25 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
                 [y["dev_records"] for y in b],
                 list(range(len(a[0]["dev_records"]))),
             ),
+            own_adherence_last_25=mean_std(
+                [y["own_adherence"]["last"] - x["own_adherence"]["last"] for x, y in zip(a, b)]
+            ),
+            dev_adherence=mean_std([y["adherence"] - x["adherence"] for x, y in zip(a, b)]),
+            **{
+                name: mean_std(
+                    [accuracy(y["pool_records"], where) - accuracy(x["pool_records"], where) for x, y in zip(a, b)]
+                )
+                for name, where in slices.items()
+                if where
+            },
         )
-    for arm in args.arms[1:]:  # the hard prompts AGR guided against those it never did, B - A on each part
-        paired = [s for s in args.seeds if ("A", s) in runs and (arm, s) in runs and runs[arm, s]["touched"]]
+    for arm in args.arms[1:]:  # the hard prompts AGR guided against those it never did (selected by the arm itself)
+        paired = [s for s in args.seeds if (base, s) in runs and (arm, s) in runs and runs[arm, s]["touched"]]
         if paired:
             parts = {}
             for s in paired:
                 a, b, guided = (
-                    runs["A", s]["pool_records"],
+                    runs[base, s]["pool_records"],
                     runs[arm, s]["pool_records"],
                     set(runs[arm, s]["touched"]["guided"]),
                 )
@@ -367,7 +475,7 @@ def report(args: Args, frozen: dict, out: Path) -> dict:
                     ("never_guided", [i for i in hard if i not in guided]),
                 ):
                     parts.setdefault(part, []).append(dict(n=len(where), a=accuracy(a, where), b=accuracy(b, where)))
-            results["differences"].setdefault(f"{arm}-A", {})["by_guidance"] = parts
+            results["differences"].setdefault(f"{arm}-{base}", {})["by_guidance"] = parts
     results["report_commit"] = commit()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
@@ -403,6 +511,8 @@ SUMMARY = {
     "dev_adherence": lambda r: r["adherence"],
     "update_scale": lambda r: r["update_scale"],
     "completions": lambda r: r["completions"],
+    "own_adherence_last_25": lambda r: r["own_adherence"]["last"],
+    "collapsed_steps": lambda r: r["collapsed_steps"],
 }
 
 
@@ -418,10 +528,12 @@ def markdown(results: dict) -> str:
         "",
         *([f"**Partial**: not finished: {', '.join(results['missing_runs'])}.", ""] if results["missing_runs"] else []),
         "| | hard slice acc | easy acc | pool acc | pool macro-F1 | pool balanced acc | dev macro-F1 | dev acc | "
-        "dev balanced acc | dev format | dev adherence | mean update_scale | completions |",
-        "|---" * 13 + "|",
+        "dev balanced acc | dev format | dev adherence | mean update_scale | completions | own adherence, last 25 "
+        "| steps with one label >= 0.9 |",
+        "|---" * 15 + "|",
         f"| start | {sp['hard']:.3f} | {sp['easy']:.3f} | {sp['accuracy']:.3f} | {sp['macro_f1']:.3f} | "
-        f"{sp['balanced_accuracy']:.3f} | {sd['macro_f1']:.3f} | {sd['accuracy']:.3f} | {sd['balanced_accuracy']:.3f} | - | - | - | - |",
+        f"{sp['balanced_accuracy']:.3f} | {sd['macro_f1']:.3f} | {sd['accuracy']:.3f} | {sd['balanced_accuracy']:.3f} "
+        "| - | - | - | - | - | - |",
     ]
     for arm, s in results["arms_summary"].items():
         lines.append(f"| {arm} | " + " | ".join(f(s[k]) for k in SUMMARY) + " |")
@@ -430,16 +542,45 @@ def markdown(results: dict) -> str:
         "Paired differences (per seed, then mean ± sample std, 95% t interval over seeds, and a 95% bootstrap "
         "interval resampling the examples):",
         "",
-        "| | seeds | hard slice acc | t interval | bootstrap | easy acc | dev macro-F1 | t interval | bootstrap |",
-        "|---" * 9 + "|",
+        "| | seeds | hard slice acc | t interval | bootstrap | easy acc | dev macro-F1 | t interval | bootstrap "
+        "| own adherence, last 25 | dev adherence |",
+        "|---" * 11 + "|",
     ]
     for name, d in results["differences"].items():
         lines.append(
             f"| {name} | {len(d['seeds'])} | {f(d['hard'])} | [{d['hard']['ci95'][0]:+.3f}, {d['hard']['ci95'][1]:+.3f}] | "
             f"[{d['hard_bootstrap'][0]:+.3f}, {d['hard_bootstrap'][1]:+.3f}] | {f(d['easy'])} | {f(d['dev_macro_f1'])} | "
             f"[{d['dev_macro_f1']['ci95'][0]:+.3f}, {d['dev_macro_f1']['ci95'][1]:+.3f}] | "
-            f"[{d['dev_macro_f1_bootstrap'][0]:+.3f}, {d['dev_macro_f1_bootstrap'][1]:+.3f}] |"
+            f"[{d['dev_macro_f1_bootstrap'][0]:+.3f}, {d['dev_macro_f1_bootstrap'][1]:+.3f}] | "
+            f"{f(d['own_adherence_last_25'])} | {f(d['dev_adherence'])} |"
         )
+    lines += [
+        "",
+        f"The hard slice split by the start's own samples (frozen before the runs, the same for every arm; sizes "
+        f"{results.get('slices', {})}): paired differences",
+        "",
+    ]
+    for name, d in results["differences"].items():
+        parts = [f"{k}: {f(d[k])}" for k in ("hard_start_all_fail", "hard_start_some_right") if k in d]
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts))
+    lines += [
+        "",
+        "AGR's rates weighted by attempts (kept guided answers / tried; rescued / guidable stagnant groups), "
+        "whole run, first 25 and last 25 updates, per seed:",
+        "",
+    ]
+    for key, r in results["runs"].items():
+        rates = r.get("agr_rates", {})
+        if rates.get("run", {}).get("kept_rate") is not None:
+            lines.append(
+                f"- {key}: "
+                + "; ".join(
+                    f"{part} kept {v['kept_rate'] if v['kept_rate'] is None else round(v['kept_rate'], 2)}, "
+                    f"rescued {v['rescued_share'] if v['rescued_share'] is None else round(v['rescued_share'], 2)}"
+                    for part, v in rates.items()
+                )
+            )
     lines += [
         "",
         "Hard slice: predicted-label shares at the end (mean over seeds) and per-class dev F1:",
@@ -517,9 +658,10 @@ def plot(runs: dict, args: Args, path: Path, start_pool: dict) -> None:
                     continue
             n = min(map(len, ys))
             mean = [sum(col) / len(col) for col in zip(*(y[:n] for y in ys))]
-            ax.plot(steps[:n], mean, label=arm, color=COLORS[arm])
+            color = PALETTE[args.arms.index(arm) % len(PALETTE)]  # an arm keeps its colour in every panel
+            ax.plot(steps[:n], mean, label=arm, color=color)
             low, high = [min(c) for c in zip(*(y[:n] for y in ys))], [max(c) for c in zip(*(y[:n] for y in ys))]
-            ax.fill_between(steps[:n], low, high, alpha=0.15, color=COLORS[arm])
+            ax.fill_between(steps[:n], low, high, alpha=0.15, color=color)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("update")
     axes[0].legend(fontsize=8)
@@ -528,10 +670,42 @@ def plot(runs: dict, args: Args, path: Path, start_pool: dict) -> None:
     plt.close(fig)
 
 
+def restate(args: Args, out: Path) -> None:
+    """AGR's rates of a finished study from its committed metrics/: per step averaged (as first reported, a step
+    without attempts counting 0) against weighted by attempts."""
+    sizes = int(flag(args, "--group-size", "8")), int(flag(args, "--prompts-per-step", "4"))
+    lines = [
+        f"# {args.name}: AGR's rates re-stated, weighted by attempts",
+        "",
+        "Made by `python benchmarks/agr_study.py --name " + args.name + " --restate` from the committed per-step "
+        "metrics. 'per step' is the mean of the logged per-step rate over steps (a step that tried nothing logged 0: "
+        "the figure first reported); 'weighted' divides the summed counts.",
+        "",
+        "| run | part | kept guided answers: per step | weighted | tried | rescued share: per step | weighted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((out / "metrics").glob("*.jsonl")):
+        metrics = [json.loads(line) for line in open(path)]
+        if "agr_stagnant_share" not in metrics[0]:
+            continue
+        for part, window in (("first 25", metrics[:25]), ("last 25", metrics[-25:]), ("run", metrics)):
+            w = attempt_weighted(window, *sizes)
+            per_step = lambda key: sum(m[key] or 0 for m in window) / len(window)  # noqa: E731
+            show = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            lines.append(
+                f"| {path.stem} | {part} | {per_step('agr_guided_success_rate'):.2f} | {show(w['kept_rate'])} | "
+                f"{w['tried']:.0f} | {per_step('agr_rescued_share'):.2f} | {show(w['rescued_share'])} |"
+            )
+    (out / "restated.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(args: Args) -> None:
     if args.score_run:
         return score_run(args, Path(args.score_run))
     out = Path(args.results_dir) / args.name
+    if args.restate:
+        return restate(args, out)
     if not (out / "PLAN.md").exists():
         raise SystemExit(f"{out}/PLAN.md is missing: commit the plan before the study's first run")
     frozen = freeze_hard_slice(args, out)
