@@ -39,17 +39,20 @@ from helpers import models  # noqa: E402
 from helpers.runs import code_version  # noqa: E402
 
 B = ["--no-rrs", "--agr-tau", "0", "--agr-correction", "is"]  # AGR on all-fail groups, forced tokens at full weight
+OWN_NLL = ["--agr-advantage", "own", "--agr-mix", "append", "--agr-nll-weight", "1"]
 ARMS = {  # name -> (script, flags); agr-study-tiny ran A, B, C; agr-screening the rest (its PLAN.md)
     "A": ("grpo.py", []),
     "B": ("agrl.py", B),
     "C": ("agrl.py", []),
     "A-kl": ("grpo.py", ["--beta", "0.04"]),  # KL to the start against GRPO's collapse
     "B0": ("agrl.py", [*B, "--no-agr-replay-fresh"]),  # B at GRPO's step size: the current rule
-    "own-nll": ("agrl.py", [*B, "--agr-advantage", "own", "--agr-mix", "append", "--agr-nll-weight", "1"]),
+    "own-nll": ("agrl.py", [*B, *OWN_NLL]),
     "no-replay": ("agrl.py", [*B, "--agr-buffer-size", "0"]),
     "forced-0": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-forced-weight", "0"]),
     "k1": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-k", "1"]),
     "half-prefix": ("agrl.py", [*B, "--no-agr-replay-fresh", "--agr-prefix-frac", "0.5"]),
+    "cand": ("agrl.py", [*B, *OWN_NLL, "--agr-buffer-size", "0"]),
+    "cand-rrs": ("agrl.py", [*B[1:], *OWN_NLL, "--agr-buffer-size", "0"]),  # B without --no-rrs
 }
 PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 PALETTE += ["tab:olive", "tab:cyan", "black", "gold"]
