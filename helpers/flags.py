@@ -112,7 +112,8 @@ HELP_GROUPS = {
     "recompute_old_logprobs",
     "RRS (rule-aware reward shaping)": "rrs rrs_credit w_out w_crit w_rule format_penalty",
     "AGR (adaptive guided replay)": "agr agr_tau agr_guide agr_mix agr_k agr_max_level agr_recover agr_ema "
-    "agr_correction agr_gamma agr_is_cap agr_buffer_size agr_replay_delay agr_replay_queue",
+    "agr_correction agr_gamma agr_is_cap agr_advantage agr_nll_weight agr_forced_weight agr_prefix_frac "
+    "agr_prefix_anneal agr_replay_fresh agr_buffer_size agr_replay_delay agr_replay_queue",
     "evaluation": "eval_split eval_limit label_only tier_threshold compare",
     "logging and run folder": "output_dir run_name resume overwrite dry_run track wandb_project wandb_group log_every "
     "log_samples_every save_every keep_last",

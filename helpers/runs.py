@@ -61,7 +61,15 @@ def code_version() -> dict:
     return dict(commit=None, dirty=None)
 
 
-IDENTITY = ("script", "code", "wandb_id", "resumes")  # what args.json records besides the flags
+def numerics() -> dict:
+    """What besides the code and the flags decides a CPU run's floating-point results: torch's version and its
+    intra-op thread count (a 2-thread and a 1-thread SFT of the same commit part at step 10; results/README.md)."""
+    import torch
+
+    return dict(torch=torch.__version__, threads=torch.get_num_threads())
+
+
+IDENTITY = ("script", "code", "numerics", "wandb_id", "resumes")  # what args.json records besides the flags
 
 
 def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str, dry_run: bool = False) -> dict:
@@ -73,7 +81,7 @@ def prepare_run_dir(run_dir: Path, args: flags.CommonFlags, script: str, dry_run
     """
     # the wandb id is unique per run (a copied script's run of the same name never merges into this one)
     wandb_id = f"{args.run_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
-    record = dict(script=script, code=code_version(), wandb_id=wandb_id, **_jsonable(args))
+    record = dict(script=script, code=code_version(), numerics=numerics(), wandb_id=wandb_id, **_jsonable(args))
     old_args = run_dir / "args.json"
     # a run that stopped before its first metric line (a bad flag, data file or model name) left nothing to mix with
     used = any((run_dir / name).exists() for name in RUN_OUTPUTS)

@@ -209,19 +209,23 @@ def test_agrl_from_a_policy_that_never_parses_stops_too(tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (
-        "warning: step 1 trained on guided answers only: none of the policy's own 4 answers parsed; likely cause: "
-        "the policy never produced a parseable answer"
+        "warning: step 1 had guided answers only: none of the policy's own 4 answers parsed (a step's size counts "
+        "the own groups: nothing trained); likely cause: the policy never produced a parseable answer"
     ) in proc.stderr
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
         .startswith(
-            "stopped: 2 steps in a row trained on guided answers only (--max-empty-steps 2); likely cause: the policy never "
+            "stopped: 2 steps in a row had guided answers only (--max-empty-steps 2); likely cause: the policy never "
             "produced a parseable answer"
         )
     )
     lines = [json.loads(x) for x in (tmp_path / "runs" / "guided-only" / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["groups_kept"], m["format_rate"], m["empty_steps"]) for m in lines] == [(2, 0.0, 1), (2, 0.0, 2)]
+    # the guided groups were made and kept, but a step's size counts the policy's own groups: nothing was trained
+    assert [(m["agr_groups_guided"], m["groups_kept"], m["format_rate"], m["empty_steps"]) for m in lines] == [
+        (2, 0, 0.0, 1),
+        (2, 0, 0.0, 2),
+    ]
     # after its first step, agrl.py (like grpo.py) says what the rest of the run takes and how to shorten it
     assert "[time] first step " in proc.stderr and "the 4 steps left take about" in proc.stderr
     assert "(--total-steps, --prompts-per-step, --group-size, --max-new-tokens shorten it)" in proc.stderr
