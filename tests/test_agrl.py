@@ -819,3 +819,25 @@ def test_attempt_rates_are_none_without_attempts(escalation_run):
     assert [x["agr_guided_tried"] for x in m] == [3, 3, 0, 0, 0]
     assert [x["agr_guided_kept"] for x in m] == [0, 3, 0, 0, 0]
     assert [x["agr_rescued_share"] for x in m] == [0.0, 1.0, None, None, None]
+
+
+def test_own_mode_in_a_run_trains_guided_answers_by_likelihood_only(tmp_path):
+    """All own answers fail and the guided ones are kept: under `own` every row's advantage is zero (GRPO's for
+    the own samples; none for the guided ones), so the step's gradient is the likelihood term alone."""
+    args, seen = guided_run(
+        tmp_path,
+        "prefix",
+        run_name="own",
+        agr_advantage="own",
+        agr_mix="append",
+        agr_nll_weight=1.0,
+        underfill_scale=False,
+    )
+    rows = seen["rows"][0]
+    assert sum(r["guided"] for r in rows) == 2 * args.agr_k and len(rows) == 2 * (args.group_size + args.agr_k)
+    assert all(a == 0.0 for r in rows for a in r["advantages"])
+    m = read_metrics(tmp_path / "own")[0]
+    assert m["agr_guided_nll"] > 0 and m["grad_norm"] > 0
+    args, seen = guided_run(tmp_path, "prefix", run_name="own-no-nll", agr_advantage="own", agr_mix="append")
+    m = read_metrics(tmp_path / "own-no-nll")[0]
+    assert m["agr_guided_nll"] > 0 and m["grad_norm"] == 0.0  # without the term nothing teaches
