@@ -30,7 +30,7 @@ from helpers.runs import code_version  # noqa: E402
 
 TIMING = ("time", "seconds", "per_second")
 POOL = ["--dataset", "synthetic", "--data-seed", "7", "--limit", "64", "--eval-limit", "16", "--device", "cpu"]
-RL = [*POOL, "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "64", "--temperature", "0.7"]
+RL = [*POOL, "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "96", "--temperature", "0.7"]
 RL += ["--lr", "3e-4", "--warmup-steps", "2", "--prompt-sampling", "balanced", "--ds-max-tries", "1"]
 RUNS = {  # name -> (script, flags)
     "grpo": ("grpo.py", [*RL, "--total-steps", "6"]),
@@ -40,7 +40,7 @@ RUNS = {  # name -> (script, flags)
         [*RL, "--total-steps", "6", "--rrs-credit", "segment", "--agr-advantage", "own", "--agr-mix", "append"]
         + ["--agr-nll-weight", "1", "--agr-guide", "hint", "--agr-tau", "0.25", "--beta", "0.04"],
     ),
-    "dpo": ("dpo.py", [*POOL, "--total-steps", "3", "--n-samples", "4", "--max-new-tokens", "48", "--lr", "1e-4"]),
+    "dpo": ("dpo.py", [*POOL, "--total-steps", "3", "--n-samples", "4", "--max-new-tokens", "96", "--lr", "1e-4"]),
 }
 
 
@@ -71,7 +71,7 @@ def record_run(name: str, start: str, folder: Path) -> dict:
     return dict(
         command=" ".join(command[1:]),
         metrics=[{k: v for k, v in m.items() if not any(t in k for t in TIMING)} for m in metrics],
-        eval=json.loads((run / "eval.json").read_text()),
+        eval={k: v for k, v in json.loads((run / "eval.json").read_text()).items() if not any(t in k for t in TIMING)},
         weights_sha256=weights,
     )
 
