@@ -841,3 +841,23 @@ def test_own_mode_in_a_run_trains_guided_answers_by_likelihood_only(tmp_path):
     args, seen = guided_run(tmp_path, "prefix", run_name="own-no-nll", agr_advantage="own", agr_mix="append")
     m = read_metrics(tmp_path / "own-no-nll")[0]
     assert m["agr_guided_nll"] > 0 and m["grad_norm"] == 0.0  # without the term nothing teaches
+
+
+def test_buffer_size_zero_turns_replay_off(tmp_path):
+    """--agr-buffer-size 0 keeps nothing (a slice [-0:] would keep everything): a prompt that stays all-fail is
+    guided afresh every time, never replayed."""
+    args, seen = guided_run(
+        tmp_path,
+        "prefix",
+        run_name="no-buffer",
+        limit=1,
+        prompts_per_step=1,
+        total_steps=3,
+        agr_buffer_size=0,
+        agr_replay_delay=0,
+        dynamic_sampling=False,
+        max_empty_steps=0,
+    )
+    metrics = read_metrics(tmp_path / "no-buffer")
+    assert [m["agr_buffer_hits"] for m in metrics] == [0, 0, 0]
+    assert [m["agr_groups_guided"] for m in metrics] == [1, 1, 1]  # guided (and kept) at every step
