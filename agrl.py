@@ -647,7 +647,7 @@ class AGR:
             stats["guided_tried"] += len(result["completions"])
             stats["guided_kept"] += len(selected)
             st = self.prompts[group["example_index"]]
-            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size :]
+            st["buffer"] = (st["buffer"] + selected)[-args.agr_buffer_size :] if args.agr_buffer_size > 0 else []
             if selected:
                 out[result["position"]] = mix_into(group, selected, args.agr_mix)
                 stats["guided"] += 1
