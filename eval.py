@@ -13,6 +13,7 @@ The plumbing (models, rollouts, runs, checkpoints, launch) is in helpers/.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -105,6 +106,60 @@ def classification_metrics(
         confusion_labels=columns,
         format_rate=sum(format_ok) / n if format_ok is not None and n else None,
         adherence_rate=sum(adherent) / n if adherent is not None and n else None,
+    )
+
+
+# --- what a policy's own samples say about it (the RL scripts log it every step) -----------------------
+def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
+    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
+    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
+    the entropy to 0 and the macro-F1 to that of a constant answer."""
+    predicted = [label for g in groups for label in g["labels"]]
+    shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
+    entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
+    gold = [g["gold"] for g in groups for _ in g["labels"]]
+    return {
+        **{f"label_share_{label or 'invalid'}": p for label, p in shares.items()},
+        "label_entropy": entropy,
+        "macro_f1": classification_metrics(gold, predicted, labels)["macro_f1"],
+    }
+
+
+COLLAPSE_SHARE = 0.9  # samples giving one label at least this often: the policy has collapsed onto it
+
+
+def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] | None:
+    """(label, share) when the policy's own samples went to one label, else None."""
+    share, label = max((metrics[f"label_share_{label}"], label) for label in labels)
+    return (label, share) if share >= COLLAPSE_SHARE else None
+
+
+def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...], from_checkpoint: bool = False) -> str:
+    """The likely reason why dynamic sampling dropped every group, and what to do."""
+    if metrics["format_rate"] == 0:
+        return (
+            "the policy never produced a parseable answer (format rate 0"
+            + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
+            + (
+                "): this checkpoint does not write the answer format at this budget: raise --max-new-tokens, or "
+                "train it longer with sft.py"
+                if from_checkpoint
+                else "): start from an SFT checkpoint (sft.py)"
+            )
+        )
+    collapse = collapsed_onto(metrics, labels)
+    if collapse:
+        return (
+            f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
+            "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
+            "penalty (--beta) or raise --group-size"
+        )
+    if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
+        return "every group was answered right by all its completions: the prompts are too easy for this policy"
+    return (
+        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): each prompt's samples "
+        "agree, right or wrong, so the policy is too sure of its answers for this temperature: raise --temperature "
+        "or --group-size, or lower --lr (the sampled answers go deterministic before they go right)"
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
 import random
 import sys
 import time
@@ -227,59 +226,6 @@ def keeps(group: dict, args: Args) -> bool:
     if args.ds_rule == "variance":
         return len(set(group["rewards"])) > 1
     return args.ds_low <= sum(group["correct"]) / len(group["correct"]) <= args.ds_high
-
-
-def label_shares(groups: list[dict], labels: tuple[str, ...]) -> dict[str, float]:
-    """Share of each predicted label (None: unreadable) over the policy's samples, their entropy, and the
-    samples' macro-F1 against the gold labels: a collapse onto one label shows as one share going to 1,
-    the entropy to 0 and the macro-F1 to that of a constant answer."""
-    predicted = [label for g in groups for label in g["labels"]]
-    shares = {label: predicted.count(label) / len(predicted) for label in (*labels, None)}
-    entropy = -sum(p * math.log(p) for p in shares.values() if p > 0)
-    gold = [g["gold"] for g in groups for _ in g["labels"]]
-    return {
-        **{f"label_share_{label or 'invalid'}": p for label, p in shares.items()},
-        "label_entropy": entropy,
-        "macro_f1": E.classification_metrics(gold, predicted, labels)["macro_f1"],
-    }
-
-
-COLLAPSE_SHARE = 0.9  # samples giving one label at least this often: the policy has collapsed onto it
-
-
-def collapsed_onto(metrics: dict, labels: tuple[str, ...]) -> tuple[str, float] | None:
-    """(label, share) when the policy's own samples went to one label, else None."""
-    share, label = max((metrics[f"label_share_{label}"], label) for label in labels)
-    return (label, share) if share >= COLLAPSE_SHARE else None
-
-
-def empty_step_cause(metrics: dict, dropped: dict, labels: tuple[str, ...], from_checkpoint: bool = False) -> str:
-    """The likely reason why dynamic sampling dropped every group, and what to do."""
-    if metrics["format_rate"] == 0:
-        return (
-            "the policy never produced a parseable answer (format rate 0"
-            + (f", {metrics['truncation_rate']:.0%} cut off by --max-new-tokens" if metrics["truncation_rate"] else "")
-            + (
-                "): this checkpoint does not write the answer format at this budget: raise --max-new-tokens, or "
-                "train it longer with sft.py"
-                if from_checkpoint
-                else "): start from an SFT checkpoint (sft.py)"
-            )
-        )
-    collapse = collapsed_onto(metrics, labels)
-    if collapse:
-        return (
-            f"the policy collapsed onto '{collapse[0]}' ({collapse[1]:.0%} of its samples), so every group is scored "
-            "alike: lower --lr, raise --temperature, balance the prompts (--prompt-sampling balanced), add a KL "
-            "penalty (--beta) or raise --group-size"
-        )
-    if dropped["all_correct"] > dropped["all_wrong"] + dropped["other"]:
-        return "every group was answered right by all its completions: the prompts are too easy for this policy"
-    return (
-        f"the completions of every group were scored alike (accuracy {metrics['accuracy']:.2f}): each prompt's samples "
-        "agree, right or wrong, so the policy is too sure of its answers for this temperature: raise --temperature "
-        "or --group-size, or lower --lr (the sampled answers go deterministic before they go right)"
-    )
 
 
 def training_rows(groups: list[dict], advantages: list[torch.Tensor]) -> list[dict]:
@@ -613,7 +559,7 @@ def main(args: Args) -> dict:
             completions_generated=generated,
             update_scale=update_scale if rows else 0.0,
             empty_steps=empty_steps,
-            **label_shares(scored, rulebook.labels),
+            **E.label_shares(scored, rulebook.labels),
             **update_stats,
         )
         run.log(metrics, step=done)
@@ -630,14 +576,14 @@ def main(args: Args) -> dict:
             reward=f"{metrics['reward_mean']:.3f}",
             acc=f"{metrics['accuracy']:.3f}",
             **({"EMPTY": f"{empty_steps} in a row"} if empty_steps else {}),
-            **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := collapsed_onto(metrics, rulebook.labels)) else {}),
+            **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := E.collapsed_onto(metrics, rulebook.labels)) else {}),
         )
         if empty_steps:
             tqdm.write(
                 f"warning: step {done} trained on nothing: dynamic sampling dropped all {len(scored)} groups "
                 f"({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
                 + (
-                    f"; likely cause: {empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
+                    f"; likely cause: {E.empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
                     if empty_steps == 1
                     else ""
                 ),
@@ -646,7 +592,7 @@ def main(args: Args) -> dict:
             if empty_steps >= args.max_empty_steps > 0:  # saved and evaluated below, then reported
                 stopped = (
                     f"{empty_steps} steps in a row trained on nothing (--max-empty-steps {args.max_empty_steps}); "
-                    f"likely cause: {empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
+                    f"likely cause: {E.empty_step_cause(metrics, dropped, rulebook.labels, Path(args.model).is_dir())}"
                 )
         if done % args.log_samples_every == 0 or done == 1:
             run.log_samples(

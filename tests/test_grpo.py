@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import agrl  # noqa: E402
 import data as D  # noqa: E402
+import eval as E  # noqa: E402
 import grpo  # noqa: E402
 import rewards as R  # noqa: E402
 from helpers import launch, models  # noqa: E402
@@ -373,7 +373,7 @@ def test_label_shares_and_entropy():
         dict(labels=["Excellent", "Excellent", None, "Related"], gold="Excellent"),
         dict(labels=["Excellent"] * 4, gold="Related"),
     ]
-    m = grpo.label_shares(groups, R.TAOBAO4.labels)
+    m = E.label_shares(groups, R.TAOBAO4.labels)
     assert (
         m["label_share_Excellent"] == 6 / 8 and m["label_share_Related"] == 1 / 8 and m["label_share_invalid"] == 1 / 8
     )
@@ -382,7 +382,7 @@ def test_label_shares_and_entropy():
     assert m["label_entropy"] == pytest.approx(want)
     # macro-F1 of the samples: Excellent P 2/6 R 2/4 -> F1 0.4; Related never hit -> 0
     assert m["macro_f1"] == pytest.approx(0.2)
-    assert grpo.label_shares([dict(labels=["Related"] * 8, gold="Related")], R.TAOBAO4.labels)["label_entropy"] == 0.0
+    assert E.label_shares([dict(labels=["Related"] * 8, gold="Related")], R.TAOBAO4.labels)["label_entropy"] == 0.0
 
 
 def test_a_collapse_is_named_as_the_cause_of_empty_steps():
@@ -392,22 +392,21 @@ def test_a_collapse_is_named_as_the_cause_of_empty_steps():
     shares = lambda top: {f"label_share_{label}": (top if label == "Excellent" else (1 - top) / 3) for label in labels}  # noqa: E731
     collapsed = dict(format_rate=1.0, truncation_rate=0.0, accuracy=0.6, **shares(1.0))
     dropped = dict(all_correct=3, all_wrong=1, other=0)
-    assert grpo.collapsed_onto(collapsed, labels) == ("Excellent", 1.0)
-    cause = grpo.empty_step_cause(collapsed, dropped, labels)
+    assert E.collapsed_onto(collapsed, labels) == ("Excellent", 1.0)
+    cause = E.empty_step_cause(collapsed, dropped, labels)
     assert cause.startswith("the policy collapsed onto 'Excellent' (100% of its samples)")
     assert all(lever in cause for lever in ("--lr", "--temperature", "--prompt-sampling balanced", "--beta"))
     spread = dict(collapsed, **shares(0.85))
-    assert grpo.collapsed_onto(spread, labels) is None
-    assert grpo.empty_step_cause(spread, dropped, labels).startswith("every group was answered right")
+    assert E.collapsed_onto(spread, labels) is None
+    assert E.empty_step_cause(spread, dropped, labels).startswith("every group was answered right")
     # all-right and all-wrong groups alike, no collapse: the samples agree within each prompt (measured in
     # results/agr-study-tiny: a seed at T 0.3 stopped this way), so the levers are temperature and lr
-    agreeing = grpo.empty_step_cause(spread, dict(all_correct=2, all_wrong=2, other=0), labels)
+    agreeing = E.empty_step_cause(spread, dict(all_correct=2, all_wrong=2, other=0), labels)
     assert "each prompt's samples agree" in agreeing and "--temperature" in agreeing and "--lr" in agreeing
-    assert agrl.empty_step_cause(collapsed, dropped, labels) == cause
     # a policy that never parses: from a base model, start from SFT; from a checkpoint, say what else to do
     unparsed = dict(collapsed, format_rate=0.0, truncation_rate=1.0)
-    assert grpo.empty_step_cause(unparsed, dropped, labels).endswith("start from an SFT checkpoint (sft.py)")
-    from_sft = grpo.empty_step_cause(unparsed, dropped, labels, from_checkpoint=True)
+    assert E.empty_step_cause(unparsed, dropped, labels).endswith("start from an SFT checkpoint (sft.py)")
+    from_sft = E.empty_step_cause(unparsed, dropped, labels, from_checkpoint=True)
     assert "start from an SFT checkpoint" not in from_sft and "--max-new-tokens" in from_sft
 
 
