@@ -1077,7 +1077,7 @@ def main(args: Args) -> dict:
         # none of them parsed (a base policy learns nothing of its own this way, measured: results/README.md)
         own_parsed = any(ok for g in scored for ok in g["format_ok"])
         guided_only = args.agr and bool(kept) and not (kept_on_own and own_parsed)
-        if guided_only and args.underfill_scale:
+        if args.underfill_scale and not kept_on_own:
             kept = []  # guided answers alone make no step: its size is GRPO's for the same own samples, zero
         empty_steps = 0 if kept and not guided_only else empty_steps + 1
         rollouts.release_rollout_memory(engine, args.vllm_sleep)
@@ -1174,10 +1174,14 @@ def main(args: Args) -> dict:
             **({"COLLAPSED": f"{c[0]} {c[1]:.0%}"} if (c := E.collapsed_onto(metrics, rulebook.labels)) else {}),
         )
         if empty_steps:
-            what = "had guided answers only" if guided_only else "trained on nothing"
+            what = (
+                ("trained on guided answers only" if kept else "had guided answers only")
+                if guided_only
+                else "trained on nothing"
+            )
             detail = (
                 (f"none of the policy's own {n_all} answers parsed" if not own_parsed else "no own group taught")
-                + (" (a step's size counts the own groups: nothing trained)" if args.underfill_scale else "")
+                + ("" if kept else " (a step's size counts the own groups: nothing trained)")
                 if guided_only
                 else f"dynamic sampling dropped "
                 f"all {len(scored)} groups ({dropped['all_wrong']} all wrong, {dropped['all_correct']} all right)"
