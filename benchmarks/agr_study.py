@@ -56,6 +56,8 @@ ARMS = {  # name -> (script, flags); agr-study-tiny ran A, B, C; agr-screening t
     # added after seed 13's first runs (README): stagnant prompts are not re-queued, so every step's prompts are
     # fresh ones as in GRPO (re-queued all-fail prompts took up to half of each batch)
     "cand-nq": ("agrl.py", [*B, *OWN_NLL, "--agr-buffer-size", "0", "--agr-replay-delay", "0"]),
+    "grpo": ("grpo.py", []),  # agr-confirmation: each script with its shipped defaults
+    "agrl": ("agrl.py", []),
 }
 PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 PALETTE += ["tab:olive", "tab:cyan", "black", "gold"]
