@@ -4,16 +4,16 @@
     python agrl.py --model tiny-random --dataset synthetic --total-steps 3 --prompts-per-step 2 --group-size 4 --max-new-tokens 16
 
 This file is grpo.py with two ideas added (`diff grpo.py agrl.py` shows exactly them):
-- RRS: reward = w_out * outcome + w_crit * criteria stated correctly + w_rule * rule adherence of a
-  correct label, gated (an unparseable answer gets the format penalty only), so a wrong label never
-  earns by rationalising itself; "segment" credit puts each criterion's own group-normalised
-  advantage on the tokens of its line.
-- AGR: a group whose accuracy is <= tau is stagnant; its prompt is re-queued to come back a few steps
-  later, and we make guided answers: by default the gold answer's first segment forced as the start
-  of the response and the rest sampled by the policy (or the SFT target, or a hint in the prompt);
-  the correct, well-formed and rule-adherent ones replace the group's lowest-reward rollouts and are
-  learned under the *unguided* prompt, their forced tokens with an off-policy correction. Successful
-  guided answers go into a per-prompt replay buffer used first next time.
+- RRS (--rrs; off by default: results/agr-screening): reward = w_out * outcome + w_crit * criteria stated
+  correctly + w_rule * rule adherence of a correct label, gated (an unparseable answer gets the format penalty
+  only), so a wrong label never earns by rationalising itself; "segment" credit puts each criterion's own
+  group-normalised advantage on the tokens of its line.
+- AGR: a group whose accuracy is <= tau (default 0: all answers wrong) is stagnant, and we make guided answers:
+  by default the gold answer's first segment forced as the start of the response and the rest sampled by the
+  policy (or the SFT target, or a hint in the prompt). The correct, well-formed and rule-adherent ones are
+  appended to the group and learned under the *unguided* prompt by a likelihood term, while the group's own
+  answers keep GRPO's advantages (all wrong: none) and the step keeps GRPO's size. The paper-reading variant
+  (union advantages, replacement, re-queue and replay, shaping correction) is a set of flags: docs/METHOD.md.
 With --no-rrs --no-agr this script makes the same updates as grpo.py.
 """
 
@@ -67,8 +67,8 @@ class Args(flags.TrainFlags):
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    beta: float = 0.0
-    """k3 KL penalty to the frozen initial policy (0: no reference model is loaded)"""
+    beta: float = 0.04
+    """k3 KL penalty to the frozen initial policy (0: no reference model is loaded; why 0.04: results/agr-screening)"""
     clip_eps_low: float = 0.2
     """ratio clip below: 1 - eps_low"""
     clip_eps_high: float = 0.28
@@ -101,7 +101,7 @@ class Args(flags.TrainFlags):
     """refill rounds per step before training on what was kept"""
     ordinal_reward: bool = False
     """partial outcome credit by label distance instead of 1/0"""
-    rrs: bool = True
+    rrs: bool = False
     """Rule-aware Reward Shaping (off: the sparse outcome reward of grpo.py)"""
     rrs_credit: Literal["sequence", "segment"] = "sequence"
     """sequence: one shaped scalar per completion; segment: each criterion's advantage on the tokens of its line"""
@@ -115,11 +115,11 @@ class Args(flags.TrainFlags):
     """RRS reward of an answer that does not parse (and nothing else)"""
     agr: bool = True
     """Adaptive Guided Replay for stagnant groups"""
-    agr_tau: float = 0.25
+    agr_tau: float = 0.0
     """a group whose accuracy is <= tau is stagnant"""
     agr_guide: Literal["prefix", "hint", "target"] = "prefix"
     """prefix: force the gold answer's first segment as the response, sample the rest; hint: gold facts in the prompt; target: the SFT target itself"""
-    agr_mix: Literal["replace", "append"] = "replace"
+    agr_mix: Literal["replace", "append"] = "append"
     """kept guided answers replace the group's lowest-reward rollouts (stays G long) or are appended to it"""
     agr_k: int = 0
     """guided completions sampled per stagnant group (0: group_size // 4; target mode adds one)"""
@@ -129,15 +129,15 @@ class Args(flags.TrainFlags):
     """a prompt's guidance level drops by one when its running accuracy reaches this"""
     agr_ema: float = 0.5
     """weight of the newest group accuracy in a prompt's running accuracy"""
-    agr_correction: Literal["shaping", "is", "none"] = "shaping"
+    agr_correction: Literal["shaping", "is", "none"] = "is"
     """off-policy correction for guided completions: p/(p+gamma) shaping, truncated IS, or the plain on-policy ratio"""
     agr_gamma: float = 0.1
     """gamma of the shaping correction"""
     agr_is_cap: float = 2.0
     """truncation of the importance ratio pi_theta(o|x) / pi_old(o|x+guide)"""
-    agr_advantage: Literal["union", "own"] = "union"
+    agr_advantage: Literal["union", "own"] = "own"
     """union: z-score over the group with its guided answers in it; own: over the policy's own samples only (zero when all fail, as in GRPO), guided answers get none"""
-    agr_nll_weight: float = 0.0
+    agr_nll_weight: float = 1.0
     """weight of a likelihood term -log pi_theta on the guided answers' tokens, aggregated like the policy loss (HPT, UFT; 0: off)"""
     agr_forced_weight: float = 1.0
     """weight of the forced tokens in the policy-gradient term (0: only the sampled continuation is trained by it)"""
@@ -147,9 +147,9 @@ class Args(flags.TrainFlags):
     """shrink the forced share linearly from agr_prefix_frac towards one token over the run (UFT's annealed hint)"""
     agr_replay_fresh: bool = True
     """replayed answers get behaviour log-probs from the current policy (first training forward), not the stored, stale ones"""
-    agr_buffer_size: int = 4
+    agr_buffer_size: int = 0
     """successful guided completions kept per prompt for replay"""
-    agr_replay_delay: int = 2
+    agr_replay_delay: int = 0
     """a stagnant prompt comes back this many steps later, in at most half a batch (0: only when the stream brings it)"""
     agr_replay_queue: int = 64
     """most stagnant prompts waiting to come back"""

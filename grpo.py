@@ -58,8 +58,8 @@ class Args(flags.TrainFlags):
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    beta: float = 0.0
-    """k3 KL penalty to the frozen initial policy (0: no reference model is loaded)"""
+    beta: float = 0.04
+    """k3 KL penalty to the frozen initial policy (0: no reference model is loaded; why 0.04: results/agr-screening)"""
     clip_eps_low: float = 0.2
     """ratio clip below: 1 - eps_low"""
     clip_eps_high: float = 0.28

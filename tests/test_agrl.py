@@ -103,7 +103,7 @@ def test_rrs_values_and_hard_gate():
 def test_identical_rrs_rewards_give_zero_advantage():
     example = dataclasses.replace(EXAMPLE, criteria=dict(EXAMPLE.criteria, negation="n/a"))
     text = answer("Excellent", brand="n/a", color="n/a")  # correct, adherent, 3 of 5 criteria right
-    _, group_rewards = agrl.score_group([text] * 8, example, TAOBAO4, agrl.Args())
+    _, group_rewards = agrl.score_group([text] * 8, example, TAOBAO4, agrl.Args(rrs=True))
     assert group_rewards == pytest.approx([1.8] * 8)
     advantages = agrl.group_advantages([group_rewards], "group", 2.0)[0]
     assert torch.equal(advantages, torch.zeros(8))
@@ -277,6 +277,11 @@ def escalation_run(tmp_path_factory):
         seed=1,
         agr_guide="hint",
         agr_replay_delay=0,
+        # the paper-reading mechanics this run checks (union advantages, replacement, replay, RRS), not the defaults
+        rrs=True,
+        agr_advantage="union",
+        agr_mix="replace",
+        agr_nll_weight=0.0,
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollouts, "generate", generate)
@@ -838,7 +843,9 @@ def test_own_mode_in_a_run_trains_guided_answers_by_likelihood_only(tmp_path):
     assert all(a == 0.0 for r in rows for a in r["advantages"])
     m = read_metrics(tmp_path / "own")[0]
     assert m["agr_guided_nll"] > 0 and m["grad_norm"] > 0
-    args, seen = guided_run(tmp_path, "prefix", run_name="own-no-nll", agr_advantage="own", agr_mix="append")
+    args, seen = guided_run(
+        tmp_path, "prefix", run_name="own-no-nll", agr_advantage="own", agr_mix="append", agr_nll_weight=0.0
+    )
     m = read_metrics(tmp_path / "own-no-nll")[0]
     assert m["agr_guided_nll"] > 0 and m["grad_norm"] == 0.0  # without the term nothing teaches
 
