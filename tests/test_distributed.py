@@ -513,7 +513,8 @@ def test_vllm_sync_from_fsdp_pushes_whole_tensors_under_hf_names(grpo_fsdp):
 def test_agrl_fsdp_correction_none_with_guided_rows_on_one_rank_finishes_and_matches(tmp_path):
     """--agr-correction none recomputes pi_old(o | x) for guided rows with a training forward, a collective
     under FSDP: when any rank holds such a row every rank must run it, or the collectives stop matching."""
-    flags = dict(total_steps=1, agr_correction="none", agr_guide="target")  # the target is always well formed: kept
+    # the target is always well formed: kept; tau 0.25 makes the fake scorer's low-accuracy groups stagnant
+    flags = dict(total_steps=1, agr_correction="none", agr_guide="target", agr_tau=0.25)
     run_launched(fsdp_command(tmp_path, "agrl", "two", **flags), tmp_path)
     one = run_in_process(agrl, tmp_path, "one", **flags)
     assert read_metrics(tmp_path / "two")[0]["agr_guided_share"] > 0, "no guided rows: the test tests nothing"
@@ -531,7 +532,7 @@ def test_agrl_fsdp_with_vllm_guides_and_matches_one_process(tmp_path, monkeypatc
         "vllm",
         test_vllm.types.SimpleNamespace(LLM=test_vllm.FakeLLM, SamplingParams=test_vllm.FakeSamplingParams),
     )
-    flags = dict(total_steps=1, vllm=True, agr_guide="target", agr_correction="is")
+    flags = dict(total_steps=1, vllm=True, agr_guide="target", agr_correction="is", agr_tau=0.25)
     run_launched(fsdp_command(tmp_path, "agrl", "two", **flags), tmp_path)
     one = run_in_process(agrl, tmp_path, "one", **flags)
     assert read_metrics(tmp_path / "two")[0]["agr_guided_share"] > 0, "no guided rows: the test tests nothing"
