@@ -310,7 +310,8 @@ def single_process_update(model, tokenizer, prompts, device: str) -> dict:
     import agrl
 
     accelerator = launch.make_accelerator(device, "auto", "auto" if device.startswith("cuda") else "bf16")
-    args = agrl.Args(device=device, lr=1e-6, micro_batch_size=8, max_new_tokens=32, group_size=4)
+    # no reference model here (beta 0): the check is the size of one update, not the KL term
+    args = agrl.Args(device=device, lr=1e-6, micro_batch_size=8, max_new_tokens=32, group_size=4, beta=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
