@@ -21,12 +21,13 @@ $PY sft.py --model smollm2-135m --dataset synthetic --total-steps "$SFT_STEPS" -
   --lr 2e-4 --warmup-steps 3 --log-every 4 --eval-limit "$EVAL_N" --max-new-tokens 96 --output-dir "$OUT" --run-name sft
 
 # The rollout settings under which GRPO learned in results/agr-study-tiny: temperature 0.3 (samples no longer at
-# chance), a fixed pool of 64 prompts drawn balanced by label, dynamic sampling without refills. The learning rate
-# stays one for a pretrained 135M model (the study's 3e-4 was for a 2-layer model trained from scratch).
+# chance), a fixed pool of 64 prompts drawn balanced by label, dynamic sampling without refills; agrl.py's own
+# defaults otherwise (results/agr-screening). lr 2e-6: at 2e-5 one update moved the 135M model's samples from
+# 75% "Irrelevant" to 75% "Excellent", and two updates later all were "Excellent" (results/demo/README.md).
 echo "== 3/3 AGRL from the SFT checkpoint: $AGRL_STEPS steps of 4 prompts x 4 completions"
 $PY agrl.py --model "$OUT/sft/checkpoint" --dataset synthetic --limit 64 --total-steps "$AGRL_STEPS" \
   --prompts-per-step 4 --group-size 4 --micro-batch-size 4 --max-new-tokens 96 --temperature 0.3 \
-  --prompt-sampling balanced --ds-max-tries 0 --lr 2e-5 --warmup-steps 1 \
+  --prompt-sampling balanced --ds-max-tries 0 --lr 2e-6 --warmup-steps 1 \
   --eval-limit "$EVAL_N" --output-dir "$OUT" --run-name agrl
 
 echo
