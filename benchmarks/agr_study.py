@@ -606,7 +606,7 @@ def markdown(results: dict) -> str:
         + " |",
     ]
     for arm in results["arms_summary"]:
-        mine = [r for k, r in results["runs"].items() if k.startswith(f"{arm}-")]
+        mine = [r for k, r in results["runs"].items() if k.rsplit("-s", 1)[0] == arm]
         hp = {
             k: sum(r["pool"]["hard_predicted"][k] for r in mine) / len(mine) for k in mine[0]["pool"]["hard_predicted"]
         }
